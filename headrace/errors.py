@@ -1,0 +1,95 @@
+"""One error tree for the whole project.
+
+Third-party exceptions are translated at the boundary with ``raise ... from exc``.
+The CLI maps :class:`UsageError` and :class:`InputError` to exit status 2 with one
+sentence; serving errors carry a gRPC status name that one interceptor maps.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "HeadraceError",
+    "UsageError",
+    "InputError",
+    "DefinitionError",
+    "MissingDependencyError",
+    "StackError",
+    "BackendError",
+    "OnlineStoreError",
+    "OfflineStoreError",
+    "BrokerError",
+    "InvalidArgument",
+    "missing_extra",
+]
+
+
+class HeadraceError(Exception):
+    """Base of every error Headrace raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(HeadraceError):
+    """The command line or a request was malformed (exit 2)."""
+
+    exit_code = 2
+
+
+class InputError(HeadraceError):
+    """An input file or value is invalid (exit 2, one sentence, nothing written)."""
+
+    exit_code = 2
+
+
+class DefinitionError(InputError):
+    """Feature definitions are invalid; ``problems`` lists every one with its location."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(
+            f"{len(self.problems)} problem(s) in feature definitions:\n"
+            + "\n".join(f"  - {p}" for p in self.problems)
+        )
+
+
+class MissingDependencyError(HeadraceError):
+    """A binary or optional package is missing; the message names what to install."""
+
+    exit_code = 3
+
+
+class StackError(HeadraceError):
+    """The local stack could not be started, found or stopped."""
+
+
+class BackendError(HeadraceError):
+    """A storage or messaging backend failed."""
+
+
+class OnlineStoreError(BackendError):
+    """Redis failed or exceeded its budget."""
+
+
+class OfflineStoreError(BackendError):
+    """The offline store (S3 or local Parquet) failed or is unreadable."""
+
+
+class BrokerError(BackendError):
+    """The Kafka-protocol broker failed."""
+
+
+class InvalidArgument(HeadraceError):
+    """A serving request is invalid; ``field`` names the offending field."""
+
+    grpc_status = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+def missing_extra(package: str, extra: str) -> MissingDependencyError:
+    """Build the error for an optional import that failed."""
+    return MissingDependencyError(
+        f"the Python package '{package}' is missing; install it with: pip install 'headrace[{extra}]'"
+    )
