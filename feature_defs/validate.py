@@ -31,11 +31,13 @@ def _window_problems(where: str, w: object) -> list[str]:
         return out
     if w.length is None or w.length <= timedelta(0):
         return [f"{where}: length must be a positive timedelta"]
-    if to_ms(w.length) * 1000 != int(w.length.total_seconds() * 1_000_000):
+    if w.length % timedelta(milliseconds=1):
         out.append(f"{where}: length must be whole milliseconds")
     if w.kind is WindowKind.SLIDING:
         if w.resolution is None or w.resolution <= timedelta(0):
             out.append(f"{where}: a sliding window needs a positive resolution")
+        elif w.resolution % timedelta(milliseconds=1):
+            out.append(f"{where}: resolution {w.resolution} must be whole milliseconds")
         elif to_ms(w.length) % to_ms(w.resolution) != 0:
             out.append(f"{where}: resolution {w.resolution} does not divide length {w.length}")
     return out
@@ -96,6 +98,10 @@ def validate_views(views: Iterable[FeatureView]) -> list[str]:
         if view.id in seen_views:
             problems.append(f"{where}: defined twice (same name and version)")
         seen_views.add(view.id)
+        if not _NAME.match(str(view.entity.name)):
+            problems.append(f"{where}.entity.name: must match {_NAME.pattern}")
+        if not _NAME.match(str(view.entity.key)):
+            problems.append(f"{where}.entity.key: must match {_NAME.pattern}")
         if view.version < 1:
             problems.append(f"{where}.version: must be >= 1")
         if not view.sources:

@@ -1,0 +1,36 @@
+"""``headrace worker``: run a stream worker (Faust agents → Redis + Parquet)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run a stream worker",
+                       description="Consume the source topics and maintain online (Redis) and "
+                                   "offline (Parquet) features. Settings come from HEADRACE_* "
+                                   "variables (see `headrace stack up --json`).")
+    p.add_argument("--until-idle", type=float, metavar="S", default=None,
+                   help="exit once no new input arrived for S seconds (after flushing)")
+    p.add_argument("--definitions", default=None, metavar="MODULE:ATTR",
+                   help="feature definitions (default feature_defs.standard:VIEWS)")
+    p.add_argument("--worker-id", default=None, help="replica id (state directory name)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import logging
+
+    from feature_defs.registry import DEFAULT_DEFINITIONS, load_registry
+    from headrace.settings import WorkerSettings
+    from streams.app import run_worker
+
+    settings = WorkerSettings()
+    if args.worker_id:
+        settings = settings.model_copy(update={"worker_id": args.worker_id})
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    registry = load_registry(args.definitions or DEFAULT_DEFINITIONS)
+    return run_worker(settings, registry, until_idle=args.until_idle)

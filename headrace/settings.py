@@ -1,0 +1,347 @@
+"""Settings for every Headrace deployable, read from ``HEADRACE_*`` environment variables.
+
+This is the only module that reads configuration from the environment. Each deployable
+(stream worker, gRPC server, offline jobs, producer) builds its settings object once at
+its entry point and passes it down::
+
+    settings = WorkerSettings()                 # from os.environ (HEADRACE_*)
+    settings = WorkerSettings.from_env(env)     # from a mapping only (tests, demo)
+
+Client configuration is derived here so that every runtime talks to Kafka, Redis and
+S3 the same way. Two broker profiles exist:
+
+* ``kafka``: a real Kafka cluster; librdkafka / Kafka defaults.
+* ``embedded``: the local Tansu broker of ``headrace stack up``. Group joins there wait
+  about half the session timeout, so the session timeout is 2 s (real Kafka rejects
+  values below 6 s, which is why this is never the default).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal, Self
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+__all__ = [
+    "ENV_PREFIX",
+    "CommonSettings",
+    "WorkerSettings",
+    "ServeSettings",
+    "OfflineSettings",
+    "ProducerSettings",
+    "SETTINGS_CLASSES",
+]
+
+ENV_PREFIX = "HEADRACE_"
+
+#: Embedded (Tansu) group timing, from INFRA.md: joins take max(session/2, ~1 s).
+_EMBEDDED_SESSION_TIMEOUT_MS = 2000
+_EMBEDDED_HEARTBEAT_INTERVAL_MS = 500
+
+# While set, settings are built from init values only (see ``from_env``), so a developer's
+# exported HEADRACE_* variables cannot leak into a test's or the demo's settings.
+_ISOLATED: contextvars.ContextVar[bool] = contextvars.ContextVar("headrace_isolated", default=False)
+
+
+@contextmanager
+def _isolated() -> Iterator[None]:
+    token = _ISOLATED.set(True)
+    try:
+        yield
+    finally:
+        _ISOLATED.reset(token)
+
+
+class CommonSettings(BaseSettings):
+    """Connection settings shared by every deployable.
+
+    Attributes:
+        kafka_bootstrap: Comma-separated ``host:port`` list of Kafka bootstrap servers.
+        broker_profile: ``kafka`` (real cluster) or ``embedded`` (local Tansu broker).
+        redis_url: redis-py URL of the online store.
+        redis_prefix: Prefix of every Redis key Headrace writes.
+        s3_endpoint: S3 endpoint URL (MinIO, moto); ``None`` means AWS itself.
+        s3_key: S3 access key id.
+        s3_secret: S3 secret access key.
+        offline_uri: Root of the offline store: ``s3://bucket[/prefix]`` or a local path.
+        topic_prefix: Prepended to every topic name (tests use it for unique topics).
+        partitions: Partition count of topics Headrace creates (>= 1). Tansu cannot add
+            partitions later, so this is the final count.
+        metrics_port: Port of the Prometheus endpoint; ``None`` disables it.
+        log_level: Python logging level name.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    kafka_bootstrap: str = "localhost:9092"
+    broker_profile: Literal["kafka", "embedded"] = "kafka"
+    redis_url: str = "redis://localhost:6379/0"
+    redis_prefix: str = "hr"
+    s3_endpoint: str | None = None
+    s3_key: SecretStr | None = None
+    s3_secret: SecretStr | None = None
+    offline_uri: str = "s3://headrace-offline"
+    topic_prefix: str = ""
+    partitions: int = Field(default=4, ge=1)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
+    @field_validator("s3_endpoint", "metrics_port", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        # An env var set to "" (common in compose files) means "not set".
+        return None if value == "" else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if _ISOLATED.get():
+            return (init_settings,)
+        return (init_settings, env_settings, dotenv_settings, file_secret_settings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Self:
+        """Build settings from ``env`` only, ignoring the process environment.
+
+        Keys are matched like environment variables (``HEADRACE_`` prefix, any case);
+        keys that name no field of this class are ignored, as the env source does.
+        ``overrides`` are field values (typed, not strings) that win over ``env``.
+
+        Raises:
+            pydantic.ValidationError: A value does not validate.
+        """
+        fields = set(cls.model_fields)
+        values: dict[str, str] = {}
+        for key, value in env.items():
+            if key.upper().startswith(ENV_PREFIX):
+                name = key[len(ENV_PREFIX) :].lower()
+                if name in fields:
+                    values[name] = value
+        with _isolated():
+            return cls(**{**values, **overrides})
+
+    # -- naming -------------------------------------------------------------------------
+
+    def topic(self, name: str) -> str:
+        """Return the full topic name: ``topic_prefix + name``."""
+        return f"{self.topic_prefix}{name}"
+
+    # -- Kafka (confluent-kafka / librdkafka) ----------------------------------------------
+
+    @property
+    def embedded(self) -> bool:
+        """True when talking to the local Tansu broker."""
+        return self.broker_profile == "embedded"
+
+    def confluent_common(self) -> dict[str, Any]:
+        """librdkafka settings shared by producers, consumers and admin clients."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap}
+        if self.embedded:
+            conf["session.timeout.ms"] = _EMBEDDED_SESSION_TIMEOUT_MS
+            conf["heartbeat.interval.ms"] = _EMBEDDED_HEARTBEAT_INTERVAL_MS
+        return conf
+
+    def confluent_admin(self) -> dict[str, Any]:
+        """librdkafka settings for an ``AdminClient`` (no group settings)."""
+        return {"bootstrap.servers": self.kafka_bootstrap}
+
+    def confluent_consumer(self, group: str) -> dict[str, Any]:
+        """Consumer settings: manual commits, and a new group starts at the earliest offset.
+
+        ``auto.offset.reset`` is always ``earliest``: a group without committed offsets
+        must never skip data silently.
+        """
+        conf = self.confluent_common()
+        conf.update(
+            {
+                "group.id": group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        return conf
+
+    def confluent_producer(self) -> dict[str, Any]:
+        """Producer settings: idempotent on real Kafka; ``acks=all`` everywhere."""
+        conf = self.confluent_common()
+        # Group timing keys are consumer-only; librdkafka warns about them on producers.
+        conf.pop("session.timeout.ms", None)
+        conf.pop("heartbeat.interval.ms", None)
+        if self.embedded:
+            conf.update({"acks": "all", "linger.ms": 5})
+        else:
+            conf.update({"enable.idempotence": True, "acks": "all"})
+        return conf
+
+    # -- Faust ------------------------------------------------------------------------------
+
+    def faust_broker_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``faust.App`` describing the broker.
+
+        At-least-once always: aiokafka's idempotent producer fails on Tansu (INFRA D3).
+        """
+        urls = ";".join(f"kafka://{hp.strip()}" for hp in self.kafka_bootstrap.split(","))
+        kwargs: dict[str, Any] = {
+            "broker": urls,
+            "processing_guarantee": "at_least_once",
+            "consumer_auto_offset_reset": "earliest",
+        }
+        if self.embedded:
+            kwargs["broker_session_timeout"] = _EMBEDDED_SESSION_TIMEOUT_MS / 1000
+            kwargs["broker_heartbeat_interval"] = _EMBEDDED_HEARTBEAT_INTERVAL_MS / 1000
+        else:
+            kwargs["broker_session_timeout"] = 45.0
+            kwargs["broker_heartbeat_interval"] = 3.0
+        return kwargs
+
+    # -- S3 ---------------------------------------------------------------------------------
+
+    @property
+    def offline_is_s3(self) -> bool:
+        """True when ``offline_uri`` points at S3."""
+        return self.offline_uri.startswith(("s3://", "s3a://"))
+
+    def storage_options(self) -> dict[str, Any]:
+        """``storage_options`` for fsspec/s3fs (``{}`` for a local offline store).
+
+        No region is passed: with a custom endpoint s3fs then fails to create buckets.
+        """
+        if not self.offline_is_s3:
+            return {}
+        opts: dict[str, Any] = {}
+        if self.s3_key is not None:
+            opts["key"] = self.s3_key.get_secret_value()
+        if self.s3_secret is not None:
+            opts["secret"] = self.s3_secret.get_secret_value()
+        if self.s3_endpoint:
+            opts["client_kwargs"] = {"endpoint_url": self.s3_endpoint}
+        return opts
+
+    def pyarrow_s3(self) -> pyarrow.fs.S3FileSystem | None:
+        """A ``pyarrow.fs.S3FileSystem`` for the offline store, or ``None`` if it is local."""
+        if not self.offline_is_s3:
+            return None
+        from pyarrow import fs
+
+        kwargs: dict[str, Any] = {}
+        if self.s3_key is not None and self.s3_secret is not None:
+            kwargs["access_key"] = self.s3_key.get_secret_value()
+            kwargs["secret_key"] = self.s3_secret.get_secret_value()
+        if self.s3_endpoint:
+            parts = urlsplit(self.s3_endpoint)
+            kwargs["endpoint_override"] = parts.netloc or parts.path
+            kwargs["scheme"] = parts.scheme or "https"
+            # A custom endpoint has no region to discover; pyarrow would otherwise ask AWS.
+            kwargs["region"] = "us-east-1"
+        return fs.S3FileSystem(**kwargs)
+
+    def offline_path(self) -> str:
+        """``offline_uri`` without its scheme, as pyarrow/s3fs paths expect (``bucket/prefix``)."""
+        uri = self.offline_uri
+        for scheme in ("s3://", "s3a://", "file://"):
+            if uri.startswith(scheme):
+                return uri[len(scheme) :].rstrip("/")
+        return uri.rstrip("/")
+
+
+class WorkerSettings(CommonSettings):
+    """The stream worker (``headrace worker``).
+
+    Attributes:
+        group_id: Kafka consumer group / Faust app id.
+        flush_interval_ms: Online-store flush interval in milliseconds.
+        offline_flush_interval_ms: Offline (Parquet) flush interval in milliseconds.
+        max_future_ms: Events more than this far ahead of the watermark are dead-lettered.
+        data_dir: Local state directory (Faust tables).
+        worker_id: Identifier of this worker replica.
+    """
+
+    group_id: str = "headrace-worker"
+    flush_interval_ms: int = Field(default=100, ge=1)
+    offline_flush_interval_ms: int = Field(default=2000, ge=1)
+    max_future_ms: int = Field(default=3_600_000, ge=0)
+    data_dir: str = "./.headrace-worker"
+    worker_id: str = "0"
+
+
+class ServeSettings(CommonSettings):
+    """The gRPC scoring server (``headrace serve``).
+
+    Attributes:
+        port: gRPC port.
+        redis_budget_ms: Time budget of one online read in milliseconds.
+        breaker_failures: Consecutive Redis failures that open the circuit breaker.
+        breaker_reset_s: Seconds before an open breaker lets one probe through.
+        priors_refresh_s: Seconds between refreshes of the fallback priors.
+        max_ids: Most candidate ids accepted in one request.
+        models_dir: Directory of trained models.
+    """
+
+    port: int = Field(default=50051, ge=0, le=65535)
+    redis_budget_ms: float = Field(default=10.0, gt=0)
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_reset_s: float = Field(default=2.0, gt=0)
+    priors_refresh_s: float = Field(default=60, gt=0)
+    max_ids: int = Field(default=1000, ge=1)
+    models_dir: str = "./models"
+
+
+class OfflineSettings(CommonSettings):
+    """Offline jobs (training sets, training).
+
+    Attributes:
+        workers: Parallel worker processes/threads.
+        progress: Show progress on stderr.
+    """
+
+    workers: int = Field(default=2, ge=1)
+    progress: bool = True
+
+
+class ProducerSettings(CommonSettings):
+    """The event producer (``headrace produce``).
+
+    Attributes:
+        batch_events: Events per produced batch.
+        encoding: Wire encoding of events.
+    """
+
+    batch_events: int = Field(default=500, ge=1)
+    encoding: Literal["arrow", "avro", "json"] = "arrow"
+
+
+#: Every settings class, for tools that check env variable names (compose tests).
+SETTINGS_CLASSES: tuple[type[CommonSettings], ...] = (
+    CommonSettings,
+    WorkerSettings,
+    ServeSettings,
+    OfflineSettings,
+    ProducerSettings,
+)

@@ -1,0 +1,282 @@
+"""Reading the offline store, and writing result files atomically.
+
+The stream worker appends Parquet under ``HEADRACE_OFFLINE_URI`` (layout in
+:mod:`feature_defs.layout`)::
+
+    events/{kind}/date=YYYY-MM-DD/{topic}-p{partition:03d}-{chunk:012d}.parquet
+    views/{view}@{version}/date=YYYY-MM-DD/{topic}-p{partition:03d}-{chunk:012d}.parquet
+
+``date`` is the UTC date of the event time, so a read of event times ``[lo, hi)`` lists
+and opens only the ``date=`` folders from ``date(lo)`` through ``date(hi - 1)``, then
+filters rows on ``ts``. Every read is de-duplicated by source coordinates
+(``source``/kind, ``_partition``, ``_offset``, ``_index``): a retried chunk overwrites its
+file, but duplicates must never count twice even if one slipped through.
+
+Invariant: a read returns each applied event with ``lo <= ts < hi`` exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+from feature_defs.layout import events_dir, view_dir
+from headrace.errors import InputError, OfflineStoreError
+
+if TYPE_CHECKING:
+    from headrace.settings import CommonSettings
+
+__all__ = [
+    "OfflineStore",
+    "OfflineStoreUnreadable",
+    "COORDINATES",
+    "dates_between",
+    "deduplicate",
+    "resolve_uri",
+    "atomic_output",
+]
+
+#: source coordinates of an event: Kafka partition, offset, index inside the message
+COORDINATES = ("_partition", "_offset", "_index")
+_TS_TYPE = pa.timestamp("ms", tz="UTC")
+
+
+class OfflineStoreUnreadable(OfflineStoreError, InputError):
+    """The offline store is missing, unreachable or holds unreadable files (exit 2)."""
+
+
+def dates_between(lo_ms: int | None, hi_ms: int) -> tuple[str | None, str]:
+    """UTC dates (``YYYY-MM-DD``) of the first and last millisecond of ``[lo, hi)``."""
+    def day(ms: int) -> str:
+        return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)).strftime("%Y-%m-%d")
+
+    return (None if lo_ms is None else day(lo_ms)), day(hi_ms - 1)
+
+
+def resolve_uri(uri: str, settings: CommonSettings | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for ``uri`` (``s3://bucket/key`` or a local path).
+
+    S3 URIs use the endpoint and credentials of ``settings`` (any bucket).
+    """
+    if uri.startswith(("s3://", "s3a://")):
+        fs = None
+        if settings is not None:
+            fs = settings.model_copy(update={"offline_uri": uri}).pyarrow_s3()
+        if fs is None:
+            fs = pafs.S3FileSystem()
+        return fs, uri.split("://", 1)[1].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def deduplicate(table: pa.Table, columns: Sequence[str]) -> pa.Table:
+    """Drop rows whose ``columns`` repeat an earlier row's (rows with a null key are kept).
+
+    Fast path: pack the (non-negative integer or dictionary-coded) key into one int64,
+    sort a copy and look for equal neighbours; only when some exist pay for a stable
+    arg-sort. Falls back to a hash group-by when the key does not fit 63 bits.
+    """
+    n = table.num_rows
+    if n < 2:
+        return table
+    packed = np.zeros(n, dtype=np.int64)
+    valid = np.ones(n, dtype=bool)
+    used = 0
+    for name in columns:
+        arr = _int_codes(table.column(name))
+        valid &= arr >= 0
+        top = int(arr.max(initial=0))
+        bits = max(top, 1).bit_length()
+        used += bits
+        if used > 63:
+            return _dedup_groupby(table, columns)
+        packed = (packed << bits) | np.maximum(arr, 0)
+    packed = np.where(valid, packed, -np.arange(1, n + 1, dtype=np.int64))
+    ordered = np.sort(packed)
+    if not (ordered[1:] == ordered[:-1]).any():
+        return table
+    order = np.argsort(packed, kind="stable")
+    keys = packed[order]
+    first = np.ones(n, dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    return table.take(np.sort(order[first]))
+
+
+def _int_codes(col: pa.ChunkedArray) -> np.ndarray:
+    """Integer view of a key column: integers as they are, strings as dictionary codes."""
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        col = pc.dictionary_encode(col)
+    if pa.types.is_dictionary(col.type):
+        unified = pa.table({"c": col}).unify_dictionaries().column("c")
+        ints = pa.chunked_array([c.indices for c in unified.chunks], type=col.type.index_type)
+    else:
+        ints = col
+    filled = pc.fill_null(ints, -1) if ints.null_count else ints
+    return np.asarray(filled.to_numpy(), dtype=np.int64)
+
+
+def _dedup_groupby(table: pa.Table, columns: Sequence[str]) -> pa.Table:
+    rows = table.append_column("__dedup_row", pa.array(np.arange(table.num_rows)))
+    keep = rows.group_by(list(columns), use_threads=False).aggregate([("__dedup_row", "min")])
+    return table.take(np.sort(keep.column("__dedup_row_min").to_numpy()))
+
+
+@dataclass(frozen=True)
+class OfflineStore:
+    """Read access to one offline store root (local folder or S3 prefix).
+
+    Build with :meth:`from_settings` (the deployment's store) or :meth:`from_uri`.
+    """
+
+    uri: str
+    root: str
+    filesystem: pafs.FileSystem
+
+    @classmethod
+    def from_settings(cls, settings: CommonSettings) -> OfflineStore:
+        fs, root = resolve_uri(settings.offline_uri, settings)
+        return cls(settings.offline_uri, root, fs)
+
+    @classmethod
+    def from_uri(cls, uri: str, filesystem: pafs.FileSystem | None = None) -> OfflineStore:
+        if filesystem is None:
+            filesystem, root = resolve_uri(uri)
+        else:
+            root = uri.split("://", 1)[-1].rstrip("/")
+        return cls(uri, root, filesystem)
+
+    # ---------------------------------------------------------------- listing
+    def _info(self, selector_or_path: str | pafs.FileSelector) -> list[pafs.FileInfo]:
+        try:
+            result = self.filesystem.get_file_info(selector_or_path)
+        except (OSError, pa.ArrowException) as exc:
+            raise OfflineStoreUnreadable(
+                f"cannot list the offline store {self.uri}: {_first_line(exc)}") from exc
+        return result if isinstance(result, list) else [result]
+
+    def check(self) -> None:
+        """Raise :class:`OfflineStoreUnreadable` unless the store root exists."""
+        info = self._info(self.root)[0]
+        if info.type == pafs.FileType.NotFound:
+            raise OfflineStoreUnreadable(
+                f"the offline store {self.uri} does not exist (nothing was written there yet, "
+                "or HEADRACE_OFFLINE_URI is wrong)")
+
+    def partitions(self, base: str, lo_ms: int | None, hi_ms: int) -> list[str]:
+        """``date=`` folders under ``base`` holding event times in ``[lo_ms, hi_ms)``."""
+        first, last = dates_between(lo_ms, hi_ms)
+        infos = self._info(pafs.FileSelector(base, allow_not_found=True, recursive=False))
+        out = []
+        for info in infos:
+            name = info.base_name
+            if info.type != pafs.FileType.Directory or not name.startswith("date="):
+                continue
+            date = name[len("date="):]
+            if (first is None or date >= first) and date <= last:
+                out.append(info.path)
+        return sorted(out)
+
+    def files(self, base: str, lo_ms: int | None, hi_ms: int) -> list[str]:
+        """Parquet files of the needed ``date=`` partitions (one listing per partition)."""
+        files: list[str] = []
+        for folder in self.partitions(base, lo_ms, hi_ms):
+            sel = pafs.FileSelector(folder, allow_not_found=True, recursive=True)
+            files.extend(sorted(i.path for i in self._info(sel)
+                                if i.type == pafs.FileType.File and i.path.endswith(".parquet")))
+        return files
+
+    # ---------------------------------------------------------------- reading
+    def read(self, base: str, columns: Sequence[str], lo_ms: int | None, hi_ms: int, *,
+             dedup: Sequence[str] = COORDINATES, dictionary: Sequence[str] = ()) -> pa.Table:
+        """Rows of the Parquet files under ``base`` with ``lo_ms <= ts < hi_ms``.
+
+        Args:
+            base: folder holding ``date=`` partitions (see :meth:`view_base`).
+            columns: columns to return (``ts`` and the ``dedup`` columns are added).
+            lo_ms: inclusive lower event-time bound, epoch ms; ``None`` for no bound.
+            hi_ms: exclusive upper event-time bound, epoch ms.
+            dedup: key columns of the de-duplication (dropped from the result unless asked).
+            dictionary: string columns to read dictionary-encoded.
+
+        Returns:
+            An empty table (with no columns) when no partition overlaps the range.
+
+        Raises:
+            OfflineStoreUnreadable: a file cannot be read or lacks a column.
+        """
+        files = self.files(base, lo_ms, hi_ms)
+        if not files:
+            return pa.table({})
+        wanted = list(dict.fromkeys([*columns, "ts", *dedup]))
+        fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(
+            dictionary_columns=list(dictionary)))
+        cond = ds.field("ts") < pa.scalar(hi_ms, _TS_TYPE)
+        if lo_ms is not None:
+            cond = cond & (ds.field("ts") >= pa.scalar(lo_ms, _TS_TYPE))
+        try:
+            dataset = ds.dataset(files, format=fmt, filesystem=self.filesystem)
+            table = dataset.to_table(columns=wanted, filter=cond)
+        except (OSError, pa.ArrowException) as exc:
+            raise OfflineStoreUnreadable(
+                f"cannot read the offline data under {base}: {_first_line(exc)}") from exc
+        table = deduplicate(table, dedup)
+        return table.select([c for c in wanted if c in columns or c == "ts"])
+
+    def view_base(self, view_id: str) -> str:
+        return view_dir(self.root, view_id)
+
+    def read_view(self, view_id: str, columns: Sequence[str], lo_ms: int | None, hi_ms: int,
+                  dictionary: Sequence[str] = ()) -> pa.Table:
+        """Applied rows of view ``name@version`` (de-duplicated per source and coordinates)."""
+        return self.read(self.view_base(view_id), columns, lo_ms, hi_ms,
+                         dedup=("source", *COORDINATES), dictionary=dictionary)
+
+    def read_events(self, kind: str, columns: Sequence[str], lo_ms: int | None, hi_ms: int,
+                    dictionary: Sequence[str] = ()) -> pa.Table:
+        """Accepted raw events of ``kind`` (``impression`` | ``click``)."""
+        return self.read(events_dir(self.root, kind), columns, lo_ms, hi_ms,
+                         dedup=COORDINATES, dictionary=dictionary)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def atomic_output(uri: str, settings: CommonSettings | None = None
+                  ) -> Iterator[tuple[pafs.FileSystem, str]]:
+    """Yield ``(filesystem, temporary path)``; move it to ``uri`` only on success.
+
+    Local files are renamed (atomic within a filesystem); S3 objects are copied from a
+    temporary key and the temporary key deleted. On any failure the temporary file is
+    removed and nothing appears at ``uri``.
+    """
+    fs, path = resolve_uri(uri, settings)
+    parent, name = posixpath.split(path)
+    tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(parent, recursive=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the output folder {parent}: {_first_line(exc)}") from exc
+    try:
+        yield fs, tmp
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError, pa.ArrowException):
+            fs.delete_file(tmp)
+        raise

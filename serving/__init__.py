@@ -1,0 +1,24 @@
+"""Online serving: the gRPC feature server, its online reader, fallback and client.
+
+Imports run one way: ``serving`` reads what ``streams`` writes (the Redis layout of
+:mod:`feature_defs.layout`) and never imports ``streams``. Heavy modules (gRPC) are
+imported from their submodules: ``serving.server``, ``serving.client``.
+"""
+
+from serving.breaker import BreakerState, CircuitBreaker
+from serving.reader import OnlineReader, ReadPlan, compile_read_plan
+from serving.rollup import Freshness, RollupProgram
+from serving.store import FakeOnlineStore, OnlineStore, RedisOnlineStore
+
+__all__ = [
+    "BreakerState",
+    "CircuitBreaker",
+    "OnlineReader",
+    "ReadPlan",
+    "compile_read_plan",
+    "Freshness",
+    "RollupProgram",
+    "OnlineStore",
+    "RedisOnlineStore",
+    "FakeOnlineStore",
+]

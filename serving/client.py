@@ -1,0 +1,180 @@
+"""A small synchronous client of the feature server.
+
+    with FeatureClient("127.0.0.1:50051") as client:
+        answer = client.get("user", ["u1", "u2"], features=["user__ctr_24h"])
+        answer.entities[0].values["user__ctr_24h"], answer.entities[0].statuses[...]
+
+Errors: INVALID_ARGUMENT becomes :class:`~headrace.errors.InvalidArgument` (with the
+field the server named); an unreachable server or an expired deadline becomes
+:class:`~headrace.errors.BackendError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from headrace.errors import BackendError, InvalidArgument
+from proto.headrace.v1 import features_pb2 as pb
+from proto.headrace.v1 import features_pb2_grpc as pb_grpc
+
+__all__ = ["FeatureClient", "EntityFeatures", "OnlineFeatures", "build_request"]
+
+
+@dataclass(frozen=True)
+class EntityFeatures:
+    """One entity of an answer: values (None = null) and status names by feature."""
+
+    id: str
+    tier: str
+    values: dict[str, float | None]
+    statuses: dict[str, str]
+
+
+@dataclass(frozen=True)
+class OnlineFeatures:
+    """A decoded answer."""
+
+    entity_type: str
+    feature_names: list[str]
+    as_of_ms: int
+    fallback_reason: str
+    entities: list[EntityFeatures]
+
+    @classmethod
+    def from_pb(cls, entity_type: str, resp: pb.GetOnlineFeaturesResponse) -> OnlineFeatures:
+        names = list(resp.feature_names)
+        width = len(names)
+        status_name = pb.FeatureStatus.Name
+        tier_name = pb.ColdStartTier.Name
+        entities = []
+        for i, eid in enumerate(resp.ids):
+            lo = i * width
+            vals = resp.values[lo : lo + width]
+            nulls = resp.is_null[lo : lo + width]
+            sts = resp.statuses[lo : lo + width]
+            entities.append(
+                EntityFeatures(
+                    id=eid,
+                    tier=tier_name(resp.tiers[i]),
+                    values={n: None if z else v for n, v, z in zip(names, vals, nulls, strict=True)},
+                    statuses={n: status_name(s) for n, s in zip(names, sts, strict=True)},
+                )
+            )
+        return cls(entity_type, names, resp.as_of_ms,
+                   pb.FallbackReason.Name(resp.fallback_reason), entities)  # fmt: skip
+
+    def to_json_lines(self) -> list[dict[str, Any]]:
+        """One JSON-ready object per entity."""
+        return [
+            {
+                "entity": self.entity_type,
+                "id": e.id,
+                "as_of": self.as_of_ms,
+                "tier": e.tier,
+                "fallback_reason": self.fallback_reason,
+                "features": e.values,
+                "statuses": e.statuses,
+            }
+            for e in self.entities
+        ]
+
+
+def build_request(
+    entity_type: str,
+    ids: Sequence[str],
+    features: Sequence[str] | None = None,
+    feature_set: str | None = None,
+    as_of_ms: int | None = None,
+    country: str | None = None,
+    device_type: str | None = None,
+) -> pb.GetOnlineFeaturesRequest:
+    """The request message (``features`` and ``feature_set`` are exclusive)."""
+    if features is not None and feature_set is not None:
+        raise ValueError("give features or feature_set, not both")
+    req = pb.GetOnlineFeaturesRequest(entity_type=entity_type, ids=list(ids))
+    if features is not None:
+        req.feature_names.names.extend(features)
+    elif feature_set is not None:
+        req.feature_set = feature_set
+    if as_of_ms is not None:
+        req.as_of_ms = as_of_ms
+    if country or device_type:
+        req.context.country = country or ""
+        req.context.device_type = device_type or ""
+    return req
+
+
+class FeatureClient:
+    """Client of ``headrace.v1.FeatureService``.
+
+    Args:
+        address: ``host:port``.
+        timeout_s: deadline of each call in seconds.
+    """
+
+    def __init__(self, address: str, timeout_s: float = 1.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.FeatureServiceStub(self._channel)
+        self.call = self._stub.GetOnlineFeatures  # raw: request message -> response message
+
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        """Block until the channel is connected.
+
+        Raises:
+            BackendError: not connected within ``timeout_s``.
+        """
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError as exc:
+            raise BackendError(f"feature server at {self.address} not reachable") from exc
+
+    def get_pb(
+        self, request: pb.GetOnlineFeaturesRequest, timeout_s: float | None = None
+    ) -> pb.GetOnlineFeaturesResponse:
+        """Send a request message; errors translated (see the module docstring)."""
+        try:
+            return self.call(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as exc:
+            raise _translate(exc, self.address) from exc
+
+    def get(
+        self,
+        entity_type: str,
+        ids: Sequence[str],
+        features: Sequence[str] | None = None,
+        *,
+        feature_set: str | None = None,
+        as_of_ms: int | None = None,
+        country: str | None = None,
+        device_type: str | None = None,
+        timeout_s: float | None = None,
+    ) -> OnlineFeatures:
+        """Online features of ``ids`` (see :func:`build_request` for the arguments)."""
+        req = build_request(entity_type, ids, features, feature_set, as_of_ms, country,
+                            device_type)  # fmt: skip
+        return OnlineFeatures.from_pb(entity_type, self.get_pb(req, timeout_s))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> FeatureClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _translate(exc: grpc.RpcError, address: str) -> Exception:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field, sep, message = (details or "").partition(": ")
+        return InvalidArgument(field, message) if sep else InvalidArgument("request", details)
+    name = code.name if code is not None else "UNKNOWN"
+    return BackendError(f"feature server at {address}: {name}: {details}")

@@ -1,0 +1,97 @@
+"""In-process cache of the cold-start priors, refreshed from the online store.
+
+``headrace priors`` writes the priors document (:meth:`Priors.to_json`) to
+``priors_key(prefix)``; the server loads it at start and every ``priors_refresh_s``
+in a daemon thread. A failed or malformed refresh keeps the previous priors (counted
+in ``headrace_serving_priors_refresh_errors_total``); with no document at all the
+priors are empty and every cold-start value is its definition's default.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from feature_defs.coldstart import Priors
+from feature_defs.layout import priors_key
+from headrace.errors import OnlineStoreError
+from serving.metrics import metrics
+from serving.store import OnlineStore
+
+__all__ = ["PriorsCache"]
+
+log = logging.getLogger(__name__)
+
+
+class PriorsCache:
+    """The current :class:`Priors`; :attr:`priors` is read lock-free on the hot path.
+
+    Args:
+        store: where the priors document lives.
+        prefix: Redis key prefix (the document is at ``priors_key(prefix)``).
+        refresh_s: seconds between background refreshes.
+        clock_ms: epoch milliseconds (for the age gauge).
+
+    Attributes:
+        listeners: called with the new priors after each change (plan caches).
+    """
+
+    def __init__(
+        self,
+        store: OnlineStore,
+        prefix: str,
+        refresh_s: float = 60.0,
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self.priors = Priors()
+        self._store = store
+        self._key = priors_key(prefix)
+        self._refresh_s = refresh_s
+        self._clock_ms = clock_ms
+        self._raw: bytes | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.listeners: list[Callable[[Priors], None]] = []
+
+    def refresh(self) -> bool:
+        """Reload now. Returns True when the priors changed; never raises for store errors."""
+        try:
+            raw = self._store.get(self._key)
+        except OnlineStoreError as exc:
+            metrics().priors_errors.inc()
+            log.warning("priors refresh failed, keeping the previous priors: %s", exc)
+            return False
+        changed = False
+        if raw is not None and raw != self._raw:
+            try:
+                priors = Priors.from_json(raw)
+            except ValueError as exc:
+                metrics().priors_errors.inc()
+                log.warning("malformed priors at %s, keeping the previous priors: %s",
+                            self._key, exc)
+                return False
+            self._raw, self.priors, changed = raw, priors, True
+            for listener in self.listeners:
+                listener(priors)
+        if self.priors.computed_at_ms:
+            metrics().priors_age.set(max(0, self._clock_ms() - self.priors.computed_at_ms) / 1e3)
+        return changed
+
+    def start(self) -> None:
+        """Load once, then refresh every ``refresh_s`` in a daemon thread."""
+        self.refresh()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="priors-refresh", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._refresh_s):
+            self.refresh()

@@ -1,0 +1,198 @@
+"""Online reads: request-shape plans, one round trip for all entities, exact roll-ups.
+
+A :class:`ReadPlan` is compiled once per request shape (entity, feature names): which
+view fields to HMGET and a :class:`~serving.rollup.RollupProgram` per view for just the
+outputs asked for (plus ``user__impressions_7d``, the cold-start history, for users).
+:class:`OnlineReader` then reads every entity's views with one pipelined round trip
+(:meth:`OnlineStore.read_hashes`) and rolls each state up as of the request time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from feature_defs.coldstart import HISTORY_FEATURE
+from feature_defs.layout import entity_key
+from feature_defs.registry import Registry
+from feature_defs.state import ViewState
+from serving.rollup import Freshness, RollupProgram
+from serving.store import OnlineStore
+
+__all__ = ["ReadPlan", "EntityRow", "AsOfTooEarly", "compile_read_plan", "OnlineReader"]
+
+log = logging.getLogger(__name__)
+_USER = "user"
+_CORRUPT = (ValueError, EOFError, TypeError)  # marshal / ViewState.decode on bad bytes
+
+
+class AsOfTooEarly(Exception):
+    """An explicit as-of time is before an entity's latest applied event."""
+
+    def __init__(self, index: int, max_ts: int) -> None:
+        self.index = index
+        self.max_ts = max_ts
+        super().__init__(f"ids[{index}]: latest applied event at {max_ts}")
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How to answer one request shape. Immutable; shared by concurrent requests.
+
+    Attributes:
+        entity: entity name.
+        names: requested feature names, in response order.
+        fields: view ids to HMGET, one per view involved.
+        programs: a roll-up program per field.
+        positions: per requested name, (field index, index in that program's outputs).
+        history: (field index, output index) of the user's history feature, or None.
+        defaults: the definitions' defaults, per requested name.
+    """
+
+    entity: str
+    names: tuple[str, ...]
+    fields: tuple[str, ...]
+    programs: tuple[RollupProgram, ...]
+    positions: tuple[tuple[int, int], ...]
+    history: tuple[int, int] | None
+    defaults: tuple[Any, ...]
+
+    @property
+    def direct(self) -> bool:
+        """One view, outputs already in request order: no reordering needed."""
+        return len(self.fields) == 1 and all(p == (0, i) for i, p in enumerate(self.positions))
+
+
+@dataclass
+class EntityRow:
+    """One entity's answer before cold start: values in request order."""
+
+    values: list[Any]
+    freshness: Freshness  # OK if any view has data; else STALE if any is stale
+    history: int | None  # the user's 7-day impressions (None for other entities)
+    partial: tuple[Freshness, ...] | None = None  # per value, when views disagree
+
+
+def compile_read_plan(registry: Registry, entity: str, names: Sequence[str]) -> ReadPlan:
+    """Compile the plan for ``names`` (validated: features of ``entity``)."""
+    wanted: dict[str, list[str]] = {}  # view id -> output names (request order, + history)
+    for name in names:
+        plan, _out = registry.by_feature[name]
+        wanted.setdefault(plan.view.id, [])
+        if name not in wanted[plan.view.id]:
+            wanted[plan.view.id].append(name)
+    hist_view = None
+    if entity == _USER and HISTORY_FEATURE in registry.by_feature:
+        hist_view = registry.by_feature[HISTORY_FEATURE][0].view.id
+        outs = wanted.setdefault(hist_view, [])
+        if HISTORY_FEATURE not in outs:
+            outs.append(HISTORY_FEATURE)
+    fields = tuple(wanted)
+    programs = []
+    index: dict[str, tuple[int, int]] = {}
+    for fi, view_id in enumerate(fields):
+        vplan = registry.plans[view_id]
+        by_name = {o.name: i for i, o in enumerate(vplan.outputs)}
+        programs.append(RollupProgram(vplan, [by_name[n] for n in wanted[view_id]]))
+        for oi, n in enumerate(wanted[view_id]):
+            index[n] = (fi, oi)
+    return ReadPlan(
+        entity=entity,
+        names=tuple(names),
+        fields=fields,
+        programs=tuple(programs),
+        positions=tuple(index[n] for n in names),
+        history=index[HISTORY_FEATURE] if hist_view is not None else None,
+        defaults=tuple(registry.by_feature[n][1].default for n in names),
+    )
+
+
+class OnlineReader:
+    """Reads and rolls up entities for a :class:`ReadPlan`.
+
+    Args:
+        store: the online store.
+        prefix: Redis key prefix.
+    """
+
+    def __init__(self, store: OnlineStore, prefix: str) -> None:
+        self.store = store
+        self.prefix = prefix
+
+    def keys(self, entity: str, ids: Sequence[str]) -> list[str]:
+        prefix = self.prefix
+        return [entity_key(prefix, entity, i) for i in ids]
+
+    def fetch(self, plan: ReadPlan, ids: Sequence[str]) -> list[list[bytes | None]]:
+        """Raw view states of every id: one round trip. Raises OnlineStoreError."""
+        return self.store.read_hashes(self.keys(plan.entity, ids), plan.fields)
+
+    def rollup(
+        self,
+        plan: ReadPlan,
+        rows: Sequence[Sequence[bytes | None]],
+        as_of_ms: int,
+        explicit: bool,
+    ) -> list[EntityRow]:
+        """Roll every entity's states up as of ``as_of_ms``.
+
+        When a state's latest event is after ``as_of_ms``: an ``explicit`` as-of raises
+        :class:`AsOfTooEarly`; the server's own clock (not explicit) is behind the
+        event times, so that entity is evaluated as of its latest event instead.
+        """
+        out: list[EntityRow] = []
+        if plan.direct:
+            prog = plan.programs[0]
+            vplan = prog.plan
+            hist = plan.history
+            for i, row in enumerate(rows):
+                vals, fresh = self._run(prog, vplan, row[0], as_of_ms, explicit, i)
+                h = None if hist is None else (vals[hist[1]] if fresh is Freshness.OK else 0)
+                if len(vals) != len(plan.names):
+                    vals = vals[: len(plan.names)]
+                out.append(EntityRow(vals, fresh, h))
+            return out
+        for i, row in enumerate(rows):
+            results = [
+                self._run(prog, prog.plan, blob, as_of_ms, explicit, i)
+                for prog, blob in zip(plan.programs, row, strict=True)
+            ]
+            vals = [results[f][0][o] for f, o in plan.positions]
+            freshes = [r[1] for r in results]
+            fresh = min(freshes)  # OK < NO_DATA < STALE
+            if fresh is not Freshness.OK and Freshness.STALE in freshes:
+                fresh = Freshness.STALE
+            partial = None
+            if fresh is Freshness.OK and any(f is not Freshness.OK for f in freshes):
+                partial = tuple(freshes[f] for f, _o in plan.positions)
+            h = None
+            if plan.history is not None:
+                f, o = plan.history
+                h = results[f][0][o] if results[f][1] is Freshness.OK else 0
+            out.append(EntityRow(vals, fresh, h, partial))
+        return out
+
+    @staticmethod
+    def _run(
+        prog: RollupProgram,
+        vplan: Any,
+        blob: bytes | None,
+        as_of_ms: int,
+        explicit: bool,
+        index: int,
+    ) -> tuple[list[Any], Freshness]:
+        if blob is None:
+            return list(prog.defaults), Freshness.NO_DATA
+        try:
+            state = ViewState.decode(vplan, blob)
+        except _CORRUPT as exc:
+            log.warning("unreadable state of %s for ids[%d]: %s", vplan.view.id, index, exc)
+            return list(prog.defaults), Freshness.NO_DATA
+        if state.max_ts > as_of_ms:
+            if explicit:
+                raise AsOfTooEarly(index, state.max_ts)
+            as_of_ms = state.max_ts
+        return prog.run(state, as_of_ms)
+

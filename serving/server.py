@@ -1,0 +1,221 @@
+"""The gRPC feature server: FeatureService, health, reflection, error translation, metrics.
+
+A synchronous ``grpc.server`` with a thread pool: the request path is short CPU work
+around one blocking Redis round trip, which releases the GIL, so threads overlap the
+I/O of concurrent requests without an event loop's per-call overhead (measured: the
+sync and ``grpc.aio`` echo round trips are equal within noise here).
+
+:class:`ErrorInterceptor` is the one translation point from our errors to gRPC
+status codes; it also times every unary method for the request latency histogram.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from feature_defs.registry import Registry, load_registry
+from headrace.errors import BackendError, HeadraceError
+from headrace.settings import ServeSettings
+from proto.headrace.v1 import features_pb2 as pb
+from proto.headrace.v1 import features_pb2_grpc as pb_grpc
+from serving.breaker import CircuitBreaker
+from serving.metrics import metrics
+from serving.priors import PriorsCache
+from serving.reader import OnlineReader
+from serving.service import OnlineFeatureService
+from serving.store import OnlineStore, RedisOnlineStore
+
+__all__ = ["ErrorInterceptor", "FeatureServicer", "FeatureServer", "build_server", "SERVICE_NAME"]
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
+
+
+def status_of(exc: HeadraceError) -> grpc.StatusCode:
+    """The gRPC status of one of our errors."""
+    name = getattr(exc, "grpc_status", None)
+    if name is not None:
+        return grpc.StatusCode[name]
+    if isinstance(exc, BackendError):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps :class:`HeadraceError` to its gRPC status and times unary methods."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._hist = metrics().request_seconds
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming (reflection, health Watch): untouched
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._wrap(handler.unary_unary, method.rsplit("/", 1)[-1]),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, behavior: Callable[[Any, grpc.ServicerContext], Any], name: str) -> Any:
+        observe = self._hist.labels(method=name).observe
+        clock = time.perf_counter
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            start = clock()
+            try:
+                return behavior(request, context)
+            except HeadraceError as exc:
+                context.abort(status_of(exc), str(exc))
+            finally:
+                observe(clock() - start)
+
+        return unary
+
+
+class FeatureServicer(pb_grpc.FeatureServiceServicer):
+    """gRPC adaptor of :class:`OnlineFeatureService`."""
+
+    def __init__(self, service: OnlineFeatureService) -> None:
+        self.service = service
+
+    def GetOnlineFeatures(  # noqa: N802 - gRPC method name
+        self, request: pb.GetOnlineFeaturesRequest, context: grpc.ServicerContext
+    ) -> pb.GetOnlineFeaturesResponse:
+        return self.service.get_online_features(request)
+
+
+class FeatureServer:
+    """A started-on-demand feature server; see :func:`build_server`.
+
+    Attributes:
+        port: the bound port (useful with port 0).
+        service: the request logic.
+        priors: the priors cache.
+    """
+
+    def __init__(
+        self,
+        grpc_server: grpc.Server,
+        port: int,
+        service: OnlineFeatureService,
+        priors: PriorsCache,
+        store: OnlineStore,
+    ) -> None:
+        self.grpc_server = grpc_server
+        self.port = port
+        self.service = service
+        self.priors = priors
+        self.store = store
+
+    def start(self) -> FeatureServer:
+        self.priors.start()
+        self.grpc_server.start()
+        log.info("feature server listening on port %d", self.port)
+        return self
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        self.grpc_server.stop(grace_s).wait()
+        self.priors.stop()
+        self.store.close()
+
+    def wait(self) -> None:
+        self.grpc_server.wait_for_termination()
+
+    def __enter__(self) -> FeatureServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(0)
+
+
+def build_server(
+    settings: ServeSettings,
+    *,
+    port: int | None = None,
+    host: str = "0.0.0.0",
+    registry: Registry | None = None,
+    store: OnlineStore | None = None,
+    clock_ms: Callable[[], int] | None = None,
+    max_workers: int = 8,
+    extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+) -> FeatureServer:
+    """Build (not start) the feature server.
+
+    Args:
+        settings: serving settings (Redis, budget, breaker, priors refresh, max ids).
+        port: overrides ``settings.port``; 0 picks a free port.
+        host: bind address.
+        registry: feature definitions (default: the standard set).
+        store: online store (default: Redis at ``settings.redis_url``).
+        clock_ms: epoch-ms clock of the default as-of time.
+        max_workers: request threads.
+        extra_handlers: more generic handlers (benchmarks register an echo method).
+
+    Raises:
+        InputError: the port cannot be bound.
+    """
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from headrace.errors import InputError
+
+    registry = registry or load_registry()
+    store = store or RedisOnlineStore(settings.redis_url, timeout_ms=settings.redis_budget_ms)
+    m = metrics()
+    breaker = CircuitBreaker(
+        settings.breaker_failures, settings.breaker_reset_s,
+        on_change=lambda s: m.breaker_state.set(int(s)),
+    )  # fmt: skip
+    m.breaker_state.set(int(breaker.state))
+    priors = PriorsCache(store, settings.redis_prefix, settings.priors_refresh_s)
+    kwargs: dict[str, Any] = {} if clock_ms is None else {"clock_ms": clock_ms}
+    service = OnlineFeatureService(
+        registry,
+        OnlineReader(store, settings.redis_prefix),
+        priors,
+        breaker,
+        budget_ms=settings.redis_budget_ms,
+        max_ids=settings.max_ids,
+        **kwargs,
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=(ErrorInterceptor(),),
+        options=[("grpc.so_reuseport", 0)],
+    )
+    pb_grpc.add_FeatureServiceServicer_to_server(FeatureServicer(service), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    if extra_handlers:
+        server.add_generic_rpc_handlers(tuple(extra_handlers))
+    want = settings.port if port is None else port
+    try:
+        bound = server.add_insecure_port(f"{host}:{want}")
+    except RuntimeError as exc:
+        raise InputError(f"cannot listen on {host}:{want}: {exc}") from exc
+    if bound == 0:
+        raise InputError(f"cannot listen on {host}:{want} (in use?)")
+    return FeatureServer(server, bound, service, priors, store)

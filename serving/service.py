@@ -1,0 +1,304 @@
+"""``FeatureService.GetOnlineFeatures``: validate, read once, roll up, cold start, answer.
+
+Failure behaviour: a request that is malformed raises
+:class:`~headrace.errors.InvalidArgument` naming the field (the server interceptor
+turns it into INVALID_ARGUMENT). A failing online store is never an RPC error: Redis
+errors, a read slower than ``redis_budget_ms`` and an open circuit breaker all answer
+from the in-process priors with status FALLBACK (``fallback_reason`` says why).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from feature_defs.coldstart import (
+    PERSONALIZED_ABOVE,
+    Priors,
+    Status,
+    Tier,
+    apply_cold_start,
+    fallback_values,
+)
+from feature_defs.layout import entity_id_problem
+from feature_defs.registry import Registry
+from headrace.errors import InvalidArgument, OnlineStoreError
+from proto.headrace.v1 import features_pb2 as pb
+from serving.breaker import CircuitBreaker
+from serving.metrics import metrics
+from serving.priors import PriorsCache
+from serving.reader import AsOfTooEarly, EntityRow, OnlineReader, ReadPlan, compile_read_plan
+from serving.rollup import Freshness
+
+__all__ = ["OnlineFeatureService", "ALL_FEATURES"]
+
+ALL_FEATURES = "all"
+_NAN = math.nan
+_PLAN_CACHE_MAX = 4096
+_REASONS = {name: pb.FallbackReason.Value(name) for name in
+            ("NONE", "REDIS_ERROR", "BUDGET_EXCEEDED", "BREAKER_OPEN")}  # fmt: skip
+
+
+class OnlineFeatureService:
+    """The request logic behind the gRPC method (no gRPC types beyond the messages).
+
+    Args:
+        registry: the feature definitions.
+        reader: online reader (store + key prefix).
+        priors: the in-process priors cache.
+        breaker: circuit breaker around the store.
+        budget_ms: time budget of the store round trip (overrun → FALLBACK).
+        max_ids: most ids per request.
+        clock_ms: epoch milliseconds, the default as-of time.
+        timer: monotonic seconds used to time the store (tests pin it).
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        reader: OnlineReader,
+        priors: PriorsCache,
+        breaker: CircuitBreaker,
+        *,
+        budget_ms: float = 10.0,
+        max_ids: int = 1000,
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.registry = registry
+        self.reader = reader
+        self.priors = priors
+        self.breaker = breaker
+        self.budget_s = budget_ms / 1000.0
+        self.max_ids = max_ids
+        self._clock_ms = clock_ms
+        self._timer = timer
+        self._entities = {e: registry.feature_names(e) for e in sorted(registry.entities)}
+        self._plans: dict[tuple[str, str, tuple[str, ...]], ReadPlan] = {}
+        self._m = metrics()
+
+    # ------------------------------------------------------------------ validation
+    def _entity(self, entity: str) -> str:
+        if entity not in self._entities:
+            known = ", ".join(self._entities)
+            raise InvalidArgument("entity_type", f"unknown entity {entity!r} (known: {known})")
+        return entity
+
+    def _check_ids(self, ids: Sequence[str]) -> None:
+        if not ids:
+            raise InvalidArgument("ids", "must not be empty")
+        if len(ids) > self.max_ids:
+            raise InvalidArgument("ids", f"{len(ids)} ids exceed the limit of {self.max_ids}")
+        for i, value in enumerate(ids):
+            problem = entity_id_problem(value)
+            if problem is not None:
+                raise InvalidArgument(f"ids[{i}]", problem)
+
+    def plan_for(
+        self, entity: str, names: Sequence[str] | None = None, feature_set: str = ""
+    ) -> ReadPlan:
+        """The (cached) plan of a request shape; validates feature names / set."""
+        key = (entity, feature_set, tuple(names) if names is not None else ())
+        plan = self._plans.get(key)
+        if plan is None:
+            resolved = (
+                self._resolve_names(entity, names)
+                if names is not None
+                else self._resolve_set(entity, feature_set)
+            )
+            plan = compile_read_plan(self.registry, entity, resolved)
+            if len(self._plans) >= _PLAN_CACHE_MAX:
+                self._plans.clear()  # request shapes are few; this bounds a misbehaving client
+            self._plans[key] = plan
+        return plan
+
+    def _resolve_names(self, entity: str, names: Sequence[str]) -> list[str]:
+        if not names:
+            raise InvalidArgument("feature_names", "must not be empty (omit it for all features)")
+        for i, name in enumerate(names):
+            found = self.registry.by_feature.get(name)
+            if found is None:
+                raise InvalidArgument(f"feature_names[{i}]", f"unknown feature {name!r}")
+            owner = found[0].view.entity.name
+            if owner != entity:
+                raise InvalidArgument(
+                    f"feature_names[{i}]", f"{name!r} is a feature of {owner!r}, not {entity!r}"
+                )
+        return list(names)
+
+    def _resolve_set(self, entity: str, feature_set: str) -> list[str]:
+        if feature_set in ("", ALL_FEATURES):
+            return self._entities[entity]
+        for plan in self.registry.views_of(entity):
+            if feature_set in (plan.view.id, plan.view.name):
+                return plan.names
+        known = [ALL_FEATURES] + [
+            n for p in self.registry.views_of(entity) for n in (p.view.name, p.view.id)
+        ]
+        raise InvalidArgument(
+            "feature_set", f"unknown feature set {feature_set!r} (known: {', '.join(known)})"
+        )
+
+    # ------------------------------------------------------------------ the method
+    def get_online_features(
+        self, request: pb.GetOnlineFeaturesRequest
+    ) -> pb.GetOnlineFeaturesResponse:
+        """Answer one request (see the module docstring for failure behaviour)."""
+        entity = self._entity(request.entity_type)
+        ids = request.ids
+        self._check_ids(ids)
+        which = request.WhichOneof("selection")
+        if which == "feature_names":
+            plan = self.plan_for(entity, request.feature_names.names)
+        else:
+            plan = self.plan_for(entity, feature_set=request.feature_set)
+        explicit = request.HasField("as_of_ms")
+        as_of = request.as_of_ms if explicit else self._clock_ms()
+        if explicit and as_of < 0:
+            raise InvalidArgument("as_of_ms", "must be >= 0 (epoch milliseconds)")
+        ctx = request.context
+        segment = (ctx.country, ctx.device_type) if ctx.country and ctx.device_type else None
+        priors = self.priors.priors
+
+        rows, reason = self._fetch(plan, ids)
+        if rows is None:
+            return self._fallback(plan, ids, as_of, segment, priors, reason)
+        try:
+            entities = self.reader.rollup(plan, rows, as_of, explicit)
+        except AsOfTooEarly as exc:
+            raise InvalidArgument(
+                "as_of_ms",
+                f"{as_of} is before the latest applied event of ids[{exc.index}]"
+                f" ({exc.max_ts}); the online store answers as of its latest event or later,"
+                " earlier times are the offline store's job",
+            ) from exc
+        return self._answer(plan, ids, as_of, segment, priors, entities)
+
+    def _fetch(
+        self, plan: ReadPlan, ids: Sequence[str]
+    ) -> tuple[list[list[bytes | None]] | None, str]:
+        breaker = self.breaker
+        if not breaker.allow():
+            return None, "BREAKER_OPEN"
+        timer = self._timer
+        start = timer()
+        try:
+            rows = self.reader.fetch(plan, ids)
+        except OnlineStoreError:
+            breaker.failure()
+            return None, "REDIS_ERROR"
+        elapsed = timer() - start
+        self._m.redis_seconds.observe(elapsed)
+        if elapsed > self.budget_s:
+            breaker.failure()
+            return None, "BUDGET_EXCEEDED"
+        breaker.success()
+        return rows, "NONE"
+
+    def _fallback(
+        self,
+        plan: ReadPlan,
+        ids: Sequence[str],
+        as_of: int,
+        segment: tuple[str, str] | None,
+        priors: Priors,
+        reason: str,
+    ) -> pb.GetOnlineFeaturesResponse:
+        vals, tier = fallback_values(
+            plan.entity, dict(zip(plan.names, plan.defaults, strict=True)), priors, segment
+        )
+        row = [vals[n] for n in plan.names]
+        n = len(ids)
+        self._m.fallbacks.labels(tier=tier.name, reason=reason).inc(n)
+        self._m.entities.labels(entity=plan.entity, tier=tier.name).inc(n)
+        return pb.GetOnlineFeaturesResponse(
+            feature_names=plan.names,
+            ids=ids,
+            tiers=[tier] * n,
+            values=[_NAN if v is None else v for v in row] * n,
+            is_null=[v is None for v in row] * n,
+            statuses=[Status.FALLBACK] * (len(row) * n),
+            as_of_ms=as_of,
+            fallback_reason=_REASONS[reason],
+        )
+
+    def _answer(
+        self,
+        plan: ReadPlan,
+        ids: Sequence[str],
+        as_of: int,
+        segment: tuple[str, str] | None,
+        priors: Priors,
+        rows: list[EntityRow],
+    ) -> pb.GetOnlineFeaturesResponse:
+        names = plan.names
+        width = len(names)
+        present = [Status.PRESENT] * width
+        no_nulls = [False] * width
+        is_user = plan.history is not None
+        # without a history feature users follow the rule of the other entities
+        rule_entity = plan.entity if is_user or plan.entity != "user" else "user/no-history"
+        values: list[float] = []
+        nulls: list[bool] = []
+        statuses: list[int] = []
+        tiers: list[int] = []
+        counts: dict[Tier, int] = {}
+        for row in rows:
+            vals = row.values
+            if (
+                row.freshness is Freshness.OK
+                and row.partial is None
+                and (not is_user or (row.history is not None and row.history > PERSONALIZED_ABOVE))
+            ):
+                tier, sts = Tier.PERSONALIZED, present  # own values, unchanged
+            else:
+                tier, vals, sts = self._cold_start(rule_entity, names, row, priors, segment)
+            counts[tier] = counts.get(tier, 0) + 1
+            tiers.append(tier)
+            statuses.extend(sts)
+            if None in vals:
+                values.extend([_NAN if v is None else v for v in vals])
+                nulls.extend([v is None for v in vals])
+            else:
+                values.extend(vals)
+                nulls.extend(no_nulls)
+        entities = self._m.entities
+        for tier, count in counts.items():
+            entities.labels(entity=plan.entity, tier=tier.name).inc(count)
+        return pb.GetOnlineFeaturesResponse(
+            feature_names=names,
+            ids=ids,
+            tiers=tiers,
+            values=values,
+            is_null=nulls,
+            statuses=statuses,
+            as_of_ms=as_of,
+        )
+
+    @staticmethod
+    def _cold_start(
+        entity: str,
+        names: tuple[str, ...],
+        row: EntityRow,
+        priors: Priors,
+        segment: tuple[str, str] | None,
+    ) -> tuple[Tier, list[Any], list[Status]]:
+        fresh = row.freshness
+        new, tier, by_name = apply_cold_start(
+            entity,
+            dict(zip(names, row.values, strict=True)),
+            fresh is not Freshness.OK,
+            priors,
+            segment,
+            stale=fresh is Freshness.STALE,
+            history=row.history,
+        )
+        vals = [new[n] for n in names]
+        sts = [by_name[n] for n in names]
+        if row.partial is not None:  # several views, some without data: say so per value
+            for j, f in enumerate(row.partial):
+                if f is not Freshness.OK and sts[j] is Status.PRESENT:
+                    sts[j] = Status.STALE if f is Freshness.STALE else Status.DEFAULT
+        return tier, vals, sts

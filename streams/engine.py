@@ -1,0 +1,449 @@
+"""The stream engine: watermarks, lateness, fenced view updates, side outputs, flushes.
+
+Independent of Faust (the agents in :mod:`streams.app` feed it message batches), so the
+same engine runs under tests with fakes and under the Faust worker with real services.
+
+Per source (topic, partition) the engine keeps a watermark (max event time seen −
+allowed lateness); an event with ``ts`` strictly below it on arrival is late: counted,
+published to the ``late`` topic, not applied. Accepted events are
+
+* applied to the views keyed by the routing key (``user_id``) in this process;
+* forwarded, re-keyed, to ``headrace-repartition-{entity}`` for the other entities,
+  carrying their source coordinates so the consumer can fence replays;
+* buffered for the offline store.
+
+Effectively once. Progress is recorded per partition in Redis *after* the data it
+covers is durable: ``online_next``/``online_wm`` after view states and side outputs are
+flushed, ``offline_next``/``offline_wm`` after a part is written. A restarted worker
+resumes each partition at the smaller of the two with the watermark recorded there
+(so lateness decisions replay identically), re-applies nothing twice (each view state
+carries per-source fences), re-publishes no side output below ``online_next`` and
+rewrites the part at ``offline_next`` under the same file names.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from feature_defs.layout import (
+    TOPIC_DLQ,
+    TOPIC_LATE,
+    commit_key,
+    entity_key,
+    repartition_topic,
+)
+from feature_defs.plan import ViewPlan
+from feature_defs.registry import Registry
+from feature_defs.state import NO_TS, ViewState, fence_key, fence_pos
+from streams.metrics import StreamMetrics
+from streams.offline_writer import OfflineWriter
+from streams.online import OnlineStore, StateWrite
+from streams.sides import SideOutputs
+
+__all__ = ["Engine", "RawMessage", "ROUTING_KEY", "PartitionProgress"]
+
+log = logging.getLogger(__name__)
+ROUTING_KEY = "user_id"
+_KIND_OF_SOURCE = {"impressions": "impression", "clicks": "click"}
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]] | None
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+
+
+@dataclass
+class PartitionProgress:
+    """Progress of one assigned partition (source or repartition topic)."""
+
+    topic: str
+    partition: int
+    source: str | None  # source name for source topics, None for repartition topics
+    next: int = 0  # next offset to process
+    max_ts: int = NO_TS  # max accepted event time (watermark + lateness)
+    online_next: int = 0
+    offline_next: int = 0
+    offline_wm: int = NO_TS
+    buffer: list[pa.Table] = field(default_factory=list)
+
+    def commit_mapping(self) -> dict[str, int]:
+        return {"online_next": self.next, "online_wm": self.max_ts}
+
+
+class Engine:
+    """Turns message batches into view states, offline parts and side outputs."""
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        store: OnlineStore,
+        writer: OfflineWriter | None,
+        sides: SideOutputs,
+        topic: Callable[[str], str],
+        redis_prefix: str,
+        group: str,
+        max_future_ms: int,
+        metrics: StreamMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.store = store
+        self.writer = writer
+        self.sides = sides
+        self.topic = topic
+        self.prefix = redis_prefix
+        self.group = group
+        self.max_future_ms = max_future_ms
+        self.metrics = metrics or StreamMetrics()
+        self.clock = clock
+        self.local: list[ViewPlan] = [
+            p for p in registry.plans.values() if p.view.entity.key == ROUTING_KEY
+        ]
+        self.remote: dict[str, list[ViewPlan]] = {}
+        for p in registry.plans.values():
+            if p.view.entity.key != ROUTING_KEY:
+                self.remote.setdefault(p.view.entity.name, []).append(p)
+        self.entity_key_field = {
+            e.name: e.key for e in (p.view.entity for p in registry.plans.values())
+        }
+        self.sources = {self.topic(s): s for s in registry.source_topics()}
+        self.repartition = {self.topic(repartition_topic(e)): e for e in self.remote}
+        self.lateness_ms = {
+            s: max(
+                int(p.view.allowed_lateness.total_seconds() * 1000)
+                for p in registry.plans.values()
+                if s in p.feeds
+            )
+            for s in registry.source_topics()
+        }
+        self.progress: dict[tuple[str, int], PartitionProgress] = {}
+        self.states: dict[str, dict[str, ViewState]] = {
+            p.view.id: {} for p in registry.plans.values()
+        }
+        self.dirty: dict[str, set[str]] = {p.view.id: set() for p in registry.plans.values()}
+        self.pending_freshness: list[np.ndarray] = []
+        self.last_input = self.clock()
+
+    # ---------------------------------------------------------------- topology
+    def input_topics(self) -> list[str]:
+        return list(self.sources) + list(self.repartition)
+
+    def side_topics(self) -> list[str]:
+        return [self.topic(TOPIC_DLQ), self.topic(TOPIC_LATE), *self.repartition]
+
+    def fields_of(self, plan: ViewPlan, source: str) -> tuple[str, ...]:
+        return tuple(sorted({f for _s, _op, f in plan.feeds.get(source, ()) if f}))
+
+    # ---------------------------------------------------------------- assignment
+    def assign(self, tps: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Load durable progress for newly assigned partitions; returns seek offsets."""
+        new = [tp for tp in tps if tp not in self.progress]
+        keys = [commit_key(self.prefix, self.group, t, p) for t, p in new]
+        records = self.store.read_commits(keys) if keys else []
+        seeks: dict[tuple[str, int], int] = {}
+        for (t, p), rec in zip(new, records, strict=True):
+            source = self.sources.get(t)
+            prog = PartitionProgress(t, p, source)
+            prog.online_next = rec.get("online_next", 0)
+            if source is None:
+                prog.next = prog.online_next
+            else:
+                prog.offline_next = rec.get("offline_next", 0)
+                prog.offline_wm = rec.get("offline_wm", NO_TS)
+                if prog.offline_next <= prog.online_next:
+                    prog.next, prog.max_ts = prog.offline_next, prog.offline_wm
+                else:
+                    prog.next, prog.max_ts = prog.online_next, rec.get("online_wm", NO_TS)
+                if self.writer is not None:
+                    removed = self.writer.remove_orphans(t, p, prog.offline_next)
+                    if removed:
+                        log.info("removed %d orphan offline files of %s[%d]", removed, t, p)
+            self.progress[(t, p)] = prog
+            seeks[(t, p)] = prog.next
+        return seeks
+
+    def revoke(self, tps: Sequence[tuple[str, int]]) -> None:
+        """Flush what was processed, then forget the partitions."""
+        self.flush_online()
+        self.flush_offline()
+        for tp in tps:
+            self.progress.pop(tp, None)
+        for states in self.states.values():  # another worker owns some keys now
+            states.clear()
+
+    # ---------------------------------------------------------------- processing
+    def _states_for(self, plan: ViewPlan, ids: Sequence[str]) -> dict[str, ViewState]:
+        cache = self.states[plan.view.id]
+        missing = [i for i in dict.fromkeys(ids) if i not in cache]
+        if missing:
+            ent = plan.view.entity.name
+            blobs = self.store.load(
+                [(entity_key(self.prefix, ent, i), plan.view.id) for i in missing]
+            )
+            for i, blob in zip(missing, blobs, strict=True):
+                cache[i] = ViewState.decode(plan, blob) if blob else ViewState(plan)
+        return cache
+
+    def on_source(self, topic: str, messages: Sequence[RawMessage]) -> None:
+        """Process messages of one source topic (any partitions, in arrival order)."""
+        from streams.codec import decode_batch
+
+        source = self.sources[topic]
+        kind = _KIND_OF_SOURCE[source]
+        self.last_input = self.clock()
+        by_part: dict[int, list[RawMessage]] = {}
+        for m in messages:
+            by_part.setdefault(m.partition, []).append(m)
+        now_ms = int(self.clock() * 1000)
+        for part, msgs in by_part.items():
+            prog = self.progress.get((topic, part))
+            if prog is None:
+                continue  # not (or no longer) ours
+            msgs = [m for m in msgs if m.offset >= prog.next]
+            if not msgs:
+                continue
+            decoded = decode_batch(kind, msgs, now_ms=now_ms, max_future_ms=self.max_future_ms)
+            for dl in decoded.dead:
+                self.metrics.dead.labels(topic, dl.reason.split(":", 1)[0]).inc()
+                if dl.offset >= prog.online_next:
+                    self.sides.dead_letter(dl)
+            table = decoded.table
+            if table.num_rows:
+                self._accept(prog, source, kind, table, msgs)
+            prog.next = msgs[-1].offset + 1
+
+    def _accept(
+        self,
+        prog: PartitionProgress,
+        source: str,
+        kind: str,
+        table: pa.Table,
+        msgs: Sequence[RawMessage],
+    ) -> None:
+        self.metrics.events_in.labels(prog.topic).inc(table.num_rows)
+        ts = pc.cast(table["ts"], pa.int64()).to_numpy()
+        before = np.maximum.accumulate(np.concatenate(([prog.max_ts], ts)))[:-1]
+        late = ts < before - self.lateness_ms[source]
+        prog.max_ts = int(max(prog.max_ts, int(ts.max())))
+        offsets = table["_offset"].to_numpy()
+        if late.any():
+            late_rows = table.filter(pa.array(late))
+            self.metrics.late.labels(prog.topic).inc(late_rows.num_rows)
+            wm = before[late] - self.lateness_ms[source]
+            for row, w in zip(late_rows.to_pylist(), wm.tolist(), strict=True):
+                if row["_offset"] >= prog.online_next:
+                    self.sides.late(prog.topic, row, int(w))
+            keep = ~late
+            table, ts, offsets = table.filter(pa.array(keep)), ts[keep], offsets[keep]
+        if table.num_rows == 0:
+            return
+        ingest = {m.offset: m.timestamp_ms for m in msgs}
+        table = table.append_column(
+            "_ingest_ms", pa.array([ingest[o] for o in offsets.tolist()], pa.int64())
+        )
+        new = offsets >= prog.offline_next
+        if new.all():
+            prog.buffer.append(table)
+        elif new.any():
+            prog.buffer.append(table.filter(pa.array(new)))
+        self._apply_local(prog, source, table, ts)
+        side = offsets >= prog.online_next
+        for entity in self.remote:
+            rows = table if side.all() else table.filter(pa.array(side))
+            if rows.num_rows:
+                self.sides.forward(entity, self._forward_rows(entity, source, rows))
+
+    def _apply_local(
+        self, prog: PartitionProgress, source: str, table: pa.Table, ts: np.ndarray
+    ) -> None:
+        keys = table[ROUTING_KEY].to_pylist()
+        offs = table["_offset"].to_pylist()
+        idxs = table["_index"].to_pylist()
+        tss = ts.tolist()
+        for plan in self.local:
+            if source not in plan.feeds:
+                continue
+            present = [i for i, k in enumerate(keys) if k is not None]
+            if not present:
+                continue
+            states = self._states_for(plan, [keys[i] for i in present])
+            fields = self.fields_of(plan, source)
+            cols = {f: table[f].to_pylist() for f in fields}
+            fk = fence_key(plan.view.sources.index(plan.view.source(source)), prog.partition)
+            dirty = self.dirty[plan.view.id]
+            applied = 0
+            for i in present:
+                k = keys[i]
+                ev = {f: cols[f][i] for f in fields} if fields else None
+                if states[k].apply(source, tss[i], ev, fkey=fk, pos=fence_pos(offs[i], idxs[i])):
+                    dirty.add(k)
+                    applied += 1
+            self.metrics.applied.labels(plan.view.id).inc(applied)
+        self.pending_freshness.append(ts)
+
+    def _forward_rows(self, entity: str, source: str, rows: pa.Table) -> pa.Table:
+        key = self.entity_key_field[entity]
+        rows = rows.filter(pc.is_valid(rows[key]))
+        fields = sorted({f for p in self.remote[entity] for f in self.fields_of(p, source)})
+        cols: dict[str, Any] = {
+            "entity_id": rows[key],
+            "ts": pc.cast(rows["ts"], pa.int64()),
+            "source": pa.array([source] * rows.num_rows, pa.string()),
+            "src_partition": rows["_partition"],
+            "src_offset": rows["_offset"],
+            "src_index": rows["_index"],
+        }
+        for f in fields:
+            cols[f] = rows[f]
+        return pa.table(cols)
+
+    def on_repartition(self, topic: str, messages: Sequence[RawMessage]) -> None:
+        """Apply forwarded rows (Arrow IPC envelopes) to the views of their entity."""
+        entity = self.repartition[topic]
+        self.last_input = self.clock()
+        for m in messages:
+            prog = self.progress.get((topic, m.partition))
+            if prog is None or m.offset < prog.next:
+                continue
+            if m.value:
+                rows = pa.ipc.open_stream(m.value).read_all()
+                self._apply_remote(entity, rows)
+            prog.next = m.offset + 1
+
+    def _apply_remote(self, entity: str, rows: pa.Table) -> None:
+        ids = rows["entity_id"].to_pylist()
+        tss = rows["ts"].to_pylist()
+        srcs = rows["source"].to_pylist()
+        parts = rows["src_partition"].to_pylist()
+        offs = rows["src_offset"].to_pylist()
+        idxs = rows["src_index"].to_pylist()
+        for plan in self.remote[entity]:
+            states = self._states_for(plan, ids)
+            src_index = {s.name: n for n, s in enumerate(plan.view.sources)}
+            fields = {s: self.fields_of(plan, s) for s in src_index}
+            cols = {f: rows[f].to_pylist() for fs in fields.values() for f in fs}
+            dirty = self.dirty[plan.view.id]
+            applied = 0
+            for i, k in enumerate(ids):
+                s = srcs[i]
+                if s not in src_index:
+                    continue
+                fs = fields[s]
+                ev = {f: cols[f][i] for f in fs} if fs else None
+                if states[k].apply(
+                    s,
+                    tss[i],
+                    ev,
+                    fkey=fence_key(src_index[s], parts[i]),
+                    pos=fence_pos(offs[i], idxs[i]),
+                ):
+                    dirty.add(k)
+                    applied += 1
+            self.metrics.applied.labels(plan.view.id).inc(applied)
+        self.pending_freshness.append(rows["ts"].to_numpy())
+
+    # ---------------------------------------------------------------- flushing
+    def flush_online(self) -> int:
+        """Write dirty states, publish side outputs, then record progress. Returns #states."""
+        writes: list[StateWrite] = []
+        for plan in self.registry.plans.values():
+            vid = plan.view.id
+            dirty, states = self.dirty[vid], self.states[vid]
+            if not dirty:
+                continue
+            ttl_s = max(1, plan.ttl_ms // 1000)
+            ent = plan.view.entity.name
+            writes.extend(
+                StateWrite(entity_key(self.prefix, ent, k), vid, states[k].encode(), ttl_s)
+                for k in dirty
+            )
+            dirty.clear()
+        self.sides.flush()  # forwards, dead letters and late events are durable first
+        commits = {
+            commit_key(self.prefix, self.group, p.topic, p.partition): p.commit_mapping()
+            for p in self.progress.values()
+            if p.next > p.online_next
+        }
+        if not writes and not commits:
+            return 0
+        started = time.perf_counter()
+        try:
+            self.store.write(writes, commits)
+        except Exception:
+            self.metrics.write_errors.labels("redis").inc()
+            raise
+        self.metrics.redis_write.observe(time.perf_counter() - started)
+        for p in self.progress.values():
+            p.online_next = max(p.online_next, p.next)
+        self._observe_freshness()
+        self.metrics.states_cached.set(sum(len(s) for s in self.states.values()))
+        return len(writes)
+
+    def _observe_freshness(self) -> None:
+        if not self.pending_freshness:
+            return
+        ts = np.concatenate(self.pending_freshness)
+        self.pending_freshness.clear()
+        now_ms = self.clock() * 1000
+        sample = ts if ts.size <= 256 else ts[:: max(1, ts.size // 256)]
+        for lag in ((now_ms - sample) / 1000.0).tolist():
+            self.metrics.freshness.observe(max(0.0, lag))
+
+    def offline_batches(self) -> list[tuple[PartitionProgress, int, int, int, pa.Table]]:
+        """Detach buffered parts: (progress, start, next, max_ts, table) per partition."""
+        out = []
+        for p in self.progress.values():
+            if p.source is None or not p.buffer or p.next <= p.offline_next:
+                continue
+            table = pa.concat_tables(p.buffer)
+            p.buffer = []
+            out.append((p, p.offline_next, p.next, p.max_ts, table))
+        return out
+
+    def write_offline(self, batch: tuple[PartitionProgress, int, int, int, pa.Table]) -> None:
+        """Write one detached part, then record ``offline_next`` (thread-safe enough:
+        only touches the part and the progress fields it owns)."""
+        prog, start, nxt, max_ts, table = batch
+        assert self.writer is not None
+        source = prog.source
+        assert source is not None
+        kind = _KIND_OF_SOURCE[source]
+        views = [
+            (p, p.view.entity.key, self.fields_of(p, source))
+            for p in self.registry.plans.values()
+            if source in p.feeds
+        ]
+        started = time.perf_counter()
+        try:
+            self.writer.write_part(prog.topic, kind, source, prog.partition, start, table, views)
+        except Exception:
+            self.metrics.write_errors.labels("offline").inc()
+            raise
+        self.metrics.s3_write.observe(time.perf_counter() - started)
+        key = commit_key(self.prefix, self.group, prog.topic, prog.partition)
+        self.store.write([], {key: {"offline_next": nxt, "offline_wm": max_ts}})
+        prog.offline_next = nxt
+        prog.offline_wm = max_ts
+
+    def flush_offline(self) -> int:
+        """Synchronously write every buffered part. Returns the number of parts."""
+        if self.writer is None:
+            return 0
+        batches = self.offline_batches()
+        for b in batches:
+            self.write_offline(b)
+        return len(batches)

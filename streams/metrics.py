@@ -1,0 +1,76 @@
+"""Prometheus metrics of the stream worker (one registry per worker process)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["StreamMetrics"]
+
+_FRESHNESS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
+_IO_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+@dataclass
+class StreamMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.events_in = Counter(
+            "headrace_events_in_total", "events decoded from input", ["topic"], registry=r
+        )
+        self.applied = Counter(
+            "headrace_events_applied_total",
+            "events applied to online view states",
+            ["view"],
+            registry=r,
+        )
+        self.late = Counter(
+            "headrace_events_late_total", "events older than the watermark", ["topic"], registry=r
+        )
+        self.dead = Counter(
+            "headrace_events_dead_lettered_total",
+            "malformed events sent to the dead-letter topic",
+            ["topic", "reason"],
+            registry=r,
+        )
+        self.freshness = Histogram(
+            "headrace_freshness_seconds",
+            "wall time a value became visible in Redis minus the event time",
+            buckets=_FRESHNESS_BUCKETS,
+            registry=r,
+        )
+        self.redis_write = Histogram(
+            "headrace_redis_write_seconds", "Redis flush latency", buckets=_IO_BUCKETS, registry=r
+        )
+        self.s3_write = Histogram(
+            "headrace_offline_write_seconds",
+            "offline part write latency",
+            buckets=_IO_BUCKETS,
+            registry=r,
+        )
+        self.write_errors = Counter(
+            "headrace_write_errors_total", "online/offline write errors", ["store"], registry=r
+        )
+        self.lag = Gauge(
+            "headrace_consumer_lag",
+            "fetch high watermark minus next offset",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.watermark = Gauge(
+            "headrace_watermark_ms",
+            "partition watermark (max ts − lateness)",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.states_cached = Gauge(
+            "headrace_states_cached", "entity view states in memory", registry=r
+        )
+
+    def serve(self, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, registry=self.registry)

@@ -1,0 +1,144 @@
+"""Append-only offline store writer (Parquet on S3 or a local path).
+
+A *part* is the accepted events of one source (topic, partition) over a contiguous
+offset range starting at the partition's durable ``offline_next``. It is written as
+one file per (kind, date) under ``events/`` and one per (view, date) under ``views/``
+(layout in :mod:`feature_defs.layout`), each named by the part's FIRST offset. A retry
+after a crash starts at the same offset and overwrites the same names; files a crashed
+attempt left beyond the durable offset are removed when the partition is assigned
+(:meth:`OfflineWriter.remove_orphans`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from feature_defs.layout import chunk_file, events_dir, view_dir
+from feature_defs.plan import ViewPlan
+from headrace.errors import OfflineStoreError
+
+__all__ = ["OfflineWriter", "resolve_filesystem", "VIEW_COLUMNS"]
+
+#: columns every views/ file carries besides the measure fields
+VIEW_COLUMNS = (
+    "entity_id",
+    "ts",
+    "source",
+    "event_id",
+    "_partition",
+    "_offset",
+    "_index",
+    "_ingest_ms",
+)
+_PART = re.compile(r"^(?P<topic>.+)-p(?P<p>\d{3})-(?P<start>\d{12})\.parquet$")
+
+
+def resolve_filesystem(uri: str, s3: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, root path inside it) for an offline URI."""
+    if uri.startswith("s3://"):
+        if s3 is None:
+            s3 = pafs.S3FileSystem()
+        return s3, uri[len("s3://") :].rstrip("/")
+    path = os.path.abspath(uri)
+    os.makedirs(path, exist_ok=True)
+    return pafs.LocalFileSystem(), path
+
+
+@dataclass
+class OfflineWriter:
+    fs: pafs.FileSystem
+    root: str
+    compression: str = "zstd"
+
+    def _write(self, table: pa.Table, directory: str, name: str) -> None:
+        path = f"{directory}/{name}"
+        try:
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                os.makedirs(directory, exist_ok=True)
+                tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
+                pq.write_table(table, tmp, filesystem=self.fs, compression=self.compression)
+                os.replace(tmp, path)
+            else:  # an S3 PUT is atomic: readers see the old object or the new one
+                pq.write_table(table, path, filesystem=self.fs, compression=self.compression)
+        except (OSError, pa.ArrowException) as exc:
+            raise OfflineStoreError(f"cannot write {path}: {exc}") from exc
+
+    def write_part(
+        self,
+        topic: str,
+        kind: str,
+        source: str,
+        partition: int,
+        start: int,
+        events: pa.Table,
+        views: list[tuple[ViewPlan, str, tuple[str, ...]]],
+    ) -> int:
+        """Write one part; returns the number of files written.
+
+        Args:
+            topic: the source topic name (file names).
+            kind: event kind (``impression`` | ``click``) for ``events/{kind}``.
+            source: the source name the views know the topic by.
+            partition, start: the part's partition and first offset.
+            events: accepted events (contract columns + ``_partition``, ``_offset``,
+                ``_index``, ``_ingest_ms``), in arrival order.
+            views: (plan, key column, measure field columns) of the views fed by it.
+        """
+        if events.num_rows == 0:
+            return 0
+        name = chunk_file(topic, partition, start)
+        dates = pc.strftime(events["ts"], format="%Y-%m-%d")
+        files = 0
+        for date in pc.unique(dates).to_pylist():
+            mask = pc.equal(dates, date)
+            day = events.filter(mask)
+            self._write(day, f"{events_dir(self.root, kind)}/date={date}", name)
+            files += 1
+            for plan, key, fields in views:
+                rows = day.filter(pc.is_valid(day[key]))
+                if rows.num_rows == 0:
+                    continue
+                cols = {
+                    "entity_id": rows[key],
+                    "ts": rows["ts"],
+                    "source": pa.array([source] * rows.num_rows, pa.string()),
+                    "event_id": rows["event_id"],
+                }
+                for f in fields:
+                    cols[f] = rows[f]
+                for c in ("_partition", "_offset", "_index", "_ingest_ms"):
+                    cols[c] = rows[c]
+                self._write(
+                    pa.table(cols), f"{view_dir(self.root, plan.view.id)}/date={date}", name
+                )
+                files += 1
+        return files
+
+    def remove_orphans(self, topic: str, partition: int, durable_next: int) -> int:
+        """Delete parts of (topic, partition) starting at or beyond ``durable_next``."""
+        removed = 0
+        for sub in ("events", "views"):
+            selector = pafs.FileSelector(f"{self.root}/{sub}", recursive=True, allow_not_found=True)
+            try:
+                infos = self.fs.get_file_info(selector)
+            except (OSError, pa.ArrowException) as exc:
+                raise OfflineStoreError(f"cannot list {self.root}/{sub}: {exc}") from exc
+            for info in infos:
+                m = _PART.match(info.base_name)
+                if (
+                    m
+                    and m["topic"] == topic
+                    and int(m["p"]) == partition
+                    and int(m["start"]) >= durable_next
+                ):
+                    self.fs.delete_file(info.path)
+                    removed += 1
+        return removed

@@ -1,0 +1,128 @@
+"""Online store backends for the stream worker: Redis, and an in-memory fake for unit tests.
+
+Both implement the same three-method interface (:class:`OnlineStore`): batch-load entity
+view states, write a batch of states with their TTLs and commit records, and read
+commit records. Writes overwrite (a view state is the whole state of that entity's
+view), so retrying a write is harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from headrace.errors import OnlineStoreError
+
+__all__ = ["StateWrite", "OnlineStore", "RedisOnlineStore", "MemoryOnlineStore"]
+
+
+@dataclass(frozen=True)
+class StateWrite:
+    key: str
+    field: str
+    value: bytes
+    ttl_s: int
+
+
+class OnlineStore(Protocol):
+    def load(self, pairs: Sequence[tuple[str, str]]) -> list[bytes | None]:
+        """Values of (key, field) pairs in one round trip; None where absent."""
+
+    def write(self, states: Sequence[StateWrite], commits: Mapping[str, Mapping[str, int]]) -> None:
+        """Write states (HSET + EXPIRE), then commit records, pipelined."""
+
+    def read_commits(self, keys: Sequence[str]) -> list[dict[str, int]]:
+        """Commit records (empty dict where absent)."""
+
+
+class RedisOnlineStore:
+    """The Redis backend (redis-py with hiredis when installed)."""
+
+    def __init__(self, url: str, *, batch: int = 2000) -> None:
+        try:
+            import redis
+        except ImportError as exc:  # pragma: no cover - dependency guard
+            from headrace.errors import missing_extra
+
+            raise missing_extra("redis", "stream") from exc
+        self._redis_mod = redis
+        self._client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
+        self._batch = batch
+
+    def _errors(self) -> tuple[type[Exception], ...]:
+        return (
+            self._redis_mod.exceptions.ConnectionError,
+            self._redis_mod.exceptions.TimeoutError,
+            self._redis_mod.exceptions.ResponseError,
+        )
+
+    def load(self, pairs: Sequence[tuple[str, str]]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        try:
+            for start in range(0, len(pairs), self._batch):
+                pipe = self._client.pipeline(transaction=False)
+                for key, fld in pairs[start : start + self._batch]:
+                    pipe.hget(key, fld)
+                out.extend(pipe.execute())
+        except self._errors() as exc:
+            raise OnlineStoreError(f"redis load failed: {exc}") from exc
+        return out
+
+    def write(self, states: Sequence[StateWrite], commits: Mapping[str, Mapping[str, int]]) -> None:
+        try:
+            for start in range(0, len(states), self._batch):
+                pipe = self._client.pipeline(transaction=False)
+                for w in states[start : start + self._batch]:
+                    pipe.hset(w.key, w.field, w.value)
+                    pipe.expire(w.key, w.ttl_s)
+                pipe.execute()
+            if commits:
+                # commit records only after every state of the batch is written
+                pipe = self._client.pipeline(transaction=False)
+                for key, mapping in commits.items():
+                    pipe.hset(key, mapping={k: int(v) for k, v in mapping.items()})
+                pipe.execute()
+        except self._errors() as exc:
+            raise OnlineStoreError(f"redis write failed: {exc}") from exc
+
+    def read_commits(self, keys: Sequence[str]) -> list[dict[str, int]]:
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            raw = pipe.execute()
+        except self._errors() as exc:
+            raise OnlineStoreError(f"redis read failed: {exc}") from exc
+        return [{k.decode(): int(v) for k, v in r.items()} for r in raw]
+
+    @property
+    def client(self):  # noqa: ANN201 - redis.Redis
+        return self._client
+
+
+class MemoryOnlineStore:
+    """In-memory fake with the same interface (unit tests only)."""
+
+    def __init__(self) -> None:
+        self.hashes: dict[str, dict[str, bytes]] = {}
+        self.ttls: dict[str, int] = {}
+        self.commits: dict[str, dict[str, int]] = {}
+        self.fail = False
+
+    def load(self, pairs: Sequence[tuple[str, str]]) -> list[bytes | None]:
+        if self.fail:
+            raise OnlineStoreError("fake redis is down")
+        return [self.hashes.get(k, {}).get(f) for k, f in pairs]
+
+    def write(self, states: Sequence[StateWrite], commits: Mapping[str, Mapping[str, int]]) -> None:
+        if self.fail:
+            raise OnlineStoreError("fake redis is down")
+        for w in states:
+            self.hashes.setdefault(w.key, {})[w.field] = w.value
+            self.ttls[w.key] = w.ttl_s
+        for key, mapping in commits.items():
+            self.commits.setdefault(key, {}).update({k: int(v) for k, v in mapping.items()})
+
+    def read_commits(self, keys: Iterable[str]) -> list[dict[str, int]]:
+        return [dict(self.commits.get(k, {})) for k in keys]

@@ -1,0 +1,139 @@
+"""Side outputs of the engine: dead letters, late events, re-keyed forwards.
+
+Everything goes through one confluent-kafka producer (its idempotent mode works on the
+embedded broker, unlike aiokafka's, INFRA.md D3) and is made durable by :meth:`flush`
+before the engine records progress past it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from feature_defs.layout import TOPIC_DLQ, TOPIC_LATE, partition_for, repartition_topic
+from headrace.errors import BrokerError
+
+__all__ = ["SideOutputs", "KafkaSideOutputs", "MemorySideOutputs", "encode_arrow"]
+
+
+def encode_arrow(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "timestamp"):  # event times travel as epoch ms
+        return round(value.timestamp() * 1000)
+    return value if isinstance(value, int) else str(value)
+
+
+def _late_value(row: dict[str, Any]) -> bytes:
+    event = {k: v for k, v in row.items() if not k.startswith("_")}
+    return json.dumps(event, default=_json_default, separators=(",", ":")).encode()
+
+
+class SideOutputs(Protocol):
+    def dead_letter(self, dl: Any) -> None: ...
+    def late(self, topic: str, row: dict[str, Any], watermark_ms: int) -> None: ...
+    def forward(self, entity: str, rows: pa.Table) -> None: ...
+    def flush(self) -> None: ...
+
+
+class KafkaSideOutputs:
+    def __init__(
+        self, producer_config: dict[str, Any], topic: Callable[[str], str], partitions: int
+    ) -> None:
+        from confluent_kafka import Producer
+
+        self._producer = Producer(producer_config)
+        self._topic = topic
+        self._partitions = partitions
+        self._errors: list[str] = []
+
+    def _on_delivery(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self._errors.append(str(err))
+
+    def _produce(
+        self,
+        topic: str,
+        value: bytes,
+        headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        kwargs: dict[str, Any] = {"value": value, "on_delivery": self._on_delivery}
+        if headers:
+            kwargs["headers"] = headers
+        if partition is not None:
+            kwargs["partition"] = partition
+        if key is not None:
+            kwargs["key"] = key
+        while True:
+            try:
+                self._producer.produce(topic, **kwargs)
+                break
+            except BufferError:
+                self._producer.poll(0.05)
+        self._producer.poll(0)
+
+    def dead_letter(self, dl: Any) -> None:
+        from streams.codec import dead_letter_headers
+
+        self._produce(self._topic(TOPIC_DLQ), dl.value or b"", dead_letter_headers(dl))
+
+    def late(self, topic: str, row: dict[str, Any], watermark_ms: int) -> None:
+        headers = [
+            (
+                "hr-reason",
+                f"late: ts {_json_default(row['ts'])} < watermark {watermark_ms}".encode(),
+            ),
+            ("hr-source-topic", topic.encode()),
+            ("hr-source-partition", str(row["_partition"]).encode()),
+            ("hr-source-offset", str(row["_offset"]).encode()),
+            ("hr-index", str(row["_index"]).encode()),
+        ]
+        self._produce(self._topic(TOPIC_LATE), _late_value(row), headers)
+
+    def forward(self, entity: str, rows: pa.Table) -> None:
+        ids = rows["entity_id"].to_pylist()
+        parts = [partition_for(i, self._partitions) for i in ids]
+        topic = self._topic(repartition_topic(entity))
+        for p in sorted(set(parts)):
+            mask = pa.array([q == p for q in parts])
+            self._produce(topic, encode_arrow(rows.filter(mask)), [("hr-enc", b"arrow")], p)
+
+    def flush(self) -> None:
+        remaining = self._producer.flush(30)
+        if remaining or self._errors:
+            errors, self._errors = self._errors, []
+            raise BrokerError(
+                f"side outputs not delivered ({remaining} pending): {'; '.join(errors[:3])}"
+            )
+
+
+class MemorySideOutputs:
+    """In-memory fake (unit tests)."""
+
+    def __init__(self) -> None:
+        self.dead: list[Any] = []
+        self.lates: list[tuple[str, dict[str, Any], int]] = []
+        self.forwards: list[tuple[str, pa.Table]] = []
+        self.flushes = 0
+
+    def dead_letter(self, dl: Any) -> None:
+        self.dead.append(dl)
+
+    def late(self, topic: str, row: dict[str, Any], watermark_ms: int) -> None:
+        self.lates.append((topic, row, watermark_ms))
+
+    def forward(self, entity: str, rows: pa.Table) -> None:
+        self.forwards.append((entity, rows))
+
+    def flush(self) -> None:
+        self.flushes += 1
