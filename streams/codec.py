@@ -189,8 +189,8 @@ def _find_header(headers: Any, name: str) -> str | None:
 
 
 def _unpack(msg: Any) -> tuple[Any, Any, str, int, int]:
-    if isinstance(msg, tuple):
-        value, headers, topic, partition, offset = msg[:5]
+    if type(msg) is RawMessage or (isinstance(msg, tuple) and not hasattr(msg, "_fields")):
+        value, headers, topic, partition, offset = msg[:5]  # other named tuples: by name
     else:
         parts = []
         for name in ("value", "headers", "topic", "partition", "offset"):

@@ -377,6 +377,34 @@ def test_message_objects_with_methods() -> None:
     assert batch.table.column("_offset").to_pylist() == [9]
 
 
+def test_other_message_shapes() -> None:
+    from collections import namedtuple
+    from dataclasses import dataclass
+
+    Other = namedtuple("Other", "topic partition offset value headers")
+
+    @dataclass
+    class Record:
+        value: bytes
+        headers: list[tuple[str, bytes]] | None
+        topic: str
+        partition: int
+        offset: int
+
+    value = encode_json(impression())
+    batch = decode(
+        "impression",
+        [
+            Other("a", 1, 5, value, None),
+            Record(value, None, "b", 2, 6),
+            (value, {"hr-enc": "json"}, "c", 3, 7),
+        ],
+    )
+    assert batch.dead == []
+    assert batch.table.column("_partition").to_pylist() == [1, 2, 3]
+    assert batch.table.column("_offset").to_pylist() == [5, 6, 7]
+
+
 def test_dead_letter_headers() -> None:
     batch = decode("impression", [RawMessage(b"{x", None, "hr.impressions", 2, 17)])
     headers = dict(dead_letter_headers(batch.dead[0]))

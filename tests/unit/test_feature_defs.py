@@ -218,9 +218,6 @@ def test_load_registry_with_a_bad_spec_is_an_input_error() -> None:
 
 
 # Gaps found while writing the oracle, fixed since: each is reported with its location.
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason="validate_views divides by to_ms(resolution) == 0 for a "
-                   "sub-millisecond resolution and raises ZeroDivisionError")
 def test_sub_millisecond_resolution_is_reported_not_raised() -> None:
     view = FeatureView(name="v", entity=USER, sources=SOURCES, features=(
         Feature("f", (sliding(H, timedelta(microseconds=500)),), measure=IMPS, default=0),))
@@ -228,8 +225,6 @@ def test_sub_millisecond_resolution_is_reported_not_raised() -> None:
     assert any("v.features[0] (f).windows[0]" in p and "whole milliseconds" in p for p in problems)
 
 
-@pytest.mark.xfail(strict=True, reason="a resolution of 1.5 ms passes validation although "
-                   "tiles are whole milliseconds (tile_ms becomes 1)")
 def test_fractional_millisecond_resolution_is_reported() -> None:
     view = FeatureView(name="v", entity=USER, sources=SOURCES, features=(
         Feature("f", (sliding(H, timedelta(microseconds=1500)),), measure=IMPS, default=0),))
