@@ -55,6 +55,7 @@ __all__ = [
     "Priors",
     "tier_for",
     "blend_weight",
+    "ColdStartRule",
     "apply_cold_start",
     "fallback_values",
     "apply_cold_start_columns",
@@ -183,17 +184,14 @@ def blend_weight(history: int) -> float:
     return (history - SEGMENT_BELOW) / (PERSONALIZED_ABOVE - SEGMENT_BELOW)
 
 
-def _user_tier(
-    history: int | None, is_default: bool, priors: Priors, segment: Segment | None
-) -> tuple[Tier, Segment | None]:
-    """Tier of a user and the segment whose prior applies (None: the global prior)."""
+def _user_tier(history: int | None, is_default: bool, known: bool) -> tuple[Tier, bool]:
+    """Tier of a user, and whether the segment prior applies (else the global one)."""
     tier = tier_for(history)
     if is_default and tier in (Tier.PERSONALIZED, Tier.BLENDED):
         tier = Tier.SEGMENT  # no own data to personalize or blend
-    known = segment is not None and segment in priors.segments
     if tier is Tier.SEGMENT and not known:
         tier = Tier.GLOBAL
-    return tier, (segment if known and tier is not Tier.GLOBAL else None)
+    return tier, known and tier is not Tier.GLOBAL
 
 
 def _history_of(values: Mapping[str, Any], is_default: bool) -> int | None:
@@ -203,6 +201,75 @@ def _history_of(values: Mapping[str, Any], is_default: bool) -> int | None:
         raise ValueError(f"pass history= or include {HISTORY_FEATURE} in the user's values")
     n = values[HISTORY_FEATURE]
     return None if n is None else int(n)
+
+
+class ColdStartRule:
+    """The cold-start rule compiled for one (entity, feature names, priors, segment).
+
+    :func:`apply_cold_start` is this class applied once; servers keep one per request
+    shape and segment and call :meth:`apply` per entity (lists in ``names`` order).
+    """
+
+    __slots__ = ("entity", "names", "priors", "segment", "_user", "_known", "_p_seg",
+                 "_p_glob", "_present")  # fmt: skip
+
+    def __init__(
+        self, entity: str, names: Sequence[str], priors: Priors, segment: Segment | None
+    ) -> None:
+        self.entity = entity
+        self.names = tuple(names)
+        self.priors = priors
+        self.segment = segment
+        self._user = entity == _USER
+        self._known = self._user and segment is not None and segment in priors.segments
+        seg = segment if self._known else None
+        self._p_seg = [priors.prior(n, seg) for n in self.names]
+        self._p_glob = [priors.prior(n, None) for n in self.names]
+        self._present = [Status.PRESENT] * len(self.names)
+
+    def apply(
+        self, values: Sequence[Any], is_default: bool, stale: bool, history: int | None
+    ) -> tuple[list[Any], Tier, list[Status]]:
+        """Values (in ``names`` order), tier and statuses of one entity.
+
+        ``history`` is the user's 7-day impressions (ignored for other entities).
+        The returned status list may be shared between calls: do not mutate it.
+        """
+        fill = Status.STALE if stale else Status.DEFAULT
+        if not self._user:
+            if not is_default:
+                return list(values), Tier.PERSONALIZED, self._present
+            vals = [v if p is None else p for v, p in zip(values, self._p_glob, strict=True)]
+            return vals, Tier.GLOBAL, [fill] * len(vals)
+        tier, use_segment = _user_tier(history, is_default, self._known)
+        if tier is Tier.PERSONALIZED:
+            return list(values), tier, self._present
+        priors = self._p_seg if use_segment else self._p_glob
+        out: list[Any] = []
+        sts: list[Status] = []
+        if tier is Tier.BLENDED:
+            assert history is not None
+            w = blend_weight(history)
+            for own, p in zip(values, priors, strict=True):
+                if p is None:
+                    out.append(own)
+                    sts.append(Status.PRESENT)
+                elif own is None:
+                    out.append(p)
+                    sts.append(fill)
+                else:
+                    out.append(w * own + (1.0 - w) * p)
+                    sts.append(Status.PRESENT)
+            return out, tier, sts
+        kept = fill if is_default else Status.PRESENT
+        for own, p in zip(values, priors, strict=True):
+            if p is None:
+                out.append(own)
+                sts.append(kept)
+            else:
+                out.append(p)
+                sts.append(fill)
+        return out, tier, sts
 
 
 def apply_cold_start(
@@ -234,51 +301,12 @@ def apply_cold_start(
     Raises:
         ValueError: a user with data, ``history`` not given and not in ``values``.
     """
-    fill = Status.STALE if stale else Status.DEFAULT
-    own_status = fill if is_default else Status.PRESENT
-    if entity != _USER:
-        if not is_default:
-            return dict(values), Tier.PERSONALIZED, dict.fromkeys(values, Status.PRESENT)
-        vals, statuses = _replace_all(values, priors, None, fill, fill)
-        return vals, Tier.GLOBAL, statuses
-    hist = _history_of(values, is_default) if isinstance(history, _Auto) else history
-    tier, seg = _user_tier(hist, is_default, priors, segment)
-    if tier is Tier.PERSONALIZED:
-        return dict(values), tier, dict.fromkeys(values, Status.PRESENT)
-    if tier is Tier.BLENDED:
-        assert hist is not None
-        w = blend_weight(hist)
-        out: dict[str, Any] = {}
-        statuses: dict[str, Status] = {}
-        for name, own in values.items():
-            p = priors.prior(name, seg)
-            if p is None:
-                out[name], statuses[name] = own, Status.PRESENT
-            elif own is None:
-                out[name], statuses[name] = p, fill
-            else:
-                out[name], statuses[name] = w * own + (1.0 - w) * p, Status.PRESENT
-        return out, tier, statuses
-    vals, statuses = _replace_all(values, priors, seg, fill, own_status)
-    return vals, tier, statuses
-
-
-def _replace_all(
-    values: Mapping[str, Any],
-    priors: Priors,
-    segment: Segment | None,
-    replaced: Status,
-    kept: Status,
-) -> tuple[dict[str, Any], dict[str, Status]]:
-    out: dict[str, Any] = {}
-    statuses: dict[str, Status] = {}
-    for name, own in values.items():
-        p = priors.prior(name, segment)
-        if p is None:
-            out[name], statuses[name] = own, kept
-        else:
-            out[name], statuses[name] = p, replaced
-    return out, statuses
+    hist: int | None = None
+    if entity == _USER:
+        hist = _history_of(values, is_default) if isinstance(history, _Auto) else history
+    rule = ColdStartRule(entity, list(values), priors, segment)
+    vals, tier, sts = rule.apply(list(values.values()), is_default, stale, hist)
+    return dict(zip(rule.names, vals, strict=True)), tier, dict(zip(rule.names, sts, strict=True))
 
 
 def fallback_values(

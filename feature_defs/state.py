@@ -124,6 +124,10 @@ class ViewState:
                 cur = cells[slot]
                 cells[slot] = st if cur is None else MERGERS[measures[slot].op](cur, st)
 
+    def compact(self) -> None:
+        """Drop tiles that can no longer fall inside a window as of any T >= max_ts."""
+        self._evict()
+
     def _evict(self) -> None:
         max_ts = self.max_ts
         for ring_plan, ring in zip(self.plan.rings, self.rings, strict=True):
@@ -191,6 +195,7 @@ class ViewState:
 
     # ------------------------------------------------------------------ bytes
     def encode(self) -> bytes:
+        self._evict()
         return bytes([FORMAT]) + marshal.dumps(
             (self.max_ts, self.prev_ts, self.pending, self.rings, self.fences)
         )

@@ -285,7 +285,7 @@ class WorkerSettings(CommonSettings):
 
     group_id: str = "headrace-worker"
     flush_interval_ms: int = Field(default=100, ge=1)
-    offline_flush_interval_ms: int = Field(default=2000, ge=1)
+    offline_flush_interval_ms: int = Field(default=5000, ge=1)
     max_future_ms: int = Field(default=3_600_000, ge=0)
     data_dir: str = "./.headrace-worker"
     worker_id: str = "0"

@@ -25,6 +25,7 @@ How (all numpy, no per-row Python):
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,7 @@ from feature_defs.measures import KMV_K, distinct_hash, kmv_estimate
 from feature_defs.model import AggOp, Measure
 from feature_defs.plan import OutputPlan, ViewPlan
 from feature_defs.windows import Window, WindowKind
+from offline.store import dictionary_codes, flat_dictionary
 
 __all__ = ["ViewRows", "ViewResult", "evaluate_view", "read_bounds", "is_int_output"]
 
@@ -64,7 +66,15 @@ def read_bounds(plan: ViewPlan, outputs: Sequence[OutputPlan], t_min: int, t_max
 class _Field:
     values: np.ndarray  # float64, or int64 dictionary codes for distinct counts
     valid: np.ndarray
-    hashes: np.ndarray | None = None  # uint64 distinct_hash per dictionary code
+    dictionary: pa.Array | None = None  # distinct values by code
+
+    @property
+    def hashes(self) -> np.ndarray:
+        """uint64 :func:`distinct_hash` per dictionary code (computed on first use)."""
+        if not hasattr(self, "_hashes"):
+            values = [] if self.dictionary is None else self.dictionary.to_pylist()
+            self._hashes = np.array([distinct_hash(str(v)) for v in values], dtype=np.uint64)
+        return self._hashes
 
 
 @dataclass
@@ -79,6 +89,7 @@ class ViewRows:
     base: int
     hi: int
     bits: int
+    code_map: np.ndarray  # query key position -> row code (-1: no rows); last entry -1
     code: np.ndarray
     ts: np.ndarray
     source: np.ndarray
@@ -96,26 +107,61 @@ class ViewRows:
         Rows whose entity is not in ``keys`` are dropped; ``[base, hi)`` is the range read.
         """
         n = table.num_rows
+        code = _lookup(table.column("entity_id"), keys) if n else np.zeros(0, np.int64)
+        src = _lookup(table.column("source"), pa.array([s.name for s in plan.view.sources])
+                      ) if n else code
+        keep = (code >= 0) & (src >= 0)
+        ts = _ms(table.column("ts")) if n else code
+        # narrow the key: times from the first row read, codes dense over present entities
+        code_map = np.full(len(keys) + 1, -1, np.int64)
+        if keep.any():
+            base = max(int(base), int(ts[keep].min()))
+            present = np.zeros(len(keys) + 1, bool)
+            present[code[keep]] = True
+            code_map[present] = np.arange(int(present.sum()))
+            code = code_map[code]
         bits = max(int(hi) + 2 - int(base), 2).bit_length()
-        if bits + max(len(keys), 1).bit_length() > 62:
+        max_code = int(code_map.max())
+        if bits + max(max_code, 1).bit_length() > 62:
             raise ValueError("time range and entity count do not fit a 63-bit sort key")
-        if n == 0:
+        if max_code < 0:
             empty = np.zeros(0, np.int64)
-            return cls(plan, int(base), int(hi), bits, empty, empty, empty.astype(np.int8),
-                       empty, {})
-        code = _lookup(table.column("entity_id"), keys)
-        source = _lookup(table.column("source"), pa.array([s.name for s in plan.view.sources]))
-        keep = np.flatnonzero((code >= 0) & (source >= 0))
-        ts = _ms(table.column("ts"))
-        order = keep[np.argsort((code[keep] << bits) | (ts[keep] - base))]
-        code, ts, src = code[order], ts[order], source[order].astype(np.int8)
-        fields = {}
+            return cls(plan, int(base), int(hi), bits, code_map, empty, empty,
+                       empty.astype(np.int8), empty, {})
+        cats = {m.field: dictionary_codes(_hashable(table.column(m.field)))
+                for m in measures if m.op is AggOp.APPROX_DISTINCT and m.field}
+        key = (code << bits) | (ts - base)
+        payload = [(src, max(len(plan.view.sources) - 1, 1).bit_length())] + [
+            (c + 1, (len(d) + 1).bit_length()) for c, d in cats.values()]
+        width = sum(w for _, w in payload) + bits + max(max_code, 1).bit_length()
+        if not as_of_known and width <= 63 and all(
+                m.field is None or m.op is AggOp.APPROX_DISTINCT for m in measures):
+            # pack everything the standard ops need into the key: one SIMD np.sort instead
+            # of an arg-sort and a gather per column
+            for values, w in payload:
+                key = (key << w) | values
+            packed = np.sort(key[keep])
+            unpacked = []
+            for _, w in reversed(payload):
+                unpacked.append(packed & ((1 << w) - 1))
+                packed >>= w
+            unpacked.reverse()
+            order = None
+            key, src = packed, unpacked[0].astype(np.int8)
+            code, ts = key >> bits, (key & ((1 << bits) - 1)) + base
+            codes = [u - 1 for u in unpacked[1:]]
+        else:
+            keep_idx = np.flatnonzero(keep)
+            order = keep_idx[np.argsort(key[keep_idx])]
+            key, code, ts, src = key[order], code[order], ts[order], src[order].astype(np.int8)
+            codes = [c[order] for c, _ in cats.values()]
+        fields = {f: _Field(c, c >= 0, d) for f, c, (_, d) in
+                  zip(cats, codes, cats.values(), strict=True)}
         for m in measures:
             if m.field is not None and m.field not in fields:
-                fields[m.field] = _field(table.column(m.field), order,
-                                         m.op is AggOp.APPROX_DISTINCT)
-        rows = cls(plan, int(base), int(hi), bits, code, ts, src, (code << bits) | (ts - base),
-                   fields)
+                assert order is not None
+                fields[m.field] = _numeric(table.column(m.field), order)
+        rows = cls(plan, int(base), int(hi), bits, code_map, code, ts, src, key, fields)
         if as_of_known:
             ing = _np_index(table.column("_ingest_ms").combine_chunks())[order]
             rows.vis = np.minimum(np.maximum(ts + 1, ing), hi + 1)
@@ -148,57 +194,55 @@ class ViewRows:
         if ck not in self._cache:
             mask = self.member(m)
             if what == "n":
-                acc = np.cumsum(mask, dtype=np.int64)
+                acc = np.cumsum(mask, dtype=np.int32 if len(mask) < 2**31 else np.int64)
             else:
                 vals = np.where(mask, self.fields[m.field or ""].values, 0.0)
                 acc = np.cumsum(vals.astype(np.longdouble))
             self._cache[ck] = np.concatenate([np.zeros(1, acc.dtype), acc])
         return self._cache[ck]  # type: ignore[return-value]
 
-    def pair_ends(self, m: Measure, w: Window) -> tuple[np.ndarray, np.ndarray]:
-        """Sorted positions ``(p, j)`` of consecutive same-(entity, value) rows of ``m``
-        whose tiles are close enough to share a window ``w``."""
+    def pair_keys(self, m: Measure, w: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted row keys of the earlier (``p``) and later (``j``) rows of consecutive
+        same-(entity, value) rows of ``m`` whose tiles are close enough to share a window
+        ``w``; ``#{j < key(T)} - #{p < key(lo)}`` pairs have both ends in ``[lo, T)``."""
         ck = ("pairs", m, w)
         if ck not in self._cache:
-            p, j = self._pairs(m)
+            code, tp, tj = self._pairs(m)
             if w.kind is not WindowKind.LIFETIME:
                 tile = w.tile_ms
-                close = self.ts[j] // tile - self.ts[p] // tile <= w.n_tiles - 1
-                p, j = p[close], j[close]
-            self._cache[ck] = (np.sort(p), np.sort(j))
+                close = (tj + self.base) // tile - (tp + self.base) // tile <= w.n_tiles - 1
+                code, tp, tj = code[close], tp[close], tj[close]
+            high = code << self.bits
+            self._cache[ck] = (np.sort(high | tp), np.sort(high | tj))
         return self._cache[ck]  # type: ignore[return-value]
 
-    def _pairs(self, m: Measure) -> tuple[np.ndarray, np.ndarray]:
+    def _pairs(self, m: Measure) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(code, earlier ts - base, later ts - base) of consecutive same-value rows."""
         ck = ("pairs", m)
         if ck not in self._cache:
-            rows = np.flatnonzero(self.member(m))
-            fld = self.fields[m.field or ""]
-            nvals = max(len(fld.hashes) if fld.hashes is not None else 1, 1)
-            pair = self.code[rows] * nvals + fld.values[rows]
-            rbits = max(len(rows), 1).bit_length()
-            if int(pair.max(initial=0)).bit_length() + rbits <= 63:
-                packed = np.sort((pair << rbits) | np.arange(len(rows)))
-                pos, grp = packed & ((1 << rbits) - 1), packed >> rbits
+            mask = self.member(m)
+            code, val = self.code[mask], self.fields[m.field or ""].values[mask]
+            t = self.ts[mask] - self.base
+            vbits = max(int(val.max(initial=0)), 1).bit_length()
+            if max(int(self.code_map.max()), 1).bit_length() + vbits + self.bits <= 63:
+                packed = np.sort((((code << vbits) | val) << self.bits) | t)
+                grp = packed >> self.bits
+                t = packed & ((1 << self.bits) - 1)
+                same = grp[1:] == grp[:-1]
+                code = grp >> vbits
             else:
-                pos = np.lexsort((np.arange(len(rows)), pair))
-                grp = pair[pos]
-            same = grp[1:] == grp[:-1]
-            self._cache[ck] = (rows[pos[:-1][same]], rows[pos[1:][same]])
+                order = np.lexsort((t, val, code))
+                code, val, t = code[order], val[order], t[order]
+                same = (code[1:] == code[:-1]) & (val[1:] == val[:-1])
+            self._cache[ck] = (code[1:][same], t[:-1][same], t[1:][same])
         return self._cache[ck]  # type: ignore[return-value]
 
 
 def _lookup(col: pa.ChunkedArray, keys: pa.Array) -> np.ndarray:
-    """Position of each value in ``keys`` (-1 when absent or null); dictionary-aware."""
-    parts = []
-    for chunk in col.chunks:
-        if pa.types.is_dictionary(chunk.type):
-            mapped = _np_index(pc.index_in(chunk.dictionary.cast(keys.type), value_set=keys))
-            idx = _np_index(chunk.indices)
-            parts.append(np.where(idx >= 0, mapped[np.maximum(idx, 0)], -1) if len(mapped)
-                         else np.full(len(idx), -1, np.int64))
-        else:
-            parts.append(_np_index(pc.index_in(chunk.cast(keys.type), value_set=keys)))
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    """Position of each value in ``keys`` (-1 when absent or null): one hash-set build."""
+    pos, values = flat_dictionary(col)
+    mapped = _np_index(pc.index_in(values.cast(keys.type), value_set=keys))
+    return np.append(mapped, -1)[pos]
 
 
 def _np_index(arr: pa.Array) -> np.ndarray:
@@ -211,24 +255,23 @@ def _ms(col: pa.ChunkedArray) -> np.ndarray:
                       dtype=np.int64)
 
 
-def _field(col: pa.ChunkedArray, order: np.ndarray, categorical: bool) -> _Field:
-    """Measure field values in row ``order``: float64, or dictionary codes + hashes."""
-    if not categorical:
-        if pa.types.is_dictionary(col.type):
-            col = col.cast(col.type.value_type)
-        arr = col.combine_chunks().take(pa.array(order))
-        valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        vals = pc.fill_null(arr.cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False)
-        return _Field(np.asarray(vals, dtype=np.float64), valid)
-    if pa.types.is_timestamp(col.type):  # a distinct count of times hashes epoch ms
+def _numeric(col: pa.ChunkedArray, order: np.ndarray) -> _Field:
+    """A numeric measure field in row ``order`` (float64; nulls flagged invalid)."""
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if pa.types.is_timestamp(col.type):
         col = col.cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64())
-    if not pa.types.is_dictionary(col.type):
-        col = pc.dictionary_encode(col)
-    unified = pa.table({"c": col}).unify_dictionaries().column("c")
-    dictionary = unified.chunk(0).dictionary if unified.num_chunks else pa.array([], pa.string())
-    codes = np.concatenate([_np_index(c.indices) for c in unified.chunks])[order]
-    hashes = np.array([distinct_hash(str(v)) for v in dictionary.to_pylist()], dtype=np.uint64)
-    return _Field(codes, codes >= 0, hashes)
+    arr = col.combine_chunks().take(pa.array(order))
+    valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    vals = pc.fill_null(arr.cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+    return _Field(np.asarray(vals, dtype=np.float64), valid)
+
+
+def _hashable(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Distinct counts of times hash their epoch ms, like the online path."""
+    if pa.types.is_timestamp(col.type):
+        return col.cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64())
+    return col
 
 
 @dataclass
@@ -241,22 +284,26 @@ class ViewResult:
 
 
 def evaluate_view(rows: ViewRows, q_code: np.ndarray, q_t: np.ndarray,
-                  outputs: Sequence[OutputPlan], *, as_of_known: bool = False) -> ViewResult:
+                  outputs: Sequence[OutputPlan], *, as_of_known: bool = False,
+                  workers: int = 2) -> ViewResult:
     """Values of ``outputs`` as of ``q_t`` (epoch ms) for entity codes ``q_code``.
 
-    ``q_code`` is -1 for a query whose entity is null or has no rows: it gets defaults.
-    With ``as_of_known`` a row only counts once ingested: ``_ingest_ms <= T``.
+    ``q_code`` is the position of the query's entity in the ``keys`` given to
+    :meth:`ViewRows.from_table`, -1 for a null entity; entities without rows get
+    defaults. With ``as_of_known`` a row only counts once ingested (``_ingest_ms <= T``).
+    ``workers > 1`` builds distinct-count pairs in a second thread.
     """
     n = len(q_t)
     res = ViewResult({o.name: np.zeros(n, np.int64 if is_int_output(o) else np.float64)
                       for o in outputs}, {o.name: np.zeros(n, bool) for o in outputs},
                      np.ones(n, bool))
-    qi = np.flatnonzero(q_code >= 0) if rows.size else np.zeros(0, np.int64)
+    q_code = rows.code_map[q_code]  # -1 (null key) maps through the trailing -1
+    qi = np.flatnonzero(q_code >= 0)
     if qi.size:
         kt = rows.qkey(q_code[qi], q_t[qi])
         order = np.argsort(kt)  # sorted queries make every searchsorted cache-friendly
         qi, kt = qi[order], kt[order]
-        _fast(rows, q_code[qi], q_t[qi], kt, qi, outputs, res, as_of_known)
+        _fast(rows, q_code[qi], q_t[qi], kt, qi, outputs, res, as_of_known, workers)
     for o in outputs:  # the TTL/default rule, exactly as ViewState.rollup
         d = res.is_default
         res.values[o.name][d] = 0 if o.default is None else o.default
@@ -265,34 +312,45 @@ def evaluate_view(rows: ViewRows, q_code: np.ndarray, q_t: np.ndarray,
 
 
 def _fast(rows: ViewRows, qc: np.ndarray, qt: np.ndarray, kt: np.ndarray, qi: np.ndarray,
-          outputs: Sequence[OutputPlan], res: ViewResult, as_of_known: bool) -> None:
-    b = np.searchsorted(rows.key, kt)
-    last = np.maximum(b - 1, 0)
-    res.is_default[qi] = (b == 0) | (rows.code[last] != qc) | (qt - rows.ts[last] >=
-                                                                rows.plan.ttl_ms)
-    lows: dict[Window, np.ndarray] = {}
-
-    def a_of(w: Window) -> np.ndarray:
-        if w not in lows:
-            lows[w] = np.searchsorted(rows.key, rows.qkey(qc, w.lower_bounds_ms(qt)))
-        return lows[w]
-
-    exact_all: list[OutputPlan] = []
-    exact_some: dict[str, np.ndarray] = {}
-    for o in outputs:
-        if any(op in _SLOW_OPS for op in o.ops):
-            exact_all.append(o)
-            continue
-        a = a_of(o.window)
-        parts = [_fast_measure(rows, rows.plan.measures[s], o.window, a, b) for s in o.slots]
-        v, ok = _combine(o, parts)
-        res.values[o.name][qi], res.valid[o.name][qi] = v, ok
-        big = np.zeros(len(qi), bool)
-        for s, (pv, _) in zip(o.slots, parts, strict=True):
-            if rows.plan.measures[s].op is AggOp.APPROX_DISTINCT:
-                big |= pv >= KMV_K
-        if big.any():
-            exact_some[o.name] = big
+          outputs: Sequence[OutputPlan], res: ViewResult, as_of_known: bool,
+          workers: int) -> None:
+    pending = {(rows.plan.measures[s], o.window) for o in outputs for s in o.slots
+               if rows.plan.measures[s].op is AggOp.APPROX_DISTINCT}
+    pool = ThreadPoolExecutor(1) if pending and workers > 1 else None
+    try:  # distinct pairs need no row positions: build them beside the searches below
+        pairs = {job: pool.submit(rows.pair_keys, *job) for job in pending} if pool else {}
+        b = np.searchsorted(rows.key, kt)
+        last = np.maximum(b - 1, 0)
+        res.is_default[qi] = (b == 0) | (rows.code[last] != qc) | (
+            qt - rows.ts[last] >= rows.plan.ttl_ms)
+        lows: dict[Window, tuple[np.ndarray, np.ndarray]] = {}
+        exact_all: list[OutputPlan] = []
+        exact_some: dict[str, np.ndarray] = {}
+        for o in outputs:
+            if any(op in _SLOW_OPS for op in o.ops):
+                exact_all.append(o)
+                continue
+            if o.window not in lows:
+                ka = rows.qkey(qc, o.window.lower_bounds_ms(qt))
+                lows[o.window] = ka, np.searchsorted(rows.key, ka)
+            ka, a = lows[o.window]
+            parts, big = [], np.zeros(len(qi), bool)
+            for s in o.slots:
+                m = rows.plan.measures[s]
+                n = rows.prefix(m, "n")
+                count = n[b] - n[a]
+                if m.op is AggOp.APPROX_DISTINCT:
+                    pk, jk = pairs[(m, o.window)].result() if pool else rows.pair_keys(
+                        m, o.window)
+                    count = count - (np.searchsorted(jk, kt) - np.searchsorted(pk, ka))
+                    big |= count >= KMV_K
+                parts.append(_fast_measure(rows, m, count, a, b))
+            res.values[o.name][qi], res.valid[o.name][qi] = _combine(o, parts)
+            if big.any():
+                exact_some[o.name] = big
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
     redo = np.zeros(len(qi), bool)
     if as_of_known:  # rows with ts < T not yet ingested at T: #{ts < T} - #{vis <= T}
         vkey = np.sort((rows.code << rows.bits) | (rows.vis - rows.base))
@@ -318,15 +376,11 @@ def _exact_into(rows: ViewRows, qc: np.ndarray, qt: np.ndarray, qi: np.ndarray,
         res.values[o.name][qi[sel]], res.valid[o.name][qi[sel]] = vals[o.name], oks[o.name]
 
 
-def _fast_measure(rows: ViewRows, m: Measure, w: Window, a: np.ndarray, b: np.ndarray
+def _fast_measure(rows: ViewRows, m: Measure, count: np.ndarray, a: np.ndarray, b: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray]:
-    n = rows.prefix(m, "n")
-    count = n[b] - n[a]
-    if m.op is AggOp.COUNT:
+    """Value of ``m`` over rows ``[a, b)`` given its row (or distinct value) ``count``."""
+    if m.op in (AggOp.COUNT, AggOp.APPROX_DISTINCT):
         return count, np.ones(len(a), bool)
-    if m.op is AggOp.APPROX_DISTINCT:
-        p, j = rows.pair_ends(m, w)
-        return count - (np.searchsorted(j, b) - np.searchsorted(p, a)), np.ones(len(a), bool)
     s = rows.prefix(m, "sum")
     total = (s[b] - s[a]).astype(np.float64)
     if m.op is AggOp.SUM:
@@ -401,7 +455,6 @@ def _group_measure(rows: ViewRows, m: Measure, qid: np.ndarray, idx: np.ndarray,
         return count, np.ones(nq, bool)
     fld = rows.fields[m.field or ""]
     if m.op is AggOp.APPROX_DISTINCT:
-        assert fld.hashes is not None
         nvals = max(len(fld.hashes), 1)
         uniq = np.unique(g.astype(np.int64) * nvals + fld.values[r])
         ug, uv = uniq // nvals, uniq % nvals

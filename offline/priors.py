@@ -87,8 +87,8 @@ def _user_segments(imps: pa.Table, min_users: int) -> dict[str, Segment]:
         .aggregate([([], "count_all")])
     )  # fmt: skip
     best: dict[str, tuple[int, Segment]] = {}
-    for u, c, d, n in zip(*(counts[k].to_pylist() for k in
-                            ("user_id", "country", "device_type", "count_all")), strict=True):  # fmt: skip
+    columns = [counts[k].to_pylist() for k in ("user_id", "country", "device_type", "count_all")]
+    for u, c, d, n in zip(*columns, strict=True):
         cur = best.get(u)
         seg = (str(c), str(d))
         if cur is None or n > cur[0] or (n == cur[0] and seg < cur[1]):

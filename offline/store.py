@@ -44,6 +44,8 @@ __all__ = [
     "COORDINATES",
     "dates_between",
     "deduplicate",
+    "dictionary_codes",
+    "flat_dictionary",
     "resolve_uri",
     "atomic_output",
 ]
@@ -60,7 +62,11 @@ class OfflineStoreUnreadable(OfflineStoreError, InputError):
 def dates_between(lo_ms: int | None, hi_ms: int) -> tuple[str | None, str]:
     """UTC dates (``YYYY-MM-DD``) of the first and last millisecond of ``[lo, hi)``."""
     def day(ms: int) -> str:
-        return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)).strftime("%Y-%m-%d")
+        try:
+            return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)).strftime(
+                "%Y-%m-%d")
+        except OverflowError:  # beyond year 1..9999: compare as the extreme dates
+            return "0000-00-00" if ms < 0 else "9999-99-99"
 
     return (None if lo_ms is None else day(lo_ms)), day(hi_ms - 1)
 
@@ -92,19 +98,27 @@ def deduplicate(table: pa.Table, columns: Sequence[str]) -> pa.Table:
     n = table.num_rows
     if n < 2:
         return table
-    packed = np.zeros(n, dtype=np.int64)
-    valid = np.ones(n, dtype=bool)
+    packed: np.ndarray | None = None
+    invalid = None
     used = 0
     for name in columns:
         arr = _int_codes(table.column(name))
-        valid &= arr >= 0
-        top = int(arr.max(initial=0))
-        bits = max(top, 1).bit_length()
+        if arr.min(initial=0) < 0:  # nulls (or negatives): such rows are never merged
+            bad = arr < 0
+            invalid = bad if invalid is None else invalid | bad
+            arr = np.maximum(arr, 0)
+        bits = max(int(arr.max(initial=0)), 1).bit_length()
         used += bits
         if used > 63:
             return _dedup_groupby(table, columns)
-        packed = (packed << bits) | np.maximum(arr, 0)
-    packed = np.where(valid, packed, -np.arange(1, n + 1, dtype=np.int64))
+        if packed is None:
+            packed = arr if arr.flags.writeable else arr.copy()
+        else:
+            packed <<= bits
+            packed |= arr
+    assert packed is not None
+    if invalid is not None:
+        packed[invalid] = -np.arange(1, int(invalid.sum()) + 1, dtype=np.int64)
     ordered = np.sort(packed)
     if not (ordered[1:] == ordered[:-1]).any():
         return table
@@ -117,15 +131,40 @@ def deduplicate(table: pa.Table, columns: Sequence[str]) -> pa.Table:
 
 def _int_codes(col: pa.ChunkedArray) -> np.ndarray:
     """Integer view of a key column: integers as they are, strings as dictionary codes."""
-    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        col = pc.dictionary_encode(col)
-    if pa.types.is_dictionary(col.type):
-        unified = pa.table({"c": col}).unify_dictionaries().column("c")
-        ints = pa.chunked_array([c.indices for c in unified.chunks], type=col.type.index_type)
-    else:
-        ints = col
-    filled = pc.fill_null(ints, -1) if ints.null_count else ints
+    if pa.types.is_dictionary(col.type) or pa.types.is_string(col.type) or \
+            pa.types.is_large_string(col.type):
+        return dictionary_codes(col)[0]
+    filled = pc.fill_null(col, -1) if col.null_count else col
     return np.asarray(filled.to_numpy(), dtype=np.int64)
+
+
+def flat_dictionary(col: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """``(positions, values)`` with row ``i`` equal to ``values[positions[i]]`` (-1 = null).
+
+    Dictionary-encoded chunks are not decoded: ``values`` concatenates their dictionaries
+    (so it may repeat values); other columns are dictionary-encoded once.
+    """
+    if not pa.types.is_dictionary(col.type):
+        col = pa.chunked_array([pc.dictionary_encode(col.combine_chunks())])
+    parts, dicts, offset = [], [], 0
+    for chunk in col.chunks:
+        idx = chunk.indices
+        pos = np.asarray((pc.fill_null(idx, -1) if idx.null_count else idx).to_numpy(),
+                         dtype=np.int64)
+        parts.append(np.where(pos >= 0, pos + offset, -1) if idx.null_count else pos + offset)
+        dicts.append(chunk.dictionary)
+        offset += len(chunk.dictionary)
+    if not dicts:
+        return np.zeros(0, np.int64), pa.array([], col.type.value_type)
+    return np.concatenate(parts), pa.concat_arrays(dicts)
+
+
+def dictionary_codes(col: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """``(codes, unique values)`` of a column; code -1 for null."""
+    pos, values = flat_dictionary(col)
+    enc = pc.dictionary_encode(values)
+    remap = np.append(np.asarray(enc.indices.to_numpy(zero_copy_only=False), np.int64), -1)
+    return remap[pos], enc.dictionary
 
 
 def _dedup_groupby(table: pa.Table, columns: Sequence[str]) -> pa.Table:

@@ -56,11 +56,12 @@ class OnlineFeatures:
             vals = resp.values[lo : lo + width]
             nulls = resp.is_null[lo : lo + width]
             sts = resp.statuses[lo : lo + width]
+            row = zip(names, vals, nulls, strict=True)
             entities.append(
                 EntityFeatures(
                     id=eid,
                     tier=tier_name(resp.tiers[i]),
-                    values={n: None if z else v for n, v, z in zip(names, vals, nulls, strict=True)},
+                    values={n: None if z else v for n, v, z in row},
                     statuses={n: status_name(s) for n, s in zip(names, sts, strict=True)},
                 )
             )

@@ -65,7 +65,7 @@ class ReadPlan:
         return len(self.fields) == 1 and all(p == (0, i) for i, p in enumerate(self.positions))
 
 
-@dataclass
+@dataclass(slots=True)
 class EntityRow:
     """One entity's answer before cold start: values in request order."""
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from enum import IntEnum
+from operator import itemgetter
 from typing import Any
 
 from feature_defs.measures import KMV_K, MERGERS, finalize_state, kmv_estimate
@@ -53,7 +54,7 @@ class RollupProgram:
     (no mutable state).
     """
 
-    __slots__ = ("plan", "names", "defaults", "_groups", "_outs", "_ttl")
+    __slots__ = ("plan", "names", "defaults", "_groups", "_outs", "_init", "_finalize", "_ttl")
 
     def __init__(self, plan: ViewPlan, outputs: Sequence[int]) -> None:
         self.plan = plan
@@ -61,28 +62,33 @@ class RollupProgram:
         self.names: tuple[str, ...] = tuple(o.name for o in outs)
         self.defaults: tuple[Any, ...] = tuple(o.default for o in outs)
         self._ttl = plan.ttl_ms
-        # distinct (ring, n_tiles) windows, each with the distinct slots it needs
-        accs: dict[tuple[int, int, int], int] = {}  # (ring, n_tiles, slot) -> acc index
-        groups: dict[tuple[int, int], list[tuple[int, AggOp, int]]] = {}
-        out_specs: list[tuple[bool, tuple[int, ...], tuple[AggOp, ...]]] = []
+        # one accumulation per distinct (ring, window length in tiles, measure slot)
+        accs: dict[tuple[int, int, int], int] = {}
+        ops: list[AggOp] = []
+        groups: dict[tuple[int, int], list[tuple[int, AggOp, int, Any]]] = {}
+        out_specs: list[tuple[bool, int, int]] = []
         for o in outs:
-            ring = o.ring
-            n_tiles = o.window.n_tiles
             idx = []
             for slot in o.slots:
-                key = (ring, n_tiles, slot)
+                key = (o.ring, o.window.n_tiles, slot)
                 if key not in accs:
                     accs[key] = len(accs)
-                    groups.setdefault((ring, n_tiles), []).append(
-                        (slot, plan.measures[slot].op, accs[key])
+                    op = plan.measures[slot].op
+                    ops.append(op)
+                    groups.setdefault((o.ring, o.window.n_tiles), []).append(
+                        (slot, op, accs[key], itemgetter(slot))
                     )
                 idx.append(accs[key])
-            out_specs.append((o.is_ratio, tuple(idx), o.ops))
+            out_specs.append((o.is_ratio, idx[0], idx[-1]))
         self._groups = tuple(
             (ring, plan.rings[ring].tile_ms, n_tiles, tuple(slots))
             for (ring, n_tiles), slots in groups.items()
         )
         self._outs = tuple(out_specs)
+        # COUNT and APPROX_DISTINCT accumulate final values (0 when empty); the others
+        # accumulate states, finalized at the end like ViewState.rollup does
+        self._init = tuple(0 if op in _DIRECT else None for op in ops)
+        self._finalize = tuple((i, op) for i, op in enumerate(ops) if op not in _DIRECT)
 
     def freshness(self, state: ViewState | None, as_of_ms: int) -> Freshness:
         """OK, NO_DATA or STALE as of ``as_of_ms`` (``ValueError`` if before max_ts)."""
@@ -115,71 +121,54 @@ class RollupProgram:
 
     def _values(self, state: ViewState, as_of_ms: int) -> list[Any]:
         max_ts = state.max_ts
-        include_pending = as_of_ms > max_ts
+        pend = as_of_ms > max_ts  # the events at max_ts count only strictly before T
         pending = state.pending
         rings = state.rings
-        acc: list[Any] = [None] * sum(len(g[3]) for g in self._groups)
+        acc = list(self._init)
         for ring_idx, tile_ms, n_tiles, slots in self._groups:
             ring = rings[ring_idx]
+            cells: Any
             if tile_ms:
                 low = as_of_ms // tile_ms - n_tiles + 1
+                if max_ts // tile_ms < low:
+                    continue  # every tile (and the pending events) is older than the window
                 if ring and min(ring) < low:
-                    cells: Any = [c for t, c in ring.items() if t >= low]
+                    cells = [c for t, c in ring.items() if t >= low]
                 else:
                     cells = ring.values()
-                pend = include_pending and max_ts // tile_ms >= low
             else:
                 cells = ring.values()
-                pend = include_pending
-            cols: list[tuple[Any, ...]] = list(zip(*cells)) if cells else []
-            for slot, op, i in slots:
-                col: tuple[Any, ...] = cols[slot] if cols else ()
+            for slot, op, i, get in slots:
                 p = pending[slot] if pend else None
                 if op is AggOp.COUNT:
-                    acc[i] = sum(filter(None, col)) + (p or 0)
+                    acc[i] = sum(filter(None, map(get, cells))) + (p or 0)
                 elif op is AggOp.APPROX_DISTINCT:
-                    hashes: set[int] = set().union(*filter(None, col))
-                    if p is not None:
+                    hashes: set[int] = set().union(*filter(None, map(get, cells)))
+                    if p:
                         hashes.update(p)
-                    acc[i] = _Kmv(hashes) if hashes else None
-                else:
+                    acc[i] = _kmv_estimate(hashes)
+                else:  # order-sensitive: same merges, same order as ViewState.rollup
                     merge = MERGERS[op]
                     a = None
-                    for st in col:
+                    for st in map(get, cells):
                         if st is not None:
                             a = st if a is None else merge(a, st)
                     if p is not None:
                         a = p if a is None else merge(a, p)
                     acc[i] = a
-        out: list[Any] = []
-        for is_ratio, idx, ops in self._outs:
-            if is_ratio:
-                num = _finalize(ops[0], acc[idx[0]])
-                den = _finalize(ops[1], acc[idx[1]])
-                out.append(None if not den or num is None else num / den)
-            else:
-                out.append(_finalize(ops[0], acc[idx[0]]))
-        return out
+        for i, op in self._finalize:
+            acc[i] = finalize_state(op, acc[i])
+        return [
+            (None if not acc[b] or acc[a] is None else acc[a] / acc[b]) if ratio else acc[a]
+            for ratio, a, b in self._outs
+        ]
 
 
-class _Kmv:
-    """A merged APPROX_DISTINCT accumulation: the union of the tiles' hash sets."""
-
-    __slots__ = ("hashes",)
-
-    def __init__(self, hashes: set[int]) -> None:
-        self.hashes = hashes
-
-    def estimate(self) -> int:
-        h = self.hashes
-        if len(h) < KMV_K:
-            return len(h)  # kmv_estimate of fewer than K hashes is their number
-        return kmv_estimate(tuple(heapq.nsmallest(KMV_K, h)))
+_DIRECT = (AggOp.COUNT, AggOp.APPROX_DISTINCT)
 
 
-def _finalize(op: AggOp, state: Any) -> Any:
-    if op is AggOp.COUNT:
-        return 0 if state is None else int(state)
-    if op is AggOp.APPROX_DISTINCT:
-        return 0 if state is None else state.estimate()
-    return finalize_state(op, state)
+def _kmv_estimate(hashes: set[int]) -> int:
+    """``kmv_estimate`` of the merged sketch of the tiles whose hashes are ``hashes``."""
+    if len(hashes) < KMV_K:
+        return len(hashes)  # fewer than K distinct hashes: the sketch holds them all
+    return kmv_estimate(tuple(heapq.nsmallest(KMV_K, hashes)))

@@ -11,17 +11,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from feature_defs.coldstart import (
-    PERSONALIZED_ABOVE,
-    Priors,
-    Status,
-    Tier,
-    apply_cold_start,
-    fallback_values,
-)
+from feature_defs.coldstart import ColdStartRule, Priors, Status, Tier, fallback_values
 from feature_defs.layout import entity_id_problem
 from feature_defs.registry import Registry
 from headrace.errors import InvalidArgument, OnlineStoreError
@@ -77,6 +70,7 @@ class OnlineFeatureService:
         self._timer = timer
         self._entities = {e: registry.feature_names(e) for e in sorted(registry.entities)}
         self._plans: dict[tuple[str, str, tuple[str, ...]], ReadPlan] = {}
+        self._rules: dict[tuple[str, tuple[str, ...], tuple[str, str] | None], ColdStartRule] = {}
         self._m = metrics()
 
     # ------------------------------------------------------------------ validation
@@ -224,6 +218,22 @@ class OnlineFeatureService:
             fallback_reason=_REASONS[reason],
         )
 
+    def _rule(
+        self, plan: ReadPlan, priors: Priors, segment: tuple[str, str] | None
+    ) -> ColdStartRule:
+        """The cold-start rule of a request shape and segment (rebuilt when priors change)."""
+        key = (plan.entity, plan.names, segment)
+        rule = self._rules.get(key)
+        if rule is None or rule.priors is not priors:
+            # without a history feature, users follow the rule of the other entities
+            entity = plan.entity if plan.history is not None or plan.entity != "user" \
+                else "user/no-history"  # fmt: skip
+            rule = ColdStartRule(entity, plan.names, priors, segment)
+            if len(self._rules) >= _PLAN_CACHE_MAX:
+                self._rules.clear()
+            self._rules[key] = rule
+        return rule
+
     def _answer(
         self,
         plan: ReadPlan,
@@ -233,29 +243,20 @@ class OnlineFeatureService:
         priors: Priors,
         rows: list[EntityRow],
     ) -> pb.GetOnlineFeaturesResponse:
-        names = plan.names
-        width = len(names)
-        present = [Status.PRESENT] * width
+        width = len(plan.names)
         no_nulls = [False] * width
-        is_user = plan.history is not None
-        # without a history feature users follow the rule of the other entities
-        rule_entity = plan.entity if is_user or plan.entity != "user" else "user/no-history"
+        apply = self._rule(plan, priors, segment).apply
         values: list[float] = []
         nulls: list[bool] = []
         statuses: list[int] = []
         tiers: list[int] = []
-        counts: dict[Tier, int] = {}
+        ok = Freshness.OK
+        stale = Freshness.STALE
         for row in rows:
-            vals = row.values
-            if (
-                row.freshness is Freshness.OK
-                and row.partial is None
-                and (not is_user or (row.history is not None and row.history > PERSONALIZED_ABOVE))
-            ):
-                tier, sts = Tier.PERSONALIZED, present  # own values, unchanged
-            else:
-                tier, vals, sts = self._cold_start(rule_entity, names, row, priors, segment)
-            counts[tier] = counts.get(tier, 0) + 1
+            fresh = row.freshness
+            vals, tier, sts = apply(row.values, fresh is not ok, fresh is stale, row.history)
+            if row.partial is not None:  # several views, some without data: say so per value
+                sts = _partial_statuses(sts, row.partial)
             tiers.append(tier)
             statuses.extend(sts)
             if None in vals:
@@ -265,10 +266,10 @@ class OnlineFeatureService:
                 values.extend(vals)
                 nulls.extend(no_nulls)
         entities = self._m.entities
-        for tier, count in counts.items():
-            entities.labels(entity=plan.entity, tier=tier.name).inc(count)
+        for tier, count in Counter(tiers).items():
+            entities.labels(entity=plan.entity, tier=Tier(tier).name).inc(count)
         return pb.GetOnlineFeaturesResponse(
-            feature_names=names,
+            feature_names=plan.names,
             ids=ids,
             tiers=tiers,
             values=values,
@@ -277,28 +278,10 @@ class OnlineFeatureService:
             as_of_ms=as_of,
         )
 
-    @staticmethod
-    def _cold_start(
-        entity: str,
-        names: tuple[str, ...],
-        row: EntityRow,
-        priors: Priors,
-        segment: tuple[str, str] | None,
-    ) -> tuple[Tier, list[Any], list[Status]]:
-        fresh = row.freshness
-        new, tier, by_name = apply_cold_start(
-            entity,
-            dict(zip(names, row.values, strict=True)),
-            fresh is not Freshness.OK,
-            priors,
-            segment,
-            stale=fresh is Freshness.STALE,
-            history=row.history,
-        )
-        vals = [new[n] for n in names]
-        sts = [by_name[n] for n in names]
-        if row.partial is not None:  # several views, some without data: say so per value
-            for j, f in enumerate(row.partial):
-                if f is not Freshness.OK and sts[j] is Status.PRESENT:
-                    sts[j] = Status.STALE if f is Freshness.STALE else Status.DEFAULT
-        return tier, vals, sts
+
+def _partial_statuses(sts: list[Status], partial: tuple[Freshness, ...]) -> list[Status]:
+    out = list(sts)
+    for j, f in enumerate(partial):
+        if f is not Freshness.OK and out[j] is Status.PRESENT:
+            out[j] = Status.STALE if f is Freshness.STALE else Status.DEFAULT
+    return out

@@ -104,7 +104,7 @@ class RedisOnlineStore:
         except self._unavailable as exc:
             raise OnlineStoreError(f"redis unavailable: {exc}") from exc
         try:
-            conn.send_packed_command(payload, check_health=False)
+            conn.send_packed_command([payload], check_health=False)
             read = conn.read_response
             return [read() for _ in keys]
         except self._unavailable as exc:

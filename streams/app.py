@@ -91,9 +91,17 @@ def _raw(event: Any) -> RawMessage:
 
 
 def run_worker(
-    settings: WorkerSettings, registry: Registry, *, until_idle: float | None = None
+    settings: WorkerSettings,
+    registry: Registry,
+    *,
+    until_idle: float | None = None,
+    stats_path: str | None = None,
 ) -> int:
-    """Run a worker until stopped (or idle for ``until_idle`` seconds). Returns 0."""
+    """Run a worker until stopped (or idle for ``until_idle`` seconds). Returns 0.
+
+    ``stats_path`` receives a JSON summary at exit (events, first input and last durable
+    commit wall times, freshness samples) for benchmarks.
+    """
     try:
         import faust
         from faust.types import TP
@@ -142,7 +150,8 @@ def run_worker(
         if fut is not None:
             fut.result()  # surface an offline write error
             offline_task["fut"] = None
-        if force or now - clock["offline"] >= offline_s:
+        paused = time.time() - engine.last_input >= flush_s  # input paused: write now
+        if force or paused or now - clock["offline"] >= offline_s:
             batches = engine.offline_batches()
             clock["offline"] = now
             if batches:
@@ -220,8 +229,14 @@ def run_worker(
         if fut is not None:
             fut.cancel()
 
+    code = 0
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+        code = int(exc.code or 0)
+    if stats_path:
+        import json
+
+        with open(stats_path, "w", encoding="utf-8") as fh:
+            json.dump(engine.stats, fh)
+    return code

@@ -52,6 +52,7 @@ from streams.encode import (
     wire_conforms,
 )
 from streams.events import (
+    DOUBLE,
     EVENT_SPECS,
     EventKind,
     conform_table,
@@ -206,12 +207,14 @@ class _Rows:
     def __init__(self, kind: EventKind) -> None:
         self.kind = kind
         self.fields = EVENT_SPECS[kind].fields
+        self.doubles = frozenset(f for f, t in EVENT_SPECS[kind].field_types.items() if t == DOUBLE)
         self.cols: dict[str, list[Any]] = {f: [] for f in (*self.fields, "_p", "_o", "_i")}
 
     def add(self, event: Mapping[str, Any], partition: int, offset: int, index: int) -> None:
-        """Append a valid event (``bid_cpm`` may be an int: Arrow casts it)."""
+        """Append a valid event (an int ``bid_cpm`` becomes a float: Arrow refuses big ints)."""
         for f in self.fields:
-            self.cols[f].append(event.get(f))
+            value: Any = event.get(f)
+            self.cols[f].append(float(value) if f in self.doubles else value)
         self.cols["_p"].append(partition)
         self.cols["_o"].append(offset)
         self.cols["_i"].append(index)

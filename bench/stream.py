@@ -1,0 +1,191 @@
+"""``headrace bench stream``: worker throughput and freshness on the real local stack.
+
+Figures (all measured in one run, on one stack):
+
+* ``events_per_s``: synthetic events produced beforehand as batched Arrow envelopes,
+  consumed by one ``headrace worker`` process end to end (decoded → applied → Redis
+  written → Parquet written → progress committed): events / (last durable commit −
+  first input). Group join and start-up are excluded.
+* ``single_event_messages_per_s``: the same with one JSON event per Kafka message.
+* ``reference_events_per_s``: one plain confluent-kafka consumer process decoding the same
+  single-event JSON messages and updating a dict (the physical floor named in INFRA.md).
+* ``freshness_p50_ms`` / ``freshness_p99_ms``: a producer paced at ``rate`` events/s
+  stamping events with the wall clock; freshness = wall time when the state was written
+  to Redis − event time (per event, measured by the worker).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+__all__ = ["run"]
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench stream] {msg}", file=sys.stderr, flush=True)
+
+
+def _produce(env: dict[str, str], events: list[dict[str, Any]], encoding: str) -> float:
+    from headrace.settings import ProducerSettings
+    from streams.producer import EventProducer
+
+    settings = ProducerSettings.from_env(env)
+    started = time.perf_counter()
+    producer = EventProducer(settings, encoding=encoding, progress=False)  # type: ignore[arg-type]
+    producer.send_events(events)
+    producer.flush()
+    return time.perf_counter() - started
+
+
+def _worker(env: dict[str, str], stats: str, until_idle: float = 3.0,
+            timeout: float = 600) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "headrace.cli", "worker", "--until-idle", str(until_idle),
+           "--stats", stats]
+    proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if proc.returncode != 0 or not os.path.exists(stats):
+        raise RuntimeError(f"worker failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    with open(stats, encoding="utf-8") as fh:
+        result = json.load(fh)
+    if not result["events_in"] or not result["last_online_commit"]:
+        raise RuntimeError(f"worker consumed nothing: {proc.stderr[-2000:]}")
+    return result
+
+
+def _rate(stats: dict[str, Any]) -> float:
+    end = max(t for t in (stats["last_online_commit"], stats["last_offline_commit"]) if t)
+    return stats["events_in"] / max(1e-9, end - stats["first_input"])
+
+
+def _reference(env: dict[str, str], topics: list[str], expected: int) -> float:
+    """Plain confluent consumer + json decode + dict update (same run, same events)."""
+    from confluent_kafka import Consumer
+
+    from headrace.settings import WorkerSettings
+
+    settings = WorkerSettings.from_env(env)
+    consumer = Consumer(settings.confluent_consumer(f"bench-ref-{time.time_ns()}"))
+    consumer.subscribe(topics)
+    counts: dict[str, int] = {}
+    seen = 0
+    started = None
+    deadline = time.monotonic() + 120
+    while seen < expected and time.monotonic() < deadline:
+        batch = consumer.consume(1000, 0.5)
+        if batch and started is None:
+            started = time.perf_counter()
+        for msg in batch:
+            if msg.error():
+                continue
+            ev = json.loads(msg.value())
+            key = ev.get("user_id") or ev["event_id"]
+            counts[key] = counts.get(key, 0) + 1
+            seen += 1
+    elapsed = time.perf_counter() - (started or time.perf_counter())
+    consumer.close()
+    return seen / max(1e-9, elapsed)
+
+
+def _paced(env: dict[str, str], rate: int, seconds: float, users: int) -> int:
+    """Produce ``rate`` events/s for ``seconds`` with ts = now (Arrow envelopes per 20 ms)."""
+    import numpy as np
+
+    from headrace.settings import ProducerSettings
+    from streams.producer import EventProducer
+
+    settings = ProducerSettings.from_env({**env, "HEADRACE_BATCH_EVENTS": "1000"})
+    producer = EventProducer(settings, encoding="arrow", progress=False)
+    rng = np.random.default_rng(7)
+    tick = 0.02
+    per_tick = max(1, int(rate * tick))
+    sent = 0
+    start = time.monotonic()
+    n = 0
+    while time.monotonic() - start < seconds:
+        now_ms = int(time.time() * 1000)
+        batch = []
+        for u in rng.integers(0, users, per_tick).tolist():
+            n += 1
+            batch.append({"type": "impression", "event_id": f"f{n}", "ts": now_ms,
+                          "user_id": f"u{u}", "ad_id": f"a{u % 97}", "campaign_id": f"c{u % 13}",
+                          "publisher_id": f"p{u % 29}", "placement": "feed",
+                          "creative_type": "banner", "device_type": "mobile", "country": "US",
+                          "bid_cpm": 1.0})
+        producer.send_events(batch)
+        producer.flush()
+        sent += len(batch)
+        next_at = start + (sent / rate)
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    return sent
+
+
+def run(events: int = 200_000, users: int = 20_000, single_events: int = 30_000,
+        rate: int = 5000, freshness_seconds: float = 15.0, seed: int = 0) -> dict[str, Any]:
+    """Run the benchmark on a fresh local stack and return its figures."""
+    from headrace.stack import local_stack
+    from streams.synthetic import generate
+
+    with tempfile.TemporaryDirectory(prefix="headrace-bench-") as tmp, \
+            local_stack(os.path.join(tmp, "stack")) as info:
+        base = dict(info.env)
+
+        def ns(name: str) -> dict[str, str]:
+            return {**base, "HEADRACE_TOPIC_PREFIX": f"{name}.", "HEADRACE_REDIS_PREFIX": name,
+                    "HEADRACE_OFFLINE_URI": f"{info.offline_uri}/{name}",
+                    "HEADRACE_GROUP_ID": f"g-{name}", "HEADRACE_DATA_DIR": f"{tmp}/w-{name}",
+                    "HEADRACE_LOG_LEVEL": "WARNING"}
+
+        start_ms = int(time.time() * 1000) - 7 * 86_400_000
+        _progress(f"generating {events} synthetic events for {users} users")
+        stream = generate(users, events, seed, start_ms, days=7).events
+        env_a = ns("envelopes")
+        _progress("producing Arrow envelopes")
+        produce_s = _produce(env_a, stream, "arrow")
+        _progress("worker: envelopes")
+        stats_a = _worker(env_a, f"{tmp}/a.json")
+
+        single = stream[:single_events]
+        env_b = ns("single")
+        _progress(f"producing {len(single)} single-event JSON messages")
+        _produce(env_b, single, "json")
+        _progress("reference consumer")
+        ref = _reference(env_b, [f"single.{t}" for t in ("impressions", "clicks")], len(single))
+        _progress("worker: single-event messages")
+        stats_b = _worker(env_b, f"{tmp}/b.json")
+
+        env_c = ns("fresh")
+        _progress(f"freshness: {rate} events/s for {freshness_seconds:.0f}s")
+        stats_file = f"{tmp}/c.json"
+        cmd = [sys.executable, "-m", "headrace.cli", "worker", "--until-idle", "3",
+               "--stats", stats_file]
+        _produce(env_c, stream[:10], "arrow")  # topics exist before the worker joins
+        worker = subprocess.Popen(cmd, env={**os.environ, **env_c}, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        time.sleep(6)  # group join + assignment
+        sent = _paced(env_c, rate, freshness_seconds, users)
+        _, err = worker.communicate(timeout=120)
+        with open(stats_file, encoding="utf-8") as fh:
+            stats_c = json.load(fh)
+        fresh = sorted(stats_c["freshness_ms"][10:])  # skip the pre-join warm-up events
+        q = (lambda p: fresh[min(len(fresh) - 1, int(p * len(fresh)))] if fresh else None)
+        return {
+            "events": stats_a["events_in"],
+            "events_per_s": round(_rate(stats_a)),
+            "reference_events_per_s": round(ref),
+            "ratio_to_reference": round(_rate(stats_a) / ref, 3),
+            "single_event_messages_per_s": round(_rate(stats_b)),
+            "freshness_rate_events_per_s": rate,
+            "freshness_events": sent,
+            "freshness_p50_ms": q(0.50),
+            "freshness_p99_ms": q(0.99),
+            "produce_seconds": round(produce_s, 2),
+            "users": users,
+        }

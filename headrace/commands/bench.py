@@ -1,0 +1,70 @@
+"""``headrace bench NAME [--json]``: benchmarks with a same-run reference.
+
+Each benchmark prints its figures and a reference measured in the same run on the same
+machine (machines are shared and noisy: ratios hold, absolute times drift).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+__all__ = ["register", "BENCHMARKS"]
+
+#: name → (module, one-line description)
+BENCHMARKS = {
+    "stream": ("bench.stream", "worker events/s vs a plain consumer; freshness at 5k events/s"),
+    "training-set": ("bench.training_set", "point-in-time join vs DuckDB ASOF JOIN"),
+    "lookup": ("bench.lookup", "gRPC feature lookup p50/p99 vs echo and raw Redis floors"),
+    "score": ("bench.score", "Score RPC p99 for 100 candidates vs LightGBM predict alone"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark",
+                       description="Run a benchmark; each reports a reference measured in the "
+                                   "same run. Benchmarks: " + "; ".join(
+                                       f"{k}: {v[1]}" for k, v in BENCHMARKS.items()))
+    p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE",
+                   help="override a benchmark parameter (e.g. --set events=100000)")
+    p.set_defaults(func=_run)
+
+
+def _params(pairs: list[str]) -> dict[str, object]:
+    from headrace.errors import UsageError
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--set expects PARAM=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from headrace.errors import MissingDependencyError, UsageError
+
+    module_name, _ = BENCHMARKS[args.name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise MissingDependencyError(f"benchmark {args.name} is not available yet") from exc
+        raise
+    try:
+        result = module.run(**_params(args.set))
+    except TypeError as exc:
+        raise UsageError(f"bad --set parameter for {args.name}: {exc}") from exc
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:32} {value}")
+    return 0

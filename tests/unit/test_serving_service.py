@@ -1,0 +1,257 @@
+"""OnlineFeatureService on the fake online store: values vs the brute-force oracle,
+TTL, cold start, bad requests naming the field, fallback, budget and breaker."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from feature_defs.coldstart import Priors, Status, Tier
+from feature_defs.layout import entity_key, priors_key
+from feature_defs.registry import load_registry
+from feature_defs.state import ViewState
+from headrace.errors import InvalidArgument
+from proto.headrace.v1 import features_pb2 as pb
+from serving.breaker import BreakerState, CircuitBreaker
+from serving.client import OnlineFeatures, build_request
+from serving.priors import PriorsCache
+from serving.reader import OnlineReader
+from serving.service import OnlineFeatureService
+from serving.store import FakeOnlineStore
+from tests import oracle
+
+PREFIX = "hr"
+T0 = 1_700_000_000_000
+DAY = 86_400_000
+REG = load_registry()
+VIEW_OF = {p.view.entity.name: p for p in REG.plans.values()}
+ENTITIES = ("user", "ad", "campaign", "publisher")
+
+
+def make_events(rng: random.Random, users: int = 6, n: int = 900) -> list[dict[str, Any]]:
+    events = []
+    for i in range(n):
+        u = rng.randrange(users)
+        ts = T0 - int(rng.random() ** 2 * (u + 1) * DAY)  # u0 recent ... u5 up to 6 days
+        events.append({"type": "click" if rng.random() < 0.1 else "impression",
+                       "event_id": f"e{i}", "ts": ts, "user_id": f"u{u}",
+                       "ad_id": f"a{rng.randrange(4)}", "campaign_id": f"c{rng.randrange(2)}",
+                       "publisher_id": "p0"})  # fmt: skip
+    return sorted(events, key=lambda e: e["ts"])
+
+
+def load(store: FakeOnlineStore, events: list[dict[str, Any]]) -> None:
+    states: dict[tuple[str, str], ViewState] = {}
+    for e in events:
+        for entity, key in oracle.ENTITY_KEYS.items():
+            plan = VIEW_OF[entity]
+            st = states.setdefault((entity, e[key]), ViewState(plan))
+            st.apply(oracle.TOPIC_OF[e["type"]], e["ts"], e)
+    for (entity, eid), st in states.items():
+        store.hset(entity_key(PREFIX, entity, eid), VIEW_OF[entity].view.id, st.encode())
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_service(
+    store: FakeOnlineStore,
+    *,
+    priors: Priors | None = None,
+    timer: Timer | None = None,
+    now: int = T0 + 1,
+) -> OnlineFeatureService:
+    if priors is not None:
+        store.set(priors_key(PREFIX), priors.to_json())
+    cache = PriorsCache(store, PREFIX)
+    cache.refresh()
+    timer = timer or Timer()
+    breaker = CircuitBreaker(failures=2, reset_s=1.0, clock=timer)
+    return OnlineFeatureService(REG, OnlineReader(store, PREFIX), cache, breaker,
+                                budget_ms=10.0, max_ids=5, clock_ms=lambda: now,
+                                timer=timer)  # fmt: skip
+
+
+def ask(service: OnlineFeatureService, entity: str, ids: list[str], **kw: Any) -> OnlineFeatures:
+    return OnlineFeatures.from_pb(entity, service.get_online_features(
+        build_request(entity, ids, **kw)))
+
+
+@pytest.fixture(scope="module")
+def events() -> list[dict[str, Any]]:
+    return make_events(random.Random(11))
+
+
+@pytest.fixture
+def store(events: list[dict[str, Any]]) -> FakeOnlineStore:
+    s = FakeOnlineStore()
+    load(s, events)
+    return s
+
+
+@pytest.mark.parametrize("entity", ENTITIES)
+def test_values_equal_the_oracle_in_one_round_trip(
+    entity: str, events: list[dict[str, Any]], store: FakeOnlineStore
+) -> None:
+    service = make_service(store)  # no priors: every value is the entity's own roll-up
+    index = oracle.OracleIndex(events)
+    ids = index.ids(entity)[:4] + ["nobody"]
+    for as_of in (T0 + 1, T0 + 61_000, T0 + 3 * 3_600_000, T0 + 2 * DAY, T0 + 6 * DAY):
+        before = store.calls
+        answer = ask(service, entity, ids, as_of_ms=as_of)
+        assert store.calls == before + 1
+        assert answer.as_of_ms == as_of and answer.feature_names == oracle.feature_names(entity)
+        for ent in answer.entities:
+            want = oracle.features_as_of(index, entity, ent.id, as_of)
+            got = {n: (None if v is None else v) for n, v in ent.values.items()}
+            assert got == {n: (None if w is None else float(w)) for n, w in want.items()}
+            if not oracle.is_default(index, entity, ent.id, as_of):
+                status = "PRESENT"
+            elif oracle.latest_before(index, entity, ent.id, as_of) is None:
+                status = "DEFAULT"
+            else:
+                status = "STALE"  # data beyond the TTL (Redis has not expired it yet)
+            assert set(ent.statuses.values()) == {status}
+
+
+def test_ttl_is_honoured_by_event_time(
+    store: FakeOnlineStore, events: list[dict[str, Any]]
+) -> None:
+    service = make_service(store, priors=Priors({"user__ctr_7d": 0.5}))
+    ttl = VIEW_OF["user"].ttl_ms
+    latest = max(e["ts"] for e in events if e["user_id"] == "u0")
+    answer = ask(service, "user", ["u0"], as_of_ms=latest + ttl)  # key not expired in Redis
+    ent = answer.entities[0]
+    assert set(ent.statuses.values()) == {"STALE"}
+    assert ent.values["user__ctr_7d"] == 0.5 and ent.values["user__impressions_7d"] == 0
+    assert ent.tier == "GLOBAL"
+    store.strings.clear()
+    plain = make_service(store)  # no priors: the rolled-up values themselves
+    fresh = ask(plain, "user", ["u0"], as_of_ms=latest + ttl - 1).entities[0]
+    assert set(fresh.statuses.values()) == {"PRESENT"}
+    assert ask(plain, "user", ["u0"], as_of_ms=latest + ttl).entities[0].values == \
+        {n: (None if v is None else float(v)) for n, v in oracle.defaults("user").items()}
+
+
+def test_cold_start_through_the_service(store: FakeOnlineStore) -> None:
+    priors = Priors({"user__ctr_24h": 0.01}, {("US", "mobile"): {"user__ctr_24h": 0.2}})
+    service = make_service(store, priors=priors)
+    answer = ask(service, "user", ["nobody"], features=["user__ctr_24h"], country="US",
+                 device_type="mobile")  # fmt: skip
+    assert answer.entities[0].values == {"user__ctr_24h": 0.2}
+    assert answer.entities[0].tier == "SEGMENT"
+    assert ask(service, "user", ["nobody"], features=["user__ctr_24h"]).entities[0].tier == "GLOBAL"
+
+
+@pytest.mark.parametrize(
+    ("request_kw", "field"),
+    [
+        ({"entity_type": "planet", "ids": ["x"]}, "entity_type"),
+        ({"ids": []}, "ids"),
+        ({"ids": [f"u{i}" for i in range(6)]}, "ids"),
+        ({"ids": ["u1", "u2", "u3", "has space"]}, "ids[3]"),
+        ({"ids": ["u{1}"]}, "ids[0]"),
+        ({"ids": ["u1"], "features": ["user__ctr_24h", "nope"]}, "feature_names[1]"),
+        ({"ids": ["u1"], "features": ["ad__ctr_1h"]}, "feature_names[0]"),
+        ({"ids": ["u1"], "features": []}, "feature_names"),
+        ({"ids": ["u1"], "feature_set": "ad_activity"}, "feature_set"),
+        ({"ids": ["u1"], "as_of_ms": -5}, "as_of_ms"),
+        ({"ids": ["u0"], "as_of_ms": T0 - 7 * DAY}, "as_of_ms"),
+    ],
+)
+def test_bad_requests_name_the_field(store: FakeOnlineStore, request_kw: dict[str, Any],
+                                     field: str) -> None:  # fmt: skip
+    service = make_service(store)
+    kw = {"entity_type": "user", **request_kw}
+    with pytest.raises(InvalidArgument) as err:
+        service.get_online_features(build_request(**kw))
+    assert err.value.field == field and str(err.value).startswith(f"{field}: ")
+    assert InvalidArgument.grpc_status == "INVALID_ARGUMENT"
+
+
+def test_feature_sets(store: FakeOnlineStore) -> None:
+    service = make_service(store)
+    for name in ("", "all", "user_activity", "user_activity@1"):
+        names = ask(service, "user", ["u1"], feature_set=name).feature_names
+        assert names == REG.feature_names("user")
+
+
+def test_server_clock_behind_event_times_is_not_an_error(store: FakeOnlineStore) -> None:
+    service = make_service(store, now=T0 - DAY)  # events up to T0 are "in the future"
+    ent = ask(service, "user", ["u0"]).entities[0]
+    assert set(ent.statuses.values()) == {"PRESENT"}
+
+
+def test_unreadable_state_is_served_as_no_data(store: FakeOnlineStore) -> None:
+    store.hset(entity_key(PREFIX, "ad", "bad"), VIEW_OF["ad"].view.id, b"\x01garbage")
+    ent = ask(make_service(store), "ad", ["bad"]).entities[0]
+    assert set(ent.statuses.values()) == {"DEFAULT"}
+
+
+PRIORS = Priors({"user__ctr_24h": 0.03}, {("US", "mobile"): {"user__ctr_24h": 0.07}})
+
+
+def test_store_errors_fall_back_to_priors_then_the_breaker_opens(store: FakeOnlineStore) -> None:
+    timer = Timer()
+    service = make_service(store, priors=PRIORS, timer=timer)
+    store.fail = "connection refused"
+    for _ in range(2):
+        resp = service.get_online_features(build_request(
+            "user", ["u0", "u1"], ["user__ctr_24h", "user__clicks_1h"], country="US",
+            device_type="mobile"))  # fmt: skip
+        assert resp.fallback_reason == pb.REDIS_ERROR
+        assert list(resp.statuses) == [Status.FALLBACK] * 4
+        assert list(resp.tiers) == [Tier.SEGMENT] * 2
+        assert list(resp.values) == [0.07, 0.0, 0.07, 0.0]  # no prior for clicks: default 0
+    assert service.breaker.state is BreakerState.OPEN
+    calls = store.calls
+    resp = service.get_online_features(build_request("user", ["u0"]))
+    assert resp.fallback_reason == pb.BREAKER_OPEN and store.calls == calls
+    assert list(resp.tiers) == [Tier.GLOBAL]
+    store.fail = None
+    timer.now += 1.0  # breaker_reset_s
+    resp = service.get_online_features(build_request("user", ["u0"]))
+    assert resp.fallback_reason == pb.NONE and store.calls == calls + 1
+    assert service.breaker.state is BreakerState.CLOSED
+
+
+def test_budget_overrun_is_a_fallback(store: FakeOnlineStore) -> None:
+    timer = Timer()
+    service = make_service(store, priors=PRIORS, timer=timer)
+
+    def slow(seconds: float) -> None:
+        timer.now += seconds
+
+    store._sleep = slow  # the fake's injectable sleep advances the pinned timer
+    store.delay_s = 0.0101
+    resp = service.get_online_features(build_request("user", ["u0"], ["user__ctr_24h"]))
+    assert resp.fallback_reason == pb.BUDGET_EXCEEDED and list(resp.values) == [0.03]
+    store.delay_s = 0.0099
+    resp = service.get_online_features(build_request("user", ["u0"], ["user__ctr_24h"]))
+    assert resp.fallback_reason == pb.NONE and list(resp.statuses) == [Status.PRESENT]
+
+
+def test_priors_cache_keeps_last_good_priors() -> None:
+    store = FakeOnlineStore()
+    cache = PriorsCache(store, PREFIX)
+    assert not cache.refresh() and cache.priors == Priors()
+    store.set(priors_key(PREFIX), PRIORS.to_json())
+    assert cache.refresh() and cache.priors == PRIORS
+    store.set(priors_key(PREFIX), "{broken")
+    assert not cache.refresh() and cache.priors == PRIORS
+    store.fail = "down"
+    assert not cache.refresh() and cache.priors == PRIORS
+
+
+def test_enum_numbers_match_the_proto() -> None:
+    for status in Status:
+        assert pb.FeatureStatus.Value(status.name) == status
+    for tier in Tier:
+        assert pb.ColdStartTier.Value(tier.name) == tier
