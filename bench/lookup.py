@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,7 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
                 out: dict[str, list[float]] = {"rpc": [], "echo": [], "redis": []}
                 for i in range(rounds + rounds // 10):  # the first 10% warm up
                     req, redis_read = shape(entity, n)
-                    t_rpc = _timed(lambda req=req: client.call(req, timeout=1.0))
+                    t_rpc = _timed(partial(client.call, req, timeout=1.0))
                     t_echo = _timed(lambda: echo(b"", timeout=1.0))
                     t_redis = _timed(redis_read)
                     if i >= rounds // 10:
@@ -344,9 +345,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--serve"]:
         _serve_child()
         return
-    kwargs = dict(arg.split("=", 1) for arg in argv)
-    print(json.dumps(run(**{k: (float(v) if "." in v else int(v)) for k, v in kwargs.items()}),
-                     indent=2))  # fmt: skip
+    kwargs: dict[str, Any] = {}
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        kwargs[key] = float(value) if "." in value else int(value)
+    print(json.dumps(run(**kwargs), indent=2))
 
 
 if __name__ == "__main__":

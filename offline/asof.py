@@ -167,7 +167,8 @@ class ViewRows:
             rows.vis = np.minimum(np.maximum(ts + 1, ing), hi + 1)
         if any(m.op is AggOp.LAST for m in measures):
             ids = table.column("event_id").take(pa.array(order)).to_pylist()
-            rows.tiebreak = np.array([distinct_hash(i or "") for i in ids], dtype=np.uint64)
+            # ties on ts: the stream worker's tiebreak, xxh64(event_id) >> 1
+            rows.tiebreak = np.array([distinct_hash(i or "") >> 1 for i in ids], np.int64)
         return rows
 
     @property

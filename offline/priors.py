@@ -132,7 +132,9 @@ class _ViewData:
 _BUCKET_BASE = -(2**31)  # keeps (bucket - base) within 32 bits for any ms timestamp / 1 s+
 
 
-def _segment_index(data: _ViewData, segments: dict[str, Segment]) -> tuple[np.ndarray, list]:
+def _segment_index(
+    data: _ViewData, segments: dict[str, Segment]
+) -> tuple[np.ndarray, list[Segment]]:
     """Segment number per entity code (-1: none) and the segment list."""
     seg_list = sorted(set(segments.values()))
     number = {s: i for i, s in enumerate(seg_list)}

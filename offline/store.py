@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from feature_defs.layout import events_dir, view_dir
 from headrace.errors import InputError, OfflineStoreError
@@ -48,6 +49,7 @@ __all__ = [
     "flat_dictionary",
     "resolve_uri",
     "atomic_output",
+    "merge_by_row",
 ]
 
 #: source coordinates of an event: Kafka partition, offset, index inside the message
@@ -319,3 +321,36 @@ def atomic_output(uri: str, settings: CommonSettings | None = None
         with contextlib.suppress(OSError, pa.ArrowException):
             fs.delete_file(tmp)
         raise
+
+
+def merge_by_row(parts: Sequence[str], row: str, fs: pafs.FileSystem, path: str, n: int,
+                 block: int = 1 << 20) -> None:
+    """Write the rows of local Parquet ``parts`` (each sorted by the int64 column ``row``,
+    together holding rows ``0..n-1``) to ``path`` on ``fs`` in row order, without ``row``.
+
+    One sequential pass: each output block of ``block`` rows takes a prefix of every
+    part, so memory holds about one block plus one read batch per part.
+    """
+    readers = [pq.ParquetFile(p).iter_batches(batch_size=1 << 16) for p in parts]
+    bufs = [pq.read_schema(p).empty_table() for p in parts]
+    schema = bufs[0].drop_columns([row]).schema
+    written = 0
+    with pq.ParquetWriter(path, schema, filesystem=fs, compression="zstd") as writer:
+        for lo in range(0, n, block):
+            pieces = []
+            for k, reader in enumerate(readers):
+                buf = bufs[k]
+                while buf.num_rows == 0 or buf.column(row)[-1].as_py() < lo + block:
+                    batch = next(reader, None)
+                    if batch is None:
+                        break
+                    buf = pa.concat_tables([buf, pa.Table.from_batches([batch])])
+                cut = int(np.searchsorted(buf.column(row).to_numpy(), lo + block))
+                pieces.append(buf.slice(0, cut))
+                bufs[k] = buf.slice(cut)
+            blk = pa.concat_tables(pieces)
+            blk = blk.take(pa.array(np.argsort(blk.column(row).to_numpy()))).drop_columns([row])
+            writer.write_table(blk.cast(schema))
+            written += blk.num_rows
+    if written != n:
+        raise RuntimeError(f"training set merge wrote {written} of {n} rows")

@@ -26,13 +26,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from feature_defs.coldstart import HISTORY_FEATURE, Priors, apply_cold_start_columns
 from feature_defs.model import AggOp
 from feature_defs.plan import OutputPlan, ViewPlan
 from feature_defs.registry import Registry, load_registry
 from feature_defs.validate import STRING_FIELDS
 from headrace.errors import InputError
 from offline.asof import ViewRows, evaluate_view, is_int_output, read_bounds
-from offline.store import OfflineStore, atomic_output, resolve_uri
+from offline.labels import check_labels_schema, label_times
+from offline.store import OfflineStore, atomic_output, merge_by_row, resolve_uri
 
 if TYPE_CHECKING:
     from headrace.settings import OfflineSettings
@@ -41,7 +43,6 @@ __all__ = [
     "DEFAULT_CHUNK_ROWS",
     "Selection",
     "resolve_features",
-    "label_times",
     "build_training_set",
     "write_training_set",
 ]
@@ -84,42 +85,10 @@ def resolve_features(registry: Registry, features: str | Sequence[str]) -> Selec
     return Selection(tuple((p, outs) for p, outs in views if outs))
 
 
-def label_times(ts: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """The label ``ts`` column as int64 epoch ms (finer units are floored to ms).
-
-    Raises:
-        InputError: naive timestamps, another type, or null values.
-    """
-    typ = ts.type
-    if pa.types.is_timestamp(typ):
-        if typ.tz is None:
-            raise InputError("the labels' ts column holds timestamps without a time zone; "
-                             "store UTC timestamps (tz=UTC) or int64 epoch milliseconds")
-        ms = pc.floor_temporal(ts, unit="millisecond") if typ.unit in ("us", "ns") else ts
-        ints = ms.cast(pa.timestamp("ms", tz=typ.tz)).cast(pa.int64())
-    elif pa.types.is_integer(typ):
-        ints = ts.cast(pa.int64())
-    else:
-        raise InputError(f"the labels' ts column has type {typ}; expected a UTC timestamp "
-                         "or int64 epoch milliseconds")
-    if ints.null_count:
-        raise InputError(f"the labels' ts column has {ints.null_count} null value(s)")
-    return np.asarray(ints.to_numpy(), dtype=np.int64)
-
-
 def _check_schema(schema: pa.Schema, selection: Selection, where: str) -> None:
-    if "ts" not in schema.names:
-        raise InputError(f"{where} has no 'ts' column (a UTC timestamp or int64 epoch ms)")
-    label_times(pa.array([], schema.field("ts").type))  # type checks only
-    for plan, outs in selection.views:
-        key = plan.view.entity.key
-        if key not in schema.names:
-            raise InputError(f"{where} has no '{key}' column, which the requested "
-                             f"{plan.view.entity.name} features (e.g. {outs[0].name}) need")
-    clash = sorted(set(schema.names) & set(selection.names + selection.masks + [_ROW]))
-    if clash:
-        raise InputError(f"{where} already has a column named {clash[0]}, which the "
-                         "training set would add")
+    required = {plan.view.entity.key: f"the requested {plan.view.entity.name} features "
+                f"(e.g. {outs[0].name})" for plan, outs in selection.views}
+    check_labels_schema(schema, required, selection.names + selection.masks + [_ROW], where)
 
 
 class _Progress:
@@ -217,10 +186,110 @@ def _feature_table(labels: pa.Table, t: np.ndarray, selection: Selection, store:
     return pa.concat_tables(pieces).take(pa.array(back))
 
 
+@dataclass
+class _Job:
+    """One training-set run: what to compute and how."""
+
+    selection: Selection
+    store: OfflineStore
+    registry: Registry
+    as_of_known: bool
+    chunk_rows: int
+    progress: _Progress
+    priors: Priors | None = None  # set: apply the serving cold-start rule
+
+    @property
+    def computed(self) -> Selection:
+        """The selection plus the cold-start history feature when users need it."""
+        if self.priors is None or HISTORY_FEATURE not in self.registry.by_feature:
+            return self.selection
+        hist_plan, hist_out = self.registry.by_feature[HISTORY_FEATURE]
+        if hist_plan.view.entity.name not in {p.view.entity.name for p, _ in
+                                              self.selection.views}:
+            return self.selection
+        views = []
+        chosen = {p.view.id: outs for p, outs in self.selection.views}
+        for plan in self.registry.plans.values():
+            outs = chosen.get(plan.view.id, ())
+            if plan is hist_plan and hist_out not in outs:
+                outs = tuple(o for o in plan.outputs if o in outs or o is hist_out)
+            if outs:
+                views.append((plan, tuple(outs)))
+        return Selection(tuple(views))
+
+    def features(self, labels: pa.Table, done: int = 0) -> pa.Table:
+        """Feature and mask columns for ``labels`` rows (same order)."""
+        computed = self.computed
+        feats = _feature_table(labels.select(_keys(computed)), label_times(labels.column("ts")),
+                               computed, self.store, self.as_of_known, self.chunk_rows,
+                               self.progress, done)
+        if self.priors is not None:
+            feats = _cold_start(feats, labels, computed, self.priors)
+        keep = [n for plan, outs in self.selection.views for n in
+                [o.name for o in outs] + [f"{plan.view.name}__is_default"]]
+        return feats.select(keep)
+
+
+def _cold_start(feats: pa.Table, labels: pa.Table, selection: Selection, priors: Priors
+                ) -> pa.Table:
+    """Fill like the serving layer: per entity, default only when every view of the entity
+    is; a user's history is ``user__impressions_7d`` (0 without fresh data, anonymous when
+    the key is null); the segment is the row's ``country`` and ``device_type`` (if any).
+    Features become float64 (blending makes fractional counts)."""
+    context = [labels.column(c).cast(pa.string()).to_pylist() if c in labels.column_names
+               else None for c in ("country", "device_type")]
+    entities = dict.fromkeys(p.view.entity.name for p, _ in selection.views)
+    for entity in entities:
+        views = [(p, outs) for p, outs in selection.views if p.view.entity.name == entity]
+        masks = {p.view.id: feats.column(f"{p.view.name}__is_default").to_numpy()
+                 for p, _ in views}
+        cols = {o.name: np.asarray(feats.column(o.name).cast(pa.float64()).to_numpy(
+            zero_copy_only=False), np.float64) for _, outs in views for o in outs}
+        history = None
+        if entity == "user" and HISTORY_FEATURE in cols:
+            plan_id = next(p.view.id for p, outs in views if any(o.name == HISTORY_FEATURE
+                                                                for o in outs))
+            history = np.where(masks[plan_id], 0.0, cols[HISTORY_FEATURE])
+            history[np.asarray(labels.column(views[0][0].view.entity.key).is_null())] = np.nan
+        rule_entity = entity if entity != "user" or history is not None else "user/no-history"
+        values, _tiers, _ = apply_cold_start_columns(
+            rule_entity, cols, np.logical_and.reduce(list(masks.values())), priors,
+            context[0], context[1], history=history)
+        for name, value in values.items():
+            i = feats.column_names.index(name)
+            feats = feats.set_column(i, name, pa.array(value, pa.float64(),
+                                                       mask=np.isnan(value)))
+    return feats
+
+
+def _make_job(labels_schema: pa.Schema, where: str, features: str | Sequence[str],
+              settings: OfflineSettings, registry: Registry | None, store: OfflineStore | None,
+              as_of_known: bool, chunk_rows: int, total: int) -> _Job:
+    registry = registry or load_registry()
+    selection = resolve_features(registry, features)
+    if total == 0:
+        raise InputError(f"{where} has no rows")
+    _check_schema(labels_schema, selection, where)
+    store = store or OfflineStore.from_settings(settings)
+    store.check()
+    return _Job(selection, store, registry, as_of_known, max(int(chunk_rows), 1),
+                _Progress("training-set", total, settings.progress))
+
+
+def _load_priors(settings: OfflineSettings, registry: Registry, priors: Priors | None,
+                 t_min: int) -> Priors:
+    """Given priors, else priors of the 7 days before the earliest label (no leakage)."""
+    if priors is not None:
+        return priors
+    from offline.priors import build_priors
+
+    return build_priors(settings, registry, until_ms=t_min)
+
+
 def build_training_set(labels: pa.Table, features: str | Sequence[str],
                        settings: OfflineSettings, *, as_of_known: bool = False,
-                       cold_start: bool = False, registry: Registry | None = None,
-                       store: OfflineStore | None = None,
+                       cold_start: bool = False, priors: Priors | None = None,
+                       registry: Registry | None = None, store: OfflineStore | None = None,
                        chunk_rows: int = DEFAULT_CHUNK_ROWS) -> pa.Table:
     """Append point-in-time features to ``labels``.
 
@@ -230,7 +299,8 @@ def build_training_set(labels: pa.Table, features: str | Sequence[str],
         features: ``"all"``, a comma-separated string or a list of feature names.
         settings: offline settings (store location, progress bar).
         as_of_known: also exclude applied rows ingested after T (``_ingest_ms > T``).
-        cold_start: fill defaults like the serving layer's cold-start tiers.
+        cold_start: fill like the serving cold-start tiers (:mod:`feature_defs.coldstart`)
+            with ``priors``, by default those of the 7 days before the earliest label.
         registry: feature definitions (default: :func:`load_registry`).
         store: offline store (default: the one of ``settings``).
         chunk_rows: most label rows joined at once.
@@ -242,22 +312,15 @@ def build_training_set(labels: pa.Table, features: str | Sequence[str],
         InputError: missing or invalid columns, unknown features, no rows, an unreadable
             offline store (:class:`offline.store.OfflineStoreUnreadable`).
     """
-    registry = registry or load_registry()
-    selection = resolve_features(registry, features)
-    if labels.num_rows == 0:
-        raise InputError("the labels have no rows")
-    _check_schema(labels.schema, selection, "the labels")
+    job = _make_job(labels.schema, "the labels", features, settings, registry, store,
+                    as_of_known, chunk_rows, labels.num_rows)
     if cold_start:
-        _cold_start_unavailable()
-    t = label_times(labels.column("ts"))
-    store = store or OfflineStore.from_settings(settings)
-    store.check()
-    progress = _Progress("training-set", labels.num_rows, settings.progress)
+        t_min = int(label_times(labels.column("ts")).min())
+        job.priors = _load_priors(settings, job.registry, priors, t_min)
     try:
-        feats = _feature_table(labels.select(_keys(selection)), t, selection, store,
-                               as_of_known, chunk_rows, progress)
+        feats = job.features(labels)
     finally:
-        progress.close()
+        job.progress.close()
     for name in feats.column_names:
         labels = labels.append_column(name, feats.column(name))
     return labels
@@ -265,9 +328,9 @@ def build_training_set(labels: pa.Table, features: str | Sequence[str],
 
 def write_training_set(labels_uri: str, out_uri: str, features: str | Sequence[str],
                        settings: OfflineSettings, *, as_of_known: bool = False,
-                       cold_start: bool = False, registry: Registry | None = None,
-                       store: OfflineStore | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                       tmp_dir: str | None = None) -> int:
+                       cold_start: bool = False, priors: Priors | None = None,
+                       registry: Registry | None = None, store: OfflineStore | None = None,
+                       chunk_rows: int = DEFAULT_CHUNK_ROWS, tmp_dir: str | None = None) -> int:
     """Read labels Parquet at ``labels_uri``, write the training set to ``out_uri``.
 
     Same semantics as :func:`build_training_set`; files with more than ``chunk_rows``
@@ -278,41 +341,33 @@ def write_training_set(labels_uri: str, out_uri: str, features: str | Sequence[s
     Returns:
         The number of rows written (always the number of label rows).
     """
-    registry = registry or load_registry()
-    selection = resolve_features(registry, features)
     fs, path = resolve_uri(labels_uri, settings)
     try:
         pf = pq.ParquetFile(fs.open_input_file(path))
     except (OSError, pa.ArrowException) as exc:
-        raise InputError(f"cannot read the labels file {labels_uri}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                         ) from exc
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"cannot read the labels file {labels_uri}: {first}") from exc
     n = pf.metadata.num_rows
-    if n == 0:
-        raise InputError(f"the labels file {labels_uri} has no rows")
-    _check_schema(pf.schema_arrow, selection, f"the labels file {labels_uri}")
-    if cold_start:
-        _cold_start_unavailable()
-    store = store or OfflineStore.from_settings(settings)
-    store.check()
-    progress = _Progress("training-set", n, settings.progress)
+    job = _make_job(pf.schema_arrow, f"the labels file {labels_uri}", features, settings,
+                    registry, store, as_of_known, chunk_rows, n)
     try:
+        labels = pf.read() if n <= job.chunk_rows else None
+        edges = _time_buckets(pf, job.chunk_rows) if labels is None else None
+        if cold_start:
+            t_min = int(edges[0]) if edges is not None else int(
+                label_times(labels.column("ts")).min())  # type: ignore[union-attr]
+            job.priors = _load_priors(settings, job.registry, priors, t_min)
         with atomic_output(out_uri, settings) as (out_fs, tmp):
-            if n <= chunk_rows:
-                labels = pf.read()
-                feats = _feature_table(labels.select(_keys(selection)),
-                                       label_times(labels.column("ts")), selection, store,
-                                       as_of_known, chunk_rows, progress)
+            if labels is not None:
+                feats = job.features(labels)
                 for name in feats.column_names:
                     labels = labels.append_column(name, feats.column(name))
                 pq.write_table(labels, tmp, filesystem=out_fs, compression="zstd")
             else:
                 with tempfile.TemporaryDirectory(prefix="headrace-ts-", dir=tmp_dir) as work:
-                    parts = _bucketed(pf, work, selection, store, as_of_known, chunk_rows,
-                                      progress)
-                    _merge(parts, out_fs, tmp, n)
+                    merge_by_row(_bucketed(pf, work, edges, job), _ROW, out_fs, tmp, n)
     finally:
-        progress.close()
+        job.progress.close()
     return n
 
 
@@ -341,10 +396,8 @@ def _time_buckets(pf: pq.ParquetFile, chunk_rows: int) -> np.ndarray:
     return lo + np.array(starts, np.int64) * width
 
 
-def _bucketed(pf: pq.ParquetFile, work: str, selection: Selection, store: OfflineStore,
-              as_of_known: bool, chunk_rows: int, progress: _Progress) -> list[str]:
+def _bucketed(pf: pq.ParquetFile, work: str, edges: np.ndarray, job: _Job) -> list[str]:
     """Spill labels into time buckets, join each; returns result files sorted by row."""
-    edges = _time_buckets(pf, chunk_rows)
     writers: dict[int, pq.ParquetWriter] = {}
     row0 = 0
     for batch in pf.iter_batches(batch_size=1 << 18):
@@ -361,8 +414,7 @@ def _bucketed(pf: pq.ParquetFile, work: str, selection: Selection, store: Offlin
     outputs, done = [], 0
     for k in sorted(writers):
         part = pq.read_table(f"{work}/in-{k}.parquet")
-        feats = _feature_table(part.select(_keys(selection)), label_times(part.column("ts")),
-                               selection, store, as_of_known, chunk_rows, progress, done)
+        feats = job.features(part, done)
         done += part.num_rows
         for name in feats.column_names:
             part = part.append_column(name, feats.column(name))
@@ -370,40 +422,3 @@ def _bucketed(pf: pq.ParquetFile, work: str, selection: Selection, store: Offlin
         pq.write_table(part.sort_by(_ROW), outputs[-1])
         del part, feats
     return outputs
-
-
-def _merge(parts: list[str], fs: object, path: str, n: int, block: int = 1 << 20) -> None:
-    """Merge result files (each sorted by row number) back into the input row order."""
-    readers = [pq.ParquetFile(p).iter_batches(batch_size=1 << 16) for p in parts]
-    bufs = [pq.read_schema(p).empty_table() for p in parts]
-    schema = bufs[0].drop_columns([_ROW]).schema
-    written = 0
-    with pq.ParquetWriter(path, schema, filesystem=fs, compression="zstd") as writer:
-        for lo in range(0, n, block):
-            pieces = []
-            for k, reader in enumerate(readers):
-                buf = bufs[k]
-                while buf.num_rows == 0 or buf.column(_ROW)[-1].as_py() < lo + block:
-                    batch = next(reader, None)
-                    if batch is None:
-                        break
-                    buf = pa.concat_tables([buf, pa.Table.from_batches([batch])])
-                cut = int(np.searchsorted(buf.column(_ROW).to_numpy(), lo + block))
-                pieces.append(buf.slice(0, cut))
-                bufs[k] = buf.slice(cut)
-            blk = pa.concat_tables(pieces)
-            blk = blk.take(pa.array(np.argsort(blk.column(_ROW).to_numpy()))).drop_columns([_ROW])
-            writer.write_table(blk.cast(schema))
-            written += blk.num_rows
-    if written != n:
-        raise RuntimeError(f"training set merge wrote {written} of {n} rows")
-
-
-def _cold_start_unavailable() -> None:
-    try:
-        import feature_defs.coldstart  # noqa: F401
-    except ImportError:
-        raise InputError("--cold-start needs priors and the serving cold-start rule "
-                         "(feature_defs.coldstart), which this build does not have yet") from None
-    raise InputError("--cold-start is not supported by this version of the training-set "
-                     "builder yet")

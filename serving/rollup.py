@@ -124,7 +124,7 @@ class RollupProgram:
         pend = as_of_ms > max_ts  # the events at max_ts count only strictly before T
         pending = state.pending
         rings = state.rings
-        acc = list(self._init)
+        acc: list[Any] = list(self._init)
         for ring_idx, tile_ms, n_tiles, slots in self._groups:
             ring = rings[ring_idx]
             cells: Any

@@ -13,6 +13,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from feature_defs.coldstart import ColdStartRule, Priors, Status, Tier, fallback_values
 from feature_defs.layout import entity_id_problem
@@ -205,15 +206,17 @@ class OnlineFeatureService:
         )
         row = [vals[n] for n in plan.names]
         n = len(ids)
+        tiers: list[Any] = [int(tier)] * n  # proto enum fields take ints
+        statuses: list[Any] = [int(Status.FALLBACK)] * (len(row) * n)
         self._m.fallbacks.labels(tier=tier.name, reason=reason).inc(n)
         self._m.entities.labels(entity=plan.entity, tier=tier.name).inc(n)
         return pb.GetOnlineFeaturesResponse(
             feature_names=plan.names,
             ids=ids,
-            tiers=[tier] * n,
+            tiers=tiers,
             values=[_NAN if v is None else v for v in row] * n,
             is_null=[v is None for v in row] * n,
-            statuses=[Status.FALLBACK] * (len(row) * n),
+            statuses=statuses,
             as_of_ms=as_of,
             fallback_reason=_REASONS[reason],
         )
@@ -246,10 +249,11 @@ class OnlineFeatureService:
         width = len(plan.names)
         no_nulls = [False] * width
         apply = self._rule(plan, priors, segment).apply
+        # proto enum fields take ints; the stubs type them as the enum wrappers
         values: list[float] = []
         nulls: list[bool] = []
-        statuses: list[int] = []
-        tiers: list[int] = []
+        statuses: list[Any] = []
+        tiers: list[Any] = []
         ok = Freshness.OK
         stale = Freshness.STALE
         for row in rows:
@@ -266,8 +270,8 @@ class OnlineFeatureService:
                 values.extend(vals)
                 nulls.extend(no_nulls)
         entities = self._m.entities
-        for tier, count in Counter(tiers).items():
-            entities.labels(entity=plan.entity, tier=Tier(tier).name).inc(count)
+        for tier_n, count in Counter(tiers).items():
+            entities.labels(entity=plan.entity, tier=Tier(tier_n).name).inc(count)
         return pb.GetOnlineFeaturesResponse(
             feature_names=plan.names,
             ids=ids,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from headrace.errors import OnlineStoreError, missing_extra
 
@@ -61,13 +61,16 @@ class RedisOnlineStore:
 
     ``read_hashes`` sends every HMGET in one write and reads the replies: one round
     trip, what ``pipeline(transaction=False)`` sends, without its per-command Python
-    work. Socket connect/read timeouts equal ``timeout_ms`` (the serving budget), and
-    redis-py's own retries are off: the caller decides (breaker, fallback).
+    work. Each request thread keeps its own connection (no pool checkout, health poll
+    or pool metrics per request); a connection that failed is closed and reopened on
+    its thread's next call. Socket connect/read timeouts equal ``timeout_ms`` (the
+    serving budget), and redis-py's own retries are off: the caller decides (breaker,
+    fallback).
 
     Args:
         url: redis-py URL (``redis://host:port/db``).
         timeout_ms: socket connect and read timeout in milliseconds.
-        max_connections: pool size (one connection per concurrent request).
+        max_connections: most connections (one per request thread).
     """
 
     def __init__(self, url: str, timeout_ms: float = 10.0, max_connections: int = 64) -> None:
@@ -93,18 +96,26 @@ class RedisOnlineStore:
         )
         self._unavailable = (RedisConnectionError, RedisTimeoutError)
         self._redis_error = RedisError
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[Any] = []
+
+    def _connection(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._pool.make_connection()
+            with self._lock:
+                self._connections.append(conn)
+            self._local.conn = conn
+        return conn
 
     def read_hashes(self, keys: Sequence[str], fields: Sequence[str]) -> Rows:
         if not keys:
             return []
         payload = pack_hmget(keys, fields)
-        pool = self._pool
+        conn = self._connection()
         try:
-            conn = pool.get_connection()
-        except self._unavailable as exc:
-            raise OnlineStoreError(f"redis unavailable: {exc}") from exc
-        try:
-            conn.send_packed_command([payload], check_health=False)
+            conn.send_packed_command([payload], check_health=False)  # connects if needed
             read = conn.read_response
             return [read() for _ in keys]
         except self._unavailable as exc:
@@ -113,8 +124,6 @@ class RedisOnlineStore:
         except self._redis_error as exc:  # an error reply: the rest of the replies are unread
             conn.disconnect()
             raise OnlineStoreError(f"redis error: {exc}") from exc
-        finally:
-            pool.release(conn)
 
     def get(self, key: str) -> bytes | None:
         try:
@@ -124,6 +133,9 @@ class RedisOnlineStore:
         return value  # type: ignore[return-value]
 
     def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.disconnect()
         self._pool.disconnect()
         self._client.close()
 

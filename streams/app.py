@@ -27,7 +27,7 @@ from streams.sides import KafkaSideOutputs
 __all__ = ["build_engine", "ensure_topics", "run_worker"]
 
 log = logging.getLogger(__name__)
-_TAKE = 256  # messages per agent batch
+_TAKE = 1024  # messages per agent batch
 
 
 def build_engine(
@@ -130,7 +130,9 @@ def run_worker(
         topic_allow_declare=False,
         topic_disable_leader=True,
         store="memory://",
-        stream_buffer_maxsize=4 * _TAKE,
+        stream_buffer_maxsize=16 * _TAKE,
+        broker_max_poll_records=4 * _TAKE,
+        consumer_max_fetch_size=8 * 1024 * 1024,
         broker_commit_interval=1.0,
         loghandlers=[],
     )

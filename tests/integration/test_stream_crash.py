@@ -153,8 +153,9 @@ def _source_progress(redis_client: Any, ns: Any, group: str) -> tuple[int, int]:
     """(sum of online_next, sum of offline_next) over the source partitions."""
     recs = sk.commit_records(redis_client, ns.redis_prefix, group)
     online = offline = 0
+    sources = (ns.topic("impressions"), ns.topic("clicks"))
     for key, rec in recs.items():
-        if re.search(r":(impressions|clicks):\d+$", key):
+        if key.rsplit(":", 2)[1] in sources:
             online += rec.get("online_next", 0)
             offline += rec.get("offline_next", 0)
     return online, offline

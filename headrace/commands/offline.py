@@ -1,0 +1,115 @@
+"""``headrace labels`` and ``headrace training-set``: offline datasets from the offline store.
+
+Both read ``HEADRACE_*`` settings (:class:`headrace.settings.OfflineSettings`): the store
+root ``HEADRACE_OFFLINE_URI`` (``s3://bucket/prefix`` or a folder), ``HEADRACE_S3_*`` for
+S3, and ``HEADRACE_PROGRESS`` for the progress bar on stderr. Outputs (local paths or
+``s3://`` URIs) appear atomically: after a failure nothing is left at ``--out``. Bad input
+exits with status 2 and one sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from feature_defs.coldstart import Priors
+    from headrace.settings import OfflineSettings
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``labels`` and ``training-set`` commands."""
+    p = sub.add_parser(
+        "labels", help="click labels of the impressions in a time range",
+        description="One row per accepted impression with FROM <= ts < TO, labelled 1 when a "
+                    "click on it has imp.ts <= click.ts <= imp.ts + ATTRIBUTION.")
+    p.add_argument("--from", dest="start", required=True, metavar="T1",
+                   help="first impression time, inclusive: epoch ms or ISO-8601 UTC")
+    p.add_argument("--to", dest="end", required=True, metavar="T2",
+                   help="end of the impression times, exclusive: epoch ms or ISO-8601 UTC")
+    p.add_argument("--attribution", default="30m",
+                   help="click attribution window after the impression (default 30m)")
+    p.add_argument("--out", required=True, help="output Parquet file (path or s3:// URI)")
+    p.set_defaults(func=_labels)
+
+    t = sub.add_parser(
+        "training-set", help="labels joined with point-in-time features",
+        description="Append to every label row the value of each feature as of the row's ts "
+                    "(window rule and TTL exactly as served online), plus a "
+                    "{view}__is_default mask per view. Rows keep their order and columns.")
+    t.add_argument("--labels", required=True,
+                   help="labels Parquet (path or s3:// URI) with ts and the entity key columns")
+    t.add_argument("--features", default="all",
+                   help="'all' or comma-separated feature names (default all)")
+    t.add_argument("--out", required=True, help="output Parquet file (path or s3:// URI)")
+    t.add_argument("--as-of-known", action="store_true",
+                   help="also leave out events ingested after ts (_ingest_ms > ts)")
+    t.add_argument("--cold-start", action="store_true",
+                   help="fill values like the serving cold-start tiers (uses the row's "
+                        "country and device_type columns for the segment)")
+    t.add_argument("--priors", metavar="FILE",
+                   help="priors JSON for --cold-start (default: computed from the 7 days "
+                        "of events before the earliest label)")
+    t.add_argument("--chunk-rows", type=int, default=None, metavar="N",
+                   help="most label rows joined at once (default 2,000,000)")
+    t.set_defaults(func=_training_set)
+
+
+def _settings() -> OfflineSettings:
+    from pydantic import ValidationError
+
+    from headrace.errors import InputError
+    from headrace.settings import OfflineSettings
+
+    try:
+        return OfflineSettings()
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(x) for x in problem.get("loc", ())) or "settings"
+        raise InputError(f"invalid setting HEADRACE_{where.upper()}: {problem['msg']}") from exc
+
+
+def _labels(args: argparse.Namespace) -> int:
+    from offline.labels import parse_duration, parse_time, write_labels
+    from offline.store import OfflineStore
+
+    start, end = parse_time(args.start), parse_time(args.end)
+    attribution = parse_duration(args.attribution)
+    settings = _settings()
+    rows, positives = write_labels(OfflineStore.from_settings(settings), args.out, start, end,
+                                   attribution, settings)
+    print(f"wrote {rows} labels ({positives} clicked) to {args.out}")
+    return 0
+
+
+def _training_set(args: argparse.Namespace) -> int:
+    from headrace.errors import InputError
+    from offline.training_set import DEFAULT_CHUNK_ROWS, write_training_set
+
+    priors = None
+    if args.priors:
+        if not args.cold_start:
+            raise InputError("--priors only applies with --cold-start")
+        priors = _read_priors(args.priors)
+    if args.chunk_rows is not None and args.chunk_rows < 1:
+        raise InputError("--chunk-rows must be at least 1")
+    settings = _settings()
+    rows = write_training_set(
+        args.labels, args.out, args.features, settings, as_of_known=args.as_of_known,
+        cold_start=args.cold_start, priors=priors,
+        chunk_rows=args.chunk_rows or DEFAULT_CHUNK_ROWS)
+    print(f"wrote {rows} rows to {args.out}")
+    return 0
+
+
+def _read_priors(path: str) -> Priors:
+    from feature_defs.coldstart import Priors
+    from headrace.errors import InputError
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return Priors.from_json(fh.read())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the priors file {path}: {exc}") from exc
