@@ -164,6 +164,15 @@ def decoded_schema(kind: EventKind) -> pa.Schema:
 # ---------------------------------------------------------------------------------- decode
 
 
+def _is_text(value: bytes) -> bool:
+    """Printable UTF-8 text (what a JSON producer sends), as opposed to binary Avro."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return text.isprintable() or all(c.isprintable() or c in "\t\r\n" for c in text)
+
+
 def sniff_encoding(value: bytes) -> Encoding:
     """Guess the encoding of a message without an ``hr-enc`` header."""
     head = bytes(value[:4])
@@ -253,7 +262,8 @@ class _Decoder:
 
         if not value:
             return die("empty_value: message has no value", None, 0)
-        enc = _find_header(headers, ENCODING_HEADER) or sniff_encoding(value)
+        declared = _find_header(headers, ENCODING_HEADER)
+        enc = declared or sniff_encoding(value)
         if enc == "arrow":
             return self.arrow(value, topic, partition, offset, die)
         if enc == "avro-batch":
@@ -261,7 +271,9 @@ class _Decoder:
         if enc == "json":
             try:
                 event = json.loads(value)
-            except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            except UnicodeDecodeError as exc:  # bytes that are not text at all
+                return die(f"undecodable: not UTF-8 ({exc.reason} at byte {exc.start})", "json", 0)
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError
                 return die(f"bad_json: {exc}", "json", 0)
             if not isinstance(event, dict):
                 return die(f"bad_json: expected an object, got {type(event).__name__}", "json", 0)
@@ -270,6 +282,8 @@ class _Decoder:
             try:
                 event = fastavro.schemaless_reader(buf, self.spec.avro_raw_schema)
             except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure is the input's
+                if declared is None and _is_text(value):  # unframed text: a broken JSON producer
+                    return die("bad_json: not a JSON object", "json", 0)
                 return die(f"undecodable: avro {type(exc).__name__} {exc}".rstrip(), "avro", 0)
             if buf.tell() != len(value):
                 extra = len(value) - buf.tell()

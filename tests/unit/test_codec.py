@@ -239,7 +239,7 @@ WHOLE_MESSAGE = [
     ("unknown_encoding: protobuf", b"\x00", [("hr-enc", b"protobuf")]),
     ("bad_json", b"{not json", None),
     ("bad_json: expected an object, got list", b"[1, 2]", [("hr-enc", b"json")]),
-    ("bad_json", b"\xff\xfe{", [("hr-enc", b"json")]),
+    ("undecodable: not UTF-8", b"\xff\xfe{", [("hr-enc", b"json")]),
     ("undecodable: avro", b"\x01", None),
     ("undecodable: avro has", encode_avro("impression", impression()) + b"zz", None),
     ("undecodable: arrow", b"\xff\xff\xff\xffgarbage", None),
