@@ -3,28 +3,34 @@
 Setup (not timed): a private ``redis-server`` on a free loopback port; ``users`` users,
 ``ads`` ads, ``campaigns`` campaigns and ``publishers`` publishers with the full standard
 state built from synthetic events over the last 7 days (``ViewState.apply``, HSET +
-EXPIRE like the stream worker: 20 features over 4 views); the feature server started
-in a SEPARATE process (``python -m bench.lookup --serve``) with default serving settings.
+EXPIRE like the stream worker: 20 features over 4 views). The feature server runs in a
+SEPARATE process (``python -m bench.lookup --serve MEMO``) with default settings.
 
-Client-observed latency over loopback (sync gRPC client, one call at a time):
+Client-observed latency over loopback (sync gRPC client, one call at a time, random ids):
 
-* ``p50_ms_1`` / ``p99_ms_1``: 1 random user, all 12 user features.
-* ``p50_ms_100`` / ``p99_ms_100``: 100 random users, all 12 user features each.
-* ``p50_ms_100_ads`` / ``p99_ms_100_ads``: 100 random ads (a ranking request's
-  candidates), all 6 ad features each.
+* ``p50_ms_1`` / ``p99_ms_1``: 1 user, all 12 user features.
+* ``p50_ms_100`` / ``p99_ms_100``: 100 users, all 12 user features each.
+* ``p50_ms_100_ads`` / ``p99_ms_100_ads``: 100 ads (a ranking request's candidates),
+  all 6 ad features each.
 
-Floors measured in the same run, interleaved call by call with the figures above so
-that they share the machine's noise:
+The headline figures are measured with the roll-up memo OFF: every read decodes and
+rolls up (what a request pays when each state changed since its last read, as a
+user's does in production). The ``*_memo`` figures are the same requests against a
+server with the default memo (8192 entries): the states here never change, so the memo
+answers nearly every read; production hit rates sit in between (high for hot ads).
 
-* ``echo_p99_ms``: an empty unary RPC to the same server process (same options,
-  thread pool and interceptor).
-* ``redis_p99_ms_1`` / ``redis_p99_ms_100`` (and ``_100_ads``): redis-py (hiredis)
-  ``pipeline(transaction=False)`` HMGET of the same keys and fields, from this process.
+Floors measured in the same run, interleaved call by call with each figure (suffix as
+the figure) so that they share the machine's noise:
 
-Outage: with calls running (deadline ``deadline_ms`` each), Redis is first paused
-(SIGSTOP: reads hit the socket timeout) for ``outage_s``, resumed, then killed for
-``outage_s``. ``outage_answered_ratio`` = share of calls during both outages answered OK
-within the deadline; ``outage_fallback_ratio`` = share of those answered with FALLBACK.
+* ``echo_p99_ms_*``: an empty unary RPC to the same server process (same options,
+  thread pool and interceptor); ``echo_p99_ms`` is the one of the 1-user run.
+* ``redis_p99_ms_*``: redis-py (hiredis) ``pipeline(transaction=False)`` HMGET of the
+  same keys and fields, from this process.
+
+Outage (memo server): with calls running (deadline ``deadline_ms`` each), Redis is
+paused (SIGSTOP: reads hit the socket timeout) for ``outage_s``, resumed, then killed for
+``outage_s``. ``outage_answered_ratio`` = share of calls during both outages answered
+OK within the deadline; ``outage_fallback_ratio`` = share of those answered FALLBACK.
 """
 
 from __future__ import annotations
@@ -156,8 +162,10 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def _serve_child() -> None:
+def _serve_child(memo_entries: int) -> None:
     """Run the feature server (settings from HEADRACE_*) plus an echo method."""
+    import gc
+
     import grpc
 
     from headrace.settings import ServeSettings
@@ -168,43 +176,65 @@ def _serve_child() -> None:
         {"Ping": grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"",
                                                      lambda b: b, lambda b: b)},
     )  # fmt: skip
-    server = build_server(ServeSettings(), port=0, host="127.0.0.1", extra_handlers=[echo])
+    server = build_server(ServeSettings(), port=0, host="127.0.0.1", extra_handlers=[echo],
+                          memo_entries=memo_entries)  # fmt: skip
     server.start()
+    gc.freeze()  # as `headrace serve` does
     print(json.dumps({"port": server.port}), flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     server.stop(0)
 
 
-def _spawn_server(redis_url: str) -> tuple[subprocess.Popen[str], int]:
-    env = {**os.environ, "HEADRACE_REDIS_URL": redis_url, "HEADRACE_REDIS_PREFIX": _PREFIX,
-           "PYTHONPATH": str(_ROOT)}  # fmt: skip
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # for sigwait
-    try:
-        proc = subprocess.Popen([sys.executable, "-m", "bench.lookup", "--serve"], cwd=_ROOT,
-                                env=env, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError("feature server child failed to start")
-    return proc, int(json.loads(line)["port"])
+class _Server:
+    """A feature server child process and this process's clients of it."""
+
+    def __init__(self, redis_url: str, memo_entries: int) -> None:
+        import grpc
+
+        from serving.client import FeatureClient
+
+        env = {**os.environ, "HEADRACE_REDIS_URL": redis_url, "HEADRACE_REDIS_PREFIX": _PREFIX,
+               "PYTHONPATH": str(_ROOT)}  # fmt: skip
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # sigwait
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.lookup", "--serve", str(memo_entries)],
+                cwd=_ROOT, env=env, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("feature server child failed to start")
+        address = f"127.0.0.1:{json.loads(line)['port']}"
+        self.client = FeatureClient(address, timeout_s=1.0)
+        self.client.wait_ready()
+        self.channel = grpc.insecure_channel(address)
+        self.echo = self.channel.unary_unary("/headrace.bench.Echo/Ping",
+                                             request_serializer=lambda b: b,
+                                             response_deserializer=lambda b: b)  # fmt: skip
+
+    def stop(self) -> None:
+        self.client.close()
+        self.channel.close()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=10)
 
 
 def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int = 50,
         n_1: int = 3000, n_100: int = 400, outage_s: float = 3.0, deadline_ms: float = 50.0,
         seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """Set up, measure and return the figures (JSON-able). See the module docstring."""
-    import grpc
     import redis
 
     from feature_defs.layout import entity_key
-    from serving.client import FeatureClient, build_request
+    from serving.client import build_request
 
     rng = random.Random(seed + 1)
+    figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="headrace-bench-lookup-") as workdir:
         rproc, rport = start_redis(workdir)
-        server = None
+        servers: list[_Server] = []
         try:
             url = f"redis://127.0.0.1:{rport}/0"
             t0 = time.perf_counter()
@@ -212,13 +242,6 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
                               publishers=publishers, now_ms=time.time_ns() // 1_000_000,
                               seed=seed)  # fmt: skip
             setup_s = time.perf_counter() - t0
-            server, port = _spawn_server(url)
-            client = FeatureClient(f"127.0.0.1:{port}", timeout_s=1.0)
-            client.wait_ready()
-            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-            echo = channel.unary_unary("/headrace.bench.Echo/Ping",
-                                       request_serializer=lambda b: b,
-                                       response_deserializer=lambda b: b)  # fmt: skip
             raw = redis.Redis(port=rport)
 
             def shape(entity: str, n: int) -> tuple[Any, Callable[[], Any]]:
@@ -235,66 +258,75 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
 
                 return build_request(entity, ids), redis_read
 
-            def measure(entity: str, n: int, rounds: int) -> dict[str, list[float]]:
-                out: dict[str, list[float]] = {"rpc": [], "echo": [], "redis": []}
+            def measure(srv: _Server, suffix: str, entity: str, n: int, rounds: int) -> None:
+                rpc: list[float] = []
+                echo: list[float] = []
+                floor: list[float] = []
                 for i in range(rounds + rounds // 10):  # the first 10% warm up
                     req, redis_read = shape(entity, n)
-                    t_rpc = _timed(partial(client.call, req, timeout=1.0))
-                    t_echo = _timed(lambda: echo(b"", timeout=1.0))
+                    t_rpc = _timed(partial(srv.client.call, req, timeout=1.0))
+                    t_echo = _timed(partial(srv.echo, b"", timeout=1.0))
                     t_redis = _timed(redis_read)
                     if i >= rounds // 10:
-                        out["rpc"].append(t_rpc)
-                        out["echo"].append(t_echo)
-                        out["redis"].append(t_redis)
-                return out
+                        rpc.append(t_rpc)
+                        echo.append(t_echo)
+                        floor.append(t_redis)
+                figures[f"p50_ms_{suffix}"] = _pct(rpc, 0.5)
+                figures[f"p99_ms_{suffix}"] = _pct(rpc, 0.99)
+                figures[f"echo_p50_ms_{suffix}"] = _pct(echo, 0.5)
+                figures[f"echo_p99_ms_{suffix}"] = _pct(echo, 0.99)
+                figures[f"redis_p50_ms_{suffix}"] = _pct(floor, 0.5)
+                figures[f"redis_p99_ms_{suffix}"] = _pct(floor, 0.99)
 
-            one = measure("user", 1, n_1)
-            hundred = measure("user", 100, n_100)
-            hundred_ads = measure("ad", 100, n_100)
-            outage = _outage(client, rproc, deadline_ms, outage_s, lambda: shape("user", 1)[0])
+            for memo, tag in ((0, ""), (8192, "_memo")):
+                servers.append(srv := _Server(url, memo))
+                measure(srv, f"1{tag}", "user", 1, n_1)
+                measure(srv, f"100{tag}", "user", 100, n_100)
+                measure(srv, f"100_ads{tag}", "ad", 100, n_100)
+            outage = _outage(servers[-1].client, rproc, deadline_ms, outage_s,
+                             lambda: shape("user", 1)[0])  # fmt: skip
         finally:
-            if server is not None:
-                server.send_signal(signal.SIGTERM)
-                server.wait(timeout=10)
+            for srv in servers:
+                srv.stop()
             if rproc.poll() is None:
                 rproc.kill()
             rproc.wait()
-    echo_p99 = _pct(one["echo"], 0.99)
-    redis_p99_1 = _pct(one["redis"], 0.99)
-    result = {
+    return _result(figures, outage, counts, setup_s, n_1=n_1, n_100=n_100, users=users,
+                   ads=ads, campaigns=campaigns, publishers=publishers)  # fmt: skip
+
+
+def _result(figures: dict[str, Any], outage: dict[str, Any], counts: dict[str, int],
+            setup_s: float, **params: int) -> dict[str, Any]:  # fmt: skip
+    f = figures
+    result: dict[str, Any] = {
         "benchmark": "lookup",
-        "p50_ms_1": _pct(one["rpc"], 0.5),
-        "p99_ms_1": _pct(one["rpc"], 0.99),
-        "p50_ms_100": _pct(hundred["rpc"], 0.5),
-        "p99_ms_100": _pct(hundred["rpc"], 0.99),
-        "p50_ms_100_ads": _pct(hundred_ads["rpc"], 0.5),
-        "p99_ms_100_ads": _pct(hundred_ads["rpc"], 0.99),
-        "echo_p50_ms": _pct(one["echo"], 0.5),
-        "echo_p99_ms": echo_p99,
-        "redis_p50_ms_1": _pct(one["redis"], 0.5),
-        "redis_p99_ms_1": redis_p99_1,
-        "redis_p99_ms_100": _pct(hundred["redis"], 0.99),
-        "redis_p99_ms_100_ads": _pct(hundred_ads["redis"], 0.99),
+        **{k: f[k] for k in ("p50_ms_1", "p99_ms_1", "p50_ms_100", "p99_ms_100")},
+        "echo_p99_ms": f["echo_p99_ms_1"],
+        "redis_p99_ms_1": f["redis_p99_ms_1"],
+        "redis_p99_ms_100": f["redis_p99_ms_100"],
+        "outage_answered_ratio": outage["outage_answered_ratio"],
+        **{
+            k: v
+            for k, v in sorted(f.items())
+            if k not in ("p50_ms_1", "p99_ms_1", "p50_ms_100", "p99_ms_100")
+        },  # fmt: skip
         **outage,
-        "requests": {"n_1": n_1, "n_100": n_100},
-        "data": {"users": users, "ads": ads, "campaigns": campaigns, "publishers": publishers,
-                 **counts, "features_per_user": 12, "features_total": 20},
+        "params": params,
+        "data": {**counts, "features_per_user": 12, "features_per_ad": 6, "features_total": 20},
         "setup_seconds": round(setup_s, 1),
         "cpu_count": os.cpu_count(),
     }
-    result["targets"] = {
-        "p50_ms_1_max": 1.0,
-        "p99_ms_1_max": 1.5,
-        "p99_ms_1_floor_ratio_max": 1.5,
-        "p99_ms_1_floor_ratio": round(result["p99_ms_1"] / (echo_p99 + redis_p99_1), 3),
-        "p99_ms_100_max": 5.0,
-        "outage_answered_ratio_min": 1.0,
-    }
-    result["targets"]["met"] = bool(
-        result["p50_ms_1"] <= 1.0 and result["p99_ms_1"] <= 1.5
-        and result["targets"]["p99_ms_1_floor_ratio"] <= 1.5
-        and result["p99_ms_100"] <= 5.0 and result["outage_answered_ratio"] >= 1.0
-    )  # fmt: skip
+    targets: dict[str, Any] = {"p50_ms_1_max": 1.0, "p99_ms_1_max": 1.5,
+                               "p99_ms_1_floor_ratio_max": 1.5, "p99_ms_100_max": 5.0,
+                               "outage_answered_ratio_min": 1.0}  # fmt: skip
+    for tag in ("", "_memo"):
+        ratio = f[f"p99_ms_1{tag}"] / (f[f"echo_p99_ms_1{tag}"] + f[f"redis_p99_ms_1{tag}"])
+        targets[f"p99_ms_1_floor_ratio{tag}"] = round(ratio, 3)
+        targets[f"met{tag}"] = bool(
+            f[f"p50_ms_1{tag}"] <= 1.0 and f[f"p99_ms_1{tag}"] <= 1.5 and ratio <= 1.5
+            and f[f"p99_ms_100{tag}"] <= 5.0 and outage["outage_answered_ratio"] >= 1.0
+        )  # fmt: skip
+    result["targets"] = targets
     return result
 
 
@@ -343,7 +375,7 @@ def _outage(client: Any, rproc: subprocess.Popen[bytes], deadline_ms: float, out
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--serve"]:
-        _serve_child()
+        _serve_child(int(argv[1]) if len(argv) > 1 else 8192)
         return
     kwargs: dict[str, Any] = {}
     for arg in argv:

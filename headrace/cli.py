@@ -28,7 +28,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     "headrace.commands.get",
     "headrace.commands.lag",
     "headrace.commands.offline",
+    "headrace.commands.train",
     "headrace.commands.serve",
+    "headrace.commands.score",
+    "headrace.commands.example",
     "headrace.commands.bench",
 )
 

@@ -94,7 +94,7 @@ class ViewRows:
     ts: np.ndarray
     source: np.ndarray
     key: np.ndarray
-    fields: dict[str, _Field]
+    fields: dict[tuple[str, bool], _Field]  # (field, as distinct codes?) -> values
     vis: np.ndarray | None = None  # max(ts + 1, _ingest_ms): first T the row is known at
     tiebreak: np.ndarray | None = None
     _cache: dict[object, object] = field(default_factory=dict)
@@ -155,12 +155,13 @@ class ViewRows:
             order = keep_idx[np.argsort(key[keep_idx])]
             key, code, ts, src = key[order], code[order], ts[order], src[order].astype(np.int8)
             codes = [c[order] for c, _ in cats.values()]
-        fields = {f: _Field(c, c >= 0, d) for f, c, (_, d) in
+        fields = {(f, True): _Field(c, c >= 0, d) for f, c, (_, d) in
                   zip(cats, codes, cats.values(), strict=True)}
         for m in measures:
-            if m.field is not None and m.field not in fields:
+            if m.field is not None and (m.field, False) not in fields and \
+                    m.op is not AggOp.APPROX_DISTINCT:
                 assert order is not None
-                fields[m.field] = _numeric(table.column(m.field), order)
+                fields[(m.field, False)] = _numeric(table.column(m.field), order)
         rows = cls(plan, int(base), int(hi), bits, code_map, code, ts, src, key, fields)
         if as_of_known:
             ing = _np_index(table.column("_ingest_ms").combine_chunks())[order]
@@ -182,11 +183,15 @@ class ViewRows:
     def source_of(self, m: Measure) -> int:
         return [s.name for s in self.plan.view.sources].index(m.source)
 
+    def field(self, m: Measure) -> _Field:
+        """The values of ``m``'s field: dictionary codes for distinct counts, else floats."""
+        return self.fields[(m.field or "", m.op is AggOp.APPROX_DISTINCT)]
+
     def member(self, m: Measure) -> np.ndarray:
         """Rows feeding measure ``m``: its source, and a non-null field value."""
         mask = self.source == self.source_of(m)
         if m.op is not AggOp.COUNT and m.field is not None:
-            mask &= self.fields[m.field].valid
+            mask &= self.field(m).valid
         return mask
 
     def prefix(self, m: Measure, what: str) -> np.ndarray:
@@ -197,7 +202,7 @@ class ViewRows:
             if what == "n":
                 acc = np.cumsum(mask, dtype=np.int32 if len(mask) < 2**31 else np.int64)
             else:
-                vals = np.where(mask, self.fields[m.field or ""].values, 0.0)
+                vals = np.where(mask, self.field(m).values, 0.0)
                 acc = np.cumsum(vals.astype(np.longdouble))
             self._cache[ck] = np.concatenate([np.zeros(1, acc.dtype), acc])
         return self._cache[ck]  # type: ignore[return-value]
@@ -222,7 +227,7 @@ class ViewRows:
         ck = ("pairs", m)
         if ck not in self._cache:
             mask = self.member(m)
-            code, val = self.code[mask], self.fields[m.field or ""].values[mask]
+            code, val = self.code[mask], self.field(m).values[mask]
             t = self.ts[mask] - self.base
             vbits = max(int(val.max(initial=0)), 1).bit_length()
             if max(int(self.code_map.max()), 1).bit_length() + vbits + self.bits <= 63:
@@ -353,7 +358,8 @@ def _fast(rows: ViewRows, qc: np.ndarray, qt: np.ndarray, kt: np.ndarray, qi: np
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)
     redo = np.zeros(len(qi), bool)
-    if as_of_known:  # rows with ts < T not yet ingested at T: #{ts < T} - #{vis <= T}
+    if as_of_known and rows.vis is not None:  # rows before T not yet ingested at T:
+        # #{ts < T} - #{vis <= T}
         vkey = np.sort((rows.code << rows.bits) | (rows.vis - rows.base))
         redo = b - np.searchsorted(vkey, kt, side="right") > 0
         if redo.any():
@@ -454,7 +460,7 @@ def _group_measure(rows: ViewRows, m: Measure, qid: np.ndarray, idx: np.ndarray,
     has = count > 0
     if m.op is AggOp.COUNT:
         return count, np.ones(nq, bool)
-    fld = rows.fields[m.field or ""]
+    fld = rows.field(m)
     if m.op is AggOp.APPROX_DISTINCT:
         nvals = max(len(fld.hashes), 1)
         uniq = np.unique(g.astype(np.int64) * nvals + fld.values[r])

@@ -47,6 +47,7 @@ __all__ = [
     "time_split",
     "fit_booster",
     "baseline_raw",
+    "RAW_PARAMS",
 ]
 
 CALIBRATION_BINS = 10
@@ -235,7 +236,7 @@ def fit_booster(
     cats = list(categorical) or "auto"
     try:
         dtrain = lgb.Dataset(x_train, label=y_train, feature_name=list(feature_names),
-                             categorical_feature=cats, free_raw_data=False)
+                             categorical_feature=cats)
         dvalid = lgb.Dataset(x_valid, label=y_valid, reference=dtrain)
         booster = lgb.train(full, dtrain, num_boost_round=num_boost_round, valid_sets=[dvalid],
                             callbacks=[lgb.early_stopping(early_stopping_rounds, verbose=False)])
@@ -300,7 +301,7 @@ def _ts_ms(table: pa.Table) -> np.ndarray:
 
 
 def baseline_raw(train_rows: pa.Table, test_rows: pa.Table, *, seed: int = 0,
-                 num_threads: int = 2, max_categories: int = 1000) -> dict[str, Any]:
+                 num_threads: int = 1, max_categories: int = 1000) -> dict[str, Any]:
     """A LightGBM on the raw CSV columns alone, as the bar the feature model must beat.
 
     Every column except ``ts``, ``label``, ``impression_id`` and ``event_id`` is a

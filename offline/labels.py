@@ -9,6 +9,9 @@ The work runs one UTC day of impressions at a time (reading the clicks of that d
 through ``attribution`` later), so memory is bounded by one day of events; rows come out
 sorted by ``ts`` then source coordinates. Impressions repeating an ``event_id`` inside a
 day (a producer retry) give one row, the first by (``ts``, partition, offset, index).
+
+Also here: reading and checking a labels table given to the training set
+(:func:`label_times`, :func:`check_labels_schema`).
 """
 
 from __future__ import annotations
@@ -115,21 +118,6 @@ def label_times(ts: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if ints.null_count:
         raise InputError(f"the labels' ts column has {ints.null_count} null value(s)")
     return np.asarray(ints.to_numpy(), dtype=np.int64)
-
-
-def _check_schema(schema: pa.Schema, selection: Selection, where: str) -> None:
-    if "ts" not in schema.names:
-        raise InputError(f"{where} has no 'ts' column (a UTC timestamp or int64 epoch ms)")
-    label_times(pa.array([], schema.field("ts").type))  # type checks only
-    for plan, outs in selection.views:
-        key = plan.view.entity.key
-        if key not in schema.names:
-            raise InputError(f"{where} has no '{key}' column, which the requested "
-                             f"{plan.view.entity.name} features (e.g. {outs[0].name}) need")
-    clash = sorted(set(schema.names) & set(selection.names + selection.masks + [_ROW]))
-    if clash:
-        raise InputError(f"{where} already has a column named {clash[0]}, which the "
-                         "training set would add")
 
 
 def check_labels_schema(schema: pa.Schema, required: Mapping[str, str],

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ __all__ = [
 #: source coordinates of an event: Kafka partition, offset, index inside the message
 COORDINATES = ("_partition", "_offset", "_index")
 _TS_TYPE = pa.timestamp("ms", tz="UTC")
+_PART = re.compile(r"^(?P<topic>.+)-p\d{3}-\d{12}\.parquet$")
 
 
 class OfflineStoreUnreadable(OfflineStoreError, InputError):
@@ -235,8 +237,9 @@ class OfflineStore:
         files: list[str] = []
         for folder in self.partitions(base, lo_ms, hi_ms):
             sel = pafs.FileSelector(folder, allow_not_found=True, recursive=True)
-            files.extend(sorted(i.path for i in self._info(sel)
-                                if i.type == pafs.FileType.File and i.path.endswith(".parquet")))
+            files.extend(sorted(  # hidden and "_" names are writers' temporary files
+                i.path for i in self._info(sel) if i.type == pafs.FileType.File
+                and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))))
         return files
 
     # ---------------------------------------------------------------- reading
@@ -268,13 +271,36 @@ class OfflineStore:
         if lo_ms is not None:
             cond = cond & (ds.field("ts") >= pa.scalar(lo_ms, _TS_TYPE))
         try:
-            dataset = ds.dataset(files, format=fmt, filesystem=self.filesystem)
+            schema = self._schema(files, fmt, wanted, required={"ts", "entity_id", "source",
+                                                                *dedup})
+            dataset = ds.dataset(files, schema=schema, format=fmt, filesystem=self.filesystem)
             table = dataset.to_table(columns=wanted, filter=cond)
         except (OSError, pa.ArrowException) as exc:
             raise OfflineStoreUnreadable(
                 f"cannot read the offline data under {base}: {_first_line(exc)}") from exc
         table = deduplicate(table, dedup)
         return table.select([c for c in wanted if c in columns or c == "ts"])
+
+    def _schema(self, files: Sequence[str], fmt: ds.ParquetFileFormat, wanted: Sequence[str],
+                required: set[str]) -> pa.Schema:
+        """The union of the files' schemas, from one footer per source topic.
+
+        A view's files carry only the measure fields of their own source (clicks files
+        of a view counting distinct impression ads have no ``ad_id``): such columns read
+        as null. A wanted column no file has reads as null too, unless ``required``.
+        """
+        first: dict[str, str] = {}
+        for path in files:
+            m = _PART.match(posixpath.basename(path))
+            first.setdefault(m["topic"] if m else path, path)
+        schema = pa.unify_schemas([fmt.inspect(p, filesystem=self.filesystem)
+                                   for p in first.values()], promote_options="permissive")
+        for name in wanted:
+            if schema.get_field_index(name) < 0:
+                if name in required:
+                    raise pa.ArrowInvalid(f"the files have no column '{name}'")
+                schema = schema.append(pa.field(name, pa.string()))
+        return schema
 
     def view_base(self, view_id: str) -> str:
         return view_dir(self.root, view_id)

@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_CHUNK_ROWS",
     "Selection",
     "resolve_features",
+    "label_times",
     "build_training_set",
     "write_training_set",
 ]
@@ -169,10 +170,12 @@ def _feature_table(labels: pa.Table, t: np.ndarray, selection: Selection, store:
     names = [n_ for plan, outs in selection.views for n_ in
              [o.name for o in outs] + [f"{plan.view.name}__is_default"]]
     if n <= chunk_rows:
-        parts = [c for plan, outs in selection.views for c in _view_columns(
-            plan, outs, labels.column(plan.view.entity.key), t, store, as_of_known)]
-        if progress:
-            progress.update(done + n)
+        parts: list[pa.Array] = []
+        for k, (plan, outs) in enumerate(selection.views, 1):
+            parts += _view_columns(plan, outs, labels.column(plan.view.entity.key), t, store,
+                                   as_of_known)
+            if progress:
+                progress.update(done + n * k // len(selection.views))
         return pa.table(dict(zip(names, parts, strict=True)))
     order = np.argsort(t, kind="stable")
     pieces: list[pa.Table] = []
@@ -364,6 +367,7 @@ def write_training_set(labels_uri: str, out_uri: str, features: str | Sequence[s
                     labels = labels.append_column(name, feats.column(name))
                 pq.write_table(labels, tmp, filesystem=out_fs, compression="zstd")
             else:
+                assert edges is not None
                 with tempfile.TemporaryDirectory(prefix="headrace-ts-", dir=tmp_dir) as work:
                     merge_by_row(_bucketed(pf, work, edges, job), _ROW, out_fs, tmp, n)
     finally:

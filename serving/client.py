@@ -98,6 +98,7 @@ def build_request(
         raise ValueError("give features or feature_set, not both")
     req = pb.GetOnlineFeaturesRequest(entity_type=entity_type, ids=list(ids))
     if features is not None:
+        req.feature_names.SetInParent()  # selected even when empty (the server rejects it)
         req.feature_names.names.extend(features)
     elif feature_set is not None:
         req.feature_set = feature_set

@@ -69,8 +69,9 @@ class PriorsCache:
                 priors = Priors.from_json(raw)
             except ValueError as exc:
                 metrics().priors_errors.inc()
-                log.warning("malformed priors at %s, keeping the previous priors: %s",
-                            self._key, exc)
+                log.warning(
+                    "malformed priors at %s, keeping the previous priors: %s", self._key, exc
+                )
                 return False
             self._raw, self.priors, changed = raw, priors, True
             for listener in self.listeners:

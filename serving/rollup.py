@@ -119,6 +119,28 @@ class RollupProgram:
         assert state is not None
         return self._values(state, as_of_ms), fresh
 
+    def validity(self, state: ViewState, as_of_ms: int, fresh: Freshness) -> tuple[int, int] | None:
+        """The as-of interval ``[lo, hi)`` around ``as_of_ms`` on which :meth:`run` gives
+        exactly the same answer for this state, or None (``as_of_ms <= max_ts``).
+
+        Inside it every input of the roll-up is the same: the freshness, whether the
+        events at ``max_ts`` count, and each window's lowest tile.
+        """
+        max_ts = state.max_ts
+        if as_of_ms <= max_ts:
+            return None
+        if fresh is Freshness.STALE:  # stays stale: the latest event only gets older
+            return max_ts + self._ttl, _FOREVER
+        if fresh is not Freshness.OK:
+            return None
+        lo, hi = max_ts + 1, max_ts + self._ttl
+        for _ring, tile_ms, _n, _slots in self._groups:
+            if tile_ms:
+                k = as_of_ms // tile_ms
+                lo = max(lo, k * tile_ms)
+                hi = min(hi, (k + 1) * tile_ms)
+        return lo, hi
+
     def _values(self, state: ViewState, as_of_ms: int) -> list[Any]:
         max_ts = state.max_ts
         pend = as_of_ms > max_ts  # the events at max_ts count only strictly before T
@@ -165,6 +187,7 @@ class RollupProgram:
 
 
 _DIRECT = (AggOp.COUNT, AggOp.APPROX_DISTINCT)
+_FOREVER = 2**63
 
 
 def _kmv_estimate(hashes: set[int]) -> int:

@@ -155,6 +155,7 @@ def build_server(
     store: OnlineStore | None = None,
     clock_ms: Callable[[], int] | None = None,
     max_workers: int = 8,
+    memo_entries: int = 8192,
     extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
 ) -> FeatureServer:
     """Build (not start) the feature server.
@@ -167,6 +168,8 @@ def build_server(
         store: online store (default: Redis at ``settings.redis_url``).
         clock_ms: epoch-ms clock of the default as-of time.
         max_workers: request threads.
+        memo_entries: roll-up memo size (see :class:`~serving.reader.OnlineReader`;
+            0 disables it).
         extra_handlers: more generic handlers (benchmarks register an echo method).
 
     Raises:
@@ -189,7 +192,7 @@ def build_server(
     kwargs: dict[str, Any] = {} if clock_ms is None else {"clock_ms": clock_ms}
     service = OnlineFeatureService(
         registry,
-        OnlineReader(store, settings.redis_prefix),
+        OnlineReader(store, settings.redis_prefix, memo_entries=memo_entries),
         priors,
         breaker,
         budget_ms=settings.redis_budget_ms,

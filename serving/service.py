@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -70,9 +69,18 @@ class OnlineFeatureService:
         self._clock_ms = clock_ms
         self._timer = timer
         self._entities = {e: registry.feature_names(e) for e in sorted(registry.entities)}
-        self._plans: dict[tuple[str, str, tuple[str, ...]], ReadPlan] = {}
+        self._plans: dict[tuple[str, str, tuple[str, ...] | None], ReadPlan] = {}
         self._rules: dict[tuple[str, tuple[str, ...], tuple[str, str] | None], ColdStartRule] = {}
         self._m = metrics()
+        self._children: dict[tuple[str, int], Any] = {}
+
+    def _served(self, entity: str, tier: int) -> Any:
+        """The (cached) counter child of entities served by entity and tier."""
+        child = self._children.get((entity, tier))
+        if child is None:
+            child = self._m.entities.labels(entity=entity, tier=Tier(tier).name)
+            self._children[(entity, tier)] = child
+        return child
 
     # ------------------------------------------------------------------ validation
     def _entity(self, entity: str) -> str:
@@ -95,7 +103,7 @@ class OnlineFeatureService:
         self, entity: str, names: Sequence[str] | None = None, feature_set: str = ""
     ) -> ReadPlan:
         """The (cached) plan of a request shape; validates feature names / set."""
-        key = (entity, feature_set, tuple(names) if names is not None else ())
+        key = (entity, feature_set, None if names is None else tuple(names))
         plan = self._plans.get(key)
         if plan is None:
             resolved = (
@@ -209,7 +217,7 @@ class OnlineFeatureService:
         tiers: list[Any] = [int(tier)] * n  # proto enum fields take ints
         statuses: list[Any] = [int(Status.FALLBACK)] * (len(row) * n)
         self._m.fallbacks.labels(tier=tier.name, reason=reason).inc(n)
-        self._m.entities.labels(entity=plan.entity, tier=tier.name).inc(n)
+        self._served(plan.entity, tier).inc(n)
         return pb.GetOnlineFeaturesResponse(
             feature_names=plan.names,
             ids=ids,
@@ -269,9 +277,11 @@ class OnlineFeatureService:
             else:
                 values.extend(vals)
                 nulls.extend(no_nulls)
-        entities = self._m.entities
-        for tier_n, count in Counter(tiers).items():
-            entities.labels(entity=plan.entity, tier=Tier(tier_n).name).inc(count)
+        counts: dict[int, int] = {}
+        for t in tiers:
+            counts[t] = counts.get(t, 0) + 1
+        for t, count in counts.items():
+            self._served(plan.entity, t).inc(count)
         return pb.GetOnlineFeaturesResponse(
             feature_names=plan.names,
             ids=ids,

@@ -91,7 +91,9 @@ class RedisOnlineStore:
         )
         # the priors document is read in the background, not under the request budget
         self._client = redis.Redis.from_url(
-            url, socket_timeout=max(timeout, 2.0), socket_connect_timeout=max(timeout, 2.0),
+            url,
+            socket_timeout=max(timeout, 2.0),
+            socket_connect_timeout=max(timeout, 2.0),
             retry=None,
         )
         self._unavailable = (RedisConnectionError, RedisTimeoutError)

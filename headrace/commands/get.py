@@ -20,27 +20,48 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from feature_defs.registry import Registry
+    from serving.store import OnlineStore
 
 __all__ = ["register", "raw_lines"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(  # fmt: skip
-        "get", help="online feature values of entities",
+        "get",
+        help="online feature values of entities",
         description="Print online feature values. Without --server: the exact as-of roll-up "
-                    "of the online state in Redis (HEADRACE_REDIS_URL / HEADRACE_REDIS_PREFIX). "
-                    "With --server: through the feature server, with statuses and tiers.",
+        "of the online state in Redis (HEADRACE_REDIS_URL / HEADRACE_REDIS_PREFIX). "
+        "With --server: through the feature server, with statuses and tiers.",
     )
     p.add_argument("--entity", required=True, help="user, ad, campaign or publisher")
-    p.add_argument("--id", dest="ids", action="append", required=True, metavar="ID",
-                   help="entity id (repeat for several)")
-    p.add_argument("--features", action="append", default=None, metavar="NAME[,NAME...]",
-                   help="feature names (repeat or comma-separate; default: all of the entity)")
-    p.add_argument("--at", default=None, metavar="T",
-                   help="as-of time: epoch ms or ISO-8601 UTC (default now)")
-    p.add_argument("--server", default=None, metavar="HOST:PORT",
-                   help="ask the feature server instead of reading Redis")
+    p.add_argument(
+        "--id",
+        dest="ids",
+        action="append",
+        required=True,
+        metavar="ID",
+        help="entity id (repeat for several)",
+    )
+    p.add_argument(
+        "--features",
+        action="append",
+        default=None,
+        metavar="NAME[,NAME...]",
+        help="feature names (repeat or comma-separate; default: all of the entity)",
+    )
+    p.add_argument(
+        "--at", default=None, metavar="T", help="as-of time: epoch ms or ISO-8601 UTC (default now)"
+    )
+    p.add_argument(
+        "--server",
+        default=None,
+        metavar="HOST:PORT",
+        help="ask the feature server instead of reading Redis",
+    )
     p.add_argument("--country", default=None, help="request context (with --server)")
     p.add_argument("--device-type", default=None, help="request context (with --server)")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
@@ -55,7 +76,7 @@ def _features(args: argparse.Namespace) -> list[str] | None:
     return [n.strip() for item in args.features for n in item.split(",") if n.strip()]
 
 
-def _check(registry: Any, entity: str, ids: list[str], names: list[str] | None) -> list[str]:
+def _check(registry: Registry, entity: str, ids: list[str], names: list[str] | None) -> list[str]:
     from feature_defs.layout import entity_id_problem
     from headrace.errors import UsageError
 
@@ -74,7 +95,12 @@ def _check(registry: Any, entity: str, ids: list[str], names: list[str] | None) 
 
 
 def raw_lines(
-    registry: Any, store: Any, prefix: str, entity: str, ids: list[str], names: list[str],
+    registry: Registry,
+    store: OnlineStore,
+    prefix: str,
+    entity: str,
+    ids: list[str],
+    names: list[str],
     as_of_ms: int,
 ) -> list[dict[str, Any]]:
     """As-of values of ``names`` for ``ids`` from the online state (one round trip).
@@ -107,7 +133,8 @@ def raw_lines(
                     f"as_of {as_of_ms} is before the latest applied event of this entity "
                     f"({state.max_ts}, view {plan.view.id}): the online state only answers as "
                     "of its latest event or later; earlier times are the offline store's job "
-                    "(point-in-time training sets)")
+                    "(point-in-time training sets)"
+                )
                 break
             values.update(state.rollup(as_of_ms)[0])
         if "error" not in line:

@@ -1,10 +1,14 @@
-"""``headrace produce``: publish events from a JSON-lines file or a synthetic generator.
+"""``headrace produce``: publish events from a JSON-lines file, a public CTR dataset's CSV
+(``--csv FILE --mapping talkingdata|avazu``, see :mod:`streams.csv_replay`) or a synthetic
+generator.
 
 A file holds one event per line (``type`` impression|click, ``ts`` epoch milliseconds;
 gzip when the name ends in ``.gz``; blank lines are skipped). The whole file is checked
 first, in a streaming pass, and nothing is produced unless every line is a JSON object
 with a known ``type``; field-level problems (a negative bid, a bad id) are left to the
 stream worker, which dead-letters them. Events are then published in file order.
+A CSV file is likewise read and validated whole first (columns, timestamps, labels), then
+replayed in event-time order.
 """
 
 from __future__ import annotations
@@ -122,12 +126,21 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "produce",
         help="publish impression/click events to Kafka",
-        description="Publish events from a JSON-lines file (validated first) or a synthetic "
-        "generator to the impressions and clicks topics.",
+        description="Publish events from a JSON-lines file or a TalkingData/Avazu CSV file "
+        "(validated first) or a synthetic generator to the impressions and clicks topics.",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--file", type=Path, help="JSON-lines file (.jsonl or .jsonl.gz)")
     source.add_argument("--synthetic", action="store_true", help="generate a synthetic stream")
+    source.add_argument(
+        "--csv", type=Path, metavar="FILE", help="a TalkingData or Avazu CSV file (needs --mapping)"
+    )
+    p.add_argument(
+        "--mapping",
+        choices=("talkingdata", "avazu"),
+        default=None,
+        help="how --csv rows map to impressions and clicks",
+    )
     p.add_argument(
         "--encoding",
         choices=ENCODING_CHOICES,
@@ -160,11 +173,23 @@ def handler(
 
     Raises:
         InputError: The file is invalid (nothing produced).
-        UsageError: A synthetic-stream argument is out of range.
+        UsageError: A synthetic-stream argument is out of range, or only one of ``--csv``
+            and ``--mapping`` was given.
         BrokerError: Kafka failed.
     """
     summary: dict[str, Any] = {}
-    if args.file is not None:
+    csv_path = getattr(args, "csv", None)
+    mapping = getattr(args, "mapping", None)
+    replay = None
+    if (csv_path is None) != (mapping is None):
+        raise UsageError("--csv and --mapping go together (--csv FILE --mapping talkingdata|avazu)")
+    if csv_path is not None:
+        from streams.csv_replay import load_csv
+
+        replay = load_csv(csv_path, args.mapping)  # validated whole: a bad file produces nothing
+        total = replay.events
+        summary.update(source=str(csv_path), mapping=mapping, rows=replay.rows)
+    elif args.file is not None:
         found = scan_jsonl(args.file)  # before any connection: a bad file produces nothing
         total = found.events
         summary["source"] = str(args.file)
@@ -190,7 +215,9 @@ def handler(
     producer = EventProducer(
         settings, encoding=args.encoding, sink=sink, progress=progress, total=total
     )
-    if args.file is not None:
+    if replay is not None:
+        producer.send_events(replay.iter_events())
+    elif args.file is not None:
         producer.send_events(iter_jsonl(args.file))
     else:
         from streams.synthetic import iter_events

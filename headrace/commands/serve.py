@@ -20,11 +20,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=None, help="gRPC port (default HEADRACE_PORT; "
                                                           "0 picks a free one)")  # fmt: skip
     p.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="Prometheus port (default HEADRACE_METRICS_PORT; unset: none)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Prometheus port (default HEADRACE_METRICS_PORT; unset: none)",
+    )
     p.add_argument("--workers", type=int, default=8, help="request threads (default 8)")
-    p.add_argument("--definitions", default=None, metavar="MODULE:ATTR",
-                   help="feature definitions (default feature_defs.standard:VIEWS)")
+    p.add_argument(
+        "--memo-entries",
+        type=int,
+        default=8192,
+        help="roll-up memo size, keyed by exact state bytes (default 8192; 0: off)",
+    )
+    p.add_argument(
+        "--definitions",
+        default=None,
+        metavar="MODULE:ATTR",
+        help="feature definitions (default feature_defs.standard:VIEWS)",
+    )
     p.set_defaults(func=_serve)
 
     q = sub.add_parser(
@@ -34,12 +48,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "in the offline store and store them in Redis, where servers pick them up "
                     "within HEADRACE_PRIORS_REFRESH_S.")  # fmt: skip
     q.add_argument("--days", type=float, default=7.0, help="lookback in days (default 7)")
-    q.add_argument("--until", default=None, metavar="T",
-                   help="end of the lookback, exclusive: epoch ms or ISO-8601 (default now)")
-    q.add_argument("--smoothing", type=float, default=100.0,
-                   help="pseudo-impressions pulling a segment CTR to the global one (default 100)")
-    q.add_argument("--min-segment-users", type=int, default=5,
-                   help="users a segment needs for its own prior (default 5)")
+    q.add_argument(
+        "--until",
+        default=None,
+        metavar="T",
+        help="end of the lookback, exclusive: epoch ms or ISO-8601 (default now)",
+    )
+    q.add_argument(
+        "--smoothing",
+        type=float,
+        default=100.0,
+        help="pseudo-impressions pulling a segment CTR to the global one (default 100)",
+    )
+    q.add_argument(
+        "--min-segment-users",
+        type=int,
+        default=5,
+        help="users a segment needs for its own prior (default 5)",
+    )
     q.add_argument("--dry-run", action="store_true", help="compute and print, do not store")
     q.add_argument("--json", action="store_true", help="print the priors document as JSON")
     q.add_argument("--definitions", default=None, metavar="MODULE:ATTR")
@@ -47,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import gc
     import logging
     import signal
     import threading
@@ -69,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     registry = load_registry(args.definitions or DEFAULT_DEFINITIONS)
     server = build_server(settings, port=args.port, host=args.host, registry=registry,
-                          max_workers=args.workers)  # fmt: skip
+                          max_workers=args.workers, memo_entries=args.memo_entries)  # fmt: skip
     metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
     if metrics_port is not None:
         start_metrics_server(metrics_port)
@@ -77,6 +104,7 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
+    gc.freeze()  # start-up objects leave the collector's generations: shorter GC pauses
     print(json.dumps({"event": "listening", "host": args.host, "port": server.port,
                       "metrics_port": metrics_port}), flush=True)  # fmt: skip
     stop.wait()
@@ -114,18 +142,28 @@ def _priors(args: argparse.Namespace) -> int:
     settings = OfflineSettings()
     registry = load_registry(args.definitions or DEFAULT_DEFINITIONS)
     until = parse_time_ms(args.until) if args.until else None
-    priors = build_priors(settings, registry, until_ms=until, days=args.days,
-                          smoothing=args.smoothing, min_segment_users=args.min_segment_users)
+    priors = build_priors(
+        settings,
+        registry,
+        until_ms=until,
+        days=args.days,
+        smoothing=args.smoothing,
+        min_segment_users=args.min_segment_users,
+    )
     key = None if args.dry_run else write_priors(settings, priors)
     if args.json:
         print(priors.to_json())
     else:
         meta = dict(priors.meta)
-        print(f"priors from {meta.get('impressions')} impressions and {meta.get('clicks')} clicks"
-              f" ({meta.get('users_with_segment')} users with a segment): "
-              f"{len(priors.global_values)} global, {len(priors.segments)} segments"
-              + (f"; stored at {key}" if key else " (dry run, not stored)"))
+        print(
+            f"priors from {meta.get('impressions')} impressions and {meta.get('clicks')} clicks"
+            f" ({meta.get('users_with_segment')} users with a segment): "
+            f"{len(priors.global_values)} global, {len(priors.segments)} segments"
+            + (f"; stored at {key}" if key else " (dry run, not stored)")
+        )
     if not priors.global_values:
-        print("headrace priors: no events in the lookback; servers keep definition defaults",
-              file=sys.stderr)
+        print(
+            "headrace priors: no events in the lookback; servers keep definition defaults",
+            file=sys.stderr,
+        )
     return 0

@@ -175,7 +175,8 @@ def test_invalid_arguments_over_grpc(client: FeatureClient) -> None:
     raw = grpc.insecure_channel(client.address)
     with pytest.raises(grpc.RpcError) as rpc:
         raw.unary_unary("/headrace.v1.FeatureService/GetOnlineFeatures")(
-            b"\x0a\x06planet\x12\x01x", timeout=5)  # entity_type="planet", ids=["x"]
+            b"\x0a\x06planet\x12\x01x", timeout=5
+        )  # entity_type="planet", ids=["x"]
     assert rpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert rpc.value.details().startswith("entity_type: ")
 
@@ -209,8 +210,9 @@ def test_redis_outage_answers_from_priors(ns: Any, tmp_path: Any) -> None:
         priors = Priors({"user__ctr_24h": 0.04}, {("US", "mobile"): {"user__ctr_24h": 0.09}})
         own.set(priors_key(ns.redis_prefix), priors.to_json())
         write_states(own, ns.redis_prefix, build_states(make_events()))
-        settings = ns.settings(ServeSettings, redis_url=url, breaker_failures=2,
-                               redis_budget_ms=200.0)
+        settings = ns.settings(
+            ServeSettings, redis_url=url, breaker_failures=2, redis_budget_ms=200.0
+        )
         with build_server(settings, port=0, host="127.0.0.1") as srv, \
                 FeatureClient(f"127.0.0.1:{srv.port}", timeout_s=2.0) as client:  # fmt: skip
             client.wait_ready()
@@ -269,10 +271,21 @@ def test_get_prints_exact_as_of_values(loaded: Any, events: list[dict[str, Any]]
     assert "offline" in first["error"] and "features" not in first
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def test_serve_command_and_get_through_it(loaded: Any) -> None:
+    import urllib.request
+
+    metrics_port = _free_port()
     serve = subprocess.Popen([sys.executable, "-m", "headrace.cli", "serve", "--port", "0",
-                              "--host", "127.0.0.1"], stdout=subprocess.PIPE, text=True,
-                             env=_env(loaded))  # fmt: skip
+                              "--host", "127.0.0.1", "--metrics-port", str(metrics_port)],
+                             stdout=subprocess.PIPE, text=True, env=_env(loaded))  # fmt: skip
     try:
         assert serve.stdout is not None
         port = json.loads(serve.stdout.readline())["port"]
@@ -286,6 +299,12 @@ def test_serve_command_and_get_through_it(loaded: Any) -> None:
         bad = _cli(loaded, "get", "--server", f"127.0.0.1:{port}", "--entity", "user",
                    "--id", "u0", "--at", "1")  # fmt: skip
         assert bad.returncode != 0 and "as_of_ms" in bad.stderr
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for name in ("headrace_serving_request_seconds_count{method=\"GetOnlineFeatures\"}",
+                     "headrace_serving_redis_seconds", "headrace_serving_breaker_state 0.0",
+                     "headrace_serving_entities_total"):  # fmt: skip
+            assert name in text
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=20) == 0
@@ -295,8 +314,11 @@ def test_serve_command_and_get_through_it(loaded: Any) -> None:
 def _write_events(settings: OfflineSettings, kind: str, rows: list[dict[str, Any]]) -> None:
     fs = settings.pyarrow_s3()
     table = pa.Table.from_pylist(rows)
-    table = table.set_column(table.schema.get_field_index("ts"), "ts",
-                             pa.array([r["ts"] for r in rows], pa.timestamp("ms", tz="UTC")))
+    table = table.set_column(
+        table.schema.get_field_index("ts"),
+        "ts",
+        pa.array([r["ts"] for r in rows], pa.timestamp("ms", tz="UTC")),
+    )
     base = events_dir(settings.offline_path(), kind)
     pq.write_table(table, f"{base}/date=2023-11-14/{kind}s-p000-000000000000.parquet",
                    filesystem=fs)  # fmt: skip
@@ -323,6 +345,11 @@ def test_priors_from_the_offline_store_reach_the_server(ns: Any, redis_client: A
     n_clicks = sum(1 for r in clicks if r["ts"] >= lo)
     assert priors.meta["impressions"] == n_imps and priors.meta["clicks"] == n_clicks
     assert priors.global_values["user__ctr_24h"] == n_clicks / n_imps
+    cli = _cli(ns, "priors", "--until", str(T0 + 1), "--min-segment-users", "1", "--json")
+    assert cli.returncode == 0, cli.stderr
+    stored = Priors.from_json(redis_client.get(priors_key(ns.redis_prefix)))
+    assert stored == Priors.from_json(cli.stdout)
+    assert (stored.global_values, stored.segments) == (priors.global_values, priors.segments)
     write_priors(settings, priors)
     with build_server(ns.settings(ServeSettings, **SLACK), port=0, host="127.0.0.1") as srv, \
             FeatureClient(f"127.0.0.1:{srv.port}", timeout_s=5.0) as client:  # fmt: skip

@@ -7,7 +7,8 @@ namespaces:
 * the reference: one uninterrupted ``headrace worker --until-idle`` run;
 * the crash run: the stream arrives live while a worker is SIGKILLed three times
   (mid-processing at a random progress point, right after an offline flush, right after
-  an online flush plus a random delay), then a final ``--until-idle`` run;
+  the consumer group's own Kafka commit passed the durable online progress of a
+  partition), then a final ``--until-idle`` run;
 * the pair run: two workers of one consumer group (different worker ids and data dirs)
   splitting the partitions.
 
@@ -19,6 +20,7 @@ are identical records with identical source coordinates (their number is printed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -65,8 +67,8 @@ def _snapshot(ns: Any, exp: sk.Expected, probes: list[sk.Probe]) -> Snapshot:
         features=features,
         offline=sk.offline_rows(tables),
         offline_problems=sk.offline_problems(exp, tables),
-        late=sk.side_records(bootstrap, ns.topic("headrace-late")),
-        dead=sk.side_records(bootstrap, ns.topic("headrace-dlq")),
+        late=sk.side_records(bootstrap, ns.topic_prefix, "headrace-late"),
+        dead=sk.side_records(bootstrap, ns.topic_prefix, "headrace-dlq"),
     )
 
 
@@ -92,7 +94,11 @@ def _compare(run: Snapshot, ref: Snapshot, label: str) -> tuple[list[str], dict[
     p_dead, dup_dead = sk.dead_problems(run.exp, run.dead, allow_duplicates=True,
                                         check_codes=False)  # fmt: skip
     problems += [f"{label}: {p}" for p in p_late + p_dead]
-    for name, mine, theirs in (("late", run.late, ref.late), ("dlq", run.dead, ref.dead)):
+    # late reasons carry the watermark (deterministic); dead-letter reasons may carry the
+    # wall clock (ts_in_future), so those compare by code
+    dead_mine = [(c, sk.reason_code(r), v) for c, r, v in run.dead]
+    dead_theirs = [(c, sk.reason_code(r), v) for c, r, v in ref.dead]
+    for name, mine, theirs in (("late", run.late, ref.late), ("dlq", dead_mine, dead_theirs)):
         if set(mine) != set(theirs):
             only = sorted(set(mine) - set(theirs))[:3]
             missing = sorted(set(theirs) - set(mine))[:3]
@@ -161,6 +167,36 @@ def _source_progress(redis_client: Any, ns: Any, group: str) -> tuple[int, int]:
     return online, offline
 
 
+def _online_next(redis_client: Any, ns: Any, group: str) -> dict[tuple[str, int], int]:
+    """online_next per source (topic, partition)."""
+    out = {}
+    for key, rec in sk.commit_records(redis_client, ns.redis_prefix, group).items():
+        topic, part = key.rsplit(":", 2)[1:]
+        out[(topic, int(part))] = rec.get("online_next", 0)
+    return out
+
+
+@contextlib.contextmanager
+def _group_offsets(bootstrap: str, group: str, ns: Any) -> Iterator[
+        Callable[[], dict[tuple[str, int], int]]]:  # fmt: skip
+    """A function returning the group's committed offsets of the source partitions
+    (OffsetFetch, not ListOffsets). The consumer never joins the group."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                         "enable.auto.commit": False})  # fmt: skip
+    tps = [TopicPartition(ns.topic(t), p) for t in ("impressions", "clicks")
+           for p in range(sk.PARTITIONS)]  # fmt: skip
+
+    def committed() -> dict[tuple[str, int], int]:
+        return {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(tps, timeout=10)}
+
+    try:
+        yield committed
+    finally:
+        consumer.close()
+
+
 def _wait_for(cond: Callable[[], bool], worker: sk.Worker, what: str,
               poll_s: float = 0.01) -> None:  # fmt: skip
     deadline = time.monotonic() + PROGRESS_TIMEOUT_S
@@ -226,23 +262,35 @@ def test_sigkilled_worker_matches_uninterrupted_run(
             time.sleep(rng.uniform(0, 0.4))
             kill(w, "during processing")
 
-            # 2. right after an offline flush recorded new progress
+            # 2. later in the stream, right after an offline flush recorded new progress
             w = start()
-            base = _source_progress(redis_client, ns, group)
-            _wait_for(lambda: _source_progress(redis_client, ns, group)[0] > base[0], w,
-                      "online progress after restart")
+            target = int(total * rng.uniform(0.4, 0.55))
+            _wait_for(lambda: _source_progress(redis_client, ns, group)[0] >= target, w,
+                      f"online progress to {target}")
             mid = _source_progress(redis_client, ns, group)
             _wait_for(lambda: _source_progress(redis_client, ns, group)[1] > mid[1], w,
                       "an offline flush", poll_s=0.005)
             kill(w, "right after an offline flush")
 
-            # 3. right after an online flush, plus a random delay (maybe mid-batch)
+            # 3. later still, right after the consumer group's own Kafka commit passed
+            #    the durable online progress of a partition (else: a random moment)
             w = start()
-            base = _source_progress(redis_client, ns, group)
-            _wait_for(lambda: _source_progress(redis_client, ns, group)[0] > base[0], w,
-                      "an online flush", poll_s=0.005)
-            time.sleep(rng.uniform(0, 1.5))
-            kill(w, "after an online flush + random delay")
+            target = int(total * rng.uniform(0.65, 0.8))
+            _wait_for(lambda: _source_progress(redis_client, ns, group)[0] >= target, w,
+                      f"online progress to {target}")
+            with _group_offsets(bootstrap, group, ns) as committed:
+                deadline = time.monotonic() + 15
+                ahead: dict[Any, Any] = {}
+                while not ahead and time.monotonic() < deadline and w.alive():
+                    online = _online_next(redis_client, ns, group)
+                    ahead = {tp: (off, online.get(tp, 0)) for tp, off in committed().items()
+                             if off > online.get(tp, 0)}  # fmt: skip
+                    if not ahead:
+                        time.sleep(0.01)
+                if not ahead:
+                    time.sleep(rng.uniform(0, 1.5))
+            kill(w, f"group commit ahead of online progress {ahead}" if ahead
+                 else "random moment (group commit never ahead)")
 
         producer.join(120)
         assert not producer.is_alive(), "the live producer did not finish"

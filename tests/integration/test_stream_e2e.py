@@ -115,8 +115,8 @@ def test_stream_end_to_end_matches_oracle(
 
     # (b) dead-letter topics, read to the fetch high watermark
     with sk.timer("dead-letter topics", timings):
-        late = sk.side_records(bootstrap, ns.topic("headrace-late"))
-        dead = sk.side_records(bootstrap, ns.topic("headrace-dlq"))
+        late = sk.side_records(bootstrap, ns.topic_prefix, "headrace-late")
+        dead = sk.side_records(bootstrap, ns.topic_prefix, "headrace-dlq")
         p_late, _ = sk.late_problems(exp, late, allow_duplicates=False)
         p_dead, _ = sk.dead_problems(exp, dead, allow_duplicates=False)
         problems += p_late + p_dead

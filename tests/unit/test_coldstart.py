@@ -118,10 +118,14 @@ def test_user_history_must_be_known() -> None:
 def test_fallback_values() -> None:
     defaults = {"user__ctr_24h": None, "user__clicks_1h": 0}
     assert fallback_values("user", defaults, PRIORS, US) == (
-        {"user__ctr_24h": 0.05, "user__clicks_1h": 0}, Tier.SEGMENT)
+        {"user__ctr_24h": 0.05, "user__clicks_1h": 0},
+        Tier.SEGMENT,
+    )
     assert fallback_values("user", defaults, PRIORS, None)[1] is Tier.GLOBAL
     assert fallback_values("ad", {"ad__ctr_1h": None}, PRIORS, US) == (
-        {"ad__ctr_1h": 0.01}, Tier.GLOBAL)
+        {"ad__ctr_1h": 0.01},
+        Tier.GLOBAL,
+    )
 
 
 def test_priors_json_round_trip_and_immutability() -> None:

@@ -103,3 +103,25 @@ def test_freshness_and_errors() -> None:
     assert stale == (list(prog.defaults), Freshness.STALE)
     with pytest.raises(ValueError):
         prog.run(st, T0 - 1)
+
+
+@pytest.mark.parametrize("view_id", sorted(REG.plans))
+def test_validity_interval_is_exact(view_id: str) -> None:
+    plan = REG.plans[view_id]
+    prog = RollupProgram(plan, range(len(plan.outputs)))
+    rng = random.Random(f"v{view_id}")
+    for _ in range(30):
+        st = _state(plan, rng, rng.randrange(1, 200), rng.choice([300_000, DAY, 9 * DAY]))
+        for as_of in _as_ofs(st, rng):
+            vals, fresh = prog.run(st, as_of)
+            bounds = prog.validity(st, as_of, fresh)
+            if as_of <= st.max_ts:
+                assert bounds is None
+                continue
+            assert bounds is not None
+            lo, hi = bounds
+            assert lo <= as_of < hi
+            for probe in {lo, as_of, min(hi - 1, lo + 10 * DAY)}:
+                assert prog.run(st, probe) == (vals, fresh), (lo, hi, probe)
+            if hi < 2**62:  # just outside, something changes (window, freshness or pending)
+                assert prog.validity(st, hi, prog.run(st, hi)[1]) != bounds

@@ -92,7 +92,8 @@ def test_build_request() -> None:
 
 def test_pack_hmget_is_resp() -> None:
     assert pack_hmget(["k{1}"], ["v@1", "w@1"]) == (
-        b"*4\r\n$5\r\nHMGET\r\n$4\r\nk{1}\r\n$3\r\nv@1\r\n$3\r\nw@1\r\n")
+        b"*4\r\n$5\r\nHMGET\r\n$4\r\nk{1}\r\n$3\r\nv@1\r\n$3\r\nw@1\r\n"
+    )
     assert pack_hmget(["é"], ["f"]).count(b"$2\r\n\xc3\xa9") == 1  # byte lengths
 
 

@@ -67,6 +67,7 @@ def make_service(
     priors: Priors | None = None,
     timer: Timer | None = None,
     now: int = T0 + 1,
+    memo_entries: int = 8192,
 ) -> OnlineFeatureService:
     if priors is not None:
         store.set(priors_key(PREFIX), priors.to_json())
@@ -74,14 +75,16 @@ def make_service(
     cache.refresh()
     timer = timer or Timer()
     breaker = CircuitBreaker(failures=2, reset_s=1.0, clock=timer)
-    return OnlineFeatureService(REG, OnlineReader(store, PREFIX), cache, breaker,
+    reader = OnlineReader(store, PREFIX, memo_entries=memo_entries)
+    return OnlineFeatureService(REG, reader, cache, breaker,
                                 budget_ms=10.0, max_ids=5, clock_ms=lambda: now,
                                 timer=timer)  # fmt: skip
 
 
 def ask(service: OnlineFeatureService, entity: str, ids: list[str], **kw: Any) -> OnlineFeatures:
-    return OnlineFeatures.from_pb(entity, service.get_online_features(
-        build_request(entity, ids, **kw)))
+    return OnlineFeatures.from_pb(
+        entity, service.get_online_features(build_request(entity, ids, **kw))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +139,9 @@ def test_ttl_is_honoured_by_event_time(
     plain = make_service(store)  # no priors: the rolled-up values themselves
     fresh = ask(plain, "user", ["u0"], as_of_ms=latest + ttl - 1).entities[0]
     assert set(fresh.statuses.values()) == {"PRESENT"}
-    assert ask(plain, "user", ["u0"], as_of_ms=latest + ttl).entities[0].values == \
-        {n: (None if v is None else float(v)) for n, v in oracle.defaults("user").items()}
+    assert ask(plain, "user", ["u0"], as_of_ms=latest + ttl).entities[0].values == {
+        n: (None if v is None else float(v)) for n, v in oracle.defaults("user").items()
+    }
 
 
 def test_cold_start_through_the_service(store: FakeOnlineStore) -> None:
@@ -181,6 +185,8 @@ def test_feature_sets(store: FakeOnlineStore) -> None:
     for name in ("", "all", "user_activity", "user_activity@1"):
         names = ask(service, "user", ["u1"], feature_set=name).feature_names
         assert names == REG.feature_names("user")
+    with pytest.raises(InvalidArgument, match="^feature_names: "):  # not the cached "all"
+        service.get_online_features(build_request("user", ["u1"], []))
 
 
 def test_server_clock_behind_event_times_is_not_an_error(store: FakeOnlineStore) -> None:
@@ -255,3 +261,69 @@ def test_enum_numbers_match_the_proto() -> None:
         assert pb.FeatureStatus.Value(status.name) == status
     for tier in Tier:
         assert pb.ColdStartTier.Value(tier.name) == tier
+
+
+def test_memo_answers_equal_fresh_roll_ups(store: FakeOnlineStore,
+                                           events: list[dict[str, Any]]) -> None:  # fmt: skip
+    memo = make_service(store, memo_entries=3)  # tiny: eviction runs too
+    plain = make_service(store, memo_entries=0)
+    rng = random.Random(5)
+    for _ in range(120):
+        entity = rng.choice(ENTITIES)
+        ids = rng.sample(oracle.OracleIndex(events).ids(entity) + ["x"], 2)
+        req = build_request(
+            entity,
+            ids,
+            as_of_ms=T0
+            + rng.choice([1, 2, 4_999, 5_000, 5_001, 60_000, 3_600_000, DAY, 2 * DAY, 8 * DAY]),
+        )
+        assert memo.get_online_features(req) == plain.get_online_features(req)
+
+
+def test_memo_is_never_stale_after_a_write(store: FakeOnlineStore) -> None:
+    service = make_service(store)
+    req = build_request("ad", ["a0"], ["ad__impressions_1h"], as_of_ms=T0 + 1)
+    before = list(service.get_online_features(req).values)
+    key = entity_key(PREFIX, "ad", "a0")
+    st = ViewState.decode(VIEW_OF["ad"], store.hashes[key][VIEW_OF["ad"].view.id])
+    st.apply("impressions", T0 - 10)
+    store.hset(key, VIEW_OF["ad"].view.id, st.encode())
+    assert list(service.get_online_features(req).values) == [before[0] + 1]
+
+
+def test_several_views_of_one_entity_in_one_round_trip() -> None:
+    from datetime import timedelta
+
+    from feature_defs.model import AggOp, Feature, FeatureView, Measure, Source
+    from feature_defs.registry import Registry
+    from feature_defs.standard import USER, USER_ACTIVITY
+    from feature_defs.windows import sliding
+
+    bids = FeatureView(
+        name="user_bids", entity=USER, sources=(Source("impressions", "impression"),),
+        features=(Feature("bid_sum", (sliding(timedelta(hours=1), timedelta(minutes=1)),),
+                          measure=Measure(AggOp.SUM, "impressions", "bid_cpm"), default=0.0),),
+    )  # fmt: skip
+    reg = Registry.build([USER_ACTIVITY, bids])
+    store = FakeOnlineStore()
+    act, bid = ViewState(reg.plans["user_activity@1"]), ViewState(reg.plans["user_bids@1"])
+    for i in range(150):
+        ts = T0 - i * 10_000
+        act.apply("impressions", ts, {"ad_id": f"a{i % 7}"})
+        bid.apply("impressions", ts, {"bid_cpm": 0.1 * (i % 5)})
+    store.hset(entity_key(PREFIX, "user", "both"), "user_activity@1", act.encode())
+    store.hset(entity_key(PREFIX, "user", "both"), "user_bids@1", bid.encode())
+    store.hset(entity_key(PREFIX, "user", "one"), "user_activity@1", act.encode())
+    cache = PriorsCache(store, PREFIX)
+    breaker = CircuitBreaker(clock=Timer())
+    service = OnlineFeatureService(reg, OnlineReader(store, PREFIX), cache, breaker,
+                                   clock_ms=lambda: T0 + 1)  # fmt: skip
+    names = ["user__bid_sum_1h", "user__ctr_24h", "user__impressions_7d"]
+    answer = ask(service, "user", ["both", "one"], features=names)
+    assert store.calls == 1
+    want = {**act.rollup(T0 + 1)[0], **bid.rollup(T0 + 1)[0]}
+    both, one = answer.entities
+    assert both.values == {n: want[n] for n in names} and both.tier == "PERSONALIZED"
+    assert one.values == {**{n: want[n] for n in names}, "user__bid_sum_1h": 0.0}
+    assert one.statuses == {"user__bid_sum_1h": "DEFAULT", "user__ctr_24h": "PRESENT",
+                            "user__impressions_7d": "PRESENT"}  # fmt: skip

@@ -1,0 +1,102 @@
+"""``headrace train``: train, gate and version a CTR model from a training set.
+
+Reads a training-set Parquet file (local or ``s3://``, as written by the training-set
+builder), trains the LightGBM model and the cold-start model (:mod:`offline.train`),
+writes ``MODELS_DIR/<version>/`` and moves ``MODELS_DIR/CHAMPION`` to it only when every
+gate passes (:mod:`offline.models`). The decision and its reasons are printed and stored
+in the version's ``metadata.json``. A rejected model is a normal outcome (exit 0; the
+``--json`` summary says ``"promoted": false``); bad input exits 2 with one sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from headrace.errors import UsageError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from datetime import datetime
+
+    from headrace.settings import OfflineSettings
+
+__all__ = ["register", "handler"]
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train, gate and version a CTR model",
+        description="Train a LightGBM CTR model (and the cold-start model) on a training set "
+        "with a time-ordered validation split, write MODELS_DIR/<version>/ and promote it to "
+        "champion when it passes the gates.",
+    )
+    p.add_argument("--training-set", required=True, metavar="TS.parquet",
+                   help="training-set Parquet file (local path or s3://)")
+    p.add_argument("--out", required=True, type=Path, metavar="MODELS_DIR",
+                   help="models folder (versions and the CHAMPION pointer)")
+    p.add_argument("--auc-floor", type=float, default=0.6,
+                   help="minimum validation AUC to promote (default 0.6)")
+    p.add_argument("--min-auc-gain", type=float, default=0.005,
+                   help="AUC improvement over the champion needed to promote (default 0.005)")
+    p.add_argument("--min-bin-positives", type=int, default=400,
+                   help="positives a calibration bin needs to be checked (default 400)")
+    p.add_argument("--seed", type=int, default=0, help="LightGBM seed (default 0)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="LightGBM threads (default 1; more can be slower on a busy machine)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.set_defaults(func=handler)
+
+
+def handler(
+    args: argparse.Namespace,
+    *,
+    settings: OfflineSettings | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> int:
+    """Run ``headrace train``. ``settings`` and ``clock`` are injectable for tests.
+
+    Raises:
+        UsageError: an option is out of range.
+        InputError: the training set is missing, unreadable or unusable; the models folder
+            cannot be written.
+    """
+    if not 0.0 <= args.auc_floor <= 1.0:
+        raise UsageError("--auc-floor must be between 0 and 1")
+    if args.min_auc_gain < 0 or args.min_bin_positives < 1 or args.threads < 1 or args.seed < 0:
+        raise UsageError("--min-auc-gain and --seed must be >= 0, --min-bin-positives and "
+                         "--threads >= 1")
+    from offline.models import GatePolicy
+    from offline.train import read_training_set, train
+
+    if settings is None:
+        from headrace.settings import OfflineSettings
+
+        settings = OfflineSettings()
+    table = read_training_set(args.training_set, settings)
+    policy = GatePolicy(auc_floor=args.auc_floor, min_auc_gain=args.min_auc_gain,
+                        min_bin_positives=args.min_bin_positives)
+    kwargs: dict[str, Any] = {} if clock is None else {"clock": clock}
+    result = train(table, args.out, policy=policy, seed=args.seed, num_threads=args.threads,
+                   source=args.training_set, **kwargs)
+    if args.json:
+        print(json.dumps(result.summary()))
+        return 0
+    verdict = "PROMOTED to champion" if result.decision.promote else "REJECTED (champion unchanged)"
+    cold = f", cold-start AUC {result.coldstart.auc:.4f}" if result.coldstart else ""
+    print(f"model {result.version}: validation AUC {result.metrics.auc:.4f}, log loss "
+          f"{result.metrics.logloss:.4f}{cold} ({result.metadata['data']['rows']:,} rows, "
+          f"{len(result.metadata['features'])} features, {result.seconds:.1f} s)",
+          file=sys.stdout)
+    print(f"{verdict}:", file=sys.stdout)
+    for reason in result.decision.reasons:
+        print(f"  - {reason}", file=sys.stdout)
+    if result.metadata["coldstart"]["error"]:
+        print(f"cold-start model skipped: {result.metadata['coldstart']['error']}",
+              file=sys.stdout)
+    print(f"artifact: {result.path}", file=sys.stdout)
+    return 0
