@@ -73,6 +73,12 @@ class _Runner:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def _iso(ms: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
 def _quantile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -85,7 +91,7 @@ def _stream_step(run: _Runner, cfg: DemoConfig, summary: dict[str, Any]) -> None
     _say(f"producing {cfg.events} synthetic events for {cfg.users} users over {cfg.days} days")
     produced = run.json("produce", "--synthetic", "--users", str(cfg.users), "--events",
                         str(cfg.events), "--seed", str(cfg.seed), "--days", str(cfg.days),
-                        "--start", str(start_ms), "--json")
+                        "--start", _iso(start_ms), "--json")
     summary["events"] = produced["events"]
     _say("stream worker: consuming into Redis (online) and Parquet on S3 (offline)")
     stats_file = os.path.join(run.workdir, "worker-stats.json")
@@ -174,11 +180,11 @@ def _serving_step(run: _Runner, cfg: DemoConfig, summary: dict[str, Any]) -> Non
         from serving.client import FeatureClient
 
         client = FeatureClient(f"127.0.0.1:{port}")
-        client.wait_ready(timeout=60)
+        client.wait_ready(timeout_s=60)
         lat: list[float] = []
         for i in range(300):
             t0 = time.perf_counter()
-            client.get_online_features("user", [f"u{i % 50:07d}"])
+            client.get("user", [f"u{i % 50:07d}"])
             lat.append((time.perf_counter() - t0) * 1000)
         summary["lookup_p99_ms"] = _quantile(lat[20:], 0.99)
         _say(f"  lookup p99 {summary['lookup_p99_ms']} ms (1 user, all features)")
@@ -219,7 +225,8 @@ def run_demo(cfg: DemoConfig | None = None, keep_stack: str | None = None) -> di
     cfg = cfg or DemoConfig()
     summary: dict[str, Any] = {}
     started = time.monotonic()
-    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="headrace-demo-") as tmp:
+    # the temporary directory must outlive the stack inside it: enter it first
+    with tempfile.TemporaryDirectory(prefix="headrace-demo-") as tmp, ExitStack() as stack:
         stack_dir = keep_stack or os.path.join(tmp, "stack")
         _say(f"starting the local stack in {stack_dir}")
         info = stack.enter_context(local_stack(stack_dir, keep=bool(keep_stack)))

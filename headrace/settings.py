@@ -279,6 +279,7 @@ class WorkerSettings(CommonSettings):
         flush_interval_ms: Online-store flush interval in milliseconds.
         offline_flush_interval_ms: Offline (Parquet) flush interval in milliseconds.
         max_future_ms: Events more than this far ahead of the watermark are dead-lettered.
+        fetch_max_wait_ms: Longest a fetch may wait for data (freshness vs. broker load).
         data_dir: Local state directory (Faust tables).
         worker_id: Identifier of this worker replica.
     """
@@ -287,6 +288,7 @@ class WorkerSettings(CommonSettings):
     flush_interval_ms: int = Field(default=100, ge=1)
     offline_flush_interval_ms: int = Field(default=5000, ge=1)
     max_future_ms: int = Field(default=3_600_000, ge=0)
+    fetch_max_wait_ms: int = Field(default=50, ge=1)
     data_dir: str = "./.headrace-worker"
     worker_id: str = "0"
 

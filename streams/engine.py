@@ -309,7 +309,8 @@ class Engine:
         cols = {f: table[f].to_pylist() for f in fields if f in table.column_names}
         tiebreaks = None
         if any(m.op is AggOp.LAST for m in plan.measures) and "event_id" in table.column_names:
-            tiebreaks = [xxhash.xxh64_intdigest(v) >> 1 for v in table["event_id"].to_pylist()]
+            tiebreaks = [xxhash.xxh64_intdigest(v.encode("utf-8")) >> 1
+                         for v in table["event_id"].to_pylist()]
         changed = apply_batch(plan, states, ids, ts, sources, fkeys, pos, cols, tiebreaks)
         self.dirty[plan.view.id].update(changed)
         self.metrics.applied.labels(plan.view.id).inc(len(ids))
