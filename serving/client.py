@@ -1,8 +1,11 @@
-"""A small synchronous client of the feature server.
+"""A small synchronous client of the feature server (FeatureService and ScoringService).
 
     with FeatureClient("127.0.0.1:50051") as client:
         answer = client.get("user", ["u1", "u2"], features=["user__ctr_24h"])
         answer.entities[0].values["user__ctr_24h"], answer.entities[0].statuses[...]
+        ranked = client.score("u1", [{"ad_id": "a1", "campaign_id": "c1", "bid_cpm": 2.0}],
+                              context={"country": "US", "device_type": "mobile"})
+        ranked[0]["ad_id"], ranked[0]["p_ctr"], ranked[0]["ecpm"]
 
 Errors: INVALID_ARGUMENT becomes :class:`~headrace.errors.InvalidArgument` (with the
 field the server named); an unreachable server or an expired deadline becomes
@@ -11,7 +14,7 @@ field the server named); an unreachable server or an expired deadline becomes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +23,16 @@ import grpc
 from headrace.errors import BackendError, InvalidArgument
 from proto.headrace.v1 import features_pb2 as pb
 from proto.headrace.v1 import features_pb2_grpc as pb_grpc
+from proto.headrace.v1 import scoring_pb2 as spb
+from proto.headrace.v1 import scoring_pb2_grpc as spb_grpc
 
-__all__ = ["FeatureClient", "EntityFeatures", "OnlineFeatures", "build_request"]
+__all__ = ["FeatureClient", "EntityFeatures", "OnlineFeatures", "build_request",
+           "build_score_request", "ranked_candidates", "CONTEXT_FIELDS"]
+
+#: keys of a Score request's context (``ts_ms``: epoch milliseconds)
+CONTEXT_FIELDS = ("country", "device_type", "placement", "creative_type", "publisher_id",
+                  "ts_ms")
+_CANDIDATE_FIELDS = ("ad_id", "campaign_id", "bid_cpm")
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,7 @@ class FeatureClient:
         self._channel = grpc.insecure_channel(address)
         self._stub = pb_grpc.FeatureServiceStub(self._channel)
         self.call = self._stub.GetOnlineFeatures  # raw: request message -> response message
+        self.score_call = spb_grpc.ScoringServiceStub(self._channel).Score  # raw, likewise
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
         """Block until the channel is connected.
@@ -162,6 +174,40 @@ class FeatureClient:
                             device_type)  # fmt: skip
         return OnlineFeatures.from_pb(entity_type, self.get_pb(req, timeout_s))
 
+    def score_pb(
+        self, request: spb.ScoreRequest, timeout_s: float | None = None
+    ) -> spb.ScoreResponse:
+        """Send a Score request message; errors translated (see the module docstring)."""
+        try:
+            return self.score_call(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as exc:
+            raise _translate(exc, self.address) from exc
+
+    def score(
+        self,
+        user_id: str | None,
+        candidates: Sequence[Mapping[str, Any]],
+        context: Mapping[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Rank ``candidates`` for ``user_id`` (None/"" = anonymous) by eCPM, best first.
+
+        Args:
+            user_id: the viewer.
+            candidates: mappings with ``ad_id``, ``campaign_id`` and ``bid_cpm``.
+            context: any of :data:`CONTEXT_FIELDS`.
+
+        Returns:
+            One dict per candidate (see :func:`ranked_candidates`), sorted by eCPM.
+
+        Raises:
+            InvalidArgument: a bad field, named (found here or by the server).
+            BackendError: the server is unreachable, or has no model (FAILED_PRECONDITION).
+        """
+        request = build_score_request(user_id, candidates, context)
+        return ranked_candidates(request, self.score_pb(request, timeout_s))
+
     def close(self) -> None:
         self._channel.close()
 
@@ -170,6 +216,59 @@ class FeatureClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def build_score_request(
+    user_id: str | None,
+    candidates: Sequence[Mapping[str, Any]],
+    context: Mapping[str, Any] | None = None,
+) -> spb.ScoreRequest:
+    """The Score request message.
+
+    Raises:
+        InvalidArgument: an unknown key or a value of the wrong type (the field named as
+            the server would: ``candidates[2].bid_cpm``, ``context.ts_ms``).
+    """
+    req = spb.ScoreRequest(user_id=user_id or "")
+    for key, value in (context or {}).items():
+        _set(req.context, key, value, f"context.{key}", CONTEXT_FIELDS)
+    add = req.candidates.add
+    for i, cand in enumerate(candidates):
+        msg = add()
+        for key, value in cand.items():
+            _set(msg, key, value, f"candidates[{i}].{key}", _CANDIDATE_FIELDS)
+    return req
+
+
+def _set(msg: Any, key: str, value: Any, where: str, known: Sequence[str]) -> None:
+    if key not in known:
+        raise InvalidArgument(where, f"unknown field (known: {', '.join(known)})")
+    if value is None:
+        return
+    try:
+        setattr(msg, key, value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(where, f"bad value {value!r}: {exc}") from exc
+
+
+def ranked_candidates(request: spb.ScoreRequest, resp: spb.ScoreResponse
+                      ) -> list[dict[str, Any]]:
+    """One dict per ranked candidate, best eCPM first: ``rank`` (1-based), ``index`` (in
+    the request), ``ad_id``, ``campaign_id``, ``bid_cpm``, ``p_ctr``, ``ecpm``, ``tier``,
+    ``model_version``, ``source`` and ``fallback_reason``."""
+    cands = request.candidates
+    tier_name = pb.ColdStartTier.Name
+    version = resp.model_version
+    source = spb.ScoreSource.Name(resp.source)
+    reason = pb.FallbackReason.Name(resp.fallback_reason)
+    out = []
+    for k, (i, p, e, t) in enumerate(zip(resp.order, resp.p_ctr, resp.ecpm, resp.tiers,
+                                         strict=True)):
+        c = cands[i]
+        out.append({"rank": k + 1, "index": i, "ad_id": c.ad_id, "campaign_id": c.campaign_id,
+                    "bid_cpm": c.bid_cpm, "p_ctr": p, "ecpm": e, "tier": tier_name(t),
+                    "model_version": version, "source": source, "fallback_reason": reason})
+    return out
 
 
 def _translate(exc: grpc.RpcError, address: str) -> Exception:

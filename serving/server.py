@@ -1,4 +1,5 @@
-"""The gRPC feature server: FeatureService, health, reflection, error translation, metrics.
+"""The gRPC feature server: FeatureService, ScoringService (:mod:`serving.scoring`), health,
+reflection, error translation, metrics.
 
 A synchronous ``grpc.server`` with a thread pool: the request path is short CPU work
 around one blocking Redis round trip, which releases the GIL, so threads overlap the
@@ -24,10 +25,17 @@ from headrace.errors import BackendError, HeadraceError
 from headrace.settings import ServeSettings
 from proto.headrace.v1 import features_pb2 as pb
 from proto.headrace.v1 import features_pb2_grpc as pb_grpc
+from proto.headrace.v1 import scoring_pb2_grpc as spb_grpc
 from serving.breaker import CircuitBreaker
 from serving.metrics import metrics
 from serving.priors import PriorsCache
 from serving.reader import OnlineReader
+from serving.scoring import (
+    SCORING_SERVICE_NAME,
+    ScoringService,
+    ScoringServicer,
+    model_watcher,
+)
 from serving.service import OnlineFeatureService
 from serving.store import OnlineStore, RedisOnlineStore
 
@@ -109,6 +117,7 @@ class FeatureServer:
         port: the bound port (useful with port 0).
         service: the request logic.
         priors: the priors cache.
+        scoring: the ``ScoringService`` (its champion watcher starts and stops here).
     """
 
     def __init__(
@@ -118,15 +127,19 @@ class FeatureServer:
         service: OnlineFeatureService,
         priors: PriorsCache,
         store: OnlineStore,
+        scoring: ScoringService | None = None,
     ) -> None:
         self.grpc_server = grpc_server
         self.port = port
         self.service = service
         self.priors = priors
         self.store = store
+        self.scoring = scoring
 
     def start(self) -> FeatureServer:
         self.priors.start()
+        if self.scoring is not None:
+            self.scoring.models.start()  # loads the champion (if any) before serving
         self.grpc_server.start()
         log.info("feature server listening on port %d", self.port)
         return self
@@ -134,6 +147,8 @@ class FeatureServer:
     def stop(self, grace_s: float = 1.0) -> None:
         self.grpc_server.stop(grace_s).wait()
         self.priors.stop()
+        if self.scoring is not None:
+            self.scoring.models.stop()
         self.store.close()
 
     def wait(self) -> None:
@@ -157,8 +172,9 @@ def build_server(
     max_workers: int = 8,
     memo_entries: int = 8192,
     extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+    model_poll_s: float = 2.0,
 ) -> FeatureServer:
-    """Build (not start) the feature server.
+    """Build (not start) the feature server: FeatureService and ScoringService.
 
     Args:
         settings: serving settings (Redis, budget, breaker, priors refresh, max ids).
@@ -171,6 +187,8 @@ def build_server(
         memo_entries: roll-up memo size (see :class:`~serving.reader.OnlineReader`;
             0 disables it).
         extra_handlers: more generic handlers (benchmarks register an echo method).
+        model_poll_s: seconds between polls of ``settings.models_dir``/CHAMPION (hot
+            reload of the scoring model).
 
     Raises:
         InputError: the port cannot be bound.
@@ -190,27 +208,35 @@ def build_server(
     m.breaker_state.set(int(breaker.state))
     priors = PriorsCache(store, settings.redis_prefix, settings.priors_refresh_s)
     kwargs: dict[str, Any] = {} if clock_ms is None else {"clock_ms": clock_ms}
+    reader = OnlineReader(store, settings.redis_prefix, memo_entries=memo_entries)
     service = OnlineFeatureService(
         registry,
-        OnlineReader(store, settings.redis_prefix, memo_entries=memo_entries),
+        reader,
         priors,
         breaker,
         budget_ms=settings.redis_budget_ms,
         max_ids=settings.max_ids,
         **kwargs,
     )
+    scoring = ScoringService(
+        registry, reader, priors, breaker,
+        model_watcher(settings.models_dir, registry, model_poll_s),
+        budget_ms=settings.redis_budget_ms, **kwargs,
+    )  # fmt: skip
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=(ErrorInterceptor(),),
         options=[("grpc.so_reuseport", 0)],
     )
     pb_grpc.add_FeatureServiceServicer_to_server(FeatureServicer(service), server)
+    spb_grpc.add_ScoringServiceServicer_to_server(ScoringServicer(scoring), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, SCORING_SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, SCORING_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
     )
     if extra_handlers:
         server.add_generic_rpc_handlers(tuple(extra_handlers))
@@ -221,4 +247,4 @@ def build_server(
         raise InputError(f"cannot listen on {host}:{want}: {exc}") from exc
     if bound == 0:
         raise InputError(f"cannot listen on {host}:{want} (in use?)")
-    return FeatureServer(server, bound, service, priors, store)
+    return FeatureServer(server, bound, service, priors, store, scoring)

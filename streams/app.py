@@ -6,7 +6,9 @@ events. Faust's windowed tables are deliberately not used (they expire by wall c
 shared/reference/feature-platforms.md §3): the engine keeps event-time tiles itself.
 
 On assignment the engine's durable progress (Redis) decides where each partition
-resumes, and the agent seeks there; Faust's own commits only serve lag reporting.
+resumes: the agent seeks there, also right after Faust's recovery seeks to the group's
+Kafka-committed offsets (which Faust advances before data is durable); Faust's own
+commits only serve lag reporting.
 """
 
 from __future__ import annotations
@@ -199,6 +201,8 @@ def run_worker(
         async def agent(stream: Any) -> None:
             async for events in stream.take_events(_TAKE, within=flush_s):
                 handler(topic_name, [_raw(e) for e in events])
+                for (t, p), offset in engine.take_seek_requests().items():
+                    await app.consumer.seek(TP(t, p), offset)
                 maybe_flush()
 
         agent.__name__ = agent.__qualname__ = "agent_" + topic_name.replace(".", "_").replace(
@@ -226,9 +230,26 @@ def run_worker(
         seeks = engine.assign(tps)
         for (t, p), offset in seeks.items():
             await app.consumer.seek(TP(t, p), offset)
+        _resume_at_durable_offsets(app.consumer)
         engine.last_input = time.time()
         clock["assigned"] = True
         log.info("assigned %d partitions; resuming at %s", len(seeks), seeks)
+
+    def _resume_at_durable_offsets(consumer: Any) -> None:
+        """Faust's recovery seeks every partition to the group's Kafka-committed offset
+        *after* assignment (``perform_seek``), and Faust commits what its agents have
+        seen, not what is durable: re-seek to the engine's durable positions after it."""
+        if getattr(consumer, "_headrace_seek_wrapped", False):
+            return
+        original = consumer.perform_seek
+
+        async def perform_seek() -> None:
+            await original()
+            for (t, p), offset in engine.resume_offsets().items():
+                await consumer.seek(TP(t, p), offset)
+
+        consumer.perform_seek = perform_seek
+        consumer._headrace_seek_wrapped = True
 
     async def _drain_offline() -> None:
         fut = offline_task["fut"]

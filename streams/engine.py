@@ -55,6 +55,8 @@ __all__ = ["Engine", "RawMessage", "ROUTING_KEY", "PartitionProgress"]
 
 log = logging.getLogger(__name__)
 ROUTING_KEY = "user_id"
+#: re-seeks tried before a gap in offsets is accepted as real (e.g. transaction markers)
+MAX_GAP_SEEKS = 3
 _KIND_OF_SOURCE = {"impressions": "impression", "clicks": "click"}
 
 
@@ -81,6 +83,7 @@ class PartitionProgress:
     offline_next: int = 0
     offline_wm: int = NO_TS
     buffer: list[pa.Table] = field(default_factory=list)
+    gap_seeks: int = 0  # re-seeks requested for the current gap
 
     def commit_mapping(self) -> dict[str, int]:
         return {"online_next": self.next, "online_wm": self.max_ts}
@@ -146,6 +149,7 @@ class Engine:
         }
         self.dirty: dict[str, set[str]] = {p.view.id: set() for p in registry.plans.values()}
         self.pending_freshness: list[np.ndarray] = []
+        self.seek_requests: dict[tuple[str, int], int] = {}
         self.last_input = self.clock()
         #: run statistics for benchmarks: first input / last durable commit (wall s),
         #: events decoded, and a bounded sample of freshness values (ms)
@@ -213,6 +217,36 @@ class Engine:
                 cache[i] = ViewState.decode(plan, blob) if blob else ViewState(plan)
         return cache
 
+    def _admit(self, prog: PartitionProgress, msgs: Sequence[RawMessage]) -> list[RawMessage]:
+        """Messages to process: already-processed ones are skipped; a jump past the next
+        expected offset is never skipped silently: the partition is re-sought to it
+        (bounded retries, then the gap is accepted as real and logged)."""
+        fresh = [m for m in msgs if m.offset >= prog.next]
+        if not fresh or fresh[0].offset == prog.next:
+            prog.gap_seeks = 0
+            return fresh
+        tp = (prog.topic, prog.partition)
+        if prog.gap_seeks < MAX_GAP_SEEKS:
+            prog.gap_seeks += 1
+            self.seek_requests[tp] = prog.next
+            self.metrics.gaps.labels(prog.topic).inc()
+            log.warning("%s[%d]: got offset %d, expected %d: seeking back", prog.topic,
+                        prog.partition, fresh[0].offset, prog.next)
+            return []
+        log.error("%s[%d]: offsets %d..%d are missing from the log; continuing", prog.topic,
+                  prog.partition, prog.next, fresh[0].offset - 1)
+        prog.gap_seeks = 0
+        return fresh
+
+    def take_seek_requests(self) -> dict[tuple[str, int], int]:
+        """Seeks the consumer must perform (see :meth:`_admit`); clears them."""
+        requests, self.seek_requests = self.seek_requests, {}
+        return requests
+
+    def resume_offsets(self) -> dict[tuple[str, int], int]:
+        """Where each assigned partition continues (next offset to process)."""
+        return {tp: p.next for tp, p in self.progress.items()}
+
     def on_source(self, topic: str, messages: Sequence[RawMessage]) -> None:
         """Process messages of one source topic (any partitions, in arrival order)."""
         from streams.codec import decode_batch
@@ -228,7 +262,7 @@ class Engine:
             prog = self.progress.get((topic, part))
             if prog is None:
                 continue  # not (or no longer) ours
-            msgs = [m for m in msgs if m.offset >= prog.next]
+            msgs = self._admit(prog, msgs)
             if not msgs:
                 continue
             decoded = decode_batch(kind, msgs, now_ms=now_ms, max_future_ms=self.max_future_ms)
@@ -339,7 +373,7 @@ class Engine:
         self.last_input = self.clock()
         for m in messages:
             prog = self.progress.get((topic, m.partition))
-            if prog is None or m.offset < prog.next:
+            if prog is None or not self._admit(prog, [m]):
                 continue
             if m.value:
                 rows = pa.ipc.open_stream(m.value).read_all()

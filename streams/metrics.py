@@ -66,6 +66,9 @@ class StreamMetrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.gaps = Counter("headrace_offset_gaps_total",
+                            "deliveries that skipped past the next expected offset (re-sought)",
+                            ["topic"], registry=r)
         self.states_cached = Gauge(
             "headrace_states_cached", "entity view states in memory", registry=r
         )

@@ -1,0 +1,278 @@
+"""Benchmark: ``ScoringService.Score`` of 1 user × 100 candidates, end to end, with floors.
+
+Setup (not timed): a private ``redis-server`` on a free loopback port holding full
+standard states of ``users`` users, ``ads`` ads, ``campaigns`` campaigns and
+``publishers`` publishers (:func:`bench.lookup.populate`: 7 days of synthetic events);
+a real LightGBM model of ``trees`` trees (``leaves`` leaves) on 28 features — the 20
+served features, ``hour_of_day``, ``day_of_week``, ``bid_cpm`` and the 5 context
+categoricals — trained on a synthetic training set and promoted to champion in a
+temporary models folder. The server runs in a SEPARATE process
+(``python -m bench.score --serve MEMO``: :func:`serving.server.build_server` with default
+settings, as ``headrace serve``).
+
+Client-observed latency over loopback (sync gRPC client, one call at a time): each call
+ranks 100 distinct random ads (campaign = ad mod ``campaigns``) for a random user and
+publisher: 1 + 100 + ≤50 + 1 keys in one Redis round trip, one LightGBM call.
+
+* ``p50_ms`` / ``p99_ms``: roll-up memo OFF (every state decoded and rolled up per call);
+  ``*_memo``: the default 8192-entry memo (the states never change here, so it answers
+  nearly every read; production sits in between).
+
+Floors measured in the same run, interleaved call by call with the figure they belong to:
+
+* ``model_only_p50_ms`` / ``model_only_p99_ms``: the same LightGBM predict (one thread)
+  of the same 100 rows (built by an in-process scorer from the same Redis), here;
+* ``echo_p99_ms``: an empty unary RPC to the same server process;
+* ``redis_p99_ms``: a redis-py pipelined HMGET of the same keys, from this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["run", "main", "train_bench_model"]
+
+_ROOT = Path(__file__).resolve().parent.parent
+_PREFIX = "hrbench"  # bench.lookup.populate writes under this prefix
+
+
+def train_bench_model(models_dir: Path, *, trees: int = 100, leaves: int = 31,
+                      rows: int = 20_000, seed: int = 0) -> tuple[str, list[str]]:
+    """Train and promote the benchmark model; returns (version, features)."""
+    from datetime import UTC, datetime
+
+    import numpy as np
+
+    from feature_defs.registry import load_registry
+    from offline.coldstart_model import CONTEXT_CATEGORICAL
+    from offline.evaluation import lightgbm
+    from offline.models import set_champion, write_artifact
+
+    lgb = lightgbm()
+    served = load_registry().feature_names()
+    features = [*served, "hour_of_day", "day_of_week", "bid_cpm", *CONTEXT_CATEGORICAL]
+    rng = np.random.default_rng(seed)
+    x = np.empty((rows, len(features)))
+    for j, name in enumerate(served):
+        if "__ctr_" in name:
+            x[:, j] = np.where(rng.random(rows) < 0.1, np.nan, rng.beta(2, 60, rows))
+        else:
+            x[:, j] = np.floor(rng.lognormal(2.5, 1.5, rows))
+    k = len(served)
+    x[:, k], x[:, k + 1] = rng.integers(0, 24, rows), rng.integers(0, 7, rows)
+    x[:, k + 2] = rng.gamma(2.0, 1.0, rows)
+    x[:, k + 3:] = rng.integers(0, 8, (rows, len(CONTEXT_CATEGORICAL)))
+    logit = -3.5 + 8 * np.nan_to_num(x[:, served.index("user__ctr_24h")]) \
+        + 6 * np.nan_to_num(x[:, served.index("ad__ctr_24h")]) + 0.05 * x[:, k + 3]
+    y = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.float64)
+    params = {"objective": "binary", "verbosity": -1, "num_leaves": leaves,
+              "min_data_in_leaf": 5, "num_threads": 1, "seed": seed, "deterministic": True}
+    booster = lgb.train(params, lgb.Dataset(x, y, feature_name=features,
+                                            categorical_feature=list(CONTEXT_CATEGORICAL)),
+                        num_boost_round=trees)
+    metadata = {"features": features, "categorical": list(CONTEXT_CATEGORICAL),
+                "categories": {c: [f"v{i}" for i in range(8)] for c in CONTEXT_CATEGORICAL},
+                "model": "lightgbm-binary", "note": "synthetic benchmark model"}
+
+    def fill(folder: Path, version: str) -> None:
+        booster.save_model(str(folder / "model.txt"))
+        (folder / "metadata.json").write_text(json.dumps({**metadata, "version": version}))
+
+    version, _ = write_artifact(models_dir, datetime.now(UTC), fill)
+    set_champion(models_dir, version)
+    return version, features
+
+
+def _serve_child(memo_entries: int) -> None:
+    """Run the server (settings from HEADRACE_*) plus an echo method."""
+    import gc
+
+    import grpc
+
+    from headrace.settings import ServeSettings
+    from serving.server import build_server
+
+    echo = grpc.method_handlers_generic_handler(
+        "headrace.bench.Echo",
+        {"Ping": grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"",
+                                                     lambda b: b, lambda b: b)})
+    server = build_server(ServeSettings(), port=0, host="127.0.0.1", extra_handlers=[echo],
+                          memo_entries=memo_entries)
+    server.start()
+    gc.freeze()  # as `headrace serve` does
+    print(json.dumps({"port": server.port}), flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    server.stop(0)
+
+
+class _Child:
+    def __init__(self, env: dict[str, str], memo_entries: int) -> None:
+        import grpc
+
+        from serving.client import FeatureClient
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # sigwait
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "bench.score", "--serve",
+                                          str(memo_entries)], cwd=_ROOT, env=env,
+                                         stdout=subprocess.PIPE, text=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("server child failed to start")
+        address = f"127.0.0.1:{json.loads(line)['port']}"
+        self.client = FeatureClient(address, timeout_s=2.0)
+        self.client.wait_ready()
+        self.channel = grpc.insecure_channel(address)
+        self.echo = self.channel.unary_unary("/headrace.bench.Echo/Ping",
+                                             request_serializer=lambda b: b,
+                                             response_deserializer=lambda b: b)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.channel.close()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=10)
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 3)
+
+
+def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int = 50,
+        candidates: int = 100, rounds: int = 2000, trees: int = 100, leaves: int = 31,
+        seed: int = 0) -> dict[str, Any]:
+    """Set up, measure and return the figures (JSON-able). See the module docstring."""
+    import redis
+
+    from bench.lookup import populate, start_redis
+    from feature_defs.layout import entity_key
+    from feature_defs.registry import load_registry
+    from headrace.settings import ServeSettings
+    from serving.breaker import CircuitBreaker
+    from serving.client import build_score_request
+    from serving.priors import PriorsCache
+    from serving.reader import OnlineReader
+    from serving.scoring import ScoringService, model_watcher
+    from serving.store import RedisOnlineStore
+
+    rng = random.Random(seed + 1)
+    fig: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="headrace-bench-score-") as workdir:
+        rproc, rport = start_redis(workdir)
+        children: list[_Child] = []
+        try:
+            url = f"redis://127.0.0.1:{rport}/0"
+            t0 = time.perf_counter()
+            counts = populate(url, users=users, ads=ads, campaigns=campaigns,
+                              publishers=publishers, now_ms=time.time_ns() // 1_000_000,
+                              seed=seed)
+            models = Path(workdir) / "models"
+            version, features = train_bench_model(models, trees=trees, leaves=leaves,
+                                                  seed=seed)
+            setup_s = time.perf_counter() - t0
+            env = {**os.environ, "HEADRACE_REDIS_URL": url, "HEADRACE_REDIS_PREFIX": _PREFIX,
+                   "HEADRACE_MODELS_DIR": str(models), "PYTHONPATH": str(_ROOT)}
+            settings = ServeSettings.from_env(env)
+            store = RedisOnlineStore(url, timeout_ms=settings.redis_budget_ms)
+            reg = load_registry()
+            local = ScoringService(reg, OnlineReader(store, _PREFIX, memo_entries=0),
+                                   PriorsCache(store, _PREFIX), CircuitBreaker(),
+                                   model_watcher(models, reg))
+            local.models.refresh()
+            raw = redis.Redis(port=rport)
+
+            def shape() -> tuple[Any, Any, list[str]]:
+                user, pub = f"u{rng.randrange(users)}", f"p{rng.randrange(publishers)}"
+                picked = rng.sample(range(ads), candidates)
+                req = build_score_request(user, [
+                    {"ad_id": f"a{a}", "campaign_id": f"c{a % campaigns}",
+                     "bid_cpm": round(rng.uniform(0.2, 5.0), 2)} for a in picked],
+                    {"country": "v1", "device_type": "v2", "placement": "v3",
+                     "publisher_id": pub})
+                keys = [entity_key(_PREFIX, "user", user), entity_key(_PREFIX, "publisher", pub)]
+                keys += [entity_key(_PREFIX, "ad", f"a{a}") for a in picked]
+                keys += [entity_key(_PREFIX, "campaign", f"c{c}")
+                         for c in dict.fromkeys(a % campaigns for a in picked)]
+                return req, local.feature_matrix(req), keys
+
+            fields = [f"{e}_activity@1" for e in ("user", "ad", "campaign", "publisher")]
+            for memo, tag in ((0, ""), (8192, "_memo")):
+                children.append(child := _Child(env, memo))
+                rpc, model_t, echo, floor = [], [], [], []
+                for i in range(rounds + rounds // 10):  # the first 10% warm up
+                    req, (model, x), keys = shape()
+                    s = time.perf_counter()
+                    resp = child.client.score_call(req, timeout=2.0)
+                    t_rpc = time.perf_counter() - s
+                    s = time.perf_counter()
+                    model.predict(x)
+                    t_model = time.perf_counter() - s
+                    s = time.perf_counter()
+                    child.echo(b"", timeout=2.0)
+                    t_echo = time.perf_counter() - s
+                    s = time.perf_counter()
+                    pipe = raw.pipeline(transaction=False)
+                    for k in keys:
+                        pipe.hmget(k, fields)
+                    pipe.execute()
+                    t_redis = time.perf_counter() - s
+                    if resp.model_version != version or len(resp.order) != candidates:
+                        raise RuntimeError(f"unexpected answer: {resp.model_version}")
+                    if i >= rounds // 10:
+                        rpc.append(t_rpc)
+                        model_t.append(t_model)
+                        echo.append(t_echo)
+                        floor.append(t_redis)
+                fig[f"p50_ms{tag}"], fig[f"p99_ms{tag}"] = _pct(rpc, 0.5), _pct(rpc, 0.99)
+                fig[f"model_only_p50_ms{tag}"] = _pct(model_t, 0.5)
+                fig[f"model_only_p99_ms{tag}"] = _pct(model_t, 0.99)
+                fig[f"echo_p99_ms{tag}"] = _pct(echo, 0.99)
+                fig[f"redis_p50_ms{tag}"], fig[f"redis_p99_ms{tag}"] = (
+                    _pct(floor, 0.5), _pct(floor, 0.99))
+            store.close()
+        finally:
+            for child in children:
+                child.stop()
+            if rproc.poll() is None:
+                rproc.kill()
+            rproc.wait()
+    return {"benchmark": "score", "candidates": candidates,
+            **{k: fig[k] for k in ("p50_ms", "p99_ms", "model_only_p50_ms",
+                                   "model_only_p99_ms", "echo_p99_ms", "redis_p99_ms")},
+            **{k: v for k, v in sorted(fig.items()) if k.endswith("_memo")},
+            "targets": {"p99_ms_max": 5.0, "met": fig["p99_ms"] <= 5.0,
+                        "met_memo": fig["p99_ms_memo"] <= 5.0},
+            "model": {"version": version, "features": len(features), "trees": trees,
+                      "leaves": leaves},
+            "params": {"users": users, "ads": ads, "campaigns": campaigns,
+                       "publishers": publishers, "rounds": rounds},
+            "data": counts, "setup_seconds": round(setup_s, 1), "cpu_count": os.cpu_count()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve"]:
+        _serve_child(int(argv[1]) if len(argv) > 1 else 8192)
+        return
+    kwargs: dict[str, Any] = {}
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        kwargs[key] = float(value) if "." in value else int(value)
+    print(json.dumps(run(**kwargs), indent=2))
+
+
+if __name__ == "__main__":
+    main()
