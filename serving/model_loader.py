@@ -173,7 +173,8 @@ def _parts(registry: Registry, by_entity: Mapping[str, list[tuple[int, str]]],
 
 
 class _Versioned(Protocol):
-    version: str
+    @property
+    def version(self) -> str: ...
 
 
 T = TypeVar("T", bound=_Versioned)

@@ -20,6 +20,7 @@ champion on the in-process priors (source MODEL).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -38,7 +39,6 @@ from headrace.errors import HeadraceError, InvalidArgument, OnlineStoreError
 from offline.coldstart_model import context_time
 from proto.headrace.v1 import features_pb2 as pb
 from proto.headrace.v1 import scoring_pb2 as spb
-from proto.headrace.v1 import scoring_pb2_grpc as spb_grpc
 from serving.breaker import CircuitBreaker
 from serving.metrics import metrics
 from serving.model_loader import EntityPart, ModelWatcher, ScoringModel
@@ -47,8 +47,7 @@ from serving.reader import OnlineReader
 from serving.rollup import Freshness
 
 __all__ = ["MAX_CANDIDATES", "ModelUnavailable", "ScoreInput", "ScoringMetrics",
-           "scoring_metrics", "model_watcher", "ScoringService", "ScoringServicer",
-           "SCORING_SERVICE_NAME"]
+           "scoring_metrics", "model_watcher", "ScoringService", "SCORING_SERVICE_NAME"]
 
 SCORING_SERVICE_NAME = spb.DESCRIPTOR.services_by_name["ScoringService"].full_name
 
@@ -114,7 +113,8 @@ def model_watcher(models_dir: Path | str, registry: Registry,
         m.reloads.labels(outcome="ok").inc()
         m.model_info.labels(version=new.version).set(1)
         if old is not None and old.version != new.version:
-            m.model_info.remove(old.version)
+            with contextlib.suppress(KeyError):  # another server in this process removed it
+                m.model_info.remove(old.version)
 
     return ModelWatcher(models_dir, lambda loaded: ScoringModel.compile(loaded, registry),
                         poll_s=poll_s, on_swap=swapped,
@@ -412,15 +412,3 @@ class ScoringService:
             code = codes.get(inp.context.get(name) or "")
             x[:, col] = math.nan if code is None else float(code)
 
-
-
-class ScoringServicer(spb_grpc.ScoringServiceServicer):
-    """gRPC adaptor of :class:`ScoringService`."""
-
-    def __init__(self, service: ScoringService) -> None:
-        self.service = service
-
-    def Score(  # noqa: N802 - gRPC method name
-        self, request: spb.ScoreRequest, context: Any
-    ) -> spb.ScoreResponse:
-        return self.service.score(request)

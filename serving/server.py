@@ -25,21 +25,18 @@ from headrace.errors import BackendError, HeadraceError
 from headrace.settings import ServeSettings
 from proto.headrace.v1 import features_pb2 as pb
 from proto.headrace.v1 import features_pb2_grpc as pb_grpc
+from proto.headrace.v1 import scoring_pb2 as spb
 from proto.headrace.v1 import scoring_pb2_grpc as spb_grpc
 from serving.breaker import CircuitBreaker
 from serving.metrics import metrics
 from serving.priors import PriorsCache
 from serving.reader import OnlineReader
-from serving.scoring import (
-    SCORING_SERVICE_NAME,
-    ScoringService,
-    ScoringServicer,
-    model_watcher,
-)
+from serving.scoring import SCORING_SERVICE_NAME, ScoringService, model_watcher
 from serving.service import OnlineFeatureService
 from serving.store import OnlineStore, RedisOnlineStore
 
-__all__ = ["ErrorInterceptor", "FeatureServicer", "FeatureServer", "build_server", "SERVICE_NAME"]
+__all__ = ["ErrorInterceptor", "FeatureServicer", "ScoringServicer", "FeatureServer",
+           "build_server", "SERVICE_NAME"]
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
@@ -108,6 +105,18 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         self, request: pb.GetOnlineFeaturesRequest, context: grpc.ServicerContext
     ) -> pb.GetOnlineFeaturesResponse:
         return self.service.get_online_features(request)
+
+
+class ScoringServicer(spb_grpc.ScoringServiceServicer):
+    """gRPC adaptor of :class:`~serving.scoring.ScoringService`."""
+
+    def __init__(self, service: ScoringService) -> None:
+        self.service = service
+
+    def Score(  # noqa: N802 - gRPC method name
+        self, request: spb.ScoreRequest, context: grpc.ServicerContext
+    ) -> spb.ScoreResponse:
+        return self.service.score(request)
 
 
 class FeatureServer:

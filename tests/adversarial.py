@@ -213,7 +213,8 @@ def _valid_events(rng: random.Random, w: _World, ids: _Ids, n_events: int, start
                   end: int, days: int) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     # the heavy user: > 512 distinct ads inside one day (more in the big stream)
-    heavy_ads = rng.sample(w.ads, 640 if n_events < 20_000 else 1_200)
+    # more than the sketch size (512), never more ads than exist
+    heavy_ads = rng.sample(w.ads, min(len(w.ads), 640 if n_events < 20_000 else 1_200))
     heavy_ads += rng.choices(heavy_ads, k=len(heavy_ads) // 3)  # repeats
     heavy_day = start + (days // 2) * DAY
     for ts, ad in zip(_event_times(rng, heavy_day, heavy_day + 20 * HOUR, len(heavy_ads)),

@@ -17,15 +17,15 @@ from headrace.settings import ProducerSettings
 from streams.codec import RawMessage, decode_batch
 from streams.csv_replay import iter_csv_events
 from streams.events import rows_as_python
+from tests.shared_data import data_file, require
 
 if TYPE_CHECKING:
     from conftest import Namespace
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-TALKINGDATA = DATA / "talkingdata" / "talkingdata_train_sample_100k.csv"
-AVAZU = DATA / "avazu" / "avazu_train_head_8999.csv"
+TALKINGDATA = data_file("talkingdata", "talkingdata_train_sample_100k.csv")
+AVAZU = data_file("avazu", "avazu_train_head_8999.csv")
 NOW_MS = 2_000_000_000_000  # 2033: every sample event lies before it
 
 
@@ -71,7 +71,7 @@ def produce(ns: Namespace, path: Path, mapping: str) -> dict[str, Any]:
 ])
 def test_replay_sample_to_the_broker(ns: Namespace, tmp_path: Path, source: Path, mapping: str,
                                      rows: int | None) -> None:
-    path = source
+    path = require(source)
     if rows is not None:  # the first rows (plus header), written outside the repository
         path = tmp_path / source.name
         with source.open() as src, path.open("w") as dst:

@@ -204,7 +204,7 @@ def test_cold_start_tiers_are_reported_per_candidate(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- bad requests
 def _with_unknown(where: str) -> Callable[[spb.ScoreRequest], None]:
     def mutate(req: spb.ScoreRequest) -> None:
-        target = {"request": req, "context": req.context}.get(where) or req.candidates[2]
+        target: Any = {"request": req, "context": req.context}.get(where, req.candidates[2])
         target.MergeFromString(b"\x78\x01")  # field 15, varint 1: unknown everywhere
 
     return mutate
