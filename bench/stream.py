@@ -164,9 +164,9 @@ def run(events: int = 200_000, users: int = 20_000, single_events: int = 30_000,
         env_c = ns("fresh")
         _progress(f"freshness: {rate} events/s for {freshness_seconds:.0f}s")
         stats_file = f"{tmp}/c.json"
-        cmd = [sys.executable, "-m", "headrace.cli", "worker", "--until-idle", "3",
+        cmd = [sys.executable, "-m", "headrace.cli", "worker", "--until-idle", "10",
                "--stats", stats_file]
-        _produce(env_c, stream[:10], "arrow")  # topics exist before the worker joins
+        _paced(env_c, 50, 0.2, users)  # topics exist before the worker joins
         worker = subprocess.Popen(cmd, env={**os.environ, **env_c}, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
         time.sleep(6)  # group join + assignment
@@ -174,7 +174,7 @@ def run(events: int = 200_000, users: int = 20_000, single_events: int = 30_000,
         _, err = worker.communicate(timeout=120)
         with open(stats_file, encoding="utf-8") as fh:
             stats_c = json.load(fh)
-        fresh = sorted(stats_c["freshness_ms"][10:])  # skip the pre-join warm-up events
+        fresh = sorted(stats_c["freshness_ms"])
         q = (lambda p: fresh[min(len(fresh) - 1, int(p * len(fresh)))] if fresh else None)
         return {
             "events": stats_a["events_in"],

@@ -20,6 +20,7 @@ from typing import Any
 
 from feature_defs.registry import Registry
 from headrace.settings import WorkerSettings
+from feature_defs.state import NO_TS
 from streams.engine import Engine, RawMessage
 from streams.metrics import StreamMetrics
 from streams.offline_writer import OfflineWriter, resolve_filesystem
@@ -235,6 +236,20 @@ def run_worker(
         clock["assigned"] = True
         log.info("assigned %d partitions; resuming at %s", len(seeks), seeks)
 
+    def _export_lag() -> None:
+        """Lag per partition from the high watermark carried in fetch responses (never
+        ListOffsets: wrong on the embedded broker, INFRA.md D1)."""
+        for (t, p), prog in list(engine.progress.items()):
+            try:
+                high = app.consumer.highwater(TP(t, p))
+            except (KeyError, AssertionError, AttributeError):  # nothing fetched yet
+                continue
+            if high is not None and high >= 0:
+                metrics.lag.labels(t, str(p)).set(max(0, high - prog.next))
+                if prog.max_ts > NO_TS:
+                    lateness = engine.lateness_ms.get(prog.source or "", 0)
+                    metrics.watermark.labels(t, str(p)).set(prog.max_ts - lateness)
+
     def _resume_at_durable_offsets(consumer: Any) -> None:
         """Faust's recovery seeks every partition to the group's Kafka-committed offset
         *after* assignment (``perform_seek``), and Faust commits what its agents have
@@ -262,6 +277,7 @@ def run_worker(
     @app.timer(flush_s)
     async def _tick() -> None:
         maybe_flush()
+        _export_lag()
         if until_idle is None or not clock["assigned"]:
             return
         if time.time() - engine.last_input >= until_idle:
