@@ -21,11 +21,14 @@ from typing import Any
 from feature_defs.measures import MERGERS, finalize_state, init_state
 from feature_defs.plan import ViewPlan
 
-__all__ = ["NO_TS", "ViewState", "fence_key", "fence_pos", "FORMAT"]
+__all__ = ["NO_TS", "ViewState", "StateFields", "decode_fields", "fence_key", "fence_pos", "FORMAT"]
 
 NO_TS = -(2**62)
 FORMAT = 1
 _INDEX_BITS = 20
+
+#: the encoded fields of a state: (max_ts, prev_ts, pending, rings, fences)
+StateFields = tuple[int, int, list[Any], list[dict[int, list[Any]]], dict[int, int]]
 
 
 def fence_key(source_idx: int, partition: int) -> int:
@@ -202,13 +205,29 @@ class ViewState:
 
     @classmethod
     def decode(cls, plan: ViewPlan, data: bytes) -> ViewState:
-        if not data or data[0] != FORMAT:
-            raise ValueError(f"unknown view state format {data[:1]!r}")
+        """The state encoded by :meth:`encode` (errors: see :func:`decode_fields`)."""
         st = cls.__new__(cls)
         st.plan = plan
-        st.max_ts, st.prev_ts, st.pending, st.rings, st.fences = marshal.loads(data[1:])
-        if len(st.rings) != len(plan.rings):
-            raise ValueError("view state does not match the view's ring layout")
+        st.max_ts, st.prev_ts, st.pending, st.rings, st.fences = decode_fields(plan, data)
         return st
+
+
+def decode_fields(plan: ViewPlan, data: bytes) -> StateFields:
+    """The fields of an encoded state without building a :class:`ViewState`.
+
+    The read path only rolls states up, so it skips the object (same bytes, same
+    checks as :meth:`ViewState.decode`).
+
+    Raises:
+        ValueError: unknown format byte, or rings that do not match ``plan``.
+        EOFError, TypeError: bytes that do not unmarshal into a state.
+    """
+    if not data or data[0] != FORMAT:
+        raise ValueError(f"unknown view state format {data[:1]!r}")
+    fields: StateFields = marshal.loads(data[1:])
+    _max_ts, _prev_ts, _pending, rings, _fences = fields
+    if len(rings) != len(plan.rings):
+        raise ValueError("view state does not match the view's ring layout")
+    return fields
 
 

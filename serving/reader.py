@@ -18,7 +18,7 @@ from typing import Any
 from feature_defs.coldstart import HISTORY_FEATURE
 from feature_defs.layout import entity_key
 from feature_defs.registry import Registry
-from feature_defs.state import ViewState
+from feature_defs.state import decode_fields
 from serving.rollup import Freshness, RollupProgram
 from serving.store import OnlineStore
 
@@ -26,7 +26,7 @@ __all__ = ["ReadPlan", "EntityRow", "AsOfTooEarly", "compile_read_plan", "Online
 
 log = logging.getLogger(__name__)
 _USER = "user"
-_CORRUPT = (ValueError, EOFError, TypeError)  # marshal / ViewState.decode on bad bytes
+_CORRUPT = (ValueError, EOFError, TypeError)  # marshal / decode_fields on bad bytes
 
 
 class AsOfTooEarly(Exception):
@@ -198,23 +198,24 @@ class OnlineReader:
         """One state's values (a list the caller must not mutate) and freshness."""
         if blob is None:
             return list(prog.defaults), Freshness.NO_DATA
-        memo = self._memo
-        key = (prog, blob)
-        hit = memo.get(key)
-        if hit is not None and hit[0] <= as_of_ms < hit[1]:
-            return hit[2], hit[3]
+        memo = self._memo if self.memo_entries else None
+        if memo is not None:
+            key = (prog, blob)
+            hit = memo.get(key)
+            if hit is not None and hit[0] <= as_of_ms < hit[1]:
+                return hit[2], hit[3]
         try:
-            state = ViewState.decode(vplan, blob)
+            max_ts, prev_ts, pending, rings, _fences = decode_fields(vplan, blob)
         except _CORRUPT as exc:
             log.warning("unreadable state of %s for ids[%d]: %s", vplan.view.id, index, exc)
             return list(prog.defaults), Freshness.NO_DATA
-        if state.max_ts > as_of_ms:
+        if max_ts > as_of_ms:
             if explicit:
-                raise AsOfTooEarly(index, state.max_ts)
-            as_of_ms = state.max_ts
-        vals, fresh = prog.run(state, as_of_ms)
-        if self.memo_entries:
-            bounds = prog.validity(state, as_of_ms, fresh)
+                raise AsOfTooEarly(index, max_ts)
+            as_of_ms = max_ts
+        vals, fresh = prog.run_fields(max_ts, prev_ts, pending, rings, as_of_ms)
+        if memo is not None:
+            bounds = prog.validity_at(max_ts, as_of_ms, fresh)
             if bounds is not None:
                 if len(memo) >= self.memo_entries:
                     with contextlib.suppress(RuntimeError, StopIteration, KeyError):

@@ -22,7 +22,7 @@ The TTL / default rule and the "as_of before the latest event" error are the one
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum
 from operator import itemgetter
 from typing import Any
@@ -43,18 +43,16 @@ class Freshness(IntEnum):
     STALE = 2  # the latest event before T is at least the view TTL old
 
 
-# per measure accumulation: (ring index, tile_ms, n_tiles, slot, op)
-_Acc = tuple[int, int, int, int, AggOp]
-
-
 class RollupProgram:
     """Compiled roll-up of ``outputs`` (indexes into ``plan.outputs``) of one view.
 
-    Build once per request shape; :meth:`run` is called per entity and is thread-safe
-    (no mutable state).
+    Build once per request shape; :meth:`run` (a :class:`ViewState`) and
+    :meth:`run_fields` (the fields of :func:`~feature_defs.state.decode_fields`, what
+    the read path uses) are called per entity and are thread-safe (no mutable state).
     """
 
-    __slots__ = ("plan", "names", "defaults", "_groups", "_outs", "_init", "_finalize", "_ttl")
+    __slots__ = ("plan", "names", "defaults", "_groups", "_init", "_finalize", "_ratios",
+                 "_pick", "_ttl")  # fmt: skip
 
     def __init__(self, plan: ViewPlan, outputs: Sequence[int]) -> None:
         self.plan = plan
@@ -62,48 +60,66 @@ class RollupProgram:
         self.names: tuple[str, ...] = tuple(o.name for o in outs)
         self.defaults: tuple[Any, ...] = tuple(o.default for o in outs)
         self._ttl = plan.ttl_ms
-        # one accumulation per distinct (ring, window length in tiles, measure slot)
+        # one accumulation per distinct (ring, window length in tiles, measure slot),
+        # grouped per (ring, window length) and split by how it accumulates
         accs: dict[tuple[int, int, int], int] = {}
         ops: list[AggOp] = []
-        groups: dict[tuple[int, int], list[tuple[int, AggOp, int, Any]]] = {}
-        out_specs: list[tuple[bool, int, int]] = []
+        groups: dict[tuple[int, int], tuple[list[Any], list[Any], list[Any]]] = {}
+        picks: list[int] = []
+        ratios: list[tuple[int, int]] = []
         for o in outs:
             idx = []
             for slot in o.slots:
                 key = (o.ring, o.window.n_tiles, slot)
                 if key not in accs:
-                    accs[key] = len(accs)
+                    i = accs[key] = len(accs)
                     op = plan.measures[slot].op
                     ops.append(op)
-                    groups.setdefault((o.ring, o.window.n_tiles), []).append(
-                        (slot, op, accs[key], itemgetter(slot))
+                    counts, distincts, ordered = groups.setdefault(
+                        (o.ring, o.window.n_tiles), ([], [], [])
                     )
+                    if op is AggOp.COUNT:
+                        counts.append((slot, itemgetter(slot), i))
+                    elif op is AggOp.APPROX_DISTINCT:
+                        distincts.append((slot, itemgetter(slot), i))
+                    else:
+                        ordered.append((slot, itemgetter(slot), i, MERGERS[op]))
                 idx.append(accs[key])
-            out_specs.append((o.is_ratio, idx[0], idx[-1]))
+            if o.is_ratio:
+                ratios.append((idx[0], idx[-1]))
+                picks.append(-len(ratios))  # resolved below, past the accumulations
+            else:
+                picks.append(idx[0])
         self._groups = tuple(
-            (ring, plan.rings[ring].tile_ms, n_tiles, tuple(slots))
-            for (ring, n_tiles), slots in groups.items()
+            (ring, plan.rings[ring].tile_ms, n_tiles, tuple(c), tuple(d), tuple(o))
+            for (ring, n_tiles), (c, d, o) in groups.items()
         )
-        self._outs = tuple(out_specs)
+        n = len(ops)
+        # ratio k lands at n + k
+        self._ratios = tuple((n + k, num, den) for k, (num, den) in enumerate(ratios))
+        positions = [p if p >= 0 else n - p - 1 for p in picks]
+        self._pick = _picker(positions)
         # COUNT and APPROX_DISTINCT accumulate final values (0 when empty); the others
         # accumulate states, finalized at the end like ViewState.rollup does
-        self._init = tuple(0 if op in _DIRECT else None for op in ops)
+        self._init = tuple(0 if op in _DIRECT else None for op in ops) + (None,) * len(ratios)
         self._finalize = tuple((i, op) for i, op in enumerate(ops) if op not in _DIRECT)
 
     def freshness(self, state: ViewState | None, as_of_ms: int) -> Freshness:
         """OK, NO_DATA or STALE as of ``as_of_ms`` (``ValueError`` if before max_ts)."""
         if state is None:
             return Freshness.NO_DATA
-        max_ts = state.max_ts
+        return self._freshness(state.max_ts, state.prev_ts, as_of_ms)
+
+    def _freshness(self, max_ts: int, prev_ts: int, as_of_ms: int) -> Freshness:
         if max_ts < as_of_ms:
             last = max_ts
         elif max_ts == as_of_ms:
-            last = state.prev_ts
+            last = prev_ts
         else:
             raise ValueError("as_of before the latest applied event")
         if last == NO_TS:
-            return Freshness.NO_DATA
-        return Freshness.STALE if as_of_ms - last >= self._ttl else Freshness.OK
+            return _NO_DATA
+        return _STALE if as_of_ms - last >= self._ttl else _OK
 
     def run(self, state: ViewState | None, as_of_ms: int) -> tuple[list[Any], Freshness]:
         """Values of the program's outputs as of ``as_of_ms`` and the state's freshness.
@@ -113,11 +129,24 @@ class RollupProgram:
         Raises:
             ValueError: ``as_of_ms`` is before the state's latest applied event.
         """
-        fresh = self.freshness(state, as_of_ms)
-        if fresh is not Freshness.OK:
+        if state is None:
+            return list(self.defaults), Freshness.NO_DATA
+        return self.run_fields(state.max_ts, state.prev_ts, state.pending, state.rings, as_of_ms)
+
+    def run_fields(
+        self,
+        max_ts: int,
+        prev_ts: int,
+        pending: list[Any],
+        rings: list[dict[int, list[Any]]],
+        as_of_ms: int,
+    ) -> tuple[list[Any], Freshness]:
+        """:meth:`run` on a state's fields (as :func:`~feature_defs.state.decode_fields`
+        returns them), without a :class:`ViewState`."""
+        fresh = self._freshness(max_ts, prev_ts, as_of_ms)
+        if fresh is not _OK:
             return list(self.defaults), fresh
-        assert state is not None
-        return self._values(state, as_of_ms), fresh
+        return self._values(max_ts, pending, rings, as_of_ms), fresh
 
     def validity(self, state: ViewState, as_of_ms: int, fresh: Freshness) -> tuple[int, int] | None:
         """The as-of interval ``[lo, hi)`` around ``as_of_ms`` on which :meth:`run` gives
@@ -126,7 +155,10 @@ class RollupProgram:
         Inside it every input of the roll-up is the same: the freshness, whether the
         events at ``max_ts`` count, and each window's lowest tile.
         """
-        max_ts = state.max_ts
+        return self.validity_at(state.max_ts, as_of_ms, fresh)
+
+    def validity_at(self, max_ts: int, as_of_ms: int, fresh: Freshness) -> tuple[int, int] | None:
+        """:meth:`validity` of a state whose latest applied event is at ``max_ts``."""
         if as_of_ms <= max_ts:
             return None
         if fresh is Freshness.STALE:  # stays stale: the latest event only gets older
@@ -134,20 +166,19 @@ class RollupProgram:
         if fresh is not Freshness.OK:
             return None
         lo, hi = max_ts + 1, max_ts + self._ttl
-        for _ring, tile_ms, _n, _slots in self._groups:
+        for _ring, tile_ms, *_rest in self._groups:
             if tile_ms:
                 k = as_of_ms // tile_ms
                 lo = max(lo, k * tile_ms)
                 hi = min(hi, (k + 1) * tile_ms)
         return lo, hi
 
-    def _values(self, state: ViewState, as_of_ms: int) -> list[Any]:
-        max_ts = state.max_ts
+    def _values(
+        self, max_ts: int, pending: list[Any], rings: list[dict[int, list[Any]]], as_of_ms: int
+    ) -> list[Any]:
         pend = as_of_ms > max_ts  # the events at max_ts count only strictly before T
-        pending = state.pending
-        rings = state.rings
         acc: list[Any] = list(self._init)
-        for ring_idx, tile_ms, n_tiles, slots in self._groups:
+        for ring_idx, tile_ms, n_tiles, counts, distincts, ordered in self._groups:
             ring = rings[ring_idx]
             cells: Any
             if tile_ms:
@@ -160,34 +191,54 @@ class RollupProgram:
                     cells = ring.values()
             else:
                 cells = ring.values()
-            for slot, op, i, get in slots:
-                p = pending[slot] if pend else None
-                if op is AggOp.COUNT:
-                    acc[i] = sum(filter(None, map(get, cells))) + (p or 0)
-                elif op is AggOp.APPROX_DISTINCT:
-                    hashes: set[int] = set().union(*filter(None, map(get, cells)))
+            for slot, get, i in counts:  # ints: the sum does not depend on order
+                total = sum(filter(None, map(get, cells)))
+                if pend:
+                    p = pending[slot]
+                    if p:
+                        total += p
+                acc[i] = total
+            for slot, get, i in distincts:  # one set union gives the merged sketch
+                hashes: set[int] = set().union(*filter(None, map(get, cells)))
+                if pend:
+                    p = pending[slot]
                     if p:
                         hashes.update(p)
-                    acc[i] = _kmv_estimate(hashes)
-                else:  # order-sensitive: same merges, same order as ViewState.rollup
-                    merge = MERGERS[op]
-                    a = None
-                    for st in map(get, cells):
-                        if st is not None:
-                            a = st if a is None else merge(a, st)
+                acc[i] = _kmv_estimate(hashes)
+            for slot, get, i, merge in ordered:  # same merges, same order as ViewState.rollup
+                a = None
+                for st in map(get, cells):
+                    if st is not None:
+                        a = st if a is None else merge(a, st)
+                if pend:
+                    p = pending[slot]
                     if p is not None:
                         a = p if a is None else merge(a, p)
-                    acc[i] = a
+                acc[i] = a
         for i, op in self._finalize:
             acc[i] = finalize_state(op, acc[i])
-        return [
-            (None if not acc[b] or acc[a] is None else acc[a] / acc[b]) if ratio else acc[a]
-            for ratio, a, b in self._outs
-        ]
+        for r, num, den in self._ratios:
+            d = acc[den]
+            n = acc[num]
+            acc[r] = None if not d or n is None else n / d
+        return self._pick(acc)
 
 
 _DIRECT = (AggOp.COUNT, AggOp.APPROX_DISTINCT)
 _FOREVER = 2**63
+# module constants: an enum member lookup costs a class attribute lookup per use
+_OK, _NO_DATA, _STALE = Freshness.OK, Freshness.NO_DATA, Freshness.STALE
+
+
+def _picker(positions: list[int]) -> Callable[[list[Any]], list[Any]]:
+    """``acc -> [acc[p] for p in positions]`` with one C-level gather."""
+    if not positions:
+        return lambda acc: []
+    if len(positions) == 1:
+        (only,) = positions
+        return lambda acc: [acc[only]]
+    gather = itemgetter(*positions)
+    return lambda acc: list(gather(acc))
 
 
 def _kmv_estimate(hashes: set[int]) -> int:

@@ -20,15 +20,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests import streamkit as sk
+from tests.shared_data import data_file, require
 
 if TYPE_CHECKING:
     from conftest import Namespace
 
 pytestmark = pytest.mark.integration
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-TALKINGDATA = DATA / "talkingdata" / "talkingdata_train_sample_100k.csv"
-AVAZU = DATA / "avazu" / "avazu_train_head_8999.csv"
+TALKINGDATA = data_file("talkingdata", "talkingdata_train_sample_100k.csv")
+AVAZU = data_file("avazu", "avazu_train_head_8999.csv")
 CLI = [sys.executable, "-m", "headrace.cli"]
 
 
@@ -61,7 +61,7 @@ def side_topics_empty(ns: Namespace) -> None:
 
 @pytest.mark.timeout(300)
 def test_labels_with_a_one_day_window_equal_is_attributed(ns: Namespace, tmp_path: Path) -> None:
-    with TALKINGDATA.open() as fh:
+    with require(TALKINGDATA).open() as fh:
         rows = list(csv.DictReader(fh))
     positives = [r for r in rows if r["is_attributed"] == "1"]
     sample = positives + [r for r in rows if r["is_attributed"] == "0"][:3000]
@@ -94,7 +94,7 @@ def test_labels_with_a_one_day_window_equal_is_attributed(ns: Namespace, tmp_pat
 
 
 def test_avazu_sample_replays_through_the_worker(ns: Namespace, tmp_path: Path) -> None:
-    with AVAZU.open() as fh:
+    with require(AVAZU).open() as fh:
         rows = list(csv.DictReader(fh))
     clicks = sum(r["click"] == "1" for r in rows)
     stats = replay(ns, tmp_path, AVAZU, "avazu")
@@ -109,7 +109,8 @@ def test_avazu_sample_replays_through_the_worker(ns: Namespace, tmp_path: Path) 
 @pytest.mark.timeout(600)
 def test_talkingdata_example_end_to_end(tmp_path: Path) -> None:
     """The whole file on the example's own throwaway stack (about 30 s here)."""
-    proc = subprocess.run([*CLI, "example", "talkingdata", "--csv", str(TALKINGDATA), "--json"],
+    proc = subprocess.run([*CLI, "example", "talkingdata", "--csv", str(require(TALKINGDATA)),
+                           "--json"],
                           capture_output=True, text=True, timeout=580, check=False,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
