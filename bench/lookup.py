@@ -35,19 +35,19 @@ OK within the deadline; ``outage_fallback_ratio`` = share of those answered FALL
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from bench.server_child import ServerChild, bench_main, pct
 
 __all__ = ["run", "main", "populate", "start_redis"]
 
@@ -151,74 +151,10 @@ def populate(redis_url: str, *, users: int, ads: int, campaigns: int, publishers
     return {"events": len(events), "states": len(states)}
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 3)
-
-
 def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def _serve_child(memo_entries: int) -> None:
-    """Run the feature server (settings from HEADRACE_*) plus an echo method."""
-    import gc
-
-    import grpc
-
-    from headrace.settings import ServeSettings
-    from serving.server import build_server
-
-    echo = grpc.method_handlers_generic_handler(
-        "headrace.bench.Echo",
-        {"Ping": grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"",
-                                                     lambda b: b, lambda b: b)},
-    )  # fmt: skip
-    server = build_server(ServeSettings(), port=0, host="127.0.0.1", extra_handlers=[echo],
-                          memo_entries=memo_entries)  # fmt: skip
-    server.start()
-    gc.freeze()  # as `headrace serve` does
-    print(json.dumps({"port": server.port}), flush=True)
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
-    server.stop(0)
-
-
-class _Server:
-    """A feature server child process and this process's clients of it."""
-
-    def __init__(self, redis_url: str, memo_entries: int) -> None:
-        import grpc
-
-        from serving.client import FeatureClient
-
-        env = {**os.environ, "HEADRACE_REDIS_URL": redis_url, "HEADRACE_REDIS_PREFIX": _PREFIX,
-               "PYTHONPATH": str(_ROOT)}  # fmt: skip
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # sigwait
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.lookup", "--serve", str(memo_entries)],
-                cwd=_ROOT, env=env, stdout=subprocess.PIPE, text=True)  # fmt: skip
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("feature server child failed to start")
-        address = f"127.0.0.1:{json.loads(line)['port']}"
-        self.client = FeatureClient(address, timeout_s=1.0)
-        self.client.wait_ready()
-        self.channel = grpc.insecure_channel(address)
-        self.echo = self.channel.unary_unary("/headrace.bench.Echo/Ping",
-                                             request_serializer=lambda b: b,
-                                             response_deserializer=lambda b: b)  # fmt: skip
-
-    def stop(self) -> None:
-        self.client.close()
-        self.channel.close()
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=10)
 
 
 def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int = 50,
@@ -234,7 +170,7 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="headrace-bench-lookup-") as workdir:
         rproc, rport = start_redis(workdir)
-        servers: list[_Server] = []
+        servers: list[ServerChild] = []
         try:
             url = f"redis://127.0.0.1:{rport}/0"
             t0 = time.perf_counter()
@@ -258,7 +194,7 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
 
                 return build_request(entity, ids), redis_read
 
-            def measure(srv: _Server, suffix: str, entity: str, n: int, rounds: int) -> None:
+            def measure(srv: ServerChild, suffix: str, entity: str, n: int, rounds: int) -> None:
                 rpc: list[float] = []
                 echo: list[float] = []
                 floor: list[float] = []
@@ -271,15 +207,17 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
                         rpc.append(t_rpc)
                         echo.append(t_echo)
                         floor.append(t_redis)
-                figures[f"p50_ms_{suffix}"] = _pct(rpc, 0.5)
-                figures[f"p99_ms_{suffix}"] = _pct(rpc, 0.99)
-                figures[f"echo_p50_ms_{suffix}"] = _pct(echo, 0.5)
-                figures[f"echo_p99_ms_{suffix}"] = _pct(echo, 0.99)
-                figures[f"redis_p50_ms_{suffix}"] = _pct(floor, 0.5)
-                figures[f"redis_p99_ms_{suffix}"] = _pct(floor, 0.99)
+                figures[f"p50_ms_{suffix}"] = pct(rpc, 0.5)
+                figures[f"p99_ms_{suffix}"] = pct(rpc, 0.99)
+                figures[f"echo_p50_ms_{suffix}"] = pct(echo, 0.5)
+                figures[f"echo_p99_ms_{suffix}"] = pct(echo, 0.99)
+                figures[f"redis_p50_ms_{suffix}"] = pct(floor, 0.5)
+                figures[f"redis_p99_ms_{suffix}"] = pct(floor, 0.99)
 
             for memo, tag in ((0, ""), (8192, "_memo")):
-                servers.append(srv := _Server(url, memo))
+                servers.append(srv := ServerChild(
+                    {**os.environ, "HEADRACE_REDIS_URL": url, "HEADRACE_REDIS_PREFIX": _PREFIX},
+                    memo))
                 measure(srv, f"1{tag}", "user", 1, n_1)
                 measure(srv, f"100{tag}", "user", 100, n_100)
                 measure(srv, f"100_ads{tag}", "ad", 100, n_100)
@@ -373,15 +311,7 @@ def _outage(client: Any, rproc: subprocess.Popen[bytes], deadline_ms: float, out
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--serve"]:
-        _serve_child(int(argv[1]) if len(argv) > 1 else 8192)
-        return
-    kwargs: dict[str, Any] = {}
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        kwargs[key] = float(value) if "." in value else int(value)
-    print(json.dumps(run(**kwargs), indent=2))
+    bench_main(run, argv)
 
 
 if __name__ == "__main__":

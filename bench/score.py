@@ -35,13 +35,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.server_child import ServerChild, bench_main, pct
 
 __all__ = ["run", "main", "train_bench_model"]
 
@@ -96,65 +95,6 @@ def train_bench_model(models_dir: Path, *, trees: int = 100, leaves: int = 31,
     return version, features
 
 
-def _serve_child(memo_entries: int) -> None:
-    """Run the server (settings from HEADRACE_*) plus an echo method."""
-    import gc
-
-    import grpc
-
-    from headrace.settings import ServeSettings
-    from serving.server import build_server
-
-    echo = grpc.method_handlers_generic_handler(
-        "headrace.bench.Echo",
-        {"Ping": grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"",
-                                                     lambda b: b, lambda b: b)})
-    server = build_server(ServeSettings(), port=0, host="127.0.0.1", extra_handlers=[echo],
-                          memo_entries=memo_entries)
-    server.start()
-    gc.freeze()  # as `headrace serve` does
-    print(json.dumps({"port": server.port}), flush=True)
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
-    server.stop(0)
-
-
-class _Child:
-    def __init__(self, env: dict[str, str], memo_entries: int) -> None:
-        import grpc
-
-        from serving.client import FeatureClient
-
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # sigwait
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "bench.score", "--serve",
-                                          str(memo_entries)], cwd=_ROOT, env=env,
-                                         stdout=subprocess.PIPE, text=True)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("server child failed to start")
-        address = f"127.0.0.1:{json.loads(line)['port']}"
-        self.client = FeatureClient(address, timeout_s=2.0)
-        self.client.wait_ready()
-        self.channel = grpc.insecure_channel(address)
-        self.echo = self.channel.unary_unary("/headrace.bench.Echo/Ping",
-                                             request_serializer=lambda b: b,
-                                             response_deserializer=lambda b: b)
-
-    def stop(self) -> None:
-        self.client.close()
-        self.channel.close()
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=10)
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 3)
-
-
 def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int = 50,
         candidates: int = 100, rounds: int = 2000, trees: int = 100, leaves: int = 31,
         seed: int = 0) -> dict[str, Any]:
@@ -176,7 +116,7 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
     fig: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="headrace-bench-score-") as workdir:
         rproc, rport = start_redis(workdir)
-        children: list[_Child] = []
+        children: list[ServerChild] = []
         try:
             url = f"redis://127.0.0.1:{rport}/0"
             t0 = time.perf_counter()
@@ -212,7 +152,7 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
 
             fields = [f"{e}_activity@1" for e in ("user", "ad", "campaign", "publisher")]
             for memo, tag in ((0, ""), (8192, "_memo")):
-                children.append(child := _Child(env, memo))
+                children.append(child := ServerChild(env, memo, timeout_s=2.0))
                 local = ScoringService(reg, OnlineReader(store, _PREFIX, memo_entries=memo),
                                        PriorsCache(store, _PREFIX), CircuitBreaker(), watcher,
                                        budget_ms=1000.0)
@@ -245,15 +185,15 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
                         echo.append(t_echo)
                         floor.append(t_redis)
                         work.append(t_work)
-                fig[f"p50_ms{tag}"], fig[f"p99_ms{tag}"] = _pct(rpc, 0.5), _pct(rpc, 0.99)
-                fig[f"model_only_p50_ms{tag}"] = _pct(model_t, 0.5)
-                fig[f"model_only_p99_ms{tag}"] = _pct(model_t, 0.99)
+                fig[f"p50_ms{tag}"], fig[f"p99_ms{tag}"] = pct(rpc, 0.5), pct(rpc, 0.99)
+                fig[f"model_only_p50_ms{tag}"] = pct(model_t, 0.5)
+                fig[f"model_only_p99_ms{tag}"] = pct(model_t, 0.99)
                 fig[f"echo_p50_ms{tag}"], fig[f"echo_p99_ms{tag}"] = (
-                    _pct(echo, 0.5), _pct(echo, 0.99))
-                fig[f"inprocess_p50_ms{tag}"] = _pct(work, 0.5)
-                fig[f"inprocess_p99_ms{tag}"] = _pct(work, 0.99)
+                    pct(echo, 0.5), pct(echo, 0.99))
+                fig[f"inprocess_p50_ms{tag}"] = pct(work, 0.5)
+                fig[f"inprocess_p99_ms{tag}"] = pct(work, 0.99)
                 fig[f"redis_p50_ms{tag}"], fig[f"redis_p99_ms{tag}"] = (
-                    _pct(floor, 0.5), _pct(floor, 0.99))
+                    pct(floor, 0.5), pct(floor, 0.99))
             store.close()
         finally:
             for child in children:
@@ -276,15 +216,7 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--serve"]:
-        _serve_child(int(argv[1]) if len(argv) > 1 else 8192)
-        return
-    kwargs: dict[str, Any] = {}
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        kwargs[key] = float(value) if "." in value else int(value)
-    print(json.dumps(run(**kwargs), indent=2))
+    bench_main(run, argv)
 
 
 if __name__ == "__main__":
