@@ -229,5 +229,3 @@ def decode_fields(plan: ViewPlan, data: bytes) -> StateFields:
     if len(rings) != len(plan.rings):
         raise ValueError("view state does not match the view's ring layout")
     return fields
-
-

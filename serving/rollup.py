@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Sequence
 from enum import IntEnum
+from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -199,7 +200,7 @@ class RollupProgram:
                         total += p
                 acc[i] = total
             for slot, get, i in distincts:  # one set union gives the merged sketch
-                hashes: set[int] = set().union(*filter(None, map(get, cells)))
+                hashes: set[int] = set(chain.from_iterable(filter(None, map(get, cells))))
                 if pend:
                     p = pending[slot]
                     if p:

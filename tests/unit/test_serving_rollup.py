@@ -11,7 +11,7 @@ import pytest
 from feature_defs.model import AggOp, Entity, Feature, FeatureView, Measure, Source
 from feature_defs.plan import ViewPlan, compile_view
 from feature_defs.registry import load_registry
-from feature_defs.state import ViewState
+from feature_defs.state import ViewState, decode_fields
 from feature_defs.windows import lifetime, sliding, tumbling
 from serving.rollup import Freshness, RollupProgram
 
@@ -125,3 +125,42 @@ def test_validity_interval_is_exact(view_id: str) -> None:
                 assert prog.run(st, probe) == (vals, fresh), (lo, hi, probe)
             if hi < 2**62:  # just outside, something changes (window, freshness or pending)
                 assert prog.validity(st, hi, prog.run(st, hi)[1]) != bounds
+
+
+@pytest.mark.parametrize("view_id", sorted(REG.plans))
+def test_read_path_on_encoded_fields_equals_viewstate_rollup(view_id: str) -> None:
+    """What the reader runs (decode_fields + run_fields, no ViewState) is exact too."""
+    plan = REG.plans[view_id]
+    rng = random.Random(f"f{view_id}")
+    n_out = len(plan.outputs)
+    for trial in range(20):
+        st = _state(plan, rng, rng.randrange(1, 300), rng.choice([300_000, DAY, 9 * DAY]))
+        fields = decode_fields(plan, st.encode())
+        # any subset in any order, repeats included: picks, shared sums, ratios
+        idx = [rng.randrange(n_out) for _ in range(rng.randrange(1, 2 * n_out))]
+        if trial == 0:
+            idx = [n_out - 1]  # a single output
+        prog = RollupProgram(plan, idx)
+        for as_of in _as_ofs(st, rng):
+            ref, is_default = st.rollup(as_of)
+            want = [ref[plan.outputs[i].name] for i in idx]
+            got, fresh = prog.run_fields(*fields[:4], as_of)
+            assert got == want, (as_of, idx)
+            assert [type(v) for v in got] == [type(v) for v in want]
+            assert (fresh is not Freshness.OK) == is_default
+            assert (got, fresh) == prog.run(st, as_of)
+            assert prog.validity_at(st.max_ts, as_of, fresh) == prog.validity(st, as_of, fresh)
+
+
+def test_decode_fields_checks_like_decode() -> None:
+    plan = REG.plans["user_activity@1"]
+    st = _state(plan, random.Random(5), 50, DAY)
+    data = st.encode()
+    fields = decode_fields(plan, data)
+    again = ViewState.decode(plan, data)
+    assert fields == (again.max_ts, again.prev_ts, again.pending, again.rings, again.fences)
+    for bad in (b"", b"\x7fgarbage", ViewState(REG.plans["ad_activity@1"]).encode()):
+        with pytest.raises(ValueError):
+            decode_fields(plan, bad)
+    with pytest.raises((EOFError, ValueError, TypeError)):
+        decode_fields(plan, data[:-3])  # truncated
