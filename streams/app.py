@@ -21,7 +21,7 @@ from typing import Any
 from feature_defs.registry import Registry
 from headrace.settings import WorkerSettings
 from feature_defs.state import NO_TS
-from streams.engine import Engine, RawMessage
+from streams.engine import Engine, RawMessage, relax_gc
 from streams.metrics import StreamMetrics
 from streams.offline_writer import OfflineWriter, resolve_filesystem
 from streams.online import RedisOnlineStore
@@ -138,6 +138,7 @@ def run_worker(
         raise missing_extra("faust-streaming", "stream") from exc
 
     _short_fetch_wait(settings.fetch_max_wait_ms)
+    relax_gc()  # process-wide: a worker process holds millions of long-lived tile cells
     metrics = StreamMetrics()
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -57,6 +58,15 @@ class OfflineWriter:
     fs: pafs.FileSystem
     root: str
     compression: str = "zstd"
+    #: files of one part written concurrently (S3 PUTs and Parquet encoding release
+    #: the GIL); the part is complete only when all of them are, as before
+    parallel: int = 8
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="offline-write")
+        return self._pool
 
     def _write(self, table: pa.Table, directory: str, name: str) -> None:
         path = f"{directory}/{name}"
@@ -96,12 +106,11 @@ class OfflineWriter:
             return 0
         name = chunk_file(topic, partition, start)
         dates = pc.strftime(events["ts"], format="%Y-%m-%d")
-        files = 0
+        jobs: list[tuple[pa.Table, str]] = []
         for date in pc.unique(dates).to_pylist():
             mask = pc.equal(dates, date)
             day = events.filter(mask)
-            self._write(day, f"{events_dir(self.root, kind)}/date={date}", name)
-            files += 1
+            jobs.append((day, f"{events_dir(self.root, kind)}/date={date}"))
             for plan, key, fields in views:
                 rows = day.filter(pc.is_valid(day[key]))
                 if rows.num_rows == 0:
@@ -116,11 +125,17 @@ class OfflineWriter:
                     cols[f] = rows[f]
                 for c in ("_partition", "_offset", "_index", "_ingest_ms"):
                     cols[c] = rows[c]
-                self._write(
-                    pa.table(cols), f"{view_dir(self.root, plan.view.id)}/date={date}", name
-                )
-                files += 1
-        return files
+                jobs.append((pa.table(cols), f"{view_dir(self.root, plan.view.id)}/date={date}"))
+        if self.parallel <= 1 or len(jobs) <= 1:
+            for table, directory in jobs:
+                self._write(table, directory, name)
+        else:
+            futures = [self._executor().submit(self._write, t, d, name) for t, d in jobs]
+            errors = [f.exception() for f in futures]  # waits for every file
+            for exc in errors:
+                if exc is not None:
+                    raise exc
+        return len(jobs)
 
     def remove_orphans(self, topic: str, partition: int, durable_next: int) -> int:
         """Delete parts of (topic, partition) starting at or beyond ``durable_next``."""

@@ -8,6 +8,7 @@ view), so retrying a write is harmless.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,6 +40,12 @@ class OnlineStore(Protocol):
 class RedisOnlineStore:
     """The Redis backend (redis-py with hiredis when installed)."""
 
+    #: an EXPIRE is re-issued for a key only when the expiry it last set (tracked in
+    #: memory) is more than this many seconds short of the one a write asks for: key
+    #: TTLs are days, and readers honour the view TTL by event time anyway
+    EXPIRE_REFRESH_S = 300.0
+    _EXPIRY_CACHE_MAX = 2_000_000
+
     def __init__(self, url: str, *, batch: int = 2000) -> None:
         try:
             import redis
@@ -49,6 +56,7 @@ class RedisOnlineStore:
         self._redis_mod = redis
         self._client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
         self._batch = batch
+        self._expiry: dict[str, float] = {}  # key -> monotonic time its TTL runs out
 
     def _errors(self) -> tuple[type[Exception], ...]:
         return (
@@ -70,13 +78,24 @@ class RedisOnlineStore:
         return out
 
     def write(self, states: Sequence[StateWrite], commits: Mapping[str, Mapping[str, int]]) -> None:
+        expiry = self._expiry
+        if len(expiry) > self._EXPIRY_CACHE_MAX:
+            expiry.clear()
+        refresh = self.EXPIRE_REFRESH_S
         try:
             for start in range(0, len(states), self._batch):
                 pipe = self._client.pipeline(transaction=False)
+                now = time.monotonic()
+                refreshed: dict[str, float] = {}
                 for w in states[start : start + self._batch]:
                     pipe.hset(w.key, w.field, w.value)
-                    pipe.expire(w.key, w.ttl_s)
+                    want = now + w.ttl_s
+                    have = refreshed.get(w.key) or expiry.get(w.key)
+                    if have is None or have < want - refresh or w.ttl_s <= 2 * refresh:
+                        pipe.expire(w.key, w.ttl_s)
+                        refreshed[w.key] = want
                 pipe.execute()
+                expiry.update(refreshed)  # only once the EXPIREs are known to be applied
             if commits:
                 # commit records only after every state of the batch is written
                 pipe = self._client.pipeline(transaction=False)

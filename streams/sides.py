@@ -11,9 +11,11 @@ import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
+import xxhash
 
-from feature_defs.layout import TOPIC_DLQ, TOPIC_LATE, partition_for, repartition_topic
+from feature_defs.layout import TOPIC_DLQ, TOPIC_LATE, repartition_topic
 from headrace.errors import BrokerError
 
 __all__ = ["SideOutputs", "KafkaSideOutputs", "MemorySideOutputs", "encode_arrow"]
@@ -101,12 +103,19 @@ class KafkaSideOutputs:
         self._produce(self._topic(TOPIC_LATE), _late_value(row), headers)
 
     def forward(self, entity: str, rows: pa.Table) -> None:
+        # same partitions as ``partition_for`` (xxh64 of the UTF-8 id modulo the count)
+        h = xxhash.xxh64_intdigest
         ids = rows["entity_id"].to_pylist()
-        parts = [partition_for(i, self._partitions) for i in ids]
+        parts = np.fromiter((h(i.encode("utf-8")) for i in ids), dtype=np.uint64,
+                            count=len(ids)) % np.uint64(self._partitions)
         topic = self._topic(repartition_topic(entity))
-        for p in sorted(set(parts)):
-            mask = pa.array([q == p for q in parts])
-            self._produce(topic, encode_arrow(rows.filter(mask)), [("hr-enc", b"arrow")], p)
+        order = np.argsort(parts, kind="stable")  # keeps arrival order within a partition
+        sorted_parts = parts[order]
+        uniq, starts = np.unique(sorted_parts, return_index=True)
+        bounds = [*starts.tolist(), len(ids)]
+        for k, p in enumerate(uniq.tolist()):
+            take = pa.array(order[bounds[k] : bounds[k + 1]])
+            self._produce(topic, encode_arrow(rows.take(take)), [("hr-enc", b"arrow")], p)
 
     def flush(self) -> None:
         remaining = self._producer.flush(30)
