@@ -23,7 +23,6 @@ rewrites the part at ``offline_next`` under the same file names.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -52,29 +51,13 @@ from streams.offline_writer import OfflineWriter
 from streams.online import OnlineStore, StateWrite
 from streams.sides import SideOutputs
 
-__all__ = ["Engine", "RawMessage", "ROUTING_KEY", "PartitionProgress", "relax_gc"]
+__all__ = ["Engine", "RawMessage", "ROUTING_KEY", "PartitionProgress"]
 
 log = logging.getLogger(__name__)
 ROUTING_KEY = "user_id"
 #: re-seeks tried before a gap in offsets is accepted as real (e.g. transaction markers)
 MAX_GAP_SEEKS = 3
 _KIND_OF_SOURCE = {"impressions": "impression", "clicks": "click"}
-
-
-#: young-generation threshold of the cyclic GC in a worker process (CPython's default
-#: is 700). The engine keeps millions of small long-lived containers (tile cells, fences)
-#: and allocates more per batch, so with the default the collector keeps promoting and
-#: re-scanning them: a third of the engine's CPU time at 20k users. Raising it keeps
-#: collections (and the full-collection heuristics behind them) but makes them rarer.
-GC_GEN0_THRESHOLD = 50_000
-
-
-def relax_gc() -> None:
-    """Raise the GC's young-generation threshold to :data:`GC_GEN0_THRESHOLD` (never
-    lowers a higher setting; process-wide, like any ``gc.set_threshold``)."""
-    gen0, gen1, gen2 = gc.get_threshold()
-    if 0 < gen0 < GC_GEN0_THRESHOLD:
-        gc.set_threshold(GC_GEN0_THRESHOLD, max(gen1, 20), gen2)
 
 
 @dataclass(frozen=True)
