@@ -38,7 +38,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -48,18 +47,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.server_child import ServerChild, bench_main, pct
+from headrace._stackproc import free_port
 
 __all__ = ["run", "main", "populate", "start_redis"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 _DAY = 86_400_000
 _PREFIX = "hrbench"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _redis_binary() -> str:
@@ -83,7 +77,7 @@ def start_redis(workdir: str) -> tuple[subprocess.Popen[bytes], int]:
     """A private redis-server (no persistence) on a free loopback port: (process, port)."""
     import redis
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", workdir],

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
+from headrace._stackproc import free_port
 __all__ = ["DemoConfig", "run_demo"]
 
 _PREFIX = "[demo]"
@@ -36,12 +36,6 @@ class DemoConfig:
                  live_rate: int = 2000, live_seconds: float = 6.0) -> None:
         self.users, self.events, self.days, self.seed = users, events, days, seed
         self.live_rate, self.live_seconds = live_rate, live_seconds
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Runner:
@@ -171,7 +165,7 @@ def _training_step(run: _Runner, cfg: DemoConfig, summary: dict[str, Any]) -> No
 
 
 def _serving_step(run: _Runner, cfg: DemoConfig, summary: dict[str, Any]) -> None:
-    port = _free_port()
+    port = free_port()
     models = os.path.join(run.workdir, "models")
     _say(f"feature server on 127.0.0.1:{port}")
     server = run.background("serve", "--port", str(port),
