@@ -130,23 +130,21 @@ def apply_batch(
 
 def _counts(plan: ViewPlan, st_by_code: list[ViewState], slot: int, e: np.ndarray,
             ts: np.ndarray, to_tiles: np.ndarray, to_pending: np.ndarray) -> None:
-    nslots = len(plan.measures)
     if to_tiles.any():
         e_t, ts_t = e[to_tiles], ts[to_tiles]
         for ri, ring_plan in enumerate(plan.rings):
-            if slot not in ring_plan.slots:
+            if slot not in ring_plan.counts:
                 continue
+            k = ring_plan.counts.index(slot)
             tiles = ts_t // ring_plan.tile_ms if ring_plan.tile_ms else np.zeros_like(ts_t)
             rings = [st.rings[ri] for st in st_by_code]
             for c, tile, cnt in zip(*_group_counts(e_t, tiles), strict=True):
                 ring = rings[c]
-                cells = ring.get(tile)
-                if cells is None:
-                    cells = ring[tile] = [None] * nslots
-                    cells[slot] = cnt
+                m = ring.n
+                if m and ring.ints[m - 1] == tile:  # the newest tile (in-order traffic)
+                    ring.ints[m + k * (m + 1) + m] += cnt
                 else:
-                    cur = cells[slot]
-                    cells[slot] = cnt if cur is None else cur + cnt
+                    ring.add_count(k, tile, cnt)
     if to_pending.any():
         codes, counts = np.unique(e[to_pending], return_counts=True)
         for c, cnt in zip(codes.tolist(), counts.tolist(), strict=True):
@@ -159,8 +157,8 @@ def _generic(plan: ViewPlan, st_by_code: list[ViewState], slot: int, op: AggOp,
              e: np.ndarray, ts: np.ndarray, rows: np.ndarray, at_max: np.ndarray,
              values: Sequence[Any] | None, tiebreaks: Sequence[int] | None) -> None:
     merge = MERGERS[op]
-    nslots = len(plan.measures)
-    rings = [(ri, rp.tile_ms) for ri, rp in enumerate(plan.rings) if slot in rp.slots]
+    rings = [(ri, rp.tile_ms, rp.others.index(slot)) for ri, rp in enumerate(plan.rings)
+             if slot in rp.others]  # fmt: skip
     e_l, ts_l, at_l = e.tolist(), ts.tolist(), at_max.tolist()
     for r in np.flatnonzero(rows).tolist():
         value = values[r] if values is not None else None
@@ -172,11 +170,5 @@ def _generic(plan: ViewPlan, st_by_code: list[ViewState], slot: int, op: AggOp,
             cur = st.pending[slot]
             st.pending[slot] = st_val if cur is None else merge(cur, st_val)
             continue
-        for ri, tile_ms in rings:
-            tile = ts_l[r] // tile_ms if tile_ms else 0
-            ring = st.rings[ri]
-            cells = ring.get(tile)
-            if cells is None:
-                cells = ring[tile] = [None] * nslots
-            cur = cells[slot]
-            cells[slot] = st_val if cur is None else merge(cur, st_val)
+        for ri, tile_ms, j in rings:
+            st.rings[ri].merge(j, ts_l[r] // tile_ms if tile_ms else 0, st_val, merge)

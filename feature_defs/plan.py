@@ -21,6 +21,8 @@ class RingPlan:
     tile_ms: int  # 0 = lifetime
     keep: int  # tiles kept behind (and including) the latest event's tile
     slots: tuple[int, ...]  # measure slots (indices into ViewPlan.measures) this ring holds
+    counts: tuple[int, ...] = ()  # the COUNT slots among them (prefix-summed in the state)
+    others: tuple[int, ...] = ()  # the other slots (one state per tile)
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,13 @@ def compile_view(view: FeatureView) -> ViewPlan:
             ring_slots.setdefault(tile, set()).update(slots[m] for m in feat.measures)
             ring_keep[tile] = max(ring_keep.get(tile, 1), w.n_tiles)
     tiles = sorted(ring_slots)
-    rings = tuple(RingPlan(t, ring_keep[t], tuple(sorted(ring_slots[t]))) for t in tiles)
+    ops = {slot: m.op for m, slot in slots.items()}
+    rings = tuple(
+        RingPlan(t, ring_keep[t], tuple(sorted(ring_slots[t])),
+                 tuple(s for s in sorted(ring_slots[t]) if ops[s] is AggOp.COUNT),
+                 tuple(s for s in sorted(ring_slots[t]) if ops[s] is not AggOp.COUNT))
+        for t in tiles
+    )  # fmt: skip
     ring_index = {t: i for i, t in enumerate(tiles)}
     outputs = []
     for feat in view.features:

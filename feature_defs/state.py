@@ -5,30 +5,53 @@ applied event time): tiles are kept while they can still fall inside a window as
 such a T, and the events *at* ``max_ts`` are held apart (``pending``) until a later
 event arrives, because the window rule excludes events at T itself.
 
+Each ring (:class:`Ring`) holds its tiles in ascending order, and per measure slot:
+
+* COUNT: prefix sums (the counts of the tiles before tile ``i``, plus a base), so
+  the count of any window is one subtraction at a bisected position — no walk over
+  tiles on the read path;
+* every other operator: one mergeable state per tile (:mod:`feature_defs.measures`),
+  merged in ascending tile order.
+
 ``fences`` make replays idempotent: for each source (topic, partition) the position
 (offset, index-in-message) of the last event applied to this entity; an event at or
 before its fence is skipped. Positions only grow within a source partition, and a
 replay re-delivers a prefix-consistent sequence, so skipping by position is exact.
 
-Serialized with :mod:`marshal` (fast, compact, plain values only) behind a format byte.
+Serialized with :mod:`marshal` behind a format byte. Format 2 stores each ring's tiles
+and prefix sums as raw little-endian int64 bytes (the read path bisects them in place,
+without building an object per tile); format 1 (tile → cells dicts, written by earlier
+releases) is still read, so an upgrade keeps every entity's history.
 """
 
 from __future__ import annotations
 
 import marshal
+import sys
+from array import array
+from bisect import bisect_left
+from collections.abc import Sequence
 from typing import Any
 
 from feature_defs.measures import MERGERS, finalize_state, init_state
-from feature_defs.plan import ViewPlan
+from feature_defs.plan import RingPlan, ViewPlan
 
-__all__ = ["NO_TS", "ViewState", "StateFields", "decode_fields", "fence_key", "fence_pos", "FORMAT"]
+__all__ = ["NO_TS", "Ring", "ViewState", "StateFields", "RingFields", "decode_fields",
+           "fence_key", "fence_pos", "FORMAT"]  # fmt: skip
 
 NO_TS = -(2**62)
-FORMAT = 1
+FORMAT = 2
+_V1 = 1
 _INDEX_BITS = 20
+_LITTLE = sys.byteorder == "little"
+_FORMAT_BYTE = bytes([FORMAT])
 
-#: the encoded fields of a state: (max_ts, prev_ts, pending, rings, fences)
-StateFields = tuple[int, int, list[Any], list[dict[int, list[Any]]], dict[int, int]]
+#: one ring as the read path sees it: (ints, n, vals): ``ints`` holds the ``n`` tiles, then
+#: per COUNT slot ``k`` its ``n + 1`` prefix sums at ``n + k * (n + 1)``; ``vals`` the
+#: per-tile states of the other slots
+RingFields = tuple[Sequence[int], int, Sequence[list[Any]]]
+#: the fields of a state: (max_ts, prev_ts, pending, rings, fences)
+StateFields = tuple[int, int, list[Any], list[RingFields], dict[int, int]]
 
 
 def fence_key(source_idx: int, partition: int) -> int:
@@ -37,6 +60,100 @@ def fence_key(source_idx: int, partition: int) -> int:
 
 def fence_pos(offset: int, index: int) -> int:
     return (offset << _INDEX_BITS) | index
+
+
+class Ring:
+    """Tiles of one resolution, ascending, with per-slot data (see the module docstring).
+
+    One int64 array holds the ``n`` tiles, then per COUNT slot ``k`` (``plan.counts[k]``)
+    its ``n + 1`` prefix sums at ``n + k * (n + 1)`` — the layout that is stored, so
+    encoding is one copy. ``vals[j]`` belongs to ``plan.others[j]`` and is aligned with
+    the tiles (None: no state in that tile).
+    """
+
+    __slots__ = ("ints", "n", "c", "vals")
+
+    def __init__(self, plan: RingPlan) -> None:
+        self.c = len(plan.counts)
+        self.ints = array("q", bytes(8 * self.c))
+        self.n = 0
+        self.vals: list[list[Any]] = [[] for _ in plan.others]
+
+    @property
+    def tiles(self) -> array:
+        return self.ints[: self.n]
+
+    def index(self, tile: int) -> int:
+        """Position of ``tile``, inserted (empty) when missing."""
+        ints, n = self.ints, self.n
+        if n and ints[n - 1] == tile:
+            return n - 1
+        i = n if not n or tile > ints[n - 1] else bisect_left(ints, tile, 0, n)
+        if i < n and ints[i] == tile:
+            return i
+        ints.insert(i, tile)
+        n += 1
+        for k in range(self.c):  # segment k starts at n + k * (n + 1) once extended
+            at = n + k * (n + 1) + i + 1
+            ints.insert(at, ints[at - 1])  # the new tile holds 0: repeat the sum before it
+        for v in self.vals:
+            v.insert(i, None)
+        self.n = n
+        return i
+
+    def add_count(self, k: int, tile: int, count: int) -> None:
+        """Add ``count`` to COUNT slot ``k`` of ``tile``."""
+        i = self.index(tile)
+        n = self.n
+        end = n + k * (n + 1) + n  # the segment's last sum
+        if i == n - 1:  # the newest tile: in-order traffic lands here
+            self.ints[end] += count
+        else:
+            ints = self.ints
+            for j in range(end - n + i + 1, end + 1):
+                ints[j] += count
+
+    def merge(self, j: int, tile: int, state: Any, merge: Any) -> None:
+        """Merge ``state`` into other-slot ``j`` of ``tile`` with ``merge``."""
+        i = self.index(tile)
+        vals = self.vals[j]
+        cur = vals[i]
+        vals[i] = state if cur is None else merge(cur, state)
+
+    def evict_below(self, low: int) -> None:
+        """Drop the tiles below ``low`` (prefix sums keep their differences)."""
+        ints, n = self.ints, self.n
+        drop = bisect_left(ints, low, 0, n)
+        if drop:
+            for k in reversed(range(self.c)):
+                at = n + k * (n + 1)
+                del ints[at: at + drop]
+            del ints[:drop]
+            self.n = n - drop
+            for v in self.vals:
+                del v[:drop]
+
+    def normalize(self) -> None:
+        """Rebase the prefix sums to start at 0 (equal states give equal bytes)."""
+        ints, n = self.ints, self.n
+        for k in range(self.c):
+            at = n + k * (n + 1)
+            base = ints[at]
+            if base:
+                ints[at: at + n + 1] = array("q", [x - base for x in ints[at: at + n + 1]])
+
+    def fields(self) -> RingFields:
+        return self.ints, self.n, self.vals
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Ring):
+            return NotImplemented
+        self.normalize()
+        other.normalize()
+        return (self.ints, self.vals) == (other.ints, other.vals)
+
+    def __repr__(self) -> str:
+        return f"Ring(n={self.n}, ints={self.ints.tolist()}, vals={self.vals})"
 
 
 class ViewState:
@@ -49,7 +166,7 @@ class ViewState:
         self.max_ts = NO_TS
         self.prev_ts = NO_TS  # the largest applied ts strictly below max_ts
         self.pending: list[Any] = [None] * len(plan.measures)
-        self.rings: list[dict[int, list[Any]]] = [{} for _ in plan.rings]
+        self.rings: list[Ring] = [Ring(rp) for rp in plan.rings]
         self.fences: dict[int, int] = {}
 
     # ------------------------------------------------------------------ updates
@@ -97,7 +214,7 @@ class ViewState:
         elif ts == self.max_ts:
             measures = self.plan.measures
             pending = self.pending
-            for slot, op, st in values:
+            for slot, _op, st in values:
                 if st is not None:
                     cur = pending[slot]
                     pending[slot] = st if cur is None else MERGERS[measures[slot].op](cur, st)
@@ -110,6 +227,9 @@ class ViewState:
     def _merge_into_rings(
         self, ts: int, values: list[tuple[int, Any]], check_low: bool = False
     ) -> None:
+        given = {slot: st for slot, st in values if st is not None}
+        if not given:
+            return
         measures = self.plan.measures
         max_ts = self.max_ts
         for ring_plan, ring in zip(self.plan.rings, self.rings, strict=True):
@@ -117,15 +237,14 @@ class ViewState:
             tile = ts // tile_ms if tile_ms else 0
             if check_low and tile_ms and tile < max_ts // tile_ms - ring_plan.keep + 1:
                 continue  # cannot fall inside any window as of T >= max_ts
-            slots = ring_plan.slots
-            cells = ring.get(tile)
-            for slot, st in values:
-                if st is None or slot not in slots:
-                    continue
-                if cells is None:
-                    cells = ring[tile] = [None] * len(measures)
-                cur = cells[slot]
-                cells[slot] = st if cur is None else MERGERS[measures[slot].op](cur, st)
+            for k, slot in enumerate(ring_plan.counts):
+                st = given.get(slot)
+                if st is not None:
+                    ring.add_count(k, tile, st)
+            for j, slot in enumerate(ring_plan.others):
+                st = given.get(slot)
+                if st is not None:
+                    ring.merge(j, tile, st, MERGERS[measures[slot].op])
 
     def compact(self) -> None:
         """Drop tiles that can no longer fall inside a window as of any T >= max_ts."""
@@ -134,12 +253,8 @@ class ViewState:
     def _evict(self) -> None:
         max_ts = self.max_ts
         for ring_plan, ring in zip(self.plan.rings, self.rings, strict=True):
-            if not ring_plan.tile_ms or not ring:
-                continue
-            low = max_ts // ring_plan.tile_ms - ring_plan.keep + 1
-            stale = [t for t in ring if t < low]
-            for t in stale:
-                del ring[t]
+            if ring_plan.tile_ms and ring.n:
+                ring.evict_below(max_ts // ring_plan.tile_ms - ring_plan.keep + 1)
 
     # ------------------------------------------------------------------ reads
     def last_before(self, as_of_ms: int) -> int:
@@ -158,6 +273,9 @@ class ViewState:
     def rollup(self, as_of_ms: int) -> tuple[dict[str, Any], bool]:
         """Feature values as of ``as_of_ms`` (must be ``>= max_ts``) and the default flag.
 
+        The reference roll-up: one output and one measure at a time, straight from the
+        rule (``serving.rollup.RollupProgram`` is the fast one, tested equal to this).
+
         Raises:
             ValueError: ``as_of_ms`` is before the latest applied event (ask the offline
                 store for earlier times).
@@ -170,23 +288,26 @@ class ViewState:
         out: dict[str, Any] = {}
         for o in plan.outputs:
             ring_plan = plan.rings[o.ring]
+            ring = self.rings[o.ring]
             tile_ms = ring_plan.tile_ms
             low = o.window.lowest_tile(as_of_ms)
+            start = bisect_left(ring.ints, low, 0, ring.n) if tile_ms else 0
+            pending_in = include_pending and (not tile_ms or self.max_ts // tile_ms >= low)
             accs: list[Any] = []
             for slot in o.slots:
                 merge = MERGERS[measures[slot].op]
-                acc = None
-                for tile, cells in self.rings[o.ring].items():
-                    if tile_ms and tile < low:
-                        continue
-                    st = cells[slot]
-                    if st is not None:
-                        acc = st if acc is None else merge(acc, st)
-                if include_pending:
-                    st = self.pending[slot]
-                    ptile = self.max_ts // tile_ms if tile_ms else 0
-                    if st is not None and (not tile_ms or ptile >= low):
-                        acc = st if acc is None else merge(acc, st)
+                acc: Any = None
+                if slot in ring_plan.counts:
+                    n = ring.n
+                    at = n + ring_plan.counts.index(slot) * (n + 1)
+                    acc = ring.ints[at + n] - ring.ints[at + start]
+                else:
+                    for st in ring.vals[ring_plan.others.index(slot)][start:]:
+                        if st is not None:
+                            acc = st if acc is None else merge(acc, st)
+                st = self.pending[slot]
+                if pending_in and st is not None:
+                    acc = st if acc is None else merge(acc, st)
                 accs.append(acc)
             if o.is_ratio:
                 num = finalize_state(o.ops[0], accs[0])
@@ -199,33 +320,128 @@ class ViewState:
     # ------------------------------------------------------------------ bytes
     def encode(self) -> bytes:
         self._evict()
-        return bytes([FORMAT]) + marshal.dumps(
-            (self.max_ts, self.prev_ts, self.pending, self.rings, self.fences)
-        )
+        rings = []
+        for ring in self.rings:
+            ints = ring.ints
+            n = ring.n
+            for k in range(ring.c):
+                if ints[n + k * (n + 1)]:  # tiles were evicted: rebase the sums
+                    ring.normalize()
+                    break
+            rings.append((ints.tobytes() if _LITTLE else _swapped(ints), ring.vals))
+        return _FORMAT_BYTE + marshal.dumps(
+            (self.max_ts, self.prev_ts, self.pending, rings, self.fences))
 
     @classmethod
     def decode(cls, plan: ViewPlan, data: bytes) -> ViewState:
-        """The state encoded by :meth:`encode` (errors: see :func:`decode_fields`)."""
+        """The state encoded by :meth:`encode`, or by format 1 (errors: see
+        :func:`decode_fields`)."""
         st = cls.__new__(cls)
         st.plan = plan
-        st.max_ts, st.prev_ts, st.pending, st.rings, st.fences = decode_fields(plan, data)
+        if data and data[0] == _V1:
+            st.max_ts, st.prev_ts, st.pending, old, st.fences = _loads_v1(plan, data)
+            st.rings = [_ring_from_v1(rp, plan, cells)
+                        for rp, cells in zip(plan.rings, old, strict=True)]
+            return st
+        st.max_ts, st.prev_ts, st.pending, raw, st.fences = _loads(plan, data)
+        st.rings = []
+        for ints, n, vals in _ring_fields(plan, raw):
+            ring = Ring.__new__(Ring)
+            ring.ints = array("q", ints)
+            ring.n = n
+            ring.c = (len(ints) - n) // (n + 1)
+            ring.vals = list(vals)
+            st.rings.append(ring)
         return st
 
 
 def decode_fields(plan: ViewPlan, data: bytes) -> StateFields:
     """The fields of an encoded state without building a :class:`ViewState`.
 
-    The read path only rolls states up, so it skips the object (same bytes, same
-    checks as :meth:`ViewState.decode`).
+    The read path only rolls states up: tiles and prefix sums come back as int64
+    memoryviews over the bytes (no object per tile). Same checks as
+    :meth:`ViewState.decode`.
 
     Raises:
         ValueError: unknown format byte, or rings that do not match ``plan``.
         EOFError, TypeError: bytes that do not unmarshal into a state.
     """
+    if data and data[0] == _V1:
+        st = ViewState.decode(plan, data)
+        return st.max_ts, st.prev_ts, st.pending, [r.fields() for r in st.rings], st.fences
+    max_ts, prev_ts, pending, raw, fences = _loads(plan, data)
+    return max_ts, prev_ts, pending, _ring_fields(plan, raw), fences
+
+
+def _ring_fields(plan: ViewPlan, raw: Sequence[tuple[bytes, list[list[Any]]]]) -> list[RingFields]:
+    """Checked ring fields over the stored ring bytes (int64 views, no copy)."""
+    rings: list[RingFields] = []
+    for (c, n_others), (data_, vals) in zip(_layout(plan), raw, strict=True):
+        n, rest = divmod(len(data_) - 8 * c, 8 + 8 * c)
+        if rest or n < 0 or len(vals) != n_others:
+            raise ValueError("view state does not match the view's ring layout")
+        for v in vals:
+            if len(v) != n:
+                raise ValueError("view state does not match the view's ring layout")
+        rings.append((memoryview(data_).cast("q") if _LITTLE else _unpack(data_), n, vals))
+    return rings
+
+
+def _layout(plan: ViewPlan) -> list[tuple[int, int]]:
+    """Per ring (COUNT slots, other slots), cached per plan."""
+    got = _LAYOUTS.get(id(plan))
+    if got is None or got[0] is not plan:
+        got = _LAYOUTS[id(plan)] = (plan, [(len(rp.counts), len(rp.others)) for rp in plan.rings])
+    return got[1]
+
+
+_LAYOUTS: dict[int, tuple[ViewPlan, list[tuple[int, int]]]] = {}
+
+
+# ---------------------------------------------------------------------- encoding helpers
+def _swapped(ints: array) -> bytes:
+    """Ring ints as little-endian bytes on a big-endian host."""
+    out = array("q", ints)
+    out.byteswap()
+    return out.tobytes()
+
+
+def _unpack(data: bytes) -> array:
+    out = array("q")
+    out.frombytes(data)
+    if not _LITTLE:
+        out.byteswap()
+    return out
+
+
+def _loads(plan: ViewPlan, data: bytes) -> tuple[Any, ...]:
     if not data or data[0] != FORMAT:
         raise ValueError(f"unknown view state format {data[:1]!r}")
-    fields: StateFields = marshal.loads(data[1:])
-    _max_ts, _prev_ts, _pending, rings, _fences = fields
-    if len(rings) != len(plan.rings):
+    fields = marshal.loads(memoryview(data)[1:])
+    if not isinstance(fields, tuple) or len(fields) != 5:
+        raise ValueError("view state is not a state tuple")
+    if len(fields[3]) != len(plan.rings):
         raise ValueError("view state does not match the view's ring layout")
     return fields
+
+
+def _loads_v1(plan: ViewPlan, data: bytes) -> tuple[Any, ...]:
+    fields = marshal.loads(data[1:])
+    if len(fields[3]) != len(plan.rings):
+        raise ValueError("view state does not match the view's ring layout")
+    return fields
+
+
+def _ring_from_v1(rp: RingPlan, plan: ViewPlan, cells_by_tile: dict[int, list[Any]]) -> Ring:
+    """A format-1 ring (tile → per-slot cells) as a :class:`Ring`."""
+    ring = Ring(rp)
+    for tile in sorted(cells_by_tile):
+        cells = cells_by_tile[tile]
+        for k, slot in enumerate(rp.counts):
+            if cells[slot] is not None:
+                ring.add_count(k, tile, cells[slot])
+        for j, slot in enumerate(rp.others):
+            if cells[slot] is not None:
+                ring.merge(j, tile, cells[slot], MERGERS[plan.measures[slot].op])
+        ring.index(tile)  # a tile with only empty cells still counts as present
+    return ring

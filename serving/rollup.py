@@ -13,7 +13,8 @@ Equality with ``ViewState.rollup`` is exact, not approximate:
   associative and commutative, so one set union gives the identical sketch.
 * Every other operator (SUM, MEAN, MIN, MAX, LAST: float or tie-order sensitive) is
   merged with the same merge function in the same order as ``ViewState.rollup``
-  (ring dict order, then the pending events at ``max_ts``).
+  (ascending tile order, then the pending events at ``max_ts``).
+* COUNT windows are differences of the ring's prefix sums at a bisected tile position.
 
 The TTL / default rule and the "as_of before the latest event" error are the ones of
 ``ViewState.is_default`` and ``ViewState.last_before``.
@@ -22,6 +23,7 @@ The TTL / default rule and the "as_of before the latest event" error are the one
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 from itertools import chain
@@ -31,7 +33,7 @@ from typing import Any
 from feature_defs.measures import KMV_K, MERGERS, finalize_state, kmv_estimate
 from feature_defs.model import AggOp
 from feature_defs.plan import ViewPlan
-from feature_defs.state import NO_TS, ViewState
+from feature_defs.state import NO_TS, RingFields, ViewState
 
 __all__ = ["Freshness", "RollupProgram"]
 
@@ -79,12 +81,13 @@ class RollupProgram:
                     counts, distincts, ordered = groups.setdefault(
                         (o.ring, o.window.n_tiles), ([], [], [])
                     )
+                    ring_plan = plan.rings[o.ring]
                     if op is AggOp.COUNT:
-                        counts.append((slot, itemgetter(slot), i))
+                        counts.append((slot, ring_plan.counts.index(slot), i))
                     elif op is AggOp.APPROX_DISTINCT:
-                        distincts.append((slot, itemgetter(slot), i))
+                        distincts.append((slot, ring_plan.others.index(slot), i))
                     else:
-                        ordered.append((slot, itemgetter(slot), i, MERGERS[op]))
+                        ordered.append((slot, ring_plan.others.index(slot), i, MERGERS[op]))
                 idx.append(accs[key])
             if o.is_ratio:
                 ratios.append((idx[0], idx[-1]))
@@ -132,14 +135,15 @@ class RollupProgram:
         """
         if state is None:
             return list(self.defaults), Freshness.NO_DATA
-        return self.run_fields(state.max_ts, state.prev_ts, state.pending, state.rings, as_of_ms)
+        return self.run_fields(state.max_ts, state.prev_ts, state.pending,
+                               [r.fields() for r in state.rings], as_of_ms)
 
     def run_fields(
         self,
         max_ts: int,
         prev_ts: int,
         pending: list[Any],
-        rings: list[dict[int, list[Any]]],
+        rings: Sequence[RingFields],
         as_of_ms: int,
     ) -> tuple[list[Any], Freshness]:
         """:meth:`run` on a state's fields (as :func:`~feature_defs.state.decode_fields`
@@ -175,40 +179,39 @@ class RollupProgram:
         return lo, hi
 
     def _values(
-        self, max_ts: int, pending: list[Any], rings: list[dict[int, list[Any]]], as_of_ms: int
+        self, max_ts: int, pending: list[Any], rings: Sequence[RingFields], as_of_ms: int
     ) -> list[Any]:
         pend = as_of_ms > max_ts  # the events at max_ts count only strictly before T
         acc: list[Any] = list(self._init)
         for ring_idx, tile_ms, n_tiles, counts, distincts, ordered in self._groups:
-            ring = rings[ring_idx]
-            cells: Any
+            ints, n, vals = rings[ring_idx]
             if tile_ms:
                 low = as_of_ms // tile_ms - n_tiles + 1
                 if max_ts // tile_ms < low:
                     continue  # every tile (and the pending events) is older than the window
-                if ring and min(ring) < low:
-                    cells = [c for t, c in ring.items() if t >= low]
-                else:
-                    cells = ring.values()
+                start = bisect_left(ints, low, 0, n) if n and ints[0] < low else 0
             else:
-                cells = ring.values()
-            for slot, get, i in counts:  # ints: the sum does not depend on order
-                total = sum(filter(None, map(get, cells)))
+                start = 0
+            for slot, k, i in counts:  # prefix sums: one subtraction per window
+                base = n + k * (n + 1)
+                total = ints[base + n] - ints[base + start]
                 if pend:
                     p = pending[slot]
                     if p:
                         total += p
                 acc[i] = total
-            for slot, get, i in distincts:  # one set union gives the merged sketch
-                hashes: set[int] = set(chain.from_iterable(filter(None, map(get, cells))))
+            for slot, j, i in distincts:  # one set union gives the merged sketch
+                col = vals[j]
+                hashes: set[int] = set(chain.from_iterable(
+                    filter(None, col[start:] if start else col)))
                 if pend:
                     p = pending[slot]
                     if p:
                         hashes.update(p)
                 acc[i] = _kmv_estimate(hashes)
-            for slot, get, i, merge in ordered:  # same merges, same order as ViewState.rollup
+            for slot, j, i, merge in ordered:  # same merges, same order as ViewState.rollup
                 a = None
-                for st in map(get, cells):
+                for st in vals[j][start:]:
                     if st is not None:
                         a = st if a is None else merge(a, st)
                 if pend:
