@@ -36,8 +36,8 @@ from typing import Any
 from feature_defs.measures import MERGERS, finalize_state, init_state
 from feature_defs.plan import RingPlan, ViewPlan
 
-__all__ = ["NO_TS", "Ring", "ViewState", "StateFields", "RingFields", "decode_fields",
-           "fence_key", "fence_pos", "FORMAT"]  # fmt: skip
+__all__ = ["NO_TS", "Ring", "ViewState", "StateFields", "RingFields", "RingsFields",
+           "decode_fields", "fence_key", "fence_pos", "FORMAT"]  # fmt: skip
 
 NO_TS = -(2**62)
 FORMAT = 2
@@ -46,12 +46,14 @@ _INDEX_BITS = 20
 _LITTLE = sys.byteorder == "little"
 _FORMAT_BYTE = bytes([FORMAT])
 
-#: one ring as the read path sees it: (ints, n, vals): ``ints`` holds the ``n`` tiles, then
-#: per COUNT slot ``k`` its ``n + 1`` prefix sums at ``n + k * (n + 1)``; ``vals`` the
-#: per-tile states of the other slots
-RingFields = tuple[Sequence[int], int, Sequence[list[Any]]]
+#: one ring as the read path sees it: (off, n, vals): the ring's ``n`` tiles are at
+#: ``ints[off:off + n]``, then per COUNT slot ``k`` its ``n + 1`` prefix sums at
+#: ``off + n + k * (n + 1)``; ``vals`` holds the per-tile states of the other slots
+RingFields = tuple[int, int, Sequence[list[Any]]]
+#: every ring of a state: (ints, one RingFields per ring)
+RingsFields = tuple[Sequence[int], Sequence[RingFields]]
 #: the fields of a state: (max_ts, prev_ts, pending, rings, fences)
-StateFields = tuple[int, int, list[Any], list[RingFields], dict[int, int]]
+StateFields = tuple[int, int, list[Any], RingsFields, dict[int, int]]
 
 
 def fence_key(source_idx: int, partition: int) -> int:
@@ -103,7 +105,10 @@ class Ring:
 
     def add_count(self, k: int, tile: int, count: int) -> None:
         """Add ``count`` to COUNT slot ``k`` of ``tile``."""
-        i = self.index(tile)
+        self.add_count_at(self.index(tile), k, count)
+
+    def add_count_at(self, i: int, k: int, count: int) -> None:
+        """Add ``count`` to COUNT slot ``k`` of the tile at position ``i``."""
         n = self.n
         end = n + k * (n + 1) + n  # the segment's last sum
         if i == n - 1:  # the newest tile: in-order traffic lands here
@@ -123,6 +128,14 @@ class Ring:
     def evict_below(self, low: int) -> None:
         """Drop the tiles below ``low`` (prefix sums keep their differences)."""
         ints, n = self.ints, self.n
+        if not n or ints[0] >= low:
+            return
+        if ints[n - 1] < low:  # every tile: start over (sums from 0, nothing to rebase)
+            self.ints = array("q", bytes(8 * self.c))
+            self.n = 0
+            for v in self.vals:
+                v.clear()
+            return
         drop = bisect_left(ints, low, 0, n)
         if drop:
             for k in reversed(range(self.c)):
@@ -141,9 +154,6 @@ class Ring:
             base = ints[at]
             if base:
                 ints[at: at + n + 1] = array("q", [x - base for x in ints[at: at + n + 1]])
-
-    def fields(self) -> RingFields:
-        return self.ints, self.n, self.vals
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Ring):
@@ -237,10 +247,13 @@ class ViewState:
             tile = ts // tile_ms if tile_ms else 0
             if check_low and tile_ms and tile < max_ts // tile_ms - ring_plan.keep + 1:
                 continue  # cannot fall inside any window as of T >= max_ts
+            i = -1
             for k, slot in enumerate(ring_plan.counts):
                 st = given.get(slot)
                 if st is not None:
-                    ring.add_count(k, tile, st)
+                    if i < 0:
+                        i = ring.index(tile)
+                    ring.add_count_at(i, k, st)
             for j, slot in enumerate(ring_plan.others):
                 st = given.get(slot)
                 if st is not None:
@@ -317,20 +330,29 @@ class ViewState:
                 out[o.name] = finalize_state(o.ops[0], accs[0])
         return out, False
 
+    def ring_fields(self) -> RingsFields:
+        """The rings as :func:`decode_fields` returns them (a copy of the ints)."""
+        ints = array("q")
+        rings = []
+        for ring in self.rings:
+            rings.append((len(ints), ring.n, ring.vals))
+            ints.extend(ring.ints)
+        return ints, rings
+
     # ------------------------------------------------------------------ bytes
     def encode(self) -> bytes:
         self._evict()
-        rings = []
         for ring in self.rings:
-            ints = ring.ints
-            n = ring.n
+            ints, n = ring.ints, ring.n
             for k in range(ring.c):
                 if ints[n + k * (n + 1)]:  # tiles were evicted: rebase the sums
                     ring.normalize()
                     break
-            rings.append((ints.tobytes() if _LITTLE else _swapped(ints), ring.vals))
-        return _FORMAT_BYTE + marshal.dumps(
-            (self.max_ts, self.prev_ts, self.pending, rings, self.fences))
+        rings = self.rings
+        ints_b = b"".join([r.ints.tobytes() for r in rings]) if _LITTLE else _swapped(rings)
+        return _FORMAT_BYTE + marshal.dumps((
+            self.max_ts, self.prev_ts, self.pending, [r.n for r in rings], ints_b,
+            [r.vals for r in rings], self.fences))  # fmt: skip
 
     @classmethod
     def decode(cls, plan: ViewPlan, data: bytes) -> ViewState:
@@ -343,13 +365,13 @@ class ViewState:
             st.rings = [_ring_from_v1(rp, plan, cells)
                         for rp, cells in zip(plan.rings, old, strict=True)]
             return st
-        st.max_ts, st.prev_ts, st.pending, raw, st.fences = _loads(plan, data)
+        st.max_ts, st.prev_ts, st.pending, (ints, rings), st.fences = decode_fields(plan, data)
         st.rings = []
-        for ints, n, vals in _ring_fields(plan, raw):
+        for rp, (off, n, vals) in zip(plan.rings, rings, strict=True):
             ring = Ring.__new__(Ring)
-            ring.ints = array("q", ints)
+            ring.c = len(rp.counts)
             ring.n = n
-            ring.c = (len(ints) - n) // (n + 1)
+            ring.ints = array("q", ints[off: off + n + ring.c * (n + 1)])
             ring.vals = list(vals)
             st.rings.append(ring)
         return st
@@ -358,8 +380,8 @@ class ViewState:
 def decode_fields(plan: ViewPlan, data: bytes) -> StateFields:
     """The fields of an encoded state without building a :class:`ViewState`.
 
-    The read path only rolls states up: tiles and prefix sums come back as int64
-    memoryviews over the bytes (no object per tile). Same checks as
+    The read path only rolls states up: the rings come back as ONE int64 memoryview over
+    the stored bytes (no object per tile) with each ring's offset. Same checks as
     :meth:`ViewState.decode`.
 
     Raises:
@@ -368,40 +390,35 @@ def decode_fields(plan: ViewPlan, data: bytes) -> StateFields:
     """
     if data and data[0] == _V1:
         st = ViewState.decode(plan, data)
-        return st.max_ts, st.prev_ts, st.pending, [r.fields() for r in st.rings], st.fences
-    max_ts, prev_ts, pending, raw, fences = _loads(plan, data)
-    return max_ts, prev_ts, pending, _ring_fields(plan, raw), fences
-
-
-def _ring_fields(plan: ViewPlan, raw: Sequence[tuple[bytes, list[list[Any]]]]) -> list[RingFields]:
-    """Checked ring fields over the stored ring bytes (int64 views, no copy)."""
-    rings: list[RingFields] = []
-    for (c, n_others), (data_, vals) in zip(_layout(plan), raw, strict=True):
-        n, rest = divmod(len(data_) - 8 * c, 8 + 8 * c)
-        if rest or n < 0 or len(vals) != n_others:
+        return st.max_ts, st.prev_ts, st.pending, st.ring_fields(), st.fences
+    if not data or data[0] != FORMAT:
+        raise ValueError(f"unknown view state format {data[:1]!r}")
+    max_ts, prev_ts, pending, ns, ints_b, vals, fences = marshal.loads(memoryview(data)[1:])
+    layout = plan.rings
+    if len(ns) != len(layout) or len(vals) != len(layout) or len(ints_b) % 8:
+        raise ValueError("view state does not match the view's ring layout")
+    rings = []
+    off = 0
+    for rp, n, v in zip(layout, ns, vals, strict=True):
+        if len(v) != len(rp.others):
             raise ValueError("view state does not match the view's ring layout")
-        for v in vals:
-            if len(v) != n:
+        for col in v:
+            if len(col) != n:
                 raise ValueError("view state does not match the view's ring layout")
-        rings.append((memoryview(data_).cast("q") if _LITTLE else _unpack(data_), n, vals))
-    return rings
-
-
-def _layout(plan: ViewPlan) -> list[tuple[int, int]]:
-    """Per ring (COUNT slots, other slots), cached per plan."""
-    got = _LAYOUTS.get(id(plan))
-    if got is None or got[0] is not plan:
-        got = _LAYOUTS[id(plan)] = (plan, [(len(rp.counts), len(rp.others)) for rp in plan.rings])
-    return got[1]
-
-
-_LAYOUTS: dict[int, tuple[ViewPlan, list[tuple[int, int]]]] = {}
+        rings.append((off, n, v))
+        off += n + len(rp.counts) * (n + 1)
+    ints = memoryview(ints_b).cast("q") if _LITTLE else _unpack(ints_b)
+    if off != len(ints):
+        raise ValueError("view state does not match the view's ring layout")
+    return max_ts, prev_ts, pending, (ints, rings), fences
 
 
 # ---------------------------------------------------------------------- encoding helpers
-def _swapped(ints: array) -> bytes:
-    """Ring ints as little-endian bytes on a big-endian host."""
-    out = array("q", ints)
+def _swapped(rings: Sequence[Ring]) -> bytes:
+    """The rings' ints as little-endian bytes on a big-endian host."""
+    out = array("q")
+    for r in rings:
+        out.extend(r.ints)
     out.byteswap()
     return out.tobytes()
 
@@ -412,17 +429,6 @@ def _unpack(data: bytes) -> array:
     if not _LITTLE:
         out.byteswap()
     return out
-
-
-def _loads(plan: ViewPlan, data: bytes) -> tuple[Any, ...]:
-    if not data or data[0] != FORMAT:
-        raise ValueError(f"unknown view state format {data[:1]!r}")
-    fields = marshal.loads(memoryview(data)[1:])
-    if not isinstance(fields, tuple) or len(fields) != 5:
-        raise ValueError("view state is not a state tuple")
-    if len(fields[3]) != len(plan.rings):
-        raise ValueError("view state does not match the view's ring layout")
-    return fields
 
 
 def _loads_v1(plan: ViewPlan, data: bytes) -> tuple[Any, ...]:

@@ -33,7 +33,7 @@ from typing import Any
 from feature_defs.measures import KMV_K, MERGERS, finalize_state, kmv_estimate
 from feature_defs.model import AggOp
 from feature_defs.plan import ViewPlan
-from feature_defs.state import NO_TS, RingFields, ViewState
+from feature_defs.state import NO_TS, RingsFields, ViewState
 
 __all__ = ["Freshness", "RollupProgram"]
 
@@ -135,15 +135,15 @@ class RollupProgram:
         """
         if state is None:
             return list(self.defaults), Freshness.NO_DATA
-        return self.run_fields(state.max_ts, state.prev_ts, state.pending,
-                               [r.fields() for r in state.rings], as_of_ms)
+        return self.run_fields(state.max_ts, state.prev_ts, state.pending, state.ring_fields(),
+                               as_of_ms)
 
     def run_fields(
         self,
         max_ts: int,
         prev_ts: int,
         pending: list[Any],
-        rings: Sequence[RingFields],
+        rings: RingsFields,
         as_of_ms: int,
     ) -> tuple[list[Any], Freshness]:
         """:meth:`run` on a state's fields (as :func:`~feature_defs.state.decode_fields`
@@ -179,21 +179,22 @@ class RollupProgram:
         return lo, hi
 
     def _values(
-        self, max_ts: int, pending: list[Any], rings: Sequence[RingFields], as_of_ms: int
+        self, max_ts: int, pending: list[Any], rings: RingsFields, as_of_ms: int
     ) -> list[Any]:
         pend = as_of_ms > max_ts  # the events at max_ts count only strictly before T
         acc: list[Any] = list(self._init)
+        ints, layout = rings
         for ring_idx, tile_ms, n_tiles, counts, distincts, ordered in self._groups:
-            ints, n, vals = rings[ring_idx]
+            off, n, vals = layout[ring_idx]
             if tile_ms:
                 low = as_of_ms // tile_ms - n_tiles + 1
                 if max_ts // tile_ms < low:
                     continue  # every tile (and the pending events) is older than the window
-                start = bisect_left(ints, low, 0, n) if n and ints[0] < low else 0
+                start = bisect_left(ints, low, off, off + n) - off if n and ints[off] < low else 0
             else:
                 start = 0
             for slot, k, i in counts:  # prefix sums: one subtraction per window
-                base = n + k * (n + 1)
+                base = off + n + k * (n + 1)
                 total = ints[base + n] - ints[base + start]
                 if pend:
                     p = pending[slot]

@@ -18,6 +18,11 @@ from typing import Any, Protocol
 
 from headrace.errors import OnlineStoreError, missing_extra
 
+try:
+    import hiredis
+except ImportError:  # pragma: no cover - depends on the install (the serve extra has it)
+    hiredis = None
+
 __all__ = ["OnlineStore", "RedisOnlineStore", "FakeOnlineStore", "pack_hmget"]
 
 Rows = list[list[bytes | None]]
@@ -56,12 +61,40 @@ def pack_hmget(keys: Sequence[str], fields: Sequence[str]) -> bytes:
     return b"".join([head + _bulk(k.encode()) + tail for k in keys])
 
 
+class _ErrorReply(Exception):
+    """Redis answered one of the pipelined commands with an error."""
+
+
+def _replies(sock: Any, reader: Any, n: int) -> Rows:
+    """The next ``n`` replies on ``sock``, parsed by the hiredis ``reader`` as they arrive
+    (one C call per reply, none of redis-py's per-reply Python)."""
+    out: Rows = []
+    gets = reader.gets
+    buf = bytearray(1 << 16)
+    view = memoryview(buf)
+    while True:
+        reply = gets()
+        while reply is not False:
+            if isinstance(reply, hiredis.ReplyError):
+                raise _ErrorReply(str(reply))
+            out.append(reply)
+            if len(out) == n:
+                return out
+            reply = gets()
+        got = sock.recv_into(buf)
+        if not got:
+            raise ConnectionError("redis closed the connection")
+        reader.feed(view, 0, got)
+
+
 class RedisOnlineStore:
     """The Redis online store (redis-py with the hiredis parser).
 
-    ``read_hashes`` sends every HMGET in one write and reads the replies: one round
-    trip, what ``pipeline(transaction=False)`` sends, without its per-command Python
-    work. Each request thread keeps its own connection (no pool checkout, health poll
+    ``read_hashes`` sends every HMGET in one write and parses the replies with a hiredis
+    reader straight off the socket as they arrive: one round trip, what
+    ``pipeline(transaction=False)`` sends, without redis-py's per-command and per-reply
+    Python work (redis-py still connects, authenticates and selects the database).
+    Each request thread keeps its own connection (no pool checkout, health poll
     or pool metrics per request); a connection that failed is closed and reopened on
     its thread's next call. Socket connect/read timeouts equal ``timeout_ms`` (the
     serving budget), and redis-py's own retries are off: the caller decides (breaker,
@@ -81,6 +114,8 @@ class RedisOnlineStore:
             from redis.exceptions import TimeoutError as RedisTimeoutError
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise missing_extra("redis", "serve") from exc
+        if hiredis is None:  # pragma: no cover - depends on the install
+            raise missing_extra("hiredis", "serve")
         timeout = timeout_ms / 1000.0
         self._pool = redis.ConnectionPool.from_url(
             url,
@@ -96,8 +131,9 @@ class RedisOnlineStore:
             socket_connect_timeout=max(timeout, 2.0),
             retry=None,
         )
-        self._unavailable = (RedisConnectionError, RedisTimeoutError)
+        self._unavailable = (RedisConnectionError, RedisTimeoutError, OSError)
         self._redis_error = RedisError
+        self._errors = (RedisError, hiredis.ProtocolError, _ErrorReply)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[Any] = []
@@ -117,14 +153,17 @@ class RedisOnlineStore:
         payload = pack_hmget(keys, fields)
         conn = self._connection()
         try:
-            conn.send_packed_command([payload], check_health=False)  # connects if needed
-            read = conn.read_response
-            return [read() for _ in keys]
-        except self._unavailable as exc:
+            if conn._sock is None:  # redis-py connects (AUTH, SELECT) and sets the timeouts
+                conn.connect()
+                self._local.reader = hiredis.Reader()
+            sock = conn._sock
+            sock.sendall(payload)
+            return _replies(sock, self._local.reader, len(keys))
+        except self._unavailable as exc:  # with OSError: socket timeouts, resets
             conn.disconnect()
-            raise OnlineStoreError(f"redis unavailable: {exc}") from exc
-        except self._redis_error as exc:  # an error reply: the rest of the replies are unread
-            conn.disconnect()
+            raise OnlineStoreError(f"redis unavailable: {exc!r}") from exc
+        except self._errors as exc:
+            conn.disconnect()  # the rest of the replies are unread
             raise OnlineStoreError(f"redis error: {exc}") from exc
 
     def get(self, key: str) -> bytes | None:

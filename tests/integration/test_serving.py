@@ -143,6 +143,20 @@ def test_redis_store_translates_connection_errors() -> None:
         store.get("k")
 
 
+def test_redis_store_error_reply_fails_the_read_and_the_next_read_works(
+        stack: Any, redis_client: Any) -> None:  # fmt: skip
+    prefix = f"t{time.time_ns()}"
+    redis_client.set(f"{prefix}:plain", b"not a hash")  # HMGET on it: WRONGTYPE
+    redis_client.hset(f"{prefix}:h", "f", b"v")
+    store = RedisOnlineStore(stack.redis_url, timeout_ms=500)
+    many = [f"{prefix}:h"] * 3000  # replies arrive over several socket reads
+    assert store.read_hashes(many, ["f", "g"]) == [[b"v", None]] * 3000
+    with pytest.raises(OnlineStoreError, match="WRONGTYPE"):
+        store.read_hashes([f"{prefix}:h", f"{prefix}:plain", f"{prefix}:h"], ["f"])
+    assert store.read_hashes([f"{prefix}:h", f"{prefix}:none"], ["f"]) == [[b"v"], [None]]
+    store.close()
+
+
 # ------------------------------------------------------------------ values over gRPC
 @pytest.mark.parametrize("entity", ["user", "ad", "campaign", "publisher"])
 def test_values_equal_the_oracle(client: FeatureClient, events: list[dict[str, Any]],

@@ -161,9 +161,10 @@ def test_decode_fields_checks_like_decode() -> None:
     assert fields[:3] + fields[4:] == (again.max_ts, again.prev_ts, again.pending, again.fences)
 
     def plain(rings):  # int64 memoryviews / arrays as lists
-        return [(list(ints), n, [list(v) for v in vs]) for ints, n, vs in rings]
+        ints, layout = rings
+        return list(ints), [(off, n, [list(v) for v in vs]) for off, n, vs in layout]
 
-    assert plain(fields[3]) == plain(r.fields() for r in again.rings)
+    assert plain(fields[3]) == plain(again.ring_fields())
     for bad in (b"", b"\x7fgarbage", ViewState(REG.plans["ad_activity@1"]).encode()):
         with pytest.raises(ValueError):
             decode_fields(plan, bad)

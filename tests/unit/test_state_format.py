@@ -113,10 +113,12 @@ def test_corrupt_ring_bytes_are_refused() -> None:
     st = ViewState(plan)
     st.apply("impressions", T0, {"ad_id": "a1"})
     st.apply("clicks", T0 + 10, {"ad_id": "a1"})
-    max_ts, prev_ts, pending, rings, fences = marshal.loads(st.encode()[1:])
-    rings[0] = (rings[0][0][:-8], rings[0][1])  # one int short
-    bad = b"\x02" + marshal.dumps((max_ts, prev_ts, pending, rings, fences))
-    with pytest.raises(ValueError):
-        decode_fields(plan, bad)
-    with pytest.raises(ValueError):
-        ViewState.decode(plan, bad)
+    fields = list(marshal.loads(st.encode()[1:]))
+    for i, bad_value in ((4, fields[4][:-8]),  # one int short
+                         (3, [fields[3][0] + 1, *fields[3][1:]]),  # a ring one tile longer
+                         (5, fields[5][:-1])):  # a ring's states missing  # fmt: skip
+        bad = b"\x02" + marshal.dumps(tuple(fields[:i] + [bad_value] + fields[i + 1:]))
+        with pytest.raises(ValueError):
+            decode_fields(plan, bad)
+        with pytest.raises(ValueError):
+            ViewState.decode(plan, bad)
