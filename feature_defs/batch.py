@@ -140,9 +140,9 @@ def _counts(plan: ViewPlan, st_by_code: list[ViewState], slot: int, e: np.ndarra
             rings = [st.rings[ri] for st in st_by_code]
             for c, tile, cnt in zip(*_group_counts(e_t, tiles), strict=True):
                 ring = rings[c]
-                m = ring.n
-                if m and ring.ints[m - 1] == tile:  # the newest tile (in-order traffic)
-                    ring.ints[m + k * (m + 1) + m] += cnt
+                t = ring.tiles
+                if t and t[-1] == tile:  # the newest tile (in-order traffic): one add
+                    ring.cums[k][-1] += cnt
                 else:
                     ring.add_count(k, tile, cnt)
     if to_pending.any():

@@ -45,6 +45,7 @@ _V1 = 1
 _INDEX_BITS = 20
 _LITTLE = sys.byteorder == "little"
 _FORMAT_BYTE = bytes([FORMAT])
+_ZERO = (0,)
 
 #: one ring as the read path sees it: (off, n, vals): the ring's ``n`` tiles are at
 #: ``ints[off:off + n]``, then per COUNT slot ``k`` its ``n + 1`` prefix sums at
@@ -67,41 +68,45 @@ def fence_pos(offset: int, index: int) -> int:
 class Ring:
     """Tiles of one resolution, ascending, with per-slot data (see the module docstring).
 
-    One int64 array holds the ``n`` tiles, then per COUNT slot ``k`` (``plan.counts[k]``)
-    its ``n + 1`` prefix sums at ``n + k * (n + 1)`` — the layout that is stored, so
-    encoding is one copy. ``vals[j]`` belongs to ``plan.others[j]`` and is aligned with
-    the tiles (None: no state in that tile).
+    ``tiles`` holds the ``n`` tile indexes; ``cums[k]`` (for ``plan.counts[k]``) the
+    ``n + 1`` prefix sums, ``cums[k][i]`` = the base plus the counts of the tiles before
+    tile ``i``; ``vals[j]`` (for ``plan.others[j]``) one state per tile (None: none).
+    Encoded, the arrays are laid end to end (:func:`decode_fields`).
     """
 
-    __slots__ = ("ints", "n", "c", "vals")
+    __slots__ = ("tiles", "cums", "vals")
 
     def __init__(self, plan: RingPlan) -> None:
-        self.c = len(plan.counts)
-        self.ints = array("q", bytes(8 * self.c))
-        self.n = 0
+        self.tiles = array("q")
+        self.cums = [array("q", _ZERO) for _ in plan.counts]
         self.vals: list[list[Any]] = [[] for _ in plan.others]
 
     @property
-    def tiles(self) -> array:
-        return self.ints[: self.n]
+    def n(self) -> int:
+        return len(self.tiles)
 
     def index(self, tile: int) -> int:
         """Position of ``tile``, inserted (empty) when missing."""
-        ints, n = self.ints, self.n
-        if n and ints[n - 1] == tile:
-            return n - 1
-        i = n if not n or tile > ints[n - 1] else bisect_left(ints, tile, 0, n)
-        if i < n and ints[i] == tile:
-            return i
-        ints.insert(i, tile)
-        n += 1
-        for k in range(self.c):  # segment k starts at n + k * (n + 1) once extended
-            at = n + k * (n + 1) + i + 1
-            ints.insert(at, ints[at - 1])  # the new tile holds 0: repeat the sum before it
+        tiles = self.tiles
+        if tiles:
+            last = tiles[-1]
+            if last == tile:
+                return len(tiles) - 1
+            if tile < last:
+                i = bisect_left(tiles, tile)
+                if tiles[i] != tile:
+                    tiles.insert(i, tile)
+                    for c in self.cums:
+                        c.insert(i + 1, c[i])  # the new tile holds 0: repeat the sum before
+                    for v in self.vals:
+                        v.insert(i, None)
+                return i
+        tiles.append(tile)
+        for c in self.cums:
+            c.append(c[-1])
         for v in self.vals:
-            v.insert(i, None)
-        self.n = n
-        return i
+            v.append(None)
+        return len(tiles) - 1
 
     def add_count(self, k: int, tile: int, count: int) -> None:
         """Add ``count`` to COUNT slot ``k`` of ``tile``."""
@@ -109,14 +114,13 @@ class Ring:
 
     def add_count_at(self, i: int, k: int, count: int) -> None:
         """Add ``count`` to COUNT slot ``k`` of the tile at position ``i``."""
-        n = self.n
-        end = n + k * (n + 1) + n  # the segment's last sum
-        if i == n - 1:  # the newest tile: in-order traffic lands here
-            self.ints[end] += count
+        cum = self.cums[k]
+        end = len(cum)
+        if i == end - 2:  # the newest tile: in-order traffic lands here
+            cum[-1] += count
         else:
-            ints = self.ints
-            for j in range(end - n + i + 1, end + 1):
-                ints[j] += count
+            for j in range(i + 1, end):
+                cum[j] += count
 
     def merge(self, j: int, tile: int, state: Any, merge: Any) -> None:
         """Merge ``state`` into other-slot ``j`` of ``tile`` with ``merge``."""
@@ -127,43 +131,39 @@ class Ring:
 
     def evict_below(self, low: int) -> None:
         """Drop the tiles below ``low`` (prefix sums keep their differences)."""
-        ints, n = self.ints, self.n
-        if not n or ints[0] >= low:
+        tiles = self.tiles
+        if not tiles or tiles[0] >= low:
             return
-        if ints[n - 1] < low:  # every tile: start over (sums from 0, nothing to rebase)
-            self.ints = array("q", bytes(8 * self.c))
-            self.n = 0
+        if tiles[-1] < low:  # every tile: start over
+            self.tiles = array("q")
+            self.cums = [array("q", _ZERO) for _ in self.cums]
             for v in self.vals:
                 v.clear()
             return
-        drop = bisect_left(ints, low, 0, n)
-        if drop:
-            for k in reversed(range(self.c)):
-                at = n + k * (n + 1)
-                del ints[at: at + drop]
-            del ints[:drop]
-            self.n = n - drop
-            for v in self.vals:
-                del v[:drop]
+        drop = bisect_left(tiles, low)
+        del tiles[:drop]
+        for c in self.cums:
+            del c[:drop]
+        for v in self.vals:
+            del v[:drop]
 
     def normalize(self) -> None:
-        """Rebase the prefix sums to start at 0 (equal states give equal bytes)."""
-        ints, n = self.ints, self.n
-        for k in range(self.c):
-            at = n + k * (n + 1)
-            base = ints[at]
-            if base:
-                ints[at: at + n + 1] = array("q", [x - base for x in ints[at: at + n + 1]])
+        """Rebase the prefix sums to start at 0."""
+        for k, c in enumerate(self.cums):
+            if c[0]:
+                base = c[0]
+                self.cums[k] = array("q", [x - base for x in c])
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Ring):
             return NotImplemented
         self.normalize()
         other.normalize()
-        return (self.ints, self.vals) == (other.ints, other.vals)
+        return (self.tiles, self.cums, self.vals) == (other.tiles, other.cums, other.vals)
 
     def __repr__(self) -> str:
-        return f"Ring(n={self.n}, ints={self.ints.tolist()}, vals={self.vals})"
+        return (f"Ring(tiles={self.tiles.tolist()}, cums={[c.tolist() for c in self.cums]}, "
+                f"vals={self.vals})")
 
 
 class ViewState:
@@ -266,8 +266,11 @@ class ViewState:
     def _evict(self) -> None:
         max_ts = self.max_ts
         for ring_plan, ring in zip(self.plan.rings, self.rings, strict=True):
-            if ring_plan.tile_ms and ring.n:
-                ring.evict_below(max_ts // ring_plan.tile_ms - ring_plan.keep + 1)
+            tiles = ring.tiles
+            if tiles and ring_plan.tile_ms:
+                low = max_ts // ring_plan.tile_ms - ring_plan.keep + 1
+                if tiles[0] < low:
+                    ring.evict_below(low)
 
     # ------------------------------------------------------------------ reads
     def last_before(self, as_of_ms: int) -> int:
@@ -304,16 +307,15 @@ class ViewState:
             ring = self.rings[o.ring]
             tile_ms = ring_plan.tile_ms
             low = o.window.lowest_tile(as_of_ms)
-            start = bisect_left(ring.ints, low, 0, ring.n) if tile_ms else 0
+            start = bisect_left(ring.tiles, low) if tile_ms else 0
             pending_in = include_pending and (not tile_ms or self.max_ts // tile_ms >= low)
             accs: list[Any] = []
             for slot in o.slots:
                 merge = MERGERS[measures[slot].op]
                 acc: Any = None
                 if slot in ring_plan.counts:
-                    n = ring.n
-                    at = n + ring_plan.counts.index(slot) * (n + 1)
-                    acc = ring.ints[at + n] - ring.ints[at + start]
+                    cum = ring.cums[ring_plan.counts.index(slot)]
+                    acc = cum[-1] - cum[start]
                 else:
                     for st in ring.vals[ring_plan.others.index(slot)][start:]:
                         if st is not None:
@@ -335,23 +337,29 @@ class ViewState:
         ints = array("q")
         rings = []
         for ring in self.rings:
-            rings.append((len(ints), ring.n, ring.vals))
-            ints.extend(ring.ints)
+            rings.append((len(ints), len(ring.tiles), ring.vals))
+            ints.extend(ring.tiles)
+            for c in ring.cums:
+                ints.extend(c)
         return ints, rings
 
     # ------------------------------------------------------------------ bytes
     def encode(self) -> bytes:
+        """The state's bytes (format 2). Prefix sums keep their base: equal states may
+        differ in bytes, never in any answer."""
         self._evict()
-        for ring in self.rings:
-            ints, n = ring.ints, ring.n
-            for k in range(ring.c):
-                if ints[n + k * (n + 1)]:  # tiles were evicted: rebase the sums
-                    ring.normalize()
-                    break
         rings = self.rings
-        ints_b = b"".join([r.ints.tobytes() for r in rings]) if _LITTLE else _swapped(rings)
+        if _LITTLE:
+            parts = []
+            for r in rings:
+                parts.append(r.tiles.tobytes())
+                for c in r.cums:
+                    parts.append(c.tobytes())
+            ints_b = b"".join(parts)
+        else:
+            ints_b = _swapped(rings)
         return _FORMAT_BYTE + marshal.dumps((
-            self.max_ts, self.prev_ts, self.pending, [r.n for r in rings], ints_b,
+            self.max_ts, self.prev_ts, self.pending, [len(r.tiles) for r in rings], ints_b,
             [r.vals for r in rings], self.fences))  # fmt: skip
 
     @classmethod
@@ -369,9 +377,12 @@ class ViewState:
         st.rings = []
         for rp, (off, n, vals) in zip(plan.rings, rings, strict=True):
             ring = Ring.__new__(Ring)
-            ring.c = len(rp.counts)
-            ring.n = n
-            ring.ints = array("q", ints[off: off + n + ring.c * (n + 1)])
+            ring.tiles = array("q", ints[off: off + n])
+            off += n
+            ring.cums = []
+            for _ in rp.counts:
+                ring.cums.append(array("q", ints[off: off + n + 1]))
+                off += n + 1
             ring.vals = list(vals)
             st.rings.append(ring)
         return st
@@ -418,7 +429,9 @@ def _swapped(rings: Sequence[Ring]) -> bytes:
     """The rings' ints as little-endian bytes on a big-endian host."""
     out = array("q")
     for r in rings:
-        out.extend(r.ints)
+        out.extend(r.tiles)
+        for c in r.cums:
+            out.extend(c)
     out.byteswap()
     return out.tobytes()
 
