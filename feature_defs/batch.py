@@ -33,11 +33,16 @@ __all__ = ["apply_batch"]
 _SHIFT = 40  # entity code << 40 | tile offset (tile offsets stay far below 2**40)
 
 
-def _group_counts(e: np.ndarray, tile: np.ndarray) -> tuple[list[int], list[int], list[int]]:
-    """Distinct (entity, tile) pairs with their row counts."""
+def _group_counts(e: np.ndarray, tile: np.ndarray, weight: np.ndarray | None
+                  ) -> tuple[list[int], list[int], list[int]]:  # fmt: skip
+    """Distinct (entity, tile) pairs with their row counts (or summed row weights)."""
     base = int(tile.min())
     keys = (e.astype(np.int64) << _SHIFT) | (tile - base)
-    uniq, counts = np.unique(keys, return_counts=True)
+    if weight is None:
+        uniq, counts = np.unique(keys, return_counts=True)
+    else:
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        counts = np.bincount(inverse, weights=weight).astype(np.int64)  # exact below 2**53
     return ((uniq >> _SHIFT).tolist(), ((uniq & ((1 << _SHIFT) - 1)) + base).tolist(),
             counts.tolist())
 
@@ -102,13 +107,27 @@ def apply_batch(
     prev = np.where(advanced & (old_max != NO_TS), np.maximum(prev, old_max), prev)
     if below.any():
         np.maximum.at(prev, e[below], ts[below])
-    # 3. entities whose latest time advanced: old pending goes into its tiles
+    # 3. entities whose latest time advanced: old pending goes into its tiles (counts
+    #    ride along with the batch's rows below, as weighted rows at the old latest time)
     measures = plan.measures
     nslots = len(measures)
+    count_slots = [slot for slot, m in enumerate(measures) if m.op is AggOp.COUNT]
+    carried: dict[int, list[tuple[int, int, int]]] = {slot: [] for slot in count_slots}
+    others_at = plan.others_at
     for c in np.flatnonzero(advanced).tolist():
         st = st_by_code[c]
         if st.max_ts != NO_TS:
-            st._merge_into_rings(st.max_ts, list(enumerate(st.pending)))
+            pend = st.pending
+            for slot in count_slots:
+                if pend[slot]:
+                    carried[slot].append((c, st.max_ts, pend[slot]))
+            for slot, places in others_at.items():
+                v = pend[slot]
+                if v is not None:
+                    merge = MERGERS[measures[slot].op]
+                    for ri, j in places:
+                        tile_ms = plan.rings[ri].tile_ms
+                        st.rings[ri].merge(j, st.max_ts // tile_ms if tile_ms else 0, v, merge)
         st.pending = [None] * nslots
         st.max_ts = int(new_max[c])
         st.prev_ts = int(prev[c])
@@ -118,27 +137,36 @@ def apply_batch(
     src_arr = np.asarray(sources, dtype=object)
     for slot, m in enumerate(measures):
         rows = src_arr == m.source
-        if not rows.any():
-            continue
         if m.op is AggOp.COUNT:
-            _counts(plan, st_by_code, slot, e, ts, rows & below, rows & at_max)
-        else:
+            extra = carried[slot]
+            if rows.any() or extra:
+                _counts(plan, st_by_code, slot, e, ts, rows & below, rows & at_max, extra)
+        elif rows.any():
             _generic(plan, st_by_code, slot, m.op, e, ts, rows, at_max,
                      columns.get(m.field or "", None), tiebreaks)
     return set(code)
 
 
 def _counts(plan: ViewPlan, st_by_code: list[ViewState], slot: int, e: np.ndarray,
-            ts: np.ndarray, to_tiles: np.ndarray, to_pending: np.ndarray) -> None:
-    if to_tiles.any():
+            ts: np.ndarray, to_tiles: np.ndarray, to_pending: np.ndarray,
+            extra: list[tuple[int, int, int]]) -> None:  # fmt: skip
+    """COUNT ``slot``: rows ``to_tiles`` (and ``extra`` (code, ts, count) rows) into
+    their tiles, rows ``to_pending`` into the pending events."""
+    if to_tiles.any() or extra:
         e_t, ts_t = e[to_tiles], ts[to_tiles]
+        weight = None
+        if extra:
+            more = np.array(extra, dtype=np.int64)
+            e_t = np.concatenate([e_t, more[:, 0]])
+            ts_t = np.concatenate([ts_t, more[:, 1]])
+            weight = np.concatenate([np.ones(len(e_t) - len(more)), more[:, 2]])
         for ri, ring_plan in enumerate(plan.rings):
             if slot not in ring_plan.counts:
                 continue
             k = ring_plan.counts.index(slot)
             tiles = ts_t // ring_plan.tile_ms if ring_plan.tile_ms else np.zeros_like(ts_t)
             rings = [st.rings[ri] for st in st_by_code]
-            for c, tile, cnt in zip(*_group_counts(e_t, tiles), strict=True):
+            for c, tile, cnt in zip(*_group_counts(e_t, tiles, weight), strict=True):
                 ring = rings[c]
                 t = ring.tiles
                 if t and t[-1] == tile:  # the newest tile (in-order traffic): one add

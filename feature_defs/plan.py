@@ -8,7 +8,7 @@ with tile size 0 and a single tile.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from feature_defs.model import AggOp, Feature, FeatureView, Measure, feature_name
 from feature_defs.windows import Window
@@ -47,6 +47,9 @@ class ViewPlan:
     #: per source name: (slot, op, field) of the measures that source feeds
     feeds: dict[str, tuple[tuple[int, AggOp, str | None], ...]]
     ttl_ms: int
+    #: per non-COUNT slot: (ring index, position in that ring's ``others``) of every ring
+    #: holding it
+    others_at: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -100,6 +103,9 @@ def compile_view(view: FeatureView) -> ViewPlan:
         feeds.setdefault(m.source, []).append((slot, m.op, m.field))
     ttl = view.ttl
     ttl_ms = (ttl.days * 86_400 + ttl.seconds) * 1000 + ttl.microseconds // 1000
+    others_at = {slot: tuple((ri, rp.others.index(slot)) for ri, rp in enumerate(rings)
+                             if slot in rp.others)
+                 for slot in slots.values() if any(slot in rp.others for rp in rings)}  # fmt: skip
     return ViewPlan(
         view=view,
         measures=tuple(slots),
@@ -107,4 +113,5 @@ def compile_view(view: FeatureView) -> ViewPlan:
         outputs=tuple(outputs),
         feeds={k: tuple(v) for k, v in feeds.items()},
         ttl_ms=ttl_ms,
+        others_at=others_at,
     )
