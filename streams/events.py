@@ -41,7 +41,13 @@ import fastavro
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from feature_defs.layout import TOPIC_CLICKS, TOPIC_DLQ, TOPIC_IMPRESSIONS, entity_id_problem
+from feature_defs.layout import (
+    MAX_ID_LEN,
+    TOPIC_CLICKS,
+    TOPIC_DLQ,
+    TOPIC_IMPRESSIONS,
+    entity_id_problem,
+)
 
 __all__ = [
     "EventKind",
@@ -112,6 +118,8 @@ _FIELD_TYPES: Final[dict[str, str]] = {
 _ID_FIELDS: Final = ("event_id", "impression_id", "user_id", "ad_id", "campaign_id", "publisher_id")
 # Ids unique per event: caching their verdicts would only fill the cache.
 _UNCACHED_ID_FIELDS: Final = frozenset({"event_id", "impression_id"})
+#: ASCII characters an id must not contain (RE2 syntax; see entity_id_problem)
+_ASCII_BAD_ID: Final = r"[{} \x00-\x1f\x7f]"
 _ARROW_TYPES: Final[dict[str, pa.DataType]] = {
     _STR: pa.string(),
     _TS: TS_TYPE,
@@ -342,11 +350,22 @@ def conform_table(kind: EventKind, table: pa.Table) -> tuple[pa.Table | None, st
 
 
 def _bad_id_mask(name: str, col: pa.ChunkedArray) -> pa.ChunkedArray | None:
-    if name in _UNCACHED_ID_FIELDS:
-        bad = [v for v in col.to_pylist() if v is not None and entity_id_problem(v) is not None]
-    else:
-        uniques = pc.unique(col).to_pylist()
-        bad = [v for v in uniques if v is not None and not _id_ok(v)]
+    """Rows whose id ``col`` is invalid (None when every row is fine).
+
+    Arrow finds the suspects in C: non-ASCII strings (Python's whitespace class is
+    Unicode-wide), empty or over-long ones, and ASCII braces, spaces and control
+    characters. Only the distinct suspects meet :func:`entity_id_problem`, so the verdict
+    is exactly the per-event one.
+    """
+    length = pc.utf8_length(col)
+    suspect = pc.or_(
+        pc.or_(pc.invert(pc.string_is_ascii(col)), pc.match_substring_regex(col, _ASCII_BAD_ID)),
+        pc.or_(pc.equal(length, 0), pc.greater(length, MAX_ID_LEN)),
+    )
+    if not pc.any(suspect).as_py():
+        return None
+    candidates = pc.unique(pc.filter(col, suspect)).to_pylist()
+    bad = [v for v in candidates if v is not None and entity_id_problem(v) is not None]
     if not bad:
         return None
     return pc.is_in(col, value_set=pa.array(bad, pa.string()))

@@ -1,0 +1,33 @@
+"""The vectorized id check of ``streams.events`` flags exactly what ``entity_id_problem``
+rejects, Unicode whitespace and control characters included."""
+
+from __future__ import annotations
+
+import random
+
+import pyarrow as pa
+
+from feature_defs.layout import MAX_ID_LEN, entity_id_problem
+from streams.events import _bad_id_mask
+
+_ALPHABET = ["a", "Z", "7", "-", "_", ":", "{", "}", " ", "\t", "\n", "\x0b", "\x1c", "\x00",
+             "\x7f", "\x85", "\u00a0", "\u2028", "\u3000", "é", "漢", "\U0001f600"]
+
+
+def test_mask_equals_the_per_event_rule() -> None:
+    rng = random.Random(11)
+    values: list[str | None] = [None, "", "a" * MAX_ID_LEN, "a" * (MAX_ID_LEN + 1),
+                                "é" * MAX_ID_LEN, "é" * (MAX_ID_LEN + 1)]  # fmt: skip
+    for _ in range(3000):
+        n = rng.choice([1, 2, 5, 12])
+        pool = _ALPHABET[:5] if rng.random() < 0.6 else _ALPHABET  # mostly valid ids
+        values.append("".join(rng.choice(pool) for _ in range(n)))
+    col = pa.chunked_array([pa.array(values[:1000], pa.string()),
+                            pa.array(values[1000:], pa.string())])  # fmt: skip
+    mask = _bad_id_mask("user_id", col)
+    want = [v is not None and entity_id_problem(v) is not None for v in values]
+    assert any(want) and not all(want)
+    assert (mask.to_pylist() if mask is not None else [False] * len(values)) == want
+    clean = pa.chunked_array([pa.array([v for v, bad in zip(values, want, strict=True)
+                                        if not bad], pa.string())])  # fmt: skip
+    assert _bad_id_mask("event_id", clean) is None
