@@ -276,8 +276,17 @@ class WorkerSettings(CommonSettings):
 
     Attributes:
         group_id: Kafka consumer group / Faust app id.
-        flush_interval_ms: Online-store flush interval in milliseconds.
-        offline_flush_interval_ms: Offline (Parquet) flush interval in milliseconds.
+        flush_interval_ms: Longest gap between two online-store flushes while applied
+            state waits, in milliseconds; also the input pause after which offline parts
+            are written at once, and the longest a backlog being caught up on is
+            gathered into one batch.
+        flush_min_interval_ms: Shortest gap between two online-store flushes in
+            milliseconds (between the two bounds, flushes are spaced by their own cost,
+            see ``streams.app.FlushPacer``).
+        take_window_ms: Longest the worker waits to gather a batch of messages, in
+            milliseconds (a full batch is taken at once).
+        offline_flush_interval_ms: Offline (Parquet) flush interval per partition in
+            milliseconds (partitions are staggered across it).
         max_future_ms: Events more than this far ahead of the watermark are dead-lettered.
         fetch_max_wait_ms: Longest a fetch may wait for data (freshness vs. broker load).
         data_dir: Local state directory (Faust tables).
@@ -286,6 +295,8 @@ class WorkerSettings(CommonSettings):
 
     group_id: str = "headrace-worker"
     flush_interval_ms: int = Field(default=100, ge=1)
+    flush_min_interval_ms: int = Field(default=10, ge=1)
+    take_window_ms: int = Field(default=10, ge=1)
     offline_flush_interval_ms: int = Field(default=5000, ge=1)
     max_future_ms: int = Field(default=3_600_000, ge=0)
     fetch_max_wait_ms: int = Field(default=50, ge=1)

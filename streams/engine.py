@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import xxhash
 import pyarrow.compute as pc
+import xxhash
 
+from feature_defs.batch import apply_batch
 from feature_defs.layout import (
     TOPIC_DLQ,
     TOPIC_LATE,
@@ -41,7 +42,6 @@ from feature_defs.layout import (
     entity_key,
     repartition_topic,
 )
-from feature_defs.batch import apply_batch
 from feature_defs.model import AggOp
 from feature_defs.plan import ViewPlan
 from feature_defs.registry import Registry
@@ -58,6 +58,10 @@ ROUTING_KEY = "user_id"
 #: re-seeks tried before a gap in offsets is accepted as real (e.g. transaction markers)
 MAX_GAP_SEEKS = 3
 _KIND_OF_SOURCE = {"impressions": "impression", "clicks": "click"}
+#: freshness values (one per event and view entity) sampled into the histogram / stats
+METRIC_STRIDE = 16
+STATS_STRIDE = 4
+FRESHNESS_SAMPLES_MAX = 200_000
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,41 @@ def _positions(offsets: Any, indexes: Any) -> np.ndarray:
     off = pc.cast(offsets, pa.int64()).to_numpy()
     idx = pc.cast(indexes, pa.int64()).to_numpy()
     return (off << 20) | idx
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    if len(tables) == 1:
+        return tables[0]
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _not_repeated(ids: Sequence[str], fkeys: np.ndarray, pos: np.ndarray) -> np.ndarray | None:
+    """Rows to keep so that one batch applies like its messages one after another.
+
+    A state's fence per (entity, fence key) holds the last applied position; rows at or
+    below it are replays. Within a batch that must also hold against *earlier rows of the
+    batch*: a row is dropped when an earlier row of the same (entity, fence key) had a
+    position >= its own (a replayed forward). Returns None when no row is dropped (the
+    usual case, checked vectorized), else the boolean keep mask.
+    """
+    n = len(ids)
+    if n < 2:
+        return None
+    code: dict[str, int] = {}
+    ent = np.fromiter((code.setdefault(i, len(code)) for i in ids), dtype=np.int64, count=n)
+    group = ent * (int(fkeys.max()) + 1) + fkeys  # fence keys are small non-negative ints
+    order = np.argsort(group, kind="stable")
+    g, p = group[order], pos[order]
+    if not ((g[1:] == g[:-1]) & (p[1:] <= p[:-1])).any():
+        return None
+    keep = np.ones(n, dtype=bool)
+    best: dict[int, int] = {}
+    for r, (gr, pr) in enumerate(zip(group.tolist(), pos.tolist(), strict=True)):
+        if pr <= best.get(gr, -1):
+            keep[r] = False
+        else:
+            best[gr] = pr
+    return keep
 
 
 class Engine:
@@ -149,13 +188,15 @@ class Engine:
         }
         self.dirty: dict[str, set[str]] = {p.view.id: set() for p in registry.plans.values()}
         self.pending_freshness: list[np.ndarray] = []
+        self._freshness_seen = 0
         self.seek_requests: dict[tuple[str, int], int] = {}
         self.last_input = self.clock()
         #: run statistics for benchmarks: first input / last durable commit (wall s),
-        #: events decoded, and a bounded sample of freshness values (ms)
+        #: events decoded, and a bounded uniform sample of freshness values (ms) with
+        #: the event time (epoch ms) of each
         self.stats: dict[str, Any] = {"events_in": 0, "first_input": None,
                                       "last_online_commit": None, "last_offline_commit": None,
-                                      "freshness_ms": []}
+                                      "freshness_ms": [], "freshness_ts_ms": []}
 
     # ---------------------------------------------------------------- topology
     def input_topics(self) -> list[str]:
@@ -258,6 +299,8 @@ class Engine:
         for m in messages:
             by_part.setdefault(m.partition, []).append(m)
         now_ms = int(self.clock() * 1000)
+        accepted: list[tuple[int, pa.Table, np.ndarray]] = []
+        forwards: list[pa.Table] = []
         for part, msgs in by_part.items():
             prog = self.progress.get((topic, part))
             if prog is None:
@@ -272,17 +315,37 @@ class Engine:
                     self.sides.dead_letter(dl)
             table = decoded.table
             if table.num_rows:
-                self._accept(prog, source, kind, table, msgs)
+                kept = self._accept(prog, source, table, msgs)
+                if kept is not None:
+                    table, ts, rows = kept
+                    accepted.append((part, table, ts))
+                    if rows.num_rows:
+                        forwards.append(rows)
             prog.next = msgs[-1].offset + 1
+        if forwards and self.remote:
+            # one forward per entity for the whole call, not per partition: small batches
+            # would otherwise multiply the repartition messages (and their fixed costs).
+            # Sent before the local apply and at once: the other entities' values wait
+            # for this Kafka round trip
+            rows = _concat(forwards)
+            for entity in self.remote:
+                self.sides.forward(entity, self._forward_rows(entity, source, rows))
+            self.sides.send()
+        # every partition of the call at once: per call, not per event, costs dominate
+        # the small batches that keep values fresh
+        if accepted:
+            self._apply_local(source, accepted)
 
     def _accept(
         self,
         prog: PartitionProgress,
         source: str,
-        kind: str,
         table: pa.Table,
         msgs: Sequence[RawMessage],
-    ) -> None:
+    ) -> tuple[pa.Table, np.ndarray, pa.Table] | None:
+        """Drop (and publish) late rows, buffer the rest for the offline store. Returns
+        (accepted rows, their event times, the rows still to forward to the other
+        entities: offsets >= ``online_next``), or None when nothing was accepted."""
         self.metrics.events_in.labels(prog.topic).inc(table.num_rows)
         self.stats["events_in"] += table.num_rows
         if self.stats["first_input"] is None:
@@ -302,7 +365,7 @@ class Engine:
             keep = ~late
             table, ts, offsets = table.filter(pa.array(keep)), ts[keep], offsets[keep]
         if table.num_rows == 0:
-            return
+            return None
         ingest = {m.offset: m.timestamp_ms for m in msgs}
         table = table.append_column(
             "_ingest_ms", pa.array([ingest[o] for o in offsets.tolist()], pa.int64())
@@ -312,29 +375,37 @@ class Engine:
             prog.buffer.append(table)
         elif new.any():
             prog.buffer.append(table.filter(pa.array(new)))
-        self._apply_local(prog, source, table, ts)
         side = offsets >= prog.online_next
-        for entity in self.remote:
-            rows = table if side.all() else table.filter(pa.array(side))
-            if rows.num_rows:
-                self.sides.forward(entity, self._forward_rows(entity, source, rows))
+        return table, ts, table if side.all() else table.filter(pa.array(side))
 
     def _apply_local(
-        self, prog: PartitionProgress, source: str, table: pa.Table, ts: np.ndarray
+        self, source: str, accepted: Sequence[tuple[int, pa.Table, np.ndarray]]
     ) -> None:
-        table_k = table.filter(pc.is_valid(table[ROUTING_KEY]))
+        """Apply accepted rows of one source, (partition, rows, event times) per partition,
+        to the views keyed by the routing key."""
+        table = _concat([t for _, t, _ in accepted])
+        part = np.repeat(np.array([p for p, _, _ in accepted], dtype=np.int64),
+                         [t.num_rows for _, t, _ in accepted])
+        table_k = table
+        if table[ROUTING_KEY].null_count:
+            valid = pc.is_valid(table[ROUTING_KEY])
+            table_k = table.filter(valid)
+            part = part[np.asarray(valid.to_numpy(), dtype=bool)]
         if table_k.num_rows:
             ids = table_k[ROUTING_KEY].to_pylist()
             ts_k = pc.cast(table_k["ts"], pa.int64()).to_numpy()
             pos = _positions(table_k["_offset"], table_k["_index"])
+            parts = np.unique(part).tolist()
             for plan in self.local:
                 if source not in plan.feeds:
                     continue
-                fk = fence_key(plan.view.sources.index(plan.view.source(source)),
-                               prog.partition)
-                self._apply(plan, table_k, ids, ts_k, [source] * len(ids),
-                            np.full(len(ids), fk, dtype=np.int64), pos)
-        self.pending_freshness.append(ts)
+                idx = plan.view.sources.index(plan.view.source(source))
+                fkeys = np.empty(len(ids), dtype=np.int64)
+                for p in parts:
+                    fkeys[part == p] = fence_key(idx, p)
+                self._apply(plan, table_k, ids, ts_k, [source] * len(ids), fkeys, pos)
+        for _, _, ts in accepted:
+            self.pending_freshness.append(ts)
 
     def _apply(self, plan: ViewPlan, table: pa.Table, ids: list[str], ts: np.ndarray,
                sources: list[str], fkeys: np.ndarray, pos: np.ndarray) -> None:
@@ -371,16 +442,25 @@ class Engine:
         """Apply forwarded rows (Arrow IPC envelopes) to the views of their entity."""
         entity = self.repartition[topic]
         self.last_input = self.clock()
+        tables: list[pa.Table] = []
         for m in messages:
             prog = self.progress.get((topic, m.partition))
             if prog is None or not self._admit(prog, [m]):
                 continue
             if m.value:
-                rows = pa.ipc.open_stream(m.value).read_all()
-                self._apply_remote(entity, rows)
+                tables.append(pa.ipc.open_stream(m.value).read_all())
             prog.next = m.offset + 1
+        tables = [t for t in tables if t.num_rows]
+        if tables:
+            # all messages at once (per message, the fixed costs dominated small batches)
+            self._apply_remote(entity, _concat(tables))
 
     def _apply_remote(self, entity: str, rows: pa.Table) -> None:
+        """Apply forwarded rows, possibly from several messages, in their order.
+
+        The same as applying message by message: rows that a replayed forward repeats
+        within ``rows`` are dropped here (the state's fences only know earlier batches).
+        """
         ids = rows["entity_id"].to_pylist()
         ts = rows["ts"].to_numpy()
         srcs = rows["source"].to_pylist()
@@ -389,7 +469,13 @@ class Engine:
         for plan in self.remote[entity]:
             src_index = {s.name: n for n, s in enumerate(plan.view.sources)}
             fkeys = (np.array([src_index.get(s, 0) for s in srcs], dtype=np.int64) << 16) | parts
-            self._apply(plan, rows, ids, ts, srcs, fkeys, pos)
+            keep = _not_repeated(ids, fkeys, pos)
+            if keep is None:
+                self._apply(plan, rows, ids, ts, srcs, fkeys, pos)
+            elif keep.any():
+                idx = np.flatnonzero(keep)
+                self._apply(plan, rows.take(pa.array(idx)), [ids[i] for i in idx.tolist()],
+                            ts[idx], [srcs[i] for i in idx.tolist()], fkeys[idx], pos[idx])
         self.pending_freshness.append(ts)
 
     # ---------------------------------------------------------------- flushing
@@ -431,24 +517,35 @@ class Engine:
         return len(writes)
 
     def _observe_freshness(self) -> None:
+        """Record freshness (now - event time) of what was just written: a uniform sample
+        of every value in arrival order (every :data:`METRIC_STRIDE`-th for the histogram,
+        every :data:`STATS_STRIDE`-th for ``stats``), so large flushes weigh as much per
+        event as small ones."""
         if not self.pending_freshness:
             return
         ts = np.concatenate(self.pending_freshness)
         self.pending_freshness.clear()
         now_ms = self.clock() * 1000
-        sample = ts if ts.size <= 256 else ts[:: max(1, ts.size // 256)]
-        lags = (now_ms - sample).tolist()
-        for lag in lags:
+        first = self._freshness_seen
+        self._freshness_seen += ts.size
+        for lag in (now_ms - ts[(-first) % METRIC_STRIDE :: METRIC_STRIDE]).tolist():
             self.metrics.freshness.observe(max(0.0, lag / 1000.0))
         kept = self.stats["freshness_ms"]
-        if len(kept) < 200_000:
-            kept.extend(lags)
+        if len(kept) < FRESHNESS_SAMPLES_MAX:
+            pick = ts[(-first) % STATS_STRIDE :: STATS_STRIDE]
+            kept.extend((now_ms - pick).tolist())
+            self.stats["freshness_ts_ms"].extend(pick.tolist())
 
-    def offline_batches(self) -> list[tuple[PartitionProgress, int, int, int, pa.Table]]:
-        """Detach buffered parts: (progress, start, next, max_ts, table) per partition."""
+    def offline_batches(
+        self, only: Collection[tuple[str, int]] | None = None
+    ) -> list[tuple[PartitionProgress, int, int, int, pa.Table]]:
+        """Detach buffered parts: (progress, start, next, max_ts, table) per partition
+        (of the source partitions in ``only``, when given)."""
         out = []
-        for p in self.progress.values():
+        for tp, p in self.progress.items():
             if p.source is None or not p.buffer or p.next <= p.offline_next:
+                continue
+            if only is not None and tp not in only:
                 continue
             table = pa.concat_tables(p.buffer)
             p.buffer = []

@@ -21,6 +21,10 @@ from headrace.errors import BrokerError
 __all__ = ["SideOutputs", "KafkaSideOutputs", "MemorySideOutputs", "encode_arrow"]
 
 
+#: most rows in one forwarded message (~80 bytes each: well below a 1 MB message limit)
+FORWARD_ROWS = 8192
+
+
 def encode_arrow(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -43,6 +47,7 @@ class SideOutputs(Protocol):
     def dead_letter(self, dl: Any) -> None: ...
     def late(self, topic: str, row: dict[str, Any], watermark_ms: int) -> None: ...
     def forward(self, entity: str, rows: pa.Table) -> None: ...
+    def send(self) -> None: ...
     def flush(self) -> None: ...
 
 
@@ -113,9 +118,17 @@ class KafkaSideOutputs:
         sorted_parts = parts[order]
         uniq, starts = np.unique(sorted_parts, return_index=True)
         bounds = [*starts.tolist(), len(ids)]
+        by_part = rows.take(pa.array(order)) if len(uniq) > 1 else rows  # one take, slices
         for k, p in enumerate(uniq.tolist()):
-            take = pa.array(order[bounds[k] : bounds[k + 1]])
-            self._produce(topic, encode_arrow(rows.take(take)), [("hr-enc", b"arrow")], p)
+            # consecutive messages of at most FORWARD_ROWS rows: a batch caught up on a
+            # backlog would otherwise exceed the broker's message size
+            for start in range(bounds[k], bounds[k + 1], FORWARD_ROWS):
+                chunk = by_part.slice(start, min(FORWARD_ROWS, bounds[k + 1] - start))
+                self._produce(topic, encode_arrow(chunk), [("hr-enc", b"arrow")], p)
+
+    def send(self) -> None:
+        """Start sending what is queued now (no linger), without waiting for delivery."""
+        self._producer.flush(0)
 
     def flush(self) -> None:
         remaining = self._producer.flush(30)
@@ -143,6 +156,9 @@ class MemorySideOutputs:
 
     def forward(self, entity: str, rows: pa.Table) -> None:
         self.forwards.append((entity, rows))
+
+    def send(self) -> None:
+        pass
 
     def flush(self) -> None:
         self.flushes += 1

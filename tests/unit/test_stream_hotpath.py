@@ -9,26 +9,60 @@ from streams.online import RedisOnlineStore, StateWrite
 from streams.sides import KafkaSideOutputs
 
 
-class _Pipe:
+def _commands(buf: bytes) -> list[list[bytes]]:
+    """Parse RESP arrays of bulk strings (what the store sends)."""
+    out, i = [], 0
+    while i < len(buf):
+        assert buf[i : i + 1] == b"*"
+        j = buf.index(b"\r\n", i)
+        n, i = int(buf[i + 1 : j]), j + 2
+        args = []
+        for _ in range(n):
+            assert buf[i : i + 1] == b"$"
+            j = buf.index(b"\r\n", i)
+            size, i = int(buf[i + 1 : j]), j + 2
+            args.append(buf[i : i + size])
+            assert buf[i + size : i + size + 2] == b"\r\n"
+            i += size + 2
+        out.append(args)
+    return out
+
+
+class _Conn:
     def __init__(self, log: list) -> None:
         self.log = log
+        self.unread = 0
 
-    def hset(self, *a, **k) -> None:
-        self.log.append(("hset", a[0]))
+    def send_packed_command(self, chunks: list[bytes]) -> None:
+        for cmd in _commands(b"".join(chunks)):
+            name, key = cmd[0].decode().lower(), cmd[1].decode()
+            self.log.append((name, key, int(cmd[2])) if name == "expire" else (name, key))
+            self.unread += 1
 
-    def expire(self, key, ttl) -> None:
-        self.log.append(("expire", key, ttl))
+    def read_response(self) -> int:
+        assert self.unread > 0, "more replies read than commands sent"
+        self.unread -= 1
+        return 1
 
-    def execute(self) -> list:
-        return []
+    def disconnect(self) -> None:
+        pass
+
+
+class _Pool:
+    def __init__(self, log: list) -> None:
+        self.conn = _Conn(log)
+
+    def get_connection(self) -> _Conn:
+        return self.conn
+
+    def release(self, conn: _Conn) -> None:
+        assert conn.unread == 0, "connection released with replies unread"
 
 
 class _Client:
     def __init__(self) -> None:
         self.log: list = []
-
-    def pipeline(self, transaction: bool = False) -> _Pipe:
-        return _Pipe(self.log)
+        self.connection_pool = _Pool(self.log)
 
 
 def _store() -> RedisOnlineStore:
@@ -106,7 +140,8 @@ def test_offline_parts_parallel_equal_sequential(tmp_path) -> None:
     for par in (1, 8):
         fs, root = resolve_filesystem(str(tmp_path / f"p{par}"), None)
         w = OfflineWriter(fs, root, parallel=par)
-        assert w.write_part("impressions", "impression", "impressions", 2, 40, _events(300), []) == 5
+        written = w.write_part("impressions", "impression", "impressions", 2, 40, _events(300), [])
+        assert written == 5
         files = sorted(os.path.relpath(os.path.join(d, f), root)
                        for d, _, fs_ in os.walk(root) for f in fs_)
         out[par] = {f: pq.read_table(os.path.join(root, f)).to_pylist() for f in files}
