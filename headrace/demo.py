@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from headrace._stackproc import free_port
+
 __all__ = ["DemoConfig", "run_demo"]
 
 _PREFIX = "[demo]"

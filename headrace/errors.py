@@ -91,5 +91,6 @@ class InvalidArgument(HeadraceError):
 def missing_extra(package: str, extra: str) -> MissingDependencyError:
     """Build the error for an optional import that failed."""
     return MissingDependencyError(
-        f"the Python package '{package}' is missing; install it with: pip install 'headrace[{extra}]'"
+        f"the Python package '{package}' is missing; install it with: "
+        f"pip install 'headrace[{extra}]'"
     )

@@ -18,7 +18,8 @@ _REPO = Path(__file__).resolve().parents[1]
 
 
 def _candidates() -> list[Path]:
-    found = [Path(os.environ["HEADRACE_SHARED_DATA"])] if os.environ.get("HEADRACE_SHARED_DATA") else []
+    env = os.environ.get("HEADRACE_SHARED_DATA")
+    found = [Path(env)] if env else []
     return [*found, _REPO.parent / "shared" / "data", Path("/work/shared/data")]
 
 

@@ -23,10 +23,12 @@ ALL_OPS = FeatureView(
         Feature("n", (sliding(5 * M, 5 * S), tumbling(H), lifetime()),
                 measure=Measure(AggOp.COUNT, "impressions"), default=0),
         Feature("bid_sum", (sliding(H, M),), measure=Measure(AggOp.SUM, "impressions", "bid_cpm")),
-        Feature("bid_mean", (sliding(H, M),), measure=Measure(AggOp.MEAN, "impressions", "bid_cpm")),
+        Feature("bid_mean", (sliding(H, M),),
+                measure=Measure(AggOp.MEAN, "impressions", "bid_cpm")),
         Feature("bid_min", (sliding(H, M),), measure=Measure(AggOp.MIN, "impressions", "bid_cpm")),
         Feature("bid_max", (lifetime(),), measure=Measure(AggOp.MAX, "impressions", "bid_cpm")),
-        Feature("bid_last", (sliding(H, M),), measure=Measure(AggOp.LAST, "impressions", "bid_cpm")),
+        Feature("bid_last", (sliding(H, M),),
+                measure=Measure(AggOp.LAST, "impressions", "bid_cpm")),
         Feature("ads", (sliding(H, M),),
                 measure=Measure(AggOp.APPROX_DISTINCT, "impressions", "ad_id"), default=0),
         Feature("ctr", (sliding(5 * M, 5 * S),),
@@ -95,7 +97,8 @@ def _same(a: dict[str, ViewState], b: dict[str, ViewState]) -> None:
             assert va[1] == vb[1]
             for name in va[0]:
                 x, y = va[0][name], vb[0][name]
-                assert x == y or (isinstance(x, float) and abs(x - y) <= 1e-9 * max(1, abs(x))), name
+                close = isinstance(x, float) and abs(x - y) <= 1e-9 * max(1, abs(x))
+                assert x == y or close, name
 
 
 def _close(a, b) -> bool:

@@ -18,8 +18,8 @@ def _engine(store: MemoryOnlineStore) -> Engine:
 
 
 def _imp(i: int, user: str = "u1") -> RawMessage:
-    ev = {"event_id": f"i{i}", "ts": T0 + i * 1000, "user_id": user, "ad_id": "a", "campaign_id": "c",
-          "publisher_id": "p", "placement": "top", "creative_type": "banner",
+    ev = {"event_id": f"i{i}", "ts": T0 + i * 1000, "user_id": user, "ad_id": "a",
+          "campaign_id": "c", "publisher_id": "p", "placement": "top", "creative_type": "banner",
           "device_type": "mobile", "country": "US", "bid_cpm": 1.0}
     return RawMessage(json.dumps(ev).encode(), None, "impressions", 0, i, T0)
 
