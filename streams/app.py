@@ -1,9 +1,16 @@
 """The Faust worker: agents built from the definitions feed the :class:`Engine`.
 
-One agent per source topic and one per repartition topic, each taking message batches
-(``take_events``) so Faust's per-message cost is amortized over envelopes of many
-events. Faust's windowed tables are deliberately not used (they expire by wall clock;
-shared/reference/feature-platforms.md §3): the engine keeps event-time tiles itself.
+One agent reads every source and repartition topic in short take windows
+(``take_window_ms``); each batch is one cycle: source messages (forwarding to the
+repartition topics at once), repartition messages, then an online flush when due
+(:class:`FlushPacer`). Freshness is bounded by these waits and the Kafka hop of the
+repartitioned views, not by capacity, so the waits are short and per-batch costs are
+kept per call rather than per partition or message. While catching up on a backlog,
+take windows are gathered into larger batches (throughput). Offline parts are written
+in the background at a lower CPU priority, staggered across partitions
+(:class:`OfflineSchedule`). Faust's windowed tables are deliberately not used (they
+expire by wall clock; shared/reference/feature-platforms.md §3): the engine keeps
+event-time tiles itself.
 
 On assignment the engine's durable progress (Redis) decides where each partition
 resumes: the agent seeks there, also right after Faust's recovery seeks to the group's
@@ -90,14 +97,20 @@ def ensure_topics(settings: WorkerSettings, topics: list[str]) -> None:
 #: re-scanning them: a third of the engine's CPU time at 20k users. Raising it keeps
 #: collections (and the full-collection heuristics behind them) but makes them rarer.
 GC_GEN0_THRESHOLD = 50_000
+#: young collections between two collections of the middle generation. Each of those
+#: scans everything promoted since the previous one: with 20 (up to 20 x 50k objects) it
+#: stalled the loop ~100 ms here, a freshness outlier; with 2 the same work comes in
+#: ~10 ms slices (objects still reach the old generation after one middle collection)
+GC_GEN1_THRESHOLD = 2
 
 
 def relax_gc() -> None:
     """Raise the GC's young-generation threshold to :data:`GC_GEN0_THRESHOLD` (never
-    lowers a higher setting; process-wide, like any ``gc.set_threshold``)."""
-    gen0, gen1, gen2 = gc.get_threshold()
+    lowers a higher setting) with :data:`GC_GEN1_THRESHOLD` for the middle generation;
+    process-wide, like any ``gc.set_threshold``."""
+    gen0, _gen1, gen2 = gc.get_threshold()
     if 0 < gen0 < GC_GEN0_THRESHOLD:
-        gc.set_threshold(GC_GEN0_THRESHOLD, max(gen1, 20), gen2)
+        gc.set_threshold(GC_GEN0_THRESHOLD, GC_GEN1_THRESHOLD, gen2)
 
 
 #: nice increment of the offline writer threads (Linux niceness is per thread, and the
