@@ -81,10 +81,6 @@ class Ring:
         self.cums = [array("q", _ZERO) for _ in plan.counts]
         self.vals: list[list[Any]] = [[] for _ in plan.others]
 
-    @property
-    def n(self) -> int:
-        return len(self.tiles)
-
     def index(self, tile: int) -> int:
         """Position of ``tile``, inserted (empty) when missing."""
         tiles = self.tiles
@@ -356,8 +352,10 @@ class ViewState:
                 for c in r.cums:
                     parts.append(c.tobytes())
             ints_b = b"".join(parts)
-        else:
-            ints_b = _swapped(rings)
+        else:  # stored little-endian
+            ints = self.ring_fields()[0]
+            ints.byteswap()
+            ints_b = ints.tobytes()
         return _FORMAT_BYTE + marshal.dumps((
             self.max_ts, self.prev_ts, self.pending, [len(r.tiles) for r in rings], ints_b,
             [r.vals for r in rings], self.fences))  # fmt: skip
@@ -425,17 +423,6 @@ def decode_fields(plan: ViewPlan, data: bytes) -> StateFields:
 
 
 # ---------------------------------------------------------------------- encoding helpers
-def _swapped(rings: Sequence[Ring]) -> bytes:
-    """The rings' ints as little-endian bytes on a big-endian host."""
-    out = array("q")
-    for r in rings:
-        out.extend(r.tiles)
-        for c in r.cums:
-            out.extend(c)
-    out.byteswap()
-    return out.tobytes()
-
-
 def _unpack(data: bytes) -> array:
     out = array("q")
     out.frombytes(data)

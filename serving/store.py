@@ -65,12 +65,12 @@ class _ErrorReply(Exception):
     """Redis answered one of the pipelined commands with an error."""
 
 
-def _replies(sock: Any, reader: Any, n: int) -> Rows:
+def _replies(sock: Any, reader: Any, buf: bytearray, n: int) -> Rows:
     """The next ``n`` replies on ``sock``, parsed by the hiredis ``reader`` as they arrive
-    (one C call per reply, none of redis-py's per-reply Python)."""
+    (one C call per reply, none of redis-py's per-reply Python); ``buf`` is the
+    connection's receive buffer."""
     out: Rows = []
     gets = reader.gets
-    buf = bytearray(1 << 16)
     view = memoryview(buf)
     while True:
         reply = gets()
@@ -155,10 +155,12 @@ class RedisOnlineStore:
         try:
             if conn._sock is None:  # redis-py connects (AUTH, SELECT) and sets the timeouts
                 conn.connect()
-                self._local.reader = hiredis.Reader()
+                self._local.reader = hiredis.Reader()  # fresh: nothing left of the old one
+                if getattr(self._local, "buf", None) is None:
+                    self._local.buf = bytearray(1 << 16)
             sock = conn._sock
             sock.sendall(payload)
-            return _replies(sock, self._local.reader, len(keys))
+            return _replies(sock, self._local.reader, self._local.buf, len(keys))
         except self._unavailable as exc:  # with OSError: socket timeouts, resets
             conn.disconnect()
             raise OnlineStoreError(f"redis unavailable: {exc!r}") from exc
