@@ -9,8 +9,12 @@ facts of the state's design:
   entity's latest time) each event lands in, and that depends only on the entity's
   latest event time after the batch;
 * tiles older than the ring's horizon relative to the latest event cannot fall inside any
-  window as of ``T >= max_ts``, so dropping them late (at :meth:`ViewState.compact`)
-  instead of at each event changes no answer.
+  window as of ``T >= max_ts``, so they are dropped against the entity's latest event
+  time *after* the batch: rows below that horizon are never added (per ring, with
+  numpy), and tiles that fall below it are evicted once per entity, not at each event.
+  Rings therefore never grow past their horizon however much event time a batch spans
+  (catching up on a backlog, or views fed by several source partitions that progress
+  unevenly, where an entity's rows arrive out of order).
 
 Rows are grouped by (entity, tile) with numpy; Python runs once per group, not per
 event, for counts; other operators merge per row within their ring only.
@@ -25,7 +29,7 @@ import numpy as np
 
 from feature_defs.measures import MERGERS, init_state
 from feature_defs.model import AggOp
-from feature_defs.plan import ViewPlan
+from feature_defs.plan import RingPlan, ViewPlan
 from feature_defs.state import NO_TS, ViewState
 
 __all__ = ["apply_batch"]
@@ -45,6 +49,12 @@ def _group_counts(e: np.ndarray, tile: np.ndarray, weight: np.ndarray | None
         counts = np.bincount(inverse, weights=weight).astype(np.int64)  # exact below 2**53
     return ((uniq >> _SHIFT).tolist(), ((uniq & ((1 << _SHIFT) - 1)) + base).tolist(),
             counts.tolist())
+
+
+def _horizon(ring_plan: RingPlan, latest: np.ndarray) -> np.ndarray:
+    """Per entity, the oldest tile of the ring that a window as of ``T >= latest`` can
+    still reach (``ViewState.compact`` drops the tiles below it)."""
+    return latest // ring_plan.tile_ms - ring_plan.keep + 1
 
 
 def apply_batch(
@@ -131,6 +141,7 @@ def apply_batch(
         st.pending = [None] * nslots
         st.max_ts = int(new_max[c])
         st.prev_ts = int(prev[c])
+        st.compact()
     for c in np.flatnonzero(~advanced).tolist():
         st_by_code[c].prev_ts = int(prev[c])
     # 4. per measure: rows below the max go to tiles, rows at the max to pending
@@ -140,18 +151,20 @@ def apply_batch(
         if m.op is AggOp.COUNT:
             extra = carried[slot]
             if rows.any() or extra:
-                _counts(plan, st_by_code, slot, e, ts, rows & below, rows & at_max, extra)
+                _counts(plan, st_by_code, slot, e, ts, rows & below, rows & at_max, extra,
+                        new_max)
         elif rows.any():
             _generic(plan, st_by_code, slot, m.op, e, ts, rows, at_max,
-                     columns.get(m.field or "", None), tiebreaks)
+                     columns.get(m.field or "", None), tiebreaks, new_max)
     return set(code)
 
 
 def _counts(plan: ViewPlan, st_by_code: list[ViewState], slot: int, e: np.ndarray,
             ts: np.ndarray, to_tiles: np.ndarray, to_pending: np.ndarray,
-            extra: list[tuple[int, int, int]]) -> None:  # fmt: skip
+            extra: list[tuple[int, int, int]], new_max: np.ndarray) -> None:  # fmt: skip
     """COUNT ``slot``: rows ``to_tiles`` (and ``extra`` (code, ts, count) rows) into
-    their tiles, rows ``to_pending`` into the pending events."""
+    their tiles (those within each ring's horizon of ``new_max``, the entity's latest
+    event time), rows ``to_pending`` into the pending events."""
     if to_tiles.any() or extra:
         e_t, ts_t = e[to_tiles], ts[to_tiles]
         weight = None
@@ -164,9 +177,19 @@ def _counts(plan: ViewPlan, st_by_code: list[ViewState], slot: int, e: np.ndarra
             if slot not in ring_plan.counts:
                 continue
             k = ring_plan.counts.index(slot)
-            tiles = ts_t // ring_plan.tile_ms if ring_plan.tile_ms else np.zeros_like(ts_t)
+            e_r, w_r = e_t, weight
+            if ring_plan.tile_ms:
+                tiles = ts_t // ring_plan.tile_ms
+                inside = tiles >= _horizon(ring_plan, new_max)[e_t]
+                if not inside.all():
+                    e_r, tiles = e_t[inside], tiles[inside]
+                    w_r = None if weight is None else weight[inside]
+                    if not len(e_r):
+                        continue
+            else:
+                tiles = np.zeros_like(ts_t)
             rings = [st.rings[ri] for st in st_by_code]
-            for c, tile, cnt in zip(*_group_counts(e_t, tiles, weight), strict=True):
+            for c, tile, cnt in zip(*_group_counts(e_r, tiles, w_r), strict=True):
                 ring = rings[c]
                 t = ring.tiles
                 if t and t[-1] == tile:  # the newest tile (in-order traffic): one add
@@ -183,20 +206,28 @@ def _counts(plan: ViewPlan, st_by_code: list[ViewState], slot: int, e: np.ndarra
 
 def _generic(plan: ViewPlan, st_by_code: list[ViewState], slot: int, op: AggOp,
              e: np.ndarray, ts: np.ndarray, rows: np.ndarray, at_max: np.ndarray,
-             values: Sequence[Any] | None, tiebreaks: Sequence[int] | None) -> None:
+             values: Sequence[Any] | None, tiebreaks: Sequence[int] | None,
+             new_max: np.ndarray) -> None:
     merge = MERGERS[op]
-    rings = [(ri, rp.tile_ms, rp.others.index(slot)) for ri, rp in enumerate(plan.rings)
-             if slot in rp.others]  # fmt: skip
+    rings = [(ri, rp.tile_ms, rp.others.index(slot),
+              _horizon(rp, new_max).tolist() if rp.tile_ms else None)
+             for ri, rp in enumerate(plan.rings) if slot in rp.others]  # fmt: skip
     e_l, ts_l, at_l = e.tolist(), ts.tolist(), at_max.tolist()
     for r in np.flatnonzero(rows).tolist():
         value = values[r] if values is not None else None
         st_val = init_state(op, value, ts_l[r], tiebreaks[r] if tiebreaks else 0)
         if st_val is None:
             continue
-        st = st_by_code[e_l[r]]
+        c = e_l[r]
+        st = st_by_code[c]
         if at_l[r]:
             cur = st.pending[slot]
             st.pending[slot] = st_val if cur is None else merge(cur, st_val)
             continue
-        for ri, tile_ms, j in rings:
-            st.rings[ri].merge(j, ts_l[r] // tile_ms if tile_ms else 0, st_val, merge)
+        for ri, tile_ms, j, low in rings:
+            if tile_ms:
+                tile = ts_l[r] // tile_ms
+                if tile >= low[c]:
+                    st.rings[ri].merge(j, tile, st_val, merge)
+            else:
+                st.rings[ri].merge(j, 0, st_val, merge)
