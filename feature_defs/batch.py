@@ -188,9 +188,8 @@ def _counts(plan: ViewPlan, st_by_code: list[ViewState], slot: int, e: np.ndarra
                         continue
             else:
                 tiles = np.zeros_like(ts_t)
-            rings = [st.rings[ri] for st in st_by_code]
             for c, tile, cnt in zip(*_group_counts(e_r, tiles, w_r), strict=True):
-                ring = rings[c]
+                ring = st_by_code[c].rings[ri]
                 t = ring.tiles
                 if t and t[-1] == tile:  # the newest tile (in-order traffic): one add
                     ring.cums[k][-1] += cnt
@@ -204,6 +203,24 @@ def _counts(plan: ViewPlan, st_by_code: list[ViewState], slot: int, e: np.ndarra
             pending[slot] = cnt if cur is None else cur + cnt
 
 
+def _row_states(op: AggOp, values: Sequence[Any] | None, ts_l: list[int],
+                tiebreaks: Sequence[int] | None, idx: list[int]) -> list[Any]:
+    """The one-event state of each row in ``idx`` (``init_state``). A distinct-count
+    state depends on the value alone: hashed once per distinct value."""
+    if op is AggOp.APPROX_DISTINCT and values is not None:
+        memo: dict[Any, Any] = {}
+        out = []
+        for r in idx:
+            v = values[r]
+            st = memo.get(v)
+            if st is None and v is not None:
+                st = memo[v] = init_state(op, v, 0, 0)
+            out.append(st)
+        return out
+    return [init_state(op, values[r] if values is not None else None, ts_l[r],
+                       tiebreaks[r] if tiebreaks else 0) for r in idx]  # fmt: skip
+
+
 def _generic(plan: ViewPlan, st_by_code: list[ViewState], slot: int, op: AggOp,
              e: np.ndarray, ts: np.ndarray, rows: np.ndarray, at_max: np.ndarray,
              values: Sequence[Any] | None, tiebreaks: Sequence[int] | None,
@@ -213,9 +230,8 @@ def _generic(plan: ViewPlan, st_by_code: list[ViewState], slot: int, op: AggOp,
               _horizon(rp, new_max).tolist() if rp.tile_ms else None)
              for ri, rp in enumerate(plan.rings) if slot in rp.others]  # fmt: skip
     e_l, ts_l, at_l = e.tolist(), ts.tolist(), at_max.tolist()
-    for r in np.flatnonzero(rows).tolist():
-        value = values[r] if values is not None else None
-        st_val = init_state(op, value, ts_l[r], tiebreaks[r] if tiebreaks else 0)
+    idx = np.flatnonzero(rows).tolist()
+    for r, st_val in zip(idx, _row_states(op, values, ts_l, tiebreaks, idx), strict=True):
         if st_val is None:
             continue
         c = e_l[r]

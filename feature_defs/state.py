@@ -46,6 +46,11 @@ _INDEX_BITS = 20
 _LITTLE = sys.byteorder == "little"
 _FORMAT_BYTE = bytes([FORMAT])
 _ZERO = (0,)
+#: marshal format 2 has no back-references: from version 3 on, marshal flags every
+#: object that something else also references (its refcount), so equal states written
+#: from different code paths (a sketch shared by two tiles, or cached) got different
+#: bytes. Version 2 is also faster here; every version reads back the same
+_MARSHAL_VERSION = 2
 
 #: one ring as the read path sees it: (off, n, vals): the ring's ``n`` tiles are at
 #: ``ints[off:off + n]``, then per COUNT slot ``k`` its ``n + 1`` prefix sums at
@@ -130,9 +135,10 @@ class Ring:
         tiles = self.tiles
         if not tiles or tiles[0] >= low:
             return
-        if tiles[-1] < low:  # every tile: start over
-            self.tiles = array("q")
-            self.cums = [array("q", _ZERO) for _ in self.cums]
+        if tiles[-1] < low:  # every tile: start over (a prefix sum's base is arbitrary)
+            del tiles[:]
+            for c in self.cums:
+                del c[1:]
             for v in self.vals:
                 v.clear()
             return
@@ -342,23 +348,18 @@ class ViewState:
     # ------------------------------------------------------------------ bytes
     def encode(self) -> bytes:
         """The state's bytes (format 2). Prefix sums keep their base: equal states may
-        differ in bytes, never in any answer."""
-        self._evict()
+        differ in bytes, never in any answer. Every update path keeps the state compact
+        (tiles beyond the horizon dropped), so encoding does not scan for them again."""
         rings = self.rings
         if _LITTLE:
-            parts = []
-            for r in rings:
-                parts.append(r.tiles.tobytes())
-                for c in r.cums:
-                    parts.append(c.tobytes())
-            ints_b = b"".join(parts)
+            ints_b = b"".join([a.tobytes() for r in rings for a in (r.tiles, *r.cums)])
         else:  # stored little-endian
             ints = self.ring_fields()[0]
             ints.byteswap()
             ints_b = ints.tobytes()
         return _FORMAT_BYTE + marshal.dumps((
             self.max_ts, self.prev_ts, self.pending, [len(r.tiles) for r in rings], ints_b,
-            [r.vals for r in rings], self.fences))  # fmt: skip
+            [r.vals for r in rings], self.fences), _MARSHAL_VERSION)  # fmt: skip
 
     @classmethod
     def decode(cls, plan: ViewPlan, data: bytes) -> ViewState:

@@ -427,7 +427,7 @@ class Engine:
         cols: dict[str, Any] = {
             "entity_id": rows[key],
             "ts": pc.cast(rows["ts"], pa.int64()),
-            "source": pa.array([source] * rows.num_rows, pa.string()),
+            "source": pa.repeat(pa.scalar(source, pa.string()), rows.num_rows),
             "src_partition": rows["_partition"],
             "src_offset": rows["_offset"],
             "src_index": rows["_index"],

@@ -118,7 +118,7 @@ class OfflineWriter:
                 cols = {
                     "entity_id": rows[key],
                     "ts": rows["ts"],
-                    "source": pa.array([source] * rows.num_rows, pa.string()),
+                    "source": pa.repeat(pa.scalar(source, pa.string()), rows.num_rows),
                     "event_id": rows["event_id"],
                 }
                 for f in fields:

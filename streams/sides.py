@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import xxhash
 
 from feature_defs.layout import TOPIC_DLQ, TOPIC_LATE, repartition_topic
@@ -109,15 +110,18 @@ class KafkaSideOutputs:
 
     def forward(self, entity: str, rows: pa.Table) -> None:
         # same partitions as ``partition_for`` (xxh64 of the UTF-8 id modulo the count)
+        # hashed once per distinct id (an ad or campaign appears in many rows)
         h = xxhash.xxh64_intdigest
-        ids = rows["entity_id"].to_pylist()
-        parts = np.fromiter((h(i.encode("utf-8")) for i in ids), dtype=np.uint64,
-                            count=len(ids)) % np.uint64(self._partitions)
+        ids = rows["entity_id"]
+        uniq = pc.unique(ids)
+        uniq_parts = np.fromiter((h(i.encode("utf-8")) for i in uniq.to_pylist()),
+                                 dtype=np.uint64, count=len(uniq)) % np.uint64(self._partitions)
+        parts = uniq_parts[pc.index_in(ids, value_set=uniq).to_numpy()]
         topic = self._topic(repartition_topic(entity))
         order = np.argsort(parts, kind="stable")  # keeps arrival order within a partition
         sorted_parts = parts[order]
         uniq, starts = np.unique(sorted_parts, return_index=True)
-        bounds = [*starts.tolist(), len(ids)]
+        bounds = [*starts.tolist(), len(parts)]
         by_part = rows.take(pa.array(order)) if len(uniq) > 1 else rows  # one take, slices
         for k, p in enumerate(uniq.tolist()):
             # consecutive messages of at most FORWARD_ROWS rows: a batch caught up on a
