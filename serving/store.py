@@ -14,14 +14,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from headrace.errors import OnlineStoreError, missing_extra
-
-try:
-    import hiredis
-except ImportError:  # pragma: no cover - depends on the install (the serve extra has it)
-    hiredis = None
+from headrace.resp import PipelineConnections, hiredis, pack_hmget
 
 __all__ = ["OnlineStore", "RedisOnlineStore", "FakeOnlineStore", "pack_hmget"]
 
@@ -48,43 +44,6 @@ class OnlineStore(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def _bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(value), value)
-
-
-def pack_hmget(keys: Sequence[str], fields: Sequence[str]) -> bytes:
-    """RESP bytes of one ``HMGET key field...`` per key, pipelined (no MULTI/EXEC)."""
-    head = b"*%d\r\n$5\r\nHMGET\r\n" % (len(fields) + 2)
-    tail = b"".join(_bulk(f.encode()) for f in fields)
-    return b"".join([head + _bulk(k.encode()) + tail for k in keys])
-
-
-class _ErrorReply(Exception):
-    """Redis answered one of the pipelined commands with an error."""
-
-
-def _replies(sock: Any, reader: Any, buf: bytearray, n: int) -> Rows:
-    """The next ``n`` replies on ``sock``, parsed by the hiredis ``reader`` as they arrive
-    (one C call per reply, none of redis-py's per-reply Python); ``buf`` is the
-    connection's receive buffer."""
-    out: Rows = []
-    gets = reader.gets
-    view = memoryview(buf)
-    while True:
-        reply = gets()
-        while reply is not False:
-            if isinstance(reply, hiredis.ReplyError):
-                raise _ErrorReply(str(reply))
-            out.append(reply)
-            if len(out) == n:
-                return out
-            reply = gets()
-        got = sock.recv_into(buf)
-        if not got:
-            raise ConnectionError("redis closed the connection")
-        reader.feed(view, 0, got)
 
 
 class RedisOnlineStore:
@@ -117,13 +76,13 @@ class RedisOnlineStore:
         if hiredis is None:  # pragma: no cover - depends on the install
             raise missing_extra("hiredis", "serve")
         timeout = timeout_ms / 1000.0
-        self._pool = redis.ConnectionPool.from_url(
+        self._pipelines = PipelineConnections(redis.ConnectionPool.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             max_connections=max_connections,
             retry=None,
-        )
+        ))  # fmt: skip
         # the priors document is read in the background, not under the request budget
         self._client = redis.Redis.from_url(
             url,
@@ -133,39 +92,16 @@ class RedisOnlineStore:
         )
         self._unavailable = (RedisConnectionError, RedisTimeoutError, OSError)
         self._redis_error = RedisError
-        self._errors = (RedisError, hiredis.ProtocolError, _ErrorReply)
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[Any] = []
-
-    def _connection(self) -> Any:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._pool.make_connection()
-            with self._lock:
-                self._connections.append(conn)
-            self._local.conn = conn
-        return conn
+        self._errors = self._pipelines.errors
 
     def read_hashes(self, keys: Sequence[str], fields: Sequence[str]) -> Rows:
         if not keys:
             return []
-        payload = pack_hmget(keys, fields)
-        conn = self._connection()
         try:
-            if conn._sock is None:  # redis-py connects (AUTH, SELECT) and sets the timeouts
-                conn.connect()
-                self._local.reader = hiredis.Reader()  # fresh: nothing left of the old one
-                if getattr(self._local, "buf", None) is None:
-                    self._local.buf = bytearray(1 << 16)
-            sock = conn._sock
-            sock.sendall(payload)
-            return _replies(sock, self._local.reader, self._local.buf, len(keys))
+            return self._pipelines.execute(pack_hmget(keys, fields), len(keys))
         except self._unavailable as exc:  # with OSError: socket timeouts, resets
-            conn.disconnect()
             raise OnlineStoreError(f"redis unavailable: {exc!r}") from exc
-        except self._errors as exc:
-            conn.disconnect()  # the rest of the replies are unread
+        except self._errors as exc:  # the rest of the replies were left unread
             raise OnlineStoreError(f"redis error: {exc}") from exc
 
     def get(self, key: str) -> bytes | None:
@@ -176,10 +112,7 @@ class RedisOnlineStore:
         return value  # type: ignore[return-value]
 
     def close(self) -> None:
-        with self._lock:
-            for conn in self._connections:
-                conn.disconnect()
-        self._pool.disconnect()
+        self._pipelines.close()
         self._client.close()
 
 

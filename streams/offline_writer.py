@@ -39,6 +39,9 @@ VIEW_COLUMNS = (
     "_index",
     "_ingest_ms",
 )
+#: string columns unique per row: dictionary pages would only be abandoned half-way
+#: (Parquet falls back to plain once a dictionary grows), costing CPU and doubling size
+_UNIQUE_COLUMNS = frozenset({"event_id", "impression_id"})
 _PART = re.compile(r"^(?P<topic>.+)-p(?P<p>\d{3})-(?P<start>\d{12})\.parquet$")
 
 
@@ -70,14 +73,18 @@ class OfflineWriter:
 
     def _write(self, table: pa.Table, directory: str, name: str) -> None:
         path = f"{directory}/{name}"
+        dictionary = [f.name for f in table.schema
+                      if pa.types.is_string(f.type) and f.name not in _UNIQUE_COLUMNS]
         try:
             if isinstance(self.fs, pafs.LocalFileSystem):
                 os.makedirs(directory, exist_ok=True)
                 tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
-                pq.write_table(table, tmp, filesystem=self.fs, compression=self.compression)
+                pq.write_table(table, tmp, filesystem=self.fs, compression=self.compression,
+                               use_dictionary=dictionary)
                 os.replace(tmp, path)
             else:  # an S3 PUT is atomic: readers see the old object or the new one
-                pq.write_table(table, path, filesystem=self.fs, compression=self.compression)
+                pq.write_table(table, path, filesystem=self.fs, compression=self.compression,
+                               use_dictionary=dictionary)
         except (OSError, pa.ArrowException) as exc:
             raise OfflineStoreError(f"cannot write {path}: {exc}") from exc
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from headrace.errors import OnlineStoreError
+from headrace.resp import PipelineConnections, pack
 
 __all__ = ["StateWrite", "OnlineStore", "RedisOnlineStore", "MemoryOnlineStore"]
 
@@ -37,16 +38,10 @@ class OnlineStore(Protocol):
         """Commit records (empty dict where absent)."""
 
 
-def _pack(*args: bytes) -> bytes:
-    """One command in the Redis protocol (RESP array of bulk strings)."""
-    parts = [b"*%d\r\n" % len(args)]
-    for a in args:
-        parts += (b"$%d\r\n" % len(a), a, b"\r\n")
-    return b"".join(parts)
-
-
 class RedisOnlineStore:
-    """The Redis backend (redis-py with hiredis when installed)."""
+    """The Redis backend: pipelines packed by hand and their replies read with hiredis
+    (:mod:`headrace.resp`), one connection per thread (the offline writer's thread
+    records its progress beside the loop's flushes)."""
 
     #: an EXPIRE is re-issued for a key only when the expiry it last set (tracked in
     #: memory) is more than this many seconds short of the one a write asks for: key
@@ -61,46 +56,27 @@ class RedisOnlineStore:
             from headrace.errors import missing_extra
 
             raise missing_extra("redis", "stream") from exc
-        self._redis_mod = redis
         self._client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
+        self._pipelines = PipelineConnections(redis.ConnectionPool.from_url(
+            url, socket_timeout=30, socket_connect_timeout=5))  # fmt: skip
+        self._errors = (OSError, redis.exceptions.RedisError, *self._pipelines.errors)
         self._batch = batch
         self._expiry: dict[str, float] = {}  # key -> monotonic time its TTL runs out
 
-    def _errors(self) -> tuple[type[Exception], ...]:
-        return (
-            self._redis_mod.exceptions.ConnectionError,
-            self._redis_mod.exceptions.TimeoutError,
-            self._redis_mod.exceptions.ResponseError,
-        )
-
     def _execute(self, commands: list[bytes]) -> list[Any]:
-        """Send packed commands in one write and read one reply per command.
-
-        The hot path's pipelines, packed by hand: redis-py's pipeline spends several
-        microseconds of Python per command (packing, callbacks, retries), which is most
-        of a flush's Redis cost. An error reply raises ``ResponseError``; on any error the
-        connection is dropped (replies may be left unread on it).
-        """
-        pool = self._client.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command([b"".join(commands)])
-            return [conn.read_response() for _ in commands]
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
+        """Send packed commands in one write and read one reply per command (an error
+        reply raises; the connection is then reopened by the next call)."""
+        return self._pipelines.execute(b"".join(commands), len(commands))
 
     def load(self, pairs: Sequence[tuple[str, str]]) -> list[bytes | None]:
         out: list[bytes | None] = []
         try:
             for start in range(0, len(pairs), self._batch):
                 out.extend(self._execute(
-                    [_pack(b"HGET", key.encode(), fld.encode())
+                    [pack(b"HGET", key.encode(), fld.encode())
                      for key, fld in pairs[start : start + self._batch]]
                 ))
-        except self._errors() as exc:
+        except self._errors as exc:
             raise OnlineStoreError(f"redis load failed: {exc}") from exc
         return out
 
@@ -116,11 +92,11 @@ class RedisOnlineStore:
                 refreshed: dict[str, float] = {}
                 for w in states[start : start + self._batch]:
                     key = w.key.encode()
-                    commands.append(_pack(b"HSET", key, w.field.encode(), w.value))
+                    commands.append(pack(b"HSET", key, w.field.encode(), w.value))
                     want = now + w.ttl_s
                     have = refreshed.get(w.key) or expiry.get(w.key)
                     if have is None or have < want - refresh or w.ttl_s <= 2 * refresh:
-                        commands.append(_pack(b"EXPIRE", key, b"%d" % w.ttl_s))
+                        commands.append(pack(b"EXPIRE", key, b"%d" % w.ttl_s))
                         refreshed[w.key] = want
                 self._execute(commands)
                 expiry.update(refreshed)  # only once the EXPIREs are known to be applied
@@ -131,9 +107,9 @@ class RedisOnlineStore:
                     args = [b"HSET", key.encode()]
                     for k, v in mapping.items():
                         args += [k.encode(), b"%d" % int(v)]
-                    commands.append(_pack(*args))
+                    commands.append(pack(*args))
                 self._execute(commands)
-        except self._errors() as exc:
+        except self._errors as exc:
             raise OnlineStoreError(f"redis write failed: {exc}") from exc
 
     def read_commits(self, keys: Sequence[str]) -> list[dict[str, int]]:
@@ -142,7 +118,7 @@ class RedisOnlineStore:
             for key in keys:
                 pipe.hgetall(key)
             raw = pipe.execute()
-        except self._errors() as exc:
+        except self._errors as exc:
             raise OnlineStoreError(f"redis read failed: {exc}") from exc
         return [{k.decode(): int(v) for k, v in r.items()} for r in raw]
 

@@ -12,10 +12,12 @@ import pytest
 
 from feature_defs.registry import load_registry
 from headrace.errors import OnlineStoreError
+from headrace.resp import PipelineConnections
 from streams.app import FlushPacer, OfflineSchedule, catching_up
 from streams.engine import STATS_STRIDE, Engine, RawMessage
 from streams.online import MemoryOnlineStore, RedisOnlineStore, StateWrite
 from streams.sides import FORWARD_ROWS, KafkaSideOutputs, MemorySideOutputs, encode_arrow
+from tests.resp_fakes import FakePool
 
 T0 = 1_700_000_000_000
 
@@ -177,54 +179,20 @@ def test_forwards_are_split_below_the_message_size() -> None:
     assert pa.concat_tables(tables)["n"].to_pylist() == list(range(n))
 
 
-class _Conn:
-    def __init__(self, replies: list) -> None:
-        self.sent = b""
-        self.replies = replies
-        self.dropped = False
-
-    def send_packed_command(self, chunks: list[bytes]) -> None:
-        self.sent += b"".join(chunks)
-
-    def read_response(self) -> object:
-        reply = self.replies.pop(0)
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
-
-    def disconnect(self) -> None:
-        self.dropped = True
-
-
-class _Pool:
-    def __init__(self, conn: _Conn) -> None:
-        self.conn = conn
-        self.released = 0
-
-    def get_connection(self) -> _Conn:
-        return self.conn
-
-    def release(self, conn: _Conn) -> None:
-        self.released += 1
-
-
-def _redis(replies: list) -> tuple[RedisOnlineStore, _Conn, _Pool]:
-    import redis
-
+def _redis(answer: object = None, chunk: int = 7) -> tuple[RedisOnlineStore, FakePool]:
     st = RedisOnlineStore.__new__(RedisOnlineStore)
-    conn = _Conn(replies)
-    pool = _Pool(conn)
-    st._redis_mod = redis
-    st._client = type("C", (), {"connection_pool": pool})()
+    pool = FakePool(answer, chunk)  # type: ignore[arg-type]
+    st._pipelines = PipelineConnections(pool)
+    st._errors = (OSError, *st._pipelines.errors)
     st._batch, st._expiry = 2000, {}
-    return st, conn, pool
+    return st, pool
 
 
 def test_redis_write_packs_states_then_commit_records() -> None:
-    st, conn, pool = _redis([1] * 5)
+    st, pool = _redis()
     st.write([StateWrite("k1", "v@1", b"\x00\r\n", 60), StateWrite("k2", "v@1", b"y", 60)],
              {"c": {"online_next": 7, "online_wm": -3}})  # fmt: skip
-    assert conn.sent == (
+    assert pool.sent == (
         b"*4\r\n$4\r\nHSET\r\n$2\r\nk1\r\n$3\r\nv@1\r\n$3\r\n\x00\r\n\r\n"
         b"*3\r\n$6\r\nEXPIRE\r\n$2\r\nk1\r\n$2\r\n60\r\n"
         b"*4\r\n$4\r\nHSET\r\n$2\r\nk2\r\n$3\r\nv@1\r\n$1\r\ny\r\n"
@@ -232,17 +200,22 @@ def test_redis_write_packs_states_then_commit_records() -> None:
         b"*6\r\n$4\r\nHSET\r\n$1\r\nc\r\n$11\r\nonline_next\r\n$1\r\n7\r\n"
         b"$9\r\nonline_wm\r\n$2\r\n-3\r\n"
     )
-    assert not conn.replies and pool.released == 2 and not conn.dropped
+    # every reply read (two pipelines on one connection, kept open)
+    assert pool.connects == 1 and not pool.dropped and not pool.sockets[0].pending
 
 
 def test_redis_load_and_errors() -> None:
-    import redis
-
-    st, conn, _ = _redis([b"blob", None])
-    assert st.load([("k1", "f"), ("k2", "f")]) == [b"blob", None]
-    assert conn.sent == b"*3\r\n$4\r\nHGET\r\n$2\r\nk1\r\n$1\r\nf\r\n" \
+    blobs = {b"k1": b"blob\r\n" * 3}
+    st, pool = _redis(lambda cmd: blobs.get(cmd[1]), chunk=5)  # replies split across reads
+    assert st.load([("k1", "f"), ("k2", "f")]) == [b"blob\r\n" * 3, None]
+    assert pool.sent == b"*3\r\n$4\r\nHGET\r\n$2\r\nk1\r\n$1\r\nf\r\n" \
         b"*3\r\n$4\r\nHGET\r\n$2\r\nk2\r\n$1\r\nf\r\n"  # fmt: skip
-    st, conn, pool = _redis([redis.exceptions.ResponseError("WRONGTYPE"), 1])
-    with pytest.raises(OnlineStoreError):
+    # an error reply inside a pipeline fails the write and drops the connection (its
+    # other replies are unread); the next call reconnects and works
+    answers = iter([Exception("WRONGTYPE Operation against a key"), 1, 1, 1])
+    st, pool = _redis(lambda _cmd: next(answers))
+    with pytest.raises(OnlineStoreError, match="WRONGTYPE"):
         st.write([StateWrite("k", "f", b"x", 10**6)], {})
-    assert conn.dropped and pool.released == 1  # replies may be left unread: not reused
+    assert pool.dropped == 1
+    st.write([StateWrite("k", "f", b"x", 10**6)], {})
+    assert pool.connects == 2 and pool.dropped == 1

@@ -5,99 +5,59 @@ from __future__ import annotations
 import pyarrow as pa
 
 from feature_defs.layout import partition_for
+from headrace.resp import PipelineConnections
 from streams.online import RedisOnlineStore, StateWrite
 from streams.sides import KafkaSideOutputs
+from tests.resp_fakes import FakePool
 
 
-def _commands(buf: bytes) -> list[list[bytes]]:
-    """Parse RESP arrays of bulk strings (what the store sends)."""
-    out, i = [], 0
-    while i < len(buf):
-        assert buf[i : i + 1] == b"*"
-        j = buf.index(b"\r\n", i)
-        n, i = int(buf[i + 1 : j]), j + 2
-        args = []
-        for _ in range(n):
-            assert buf[i : i + 1] == b"$"
-            j = buf.index(b"\r\n", i)
-            size, i = int(buf[i + 1 : j]), j + 2
-            args.append(buf[i : i + size])
-            assert buf[i + size : i + size + 2] == b"\r\n"
-            i += size + 2
-        out.append(args)
+def _log(pool: FakePool) -> list[tuple]:
+    """(name, key[, ttl]) of every command the store sent."""
+    out: list[tuple] = []
+    for cmd in pool.commands():
+        name, key = cmd[0].decode().lower(), cmd[1].decode()
+        out.append((name, key, int(cmd[2])) if name == "expire" else (name, key))
     return out
 
 
-class _Conn:
-    def __init__(self, log: list) -> None:
-        self.log = log
-        self.unread = 0
-
-    def send_packed_command(self, chunks: list[bytes]) -> None:
-        for cmd in _commands(b"".join(chunks)):
-            name, key = cmd[0].decode().lower(), cmd[1].decode()
-            self.log.append((name, key, int(cmd[2])) if name == "expire" else (name, key))
-            self.unread += 1
-
-    def read_response(self) -> int:
-        assert self.unread > 0, "more replies read than commands sent"
-        self.unread -= 1
-        return 1
-
-    def disconnect(self) -> None:
-        pass
-
-
-class _Pool:
-    def __init__(self, log: list) -> None:
-        self.conn = _Conn(log)
-
-    def get_connection(self) -> _Conn:
-        return self.conn
-
-    def release(self, conn: _Conn) -> None:
-        assert conn.unread == 0, "connection released with replies unread"
-
-
-class _Client:
-    def __init__(self) -> None:
-        self.log: list = []
-        self.connection_pool = _Pool(self.log)
-
-
-def _store() -> RedisOnlineStore:
+def _store() -> tuple[RedisOnlineStore, FakePool]:
     st = RedisOnlineStore.__new__(RedisOnlineStore)
-    st._client, st._batch, st._expiry = _Client(), 2000, {}
-    return st
+    pool = FakePool()
+    st._pipelines, st._errors = PipelineConnections(pool), (OSError,)
+    st._batch, st._expiry = 2000, {}
+    return st, pool
 
 
 def test_expire_issued_once_per_refresh_window() -> None:
-    st = _store()
+    st, pool = _store()
     day = 86400
     w = [StateWrite("k1", "v1", b"x", day), StateWrite("k1", "v2", b"y", day),
          StateWrite("k2", "v1", b"z", day)]
-    st.write(w, {})
-    assert [e for e in st._client.log if e[0] == "expire"] == [
-        ("expire", "k1", day), ("expire", "k2", day)]
-    st._client.log.clear()
-    st.write(w, {})
-    assert not [e for e in st._client.log if e[0] == "expire"]
-    assert len([e for e in st._client.log if e[0] == "hset"]) == 3
+
+    def sent_by(call: object) -> list[tuple]:
+        before = len(_log(pool))
+        call()  # type: ignore[operator]
+        return _log(pool)[before:]
+
+    log = sent_by(lambda: st.write(w, {}))
+    assert [e for e in log if e[0] == "expire"] == [("expire", "k1", day), ("expire", "k2", day)]
+    log = sent_by(lambda: st.write(w, {}))
+    assert not [e for e in log if e[0] == "expire"]
+    assert len([e for e in log if e[0] == "hset"]) == 3
     # a much longer TTL than the one set is applied at once; past the window, refreshed
-    st._client.log.clear()
-    st.write([StateWrite("k1", "v1", b"x", 30 * day)], {})
-    assert ("expire", "k1", 30 * day) in st._client.log
+    log = sent_by(lambda: st.write([StateWrite("k1", "v1", b"x", 30 * day)], {}))
+    assert ("expire", "k1", 30 * day) in log
     st._expiry = {k: v - 1000 for k, v in st._expiry.items()}
-    st._client.log.clear()
-    st.write(w[2:], {})
-    assert ("expire", "k2", day) in st._client.log
+    log = sent_by(lambda: st.write(w[2:], {}))
+    assert ("expire", "k2", day) in log
 
 
 def test_short_ttls_always_expire() -> None:
-    st = _store()
+    st, pool = _store()
     st.write([StateWrite("k", "v", b"x", 60)], {})
     st.write([StateWrite("k", "v", b"x", 60)], {})
-    assert [e for e in st._client.log if e[0] == "expire"] == [("expire", "k", 60)] * 2
+    assert [e for e in _log(pool) if e[0] == "expire"] == [("expire", "k", 60)] * 2
+    assert pool.connects == 1 and not pool.sockets[0].pending  # every reply was read
 
 
 def test_forward_partitions_like_partition_for() -> None:
