@@ -30,11 +30,12 @@ import numpy as np
 from feature_defs.measures import MERGERS, init_state
 from feature_defs.model import AggOp
 from feature_defs.plan import RingPlan, ViewPlan
-from feature_defs.state import NO_TS, ViewState
+from feature_defs.state import NO_TS, ViewState, set_fence
 
-__all__ = ["apply_batch"]
+__all__ = ["apply_batch", "entity_codes"]
 
 _SHIFT = 40  # entity code << 40 | tile offset (tile offsets stay far below 2**40)
+_FENCE_BITS = 24  # entity code << 24 | fence key (source index << 16 | partition)
 
 
 def _group_counts(e: np.ndarray, tile: np.ndarray, weight: np.ndarray | None
@@ -57,55 +58,77 @@ def _horizon(ring_plan: RingPlan, latest: np.ndarray) -> np.ndarray:
     return latest // ring_plan.tile_ms - ring_plan.keep + 1
 
 
+def entity_codes(ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(distinct ids in first-seen order, per row the index of its id among them)."""
+    code: dict[str, int] = {}
+    codes = np.fromiter((code.setdefault(i, len(code)) for i in ids), dtype=np.int64,
+                        count=len(ids))  # fmt: skip
+    return list(code), codes
+
+
+def _advance_fences(fences: list[dict[int, int]], e: np.ndarray, fkeys: np.ndarray,
+                    pos: np.ndarray) -> np.ndarray | None:  # fmt: skip
+    """Drop rows at or before their (entity, fence key) fence (replays) and advance the
+    fences to the last row kept. Python runs per (entity, fence key) pair, not per row.
+    Returns the keep mask, or None when every row is kept."""
+    pair = (e << _FENCE_BITS) | fkeys
+    uniq, inverse = np.unique(pair, return_inverse=True)
+    ents = (uniq >> _FENCE_BITS).tolist()
+    keys = (uniq & ((1 << _FENCE_BITS) - 1)).tolist()
+    old = np.fromiter((fences[c].get(k, -1) for c, k in zip(ents, keys, strict=True)),
+                      dtype=np.int64, count=len(ents))  # fmt: skip
+    keep = pos > old[inverse]
+    new = old.copy()
+    # positions grow within (entity, fence key): the last row kept is the largest
+    np.maximum.at(new, inverse[keep], pos[keep])
+    for g in np.flatnonzero(new > old).tolist():
+        set_fence(fences[ents[g]], keys[g], int(new[g]))
+    return None if keep.all() else keep
+
+
 def apply_batch(
     plan: ViewPlan,
-    states: dict[str, ViewState],
-    ids: Sequence[str],
+    states: Sequence[ViewState],
+    codes: np.ndarray,
     ts: np.ndarray,
-    sources: Sequence[str],
+    sources: str | Sequence[str] | np.ndarray,
     fkeys: np.ndarray,
     pos: np.ndarray,
     columns: dict[str, Sequence[Any]] | None = None,
     tiebreaks: Sequence[int] | None = None,
-) -> set[str]:
-    """Apply rows to ``states`` (which must hold a state for every id); returns changed ids.
+) -> list[int]:
+    """Apply rows to entity ``states``; returns the codes of the states that changed.
 
     Args:
-        ids, ts, sources, fkeys, pos: per row the entity id, event time (int64 ms), source
-            name, fence key and fence position (see :func:`feature_defs.state.fence_key`).
+        states: one state per entity; ``codes`` gives each row's entity as an index into
+            it (see :func:`entity_codes`).
+        codes, ts, fkeys, pos: per row the entity code, event time (int64 ms), fence key
+            and fence position (see :func:`feature_defs.state.fence_key`).
+        sources: the rows' source name, or per row the source name.
         columns: per field named by the view's measures, the row values.
         tiebreaks: per row tie-break for LAST (defaults to 0).
     """
-    n = len(ids)
+    n = len(codes)
     if n == 0:
-        return set()
+        return []
     columns = columns or {}
-    code: dict[str, int] = {}
-    e_list = [code.setdefault(i, len(code)) for i in ids]
-    st_by_code = [states[i] for i in code]
-    fences = [s.fences for s in st_by_code]
-    fk_list = fkeys.tolist()
-    pos_list = pos.tolist()
-    # 1. fences: drop rows already applied (replays), advance the fences
-    keep = [pos_list[r] > fences[e_list[r]].get(fk_list[r], -1) for r in range(n)]
-    if not all(keep):
-        idx = [r for r in range(n) if keep[r]]
-        if not idx:
-            return set()
-        sel = np.asarray(idx)
-        e_list = [e_list[r] for r in idx]
-        ts = ts[sel]
-        sources = [sources[r] for r in idx]
-        fk_list = [fk_list[r] for r in idx]
-        pos_list = [pos_list[r] for r in idx]
-        columns = {k: [v[r] for r in idx] for k, v in columns.items()}
-        if tiebreaks is not None:
-            tiebreaks = [tiebreaks[r] for r in idx]
-        n = len(idx)
-    for r in range(n):  # positions grow within (entity, fence key): the last one wins
-        fences[e_list[r]][fk_list[r]] = pos_list[r]
-    e = np.asarray(e_list, dtype=np.int64)
+    st_by_code = states
+    e = np.asarray(codes, dtype=np.int64)
     ts = np.asarray(ts, dtype=np.int64)
+    # 1. fences: drop rows already applied (replays), advance the fences
+    keep = _advance_fences([s.fences for s in st_by_code], e, np.asarray(fkeys, np.int64),
+                           np.asarray(pos, np.int64))  # fmt: skip
+    if keep is not None:
+        idx = np.flatnonzero(keep)
+        if not len(idx):
+            return []
+        e, ts = e[idx], ts[idx]
+        rows_kept = idx.tolist()
+        if not isinstance(sources, str):
+            sources = np.asarray(sources, dtype=object)[idx]
+        columns = {k: [v[r] for r in rows_kept] for k, v in columns.items()}
+        if tiebreaks is not None:
+            tiebreaks = [tiebreaks[r] for r in rows_kept]
     # 2. latest event time per entity, and which rows sit at it
     old_max = np.array([s.max_ts for s in st_by_code], dtype=np.int64)
     new_max = old_max.copy()
@@ -131,13 +154,19 @@ def apply_batch(
             for slot in count_slots:
                 if pend[slot]:
                     carried[slot].append((c, st.max_ts, pend[slot]))
+            latest = int(new_max[c])
             for slot, places in others_at.items():
                 v = pend[slot]
                 if v is not None:
                     merge = MERGERS[measures[slot].op]
                     for ri, j in places:
-                        tile_ms = plan.rings[ri].tile_ms
-                        st.rings[ri].merge(j, st.max_ts // tile_ms if tile_ms else 0, v, merge)
+                        rp = plan.rings[ri]
+                        if not rp.tile_ms:
+                            st.rings[ri].merge(j, 0, v, merge)
+                            continue
+                        tile = st.max_ts // rp.tile_ms
+                        if tile > latest // rp.tile_ms - rp.keep:  # within the horizon
+                            st.rings[ri].merge(j, tile, v, merge)
         st.pending = [None] * nslots
         st.max_ts = int(new_max[c])
         st.prev_ts = int(prev[c])
@@ -145,9 +174,13 @@ def apply_batch(
     for c in np.flatnonzero(~advanced).tolist():
         st_by_code[c].prev_ts = int(prev[c])
     # 4. per measure: rows below the max go to tiles, rows at the max to pending
-    src_arr = np.asarray(sources, dtype=object)
+    src_arr = None if isinstance(sources, str) else np.asarray(sources, dtype=object)
+    everything = np.ones(len(e), dtype=bool)
     for slot, m in enumerate(measures):
-        rows = src_arr == m.source
+        if src_arr is None:
+            rows = everything if m.source == sources else ~everything
+        else:
+            rows = src_arr == m.source
         if m.op is AggOp.COUNT:
             extra = carried[slot]
             if rows.any() or extra:
@@ -156,7 +189,7 @@ def apply_batch(
         elif rows.any():
             _generic(plan, st_by_code, slot, m.op, e, ts, rows, at_max,
                      columns.get(m.field or "", None), tiebreaks, new_max)
-    return set(code)
+    return np.unique(e).tolist()
 
 
 def _counts(plan: ViewPlan, st_by_code: list[ViewState], slot: int, e: np.ndarray,

@@ -37,7 +37,7 @@ from feature_defs.measures import MERGERS, finalize_state, init_state
 from feature_defs.plan import RingPlan, ViewPlan
 
 __all__ = ["NO_TS", "Ring", "ViewState", "StateFields", "RingFields", "RingsFields",
-           "decode_fields", "fence_key", "fence_pos", "FORMAT"]  # fmt: skip
+           "decode_fields", "fence_key", "fence_pos", "set_fence", "FORMAT"]  # fmt: skip
 
 NO_TS = -(2**62)
 FORMAT = 2
@@ -68,6 +68,18 @@ def fence_key(source_idx: int, partition: int) -> int:
 
 def fence_pos(offset: int, index: int) -> int:
     return (offset << _INDEX_BITS) | index
+
+
+def set_fence(fences: dict[int, int], fkey: int, pos: int) -> None:
+    """Set the fence of ``fkey``, keeping the keys in ascending order: a state's bytes
+    then do not depend on the order in which its sources first reached it."""
+    if fkey in fences or not fences or fkey > next(reversed(fences)):
+        fences[fkey] = pos
+        return
+    fences[fkey] = pos
+    ordered = sorted(fences.items())
+    fences.clear()
+    fences.update(ordered)
 
 
 class Ring:
@@ -206,7 +218,7 @@ class ViewState:
             last = self.fences.get(fkey)
             if last is not None and pos <= last:
                 return False
-            self.fences[fkey] = pos
+            set_fence(self.fences, fkey, pos)
         feeds = self.plan.feeds.get(source, ())
         values = [
             (slot, op, init_state(op, None if fld is None or event is None else event.get(fld),

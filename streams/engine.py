@@ -106,21 +106,28 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
-def _not_repeated(ids: Sequence[str], fkeys: np.ndarray, pos: np.ndarray) -> np.ndarray | None:
+def _entity_codes(col: pa.ChunkedArray | pa.Array) -> tuple[list[str], np.ndarray]:
+    """(distinct ids, per row the index of its id among them), encoded by Arrow."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    enc = pc.dictionary_encode(col)
+    return enc.dictionary.to_pylist(), enc.indices.to_numpy().astype(np.int64)
+
+
+def _not_repeated(codes: np.ndarray, fkeys: np.ndarray, pos: np.ndarray) -> np.ndarray | None:
     """Rows to keep so that one batch applies like its messages one after another.
 
     A state's fence per (entity, fence key) holds the last applied position; rows at or
     below it are replays. Within a batch that must also hold against *earlier rows of the
     batch*: a row is dropped when an earlier row of the same (entity, fence key) had a
-    position >= its own (a replayed forward). Returns None when no row is dropped (the
-    usual case, checked vectorized), else the boolean keep mask.
+    position >= its own (a replayed forward). ``codes`` are the rows' entity codes.
+    Returns None when no row is dropped (the usual case, checked vectorized), else the
+    boolean keep mask.
     """
-    n = len(ids)
+    n = len(codes)
     if n < 2:
         return None
-    code: dict[str, int] = {}
-    ent = np.fromiter((code.setdefault(i, len(code)) for i in ids), dtype=np.int64, count=n)
-    group = ent * (int(fkeys.max()) + 1) + fkeys  # fence keys are small non-negative ints
+    group = codes * (int(fkeys.max()) + 1) + fkeys  # fence keys are small non-negative ints
     order = np.argsort(group, kind="stable")
     g, p = group[order], pos[order]
     if not ((g[1:] == g[:-1]) & (p[1:] <= p[:-1])).any():
@@ -246,9 +253,10 @@ class Engine:
             states.clear()
 
     # ---------------------------------------------------------------- processing
-    def _states_for(self, plan: ViewPlan, ids: Sequence[str]) -> dict[str, ViewState]:
+    def _states_for(self, plan: ViewPlan, keys: Sequence[str]) -> list[ViewState]:
+        """The states of the distinct ``keys`` (loaded from the store when not cached)."""
         cache = self.states[plan.view.id]
-        missing = [i for i in dict.fromkeys(ids) if i not in cache]
+        missing = [i for i in keys if i not in cache]
         if missing:
             ent = plan.view.entity.name
             blobs = self.store.load(
@@ -256,7 +264,7 @@ class Engine:
             )
             for i, blob in zip(missing, blobs, strict=True):
                 cache[i] = ViewState.decode(plan, blob) if blob else ViewState(plan)
-        return cache
+        return [cache[i] for i in keys]
 
     def _admit(self, prog: PartitionProgress, msgs: Sequence[RawMessage]) -> list[RawMessage]:
         """Messages to process: already-processed ones are skipped; a jump past the next
@@ -392,7 +400,7 @@ class Engine:
             table_k = table.filter(valid)
             part = part[np.asarray(valid.to_numpy(), dtype=bool)]
         if table_k.num_rows:
-            ids = table_k[ROUTING_KEY].to_pylist()
+            keys, codes = _entity_codes(table_k[ROUTING_KEY])
             ts_k = pc.cast(table_k["ts"], pa.int64()).to_numpy()
             pos = _positions(table_k["_offset"], table_k["_index"])
             parts = np.unique(part).tolist()
@@ -400,25 +408,27 @@ class Engine:
                 if source not in plan.feeds:
                     continue
                 idx = plan.view.sources.index(plan.view.source(source))
-                fkeys = np.empty(len(ids), dtype=np.int64)
+                fkeys = np.empty(len(codes), dtype=np.int64)
                 for p in parts:
                     fkeys[part == p] = fence_key(idx, p)
-                self._apply(plan, table_k, ids, ts_k, [source] * len(ids), fkeys, pos)
+                self._apply(plan, table_k, keys, codes, ts_k, source, fkeys, pos)
         for _, _, ts in accepted:
             self.pending_freshness.append(ts)
 
-    def _apply(self, plan: ViewPlan, table: pa.Table, ids: list[str], ts: np.ndarray,
-               sources: list[str], fkeys: np.ndarray, pos: np.ndarray) -> None:
-        states = self._states_for(plan, ids)
+    def _apply(self, plan: ViewPlan, table: pa.Table, keys: list[str], codes: np.ndarray,
+               ts: np.ndarray, sources: str | np.ndarray, fkeys: np.ndarray,
+               pos: np.ndarray) -> None:  # fmt: skip
+        """Apply ``table``'s rows (entity ``keys[codes[row]]``) to ``plan``'s states."""
+        states = self._states_for(plan, keys)
         fields = {f for s in plan.feeds for f in self.fields_of(plan, s)}
         cols = {f: table[f].to_pylist() for f in fields if f in table.column_names}
         tiebreaks = None
         if any(m.op is AggOp.LAST for m in plan.measures) and "event_id" in table.column_names:
             tiebreaks = [xxhash.xxh64_intdigest(v.encode("utf-8")) >> 1
                          for v in table["event_id"].to_pylist()]
-        changed = apply_batch(plan, states, ids, ts, sources, fkeys, pos, cols, tiebreaks)
-        self.dirty[plan.view.id].update(changed)
-        self.metrics.applied.labels(plan.view.id).inc(len(ids))
+        changed = apply_batch(plan, states, codes, ts, sources, fkeys, pos, cols, tiebreaks)
+        self.dirty[plan.view.id].update([keys[c] for c in changed])
+        self.metrics.applied.labels(plan.view.id).inc(len(codes))
 
     def _forward_rows(self, entity: str, source: str, rows: pa.Table) -> pa.Table:
         key = self.entity_key_field[entity]
@@ -461,21 +471,23 @@ class Engine:
         The same as applying message by message: rows that a replayed forward repeats
         within ``rows`` are dropped here (the state's fences only know earlier batches).
         """
-        ids = rows["entity_id"].to_pylist()
+        keys, codes = _entity_codes(rows["entity_id"])
         ts = rows["ts"].to_numpy()
-        srcs = rows["source"].to_pylist()
+        src_names, src_codes = _entity_codes(rows["source"])
+        srcs = np.asarray(src_names, dtype=object)[src_codes]
         parts = rows["src_partition"].to_numpy().astype(np.int64)
         pos = _positions(rows["src_offset"], rows["src_index"])
         for plan in self.remote[entity]:
             src_index = {s.name: n for n, s in enumerate(plan.view.sources)}
-            fkeys = (np.array([src_index.get(s, 0) for s in srcs], dtype=np.int64) << 16) | parts
-            keep = _not_repeated(ids, fkeys, pos)
+            lut = np.array([src_index.get(s, 0) for s in src_names], dtype=np.int64)
+            fkeys = (lut[src_codes] << 16) | parts
+            keep = _not_repeated(codes, fkeys, pos)
             if keep is None:
-                self._apply(plan, rows, ids, ts, srcs, fkeys, pos)
+                self._apply(plan, rows, keys, codes, ts, srcs, fkeys, pos)
             elif keep.any():
                 idx = np.flatnonzero(keep)
-                self._apply(plan, rows.take(pa.array(idx)), [ids[i] for i in idx.tolist()],
-                            ts[idx], [srcs[i] for i in idx.tolist()], fkeys[idx], pos[idx])
+                self._apply(plan, rows.take(pa.array(idx)), keys, codes[idx], ts[idx],
+                            srcs[idx], fkeys[idx], pos[idx])
         self.pending_freshness.append(ts)
 
     # ---------------------------------------------------------------- flushing

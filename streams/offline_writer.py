@@ -23,17 +23,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from feature_defs.layout import chunk_file, events_dir, view_dir
+from feature_defs.model import AggOp
 from feature_defs.plan import ViewPlan
 from headrace.errors import OfflineStoreError
 
 __all__ = ["OfflineWriter", "resolve_filesystem", "VIEW_COLUMNS"]
 
-#: columns every views/ file carries besides the measure fields
+#: columns every views/ file carries besides the measure fields; ``event_id`` only where
+#: the view has a LAST measure (its tie-break): the events/ files keep every event's id,
+#: and an id column per view costs more to encode than the rest of the file
 VIEW_COLUMNS = (
     "entity_id",
     "ts",
     "source",
-    "event_id",
     "_partition",
     "_offset",
     "_index",
@@ -126,8 +128,9 @@ class OfflineWriter:
                     "entity_id": rows[key],
                     "ts": rows["ts"],
                     "source": pa.repeat(pa.scalar(source, pa.string()), rows.num_rows),
-                    "event_id": rows["event_id"],
                 }
+                if any(m.op is AggOp.LAST for m in plan.measures):
+                    cols["event_id"] = rows["event_id"]
                 for f in fields:
                     cols[f] = rows[f]
                 for c in ("_partition", "_offset", "_index", "_ingest_ms"):

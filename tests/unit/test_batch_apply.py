@@ -8,7 +8,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from feature_defs.batch import apply_batch
+from feature_defs.batch import apply_batch, entity_codes
 from feature_defs.model import AggOp, Entity, Feature, FeatureView, Measure, Source
 from feature_defs.plan import compile_view
 from feature_defs.registry import load_registry
@@ -66,8 +66,9 @@ def _batched(plan, events, batch: int, states=None) -> dict[str, ViewState]:
         chunk = events[k:k + batch]
         for ev in chunk:
             states.setdefault(ev["user"], ViewState(plan))
+        keys, codes = entity_codes([ev["user"] for ev in chunk])
         apply_batch(
-            plan, states, [ev["user"] for ev in chunk],
+            plan, [states[k] for k in keys], codes,
             np.array([ev["ts"] for ev in chunk], dtype=np.int64),
             [ev["source"] for ev in chunk],
             np.array([fence_key(["impressions", "clicks"].index(ev["source"]), ev["part"])

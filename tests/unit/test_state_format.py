@@ -16,7 +16,7 @@ import pytest
 
 from feature_defs.plan import RingPlan
 from feature_defs.registry import load_registry
-from feature_defs.state import Ring, ViewState, decode_fields
+from feature_defs.state import Ring, ViewState, decode_fields, set_fence
 from serving.rollup import RollupProgram
 
 REG = load_registry()
@@ -139,3 +139,19 @@ def test_bytes_do_not_depend_on_shared_objects() -> None:
         states.append(st)
     assert sum(len(v) for r in states[1].rings for v in r.vals) >= 2  # shared in 2 tiles
     assert states[0].encode() == states[1].encode()
+
+
+def test_fences_keep_their_keys_in_order() -> None:
+    """Fence keys stay ascending whatever order sources first reach an entity, so equal
+    states from differently ordered batches have equal bytes."""
+    fences: dict[int, int] = {}
+    for key, pos in [(70, 1), (3, 5), (65536, 2), (3, 9), (4, 1), (70, 4)]:
+        set_fence(fences, key, pos)
+    assert list(fences.items()) == [(3, 9), (4, 1), (70, 4), (65536, 2)]
+    plan = next(p for p in REG.plans.values() if p.view.entity.name == "user")
+    a, b = ViewState(plan), ViewState(plan)
+    a.apply("impressions", T0, fkey=7, pos=1)
+    a.apply("clicks", T0 + 1, fkey=65536 | 2, pos=1)
+    b.apply("clicks", T0 + 1, fkey=65536 | 2, pos=1)
+    b.apply("impressions", T0, fkey=7, pos=1)
+    assert a.encode() == b.encode()
