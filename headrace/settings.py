@@ -291,6 +291,10 @@ class WorkerSettings(CommonSettings):
             milliseconds (a full batch is taken at once).
         offline_flush_interval_ms: Offline (Parquet) flush interval per partition in
             milliseconds (partitions are staggered across it).
+        offline_part_rows: A partition's buffered events are written as an offline part
+            as soon as they reach this many rows, before its interval is up (catching up
+            on a backlog: parts keep pace with the input, and little is left to write
+            when it ends).
         max_future_ms: Events more than this far ahead of the watermark are dead-lettered.
         fetch_max_wait_ms: Longest a fetch may wait for data (freshness vs. broker load).
         data_dir: Local state directory (Faust tables).
@@ -302,6 +306,7 @@ class WorkerSettings(CommonSettings):
     flush_min_interval_ms: int = Field(default=10, ge=1)
     take_window_ms: int = Field(default=10, ge=1)
     offline_flush_interval_ms: int = Field(default=5000, ge=1)
+    offline_part_rows: int = Field(default=20_000, ge=1)
     max_future_ms: int = Field(default=3_600_000, ge=0)
     fetch_max_wait_ms: int = Field(default=50, ge=1)
     data_dir: str = "./.headrace-worker"

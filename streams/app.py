@@ -122,6 +122,11 @@ def warm_up() -> None:
     pa.array([0])
 
 
+#: parts (of different partitions) written at once: a part's files are uploaded in
+#: parallel already, but one part at a time left a small part (a few clicks spread over
+#: many dates: many tiny files) holding up the next partition's
+OFFLINE_PARTS_IN_FLIGHT = 4
+
 #: nice increment of the offline writer threads (Linux niceness is per thread, and the
 #: threads a thread starts inherit it: the writer's own upload pool included)
 OFFLINE_NICE = 10
@@ -304,6 +309,7 @@ def run_worker(
     flush_s = settings.flush_interval_ms / 1000
     take_s = settings.take_window_ms / 1000
     offline_s = settings.offline_flush_interval_ms / 1000
+    part_rows = settings.offline_part_rows
     pacer = FlushPacer(settings.flush_min_interval_ms / 1000, flush_s)
     offline_schedule = OfflineSchedule(offline_s, settings.partitions)
     clock = {"active": time.monotonic(), "assigned": False}
@@ -311,7 +317,8 @@ def run_worker(
     # Parquet encoding and S3 uploads are background work: at a lower CPU priority they
     # cannot starve the loop that makes values fresh (the part is durable all the same)
     offline_pool = ThreadPoolExecutor(
-        1, thread_name_prefix="headrace-offline", initializer=background_priority
+        OFFLINE_PARTS_IN_FLIGHT, thread_name_prefix="headrace-offline",
+        initializer=background_priority,
     )
 
     def maybe_flush(force: bool = False) -> None:
@@ -330,15 +337,17 @@ def run_worker(
         # as full ones
         paused = time.monotonic() - clock["active"] >= flush_s
         sources = [tp for tp, prog in engine.progress.items() if prog.source is not None]
-        due = sources if force or paused else offline_schedule.due(sources, now)
+        due = sources if force or paused else list(dict.fromkeys(
+            offline_schedule.due(sources, now)
+            + [tp for tp in sources if engine.progress[tp].buffered_rows() >= part_rows]))
         if due:
             offline_schedule.detached(due, now)
             batches = engine.offline_batches(set(due))
             if batches:
                 loop = asyncio.get_running_loop()
-                offline_task["fut"] = loop.run_in_executor(
-                    offline_pool, lambda: [engine.write_offline(b) for b in batches]
-                )
+                offline_task["fut"] = asyncio.gather(*(
+                    loop.run_in_executor(offline_pool, engine.write_offline, b)
+                    for b in batches))  # fmt: skip
 
     # One agent reads every input topic, so a batch is one cycle: source messages (which
     # forward to the repartition topics at once), repartition messages, then a flush.

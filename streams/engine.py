@@ -89,6 +89,10 @@ class PartitionProgress:
     buffer: list[pa.Table] = field(default_factory=list)
     gap_seeks: int = 0  # re-seeks requested for the current gap
 
+    def buffered_rows(self) -> int:
+        """Events buffered for the next offline part."""
+        return sum(t.num_rows for t in self.buffer)
+
     def commit_mapping(self) -> dict[str, int]:
         return {"online_next": self.next, "online_wm": self.max_ts}
 
