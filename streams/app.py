@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -149,13 +149,16 @@ class OfflineSchedule:
     Every ``interval_s`` per partition, phase-shifted by partition number (partition
     ``p`` of ``partitions`` at ``(p + 1) / partitions`` of the interval): a worker's
     parts are then written one after another across the interval, not in one burst of
-    Parquet encodes and uploads that would slow the online path for its length. Times
-    are ``time.monotonic()`` seconds.
+    Parquet encodes and uploads that would slow the online path for its length. A
+    partition that has buffered ``part_rows`` events is due at once (a backlog being
+    caught up on: parts keep pace with the input). Times are ``time.monotonic()``
+    seconds.
     """
 
-    def __init__(self, interval_s: float, partitions: int) -> None:
+    def __init__(self, interval_s: float, partitions: int, part_rows: int | None = None) -> None:
         self.interval_s = interval_s
         self.partitions = max(1, partitions)
+        self.part_rows = part_rows
         self._next: dict[tuple[str, int], float] = {}
 
     def _next_at(self, tp: tuple[str, int], now: float) -> float:
@@ -165,9 +168,13 @@ class OfflineSchedule:
             at = self._next[tp] = now + self.interval_s * phase
         return at
 
-    def due(self, tps: Iterable[tuple[str, int]], now: float) -> list[tuple[str, int]]:
-        """The partitions of ``tps`` whose part is due at ``now``."""
-        return [tp for tp in tps if now >= self._next_at(tp, now)]
+    def due(self, tps: Iterable[tuple[str, int]], now: float,
+            rows: Callable[[tuple[str, int]], int] | None = None) -> list[tuple[str, int]]:
+        """The partitions of ``tps`` whose part is due at ``now``; ``rows`` gives a
+        partition's buffered events."""
+        full = self.part_rows
+        return [tp for tp in tps if now >= self._next_at(tp, now)
+                or (full is not None and rows is not None and rows(tp) >= full)]  # fmt: skip
 
     def detached(self, tps: Iterable[tuple[str, int]], now: float) -> None:
         """Record that the parts of ``tps`` were taken at ``now`` (an early one too:
@@ -309,9 +316,9 @@ def run_worker(
     flush_s = settings.flush_interval_ms / 1000
     take_s = settings.take_window_ms / 1000
     offline_s = settings.offline_flush_interval_ms / 1000
-    part_rows = settings.offline_part_rows
     pacer = FlushPacer(settings.flush_min_interval_ms / 1000, flush_s)
-    offline_schedule = OfflineSchedule(offline_s, settings.partitions)
+    offline_schedule = OfflineSchedule(offline_s, settings.partitions,
+                                       settings.offline_part_rows)
     clock = {"active": time.monotonic(), "assigned": False}
     offline_task: dict[str, asyncio.Future | None] = {"fut": None}
     # Parquet encoding and S3 uploads are background work: at a lower CPU priority they
@@ -337,9 +344,8 @@ def run_worker(
         # as full ones
         paused = time.monotonic() - clock["active"] >= flush_s
         sources = [tp for tp, prog in engine.progress.items() if prog.source is not None]
-        due = sources if force or paused else list(dict.fromkeys(
-            offline_schedule.due(sources, now)
-            + [tp for tp in sources if engine.progress[tp].buffered_rows() >= part_rows]))
+        due = sources if force or paused else offline_schedule.due(
+            sources, now, lambda tp: engine.progress[tp].buffered_rows())
         if due:
             offline_schedule.detached(due, now)
             batches = engine.offline_batches(set(due))

@@ -127,6 +127,17 @@ def test_offline_schedule_staggers_partitions_and_keeps_phase() -> None:
     assert sched.due(tps, 9.0) == tps
 
 
+def test_offline_schedule_writes_full_partitions_early() -> None:
+    sched = OfflineSchedule(4.0, 4, part_rows=100)
+    tps = [("impressions", p) for p in range(4)]
+    rows = {tps[0]: 99, tps[1]: 100, tps[2]: 5000, tps[3]: 0}
+    assert sched.due(tps, 0.0, rows.__getitem__) == tps[1:3]
+    assert sched.due(tps, 0.0) == []  # without buffer sizes: the phases only
+    sched.detached(tps[1:3], 0.0)  # early parts keep their partitions' phases
+    assert sched.due(tps, 2.0, lambda _tp: 0) == tps[:2]
+    assert OfflineSchedule(4.0, 4).due(tps, 0.0, rows.__getitem__) == []  # no size trigger
+
+
 def test_catching_up_looks_at_message_age() -> None:
     now = T0 + 60_000
     live = [RawMessage(b"x", None, "t", 0, 0, now - 50)]
