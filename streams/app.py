@@ -55,6 +55,7 @@ def build_engine(
     return Engine(
         registry=registry,
         store=RedisOnlineStore(settings.redis_url),
+        background_writes=True,
         writer=OfflineWriter(fs, root),
         sides=KafkaSideOutputs(producer_conf, settings.topic, settings.partitions),
         topic=settings.topic,
@@ -124,7 +125,8 @@ def warm_up() -> None:
 
 #: parts (of different partitions) written at once: a part's files are uploaded in
 #: parallel already, but one part at a time left a small part (a few clicks spread over
-#: many dates: many tiny files) holding up the next partition's
+#: many dates: many tiny files) holding up the next partition's, and a partition whose
+#: part was due waited for every other partition's part to finish
 OFFLINE_PARTS_IN_FLIGHT = 4
 
 #: nice increment of the offline writer threads (Linux niceness is per thread, and the
@@ -320,7 +322,9 @@ def run_worker(
     offline_schedule = OfflineSchedule(offline_s, settings.partitions,
                                        settings.offline_part_rows)
     clock = {"active": time.monotonic(), "assigned": False}
-    offline_task: dict[str, asyncio.Future | None] = {"fut": None}
+    # the part being written per source partition (one at a time per partition: its
+    # offline_next must advance in order); parts of different partitions overlap
+    offline_inflight: dict[tuple[str, int], asyncio.Future] = {}
     # Parquet encoding and S3 uploads are background work: at a lower CPU priority they
     # cannot starve the loop that makes values fresh (the part is durable all the same)
     offline_pool = ThreadPoolExecutor(
@@ -330,30 +334,28 @@ def run_worker(
 
     def maybe_flush(force: bool = False) -> None:
         now = time.monotonic()
-        if (force or pacer.due(now)) and engine.flush_online():
+        if (force or pacer.due(now)) and engine.flush_online(wait=force):
             pacer.flushed(now, time.monotonic())
-        fut = offline_task["fut"]
-        if fut is not None and not fut.done():
-            return
-        if fut is not None:
-            fut.result()  # surface an offline write error
-            offline_task["fut"] = None
+        for tp, fut in list(offline_inflight.items()):
+            if fut.done():
+                del offline_inflight[tp]
+                fut.result()  # surface an offline write error
         # input paused (the agent has had no data for flush_s since it last took or
         # processed a batch): write now. Not from the start of the last batch: a busy
         # loop is no pause, and a misfire writes tiny parts that cost the loop as much
         # as full ones
         paused = time.monotonic() - clock["active"] >= flush_s
-        sources = [tp for tp, prog in engine.progress.items() if prog.source is not None]
+        sources = [tp for tp, prog in engine.progress.items()
+                   if prog.source is not None and tp not in offline_inflight]  # fmt: skip
         due = sources if force or paused else offline_schedule.due(
             sources, now, lambda tp: engine.progress[tp].buffered_rows())
         if due:
             offline_schedule.detached(due, now)
-            batches = engine.offline_batches(set(due))
-            if batches:
-                loop = asyncio.get_running_loop()
-                offline_task["fut"] = asyncio.gather(*(
-                    loop.run_in_executor(offline_pool, engine.write_offline, b)
-                    for b in batches))  # fmt: skip
+            loop = asyncio.get_running_loop()
+            for batch in engine.offline_batches(set(due)):
+                tp = (batch[0].topic, batch[0].partition)
+                offline_inflight[tp] = loop.run_in_executor(
+                    offline_pool, engine.write_offline, batch)
 
     # One agent reads every input topic, so a batch is one cycle: source messages (which
     # forward to the repartition topics at once), repartition messages, then a flush.
@@ -461,10 +463,9 @@ def run_worker(
         consumer._headrace_seek_wrapped = True
 
     async def _drain_offline() -> None:
-        fut = offline_task["fut"]
-        if fut is not None:
+        while offline_inflight:
+            _tp, fut = offline_inflight.popitem()
             await fut
-            offline_task["fut"] = None
 
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
 
@@ -504,6 +505,7 @@ def run_worker(
         code = int(exc.code or 0)
     finally:
         offline_pool.shutdown(wait=True)
+        engine.online_writes.close()
     if stats_path:
         import json
 

@@ -48,7 +48,7 @@ from feature_defs.registry import Registry
 from feature_defs.state import NO_TS, ViewState, fence_key
 from streams.metrics import StreamMetrics
 from streams.offline_writer import OfflineWriter
-from streams.online import OnlineStore, StateWrite
+from streams.online import OnlineStore, OnlineWrites, StateWrite
 from streams.sides import SideOutputs
 
 __all__ = ["Engine", "RawMessage", "ROUTING_KEY", "PartitionProgress"]
@@ -162,6 +162,7 @@ class Engine:
         max_future_ms: int,
         metrics: StreamMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        background_writes: bool = False,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -173,6 +174,10 @@ class Engine:
         self.max_future_ms = max_future_ms
         self.metrics = metrics or StreamMetrics()
         self.clock = clock
+        self.online_writes = OnlineWrites(
+            store, background=background_writes, clock=clock,
+            observe=self.metrics.redis_write.observe,
+            failed=self.metrics.write_errors.labels("redis").inc)  # fmt: skip
         self.local: list[ViewPlan] = [
             p for p in registry.plans.values() if p.view.entity.key == ROUTING_KEY
         ]
@@ -495,8 +500,15 @@ class Engine:
         self.pending_freshness.append(ts)
 
     # ---------------------------------------------------------------- flushing
-    def flush_online(self) -> int:
-        """Write dirty states, publish side outputs, then record progress. Returns #states."""
+    def flush_online(self, wait: bool = True) -> int:
+        """Write dirty states, publish side outputs, then record progress. Returns #states.
+
+        With ``wait=False`` (and an engine made with ``background_writes``) the Redis
+        write runs in the background: its progress (``online_next``), commit time and
+        freshness are recorded by the next flush (or :meth:`finish_online`), which
+        waits for it first; one write is in flight at most.
+        """
+        self.online_writes.finish()
         writes: list[StateWrite] = []
         for plan in self.registry.plans.values():
             vid = plan.view.id
@@ -511,37 +523,38 @@ class Engine:
             )
             dirty.clear()
         self.sides.flush()  # forwards, dead letters and late events are durable first
-        commits = {
-            commit_key(self.prefix, self.group, p.topic, p.partition): p.commit_mapping()
-            for p in self.progress.values()
-            if p.next > p.online_next
-        }
+        covered = [(p, p.next) for p in self.progress.values() if p.next > p.online_next]
+        commits = {commit_key(self.prefix, self.group, p.topic, p.partition):
+                   p.commit_mapping() for p, _ in covered}  # fmt: skip
         if not writes and not commits:
             return 0
-        started = time.perf_counter()
-        try:
-            self.store.write(writes, commits)
-        except Exception:
-            self.metrics.write_errors.labels("redis").inc()
-            raise
-        self.metrics.redis_write.observe(time.perf_counter() - started)
-        for p in self.progress.values():
-            p.online_next = max(p.online_next, p.next)
-        self.stats["last_online_commit"] = self.clock()
-        self._observe_freshness()
-        self.metrics.states_cached.set(sum(len(s) for s in self.states.values()))
+        fresh, self.pending_freshness = self.pending_freshness, []
+
+        def done(at: float) -> None:
+            for p, nxt in covered:
+                p.online_next = max(p.online_next, nxt)
+            self.stats["last_online_commit"] = at
+            self._observe_freshness(fresh, at)
+            self.metrics.states_cached.set(sum(len(s) for s in self.states.values()))
+
+        self.online_writes.submit(writes, commits, done)
+        if wait:
+            self.online_writes.finish()
         return len(writes)
 
-    def _observe_freshness(self) -> None:
-        """Record freshness (now - event time) of what was just written: a uniform sample
-        of every value in arrival order (every :data:`METRIC_STRIDE`-th for the histogram,
-        every :data:`STATS_STRIDE`-th for ``stats``), so large flushes weigh as much per
-        event as small ones."""
-        if not self.pending_freshness:
+    def finish_online(self) -> None:
+        """Wait for the online write in flight, if any, and record its progress."""
+        self.online_writes.finish()
+
+    def _observe_freshness(self, pending: list[np.ndarray], at: float) -> None:
+        """Record freshness (``at``, when the write completed, - event time) of what was
+        just written: a uniform sample of every value in arrival order (every
+        :data:`METRIC_STRIDE`-th for the histogram, every :data:`STATS_STRIDE`-th for
+        ``stats``), so large flushes weigh as much per event as small ones."""
+        if not pending:
             return
-        ts = np.concatenate(self.pending_freshness)
-        self.pending_freshness.clear()
-        now_ms = self.clock() * 1000
+        ts = np.concatenate(pending)
+        now_ms = at * 1000
         first = self._freshness_seen
         self._freshness_seen += ts.size
         for lag in (now_ms - ts[(-first) % METRIC_STRIDE :: METRIC_STRIDE]).tolist():
