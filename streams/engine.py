@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -49,6 +48,14 @@ from feature_defs.state import NO_TS, ViewState, fence_key
 from streams.metrics import StreamMetrics
 from streams.offline_writer import OfflineWriter
 from streams.online import OnlineStore, OnlineWrites, StateWrite
+from streams.rows import (
+    PartitionProgress,
+    RawMessage,
+    column_codes,
+    concat,
+    not_repeated,
+    positions,
+)
 from streams.sides import SideOutputs
 
 __all__ = ["Engine", "RawMessage", "ROUTING_KEY", "PartitionProgress"]
@@ -62,88 +69,6 @@ _KIND_OF_SOURCE = {"impressions": "impression", "clicks": "click"}
 METRIC_STRIDE = 16
 STATS_STRIDE = 4
 FRESHNESS_SAMPLES_MAX = 200_000
-
-
-@dataclass(frozen=True)
-class RawMessage:
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes]] | None
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-
-
-@dataclass
-class PartitionProgress:
-    """Progress of one assigned partition (source or repartition topic)."""
-
-    topic: str
-    partition: int
-    source: str | None  # source name for source topics, None for repartition topics
-    next: int = 0  # next offset to process
-    max_ts: int = NO_TS  # max accepted event time (watermark + lateness)
-    online_next: int = 0
-    offline_next: int = 0
-    offline_wm: int = NO_TS
-    buffer: list[pa.Table] = field(default_factory=list)
-    gap_seeks: int = 0  # re-seeks requested for the current gap
-
-    def buffered_rows(self) -> int:
-        """Events buffered for the next offline part."""
-        return sum(t.num_rows for t in self.buffer)
-
-    def commit_mapping(self) -> dict[str, int]:
-        return {"online_next": self.next, "online_wm": self.max_ts}
-
-
-def _positions(offsets: Any, indexes: Any) -> np.ndarray:
-    """Fence positions (offset, index-in-message) as int64, see ``fence_pos``."""
-    off = pc.cast(offsets, pa.int64()).to_numpy()
-    idx = pc.cast(indexes, pa.int64()).to_numpy()
-    return (off << 20) | idx
-
-
-def _concat(tables: list[pa.Table]) -> pa.Table:
-    if len(tables) == 1:
-        return tables[0]
-    return pa.concat_tables(tables, promote_options="default")
-
-
-def _entity_codes(col: pa.ChunkedArray | pa.Array) -> tuple[list[str], np.ndarray]:
-    """(distinct ids, per row the index of its id among them), encoded by Arrow."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    enc = pc.dictionary_encode(col)
-    return enc.dictionary.to_pylist(), enc.indices.to_numpy().astype(np.int64)
-
-
-def _not_repeated(codes: np.ndarray, fkeys: np.ndarray, pos: np.ndarray) -> np.ndarray | None:
-    """Rows to keep so that one batch applies like its messages one after another.
-
-    A state's fence per (entity, fence key) holds the last applied position; rows at or
-    below it are replays. Within a batch that must also hold against *earlier rows of the
-    batch*: a row is dropped when an earlier row of the same (entity, fence key) had a
-    position >= its own (a replayed forward). ``codes`` are the rows' entity codes.
-    Returns None when no row is dropped (the usual case, checked vectorized), else the
-    boolean keep mask.
-    """
-    n = len(codes)
-    if n < 2:
-        return None
-    group = codes * (int(fkeys.max()) + 1) + fkeys  # fence keys are small non-negative ints
-    order = np.argsort(group, kind="stable")
-    g, p = group[order], pos[order]
-    if not ((g[1:] == g[:-1]) & (p[1:] <= p[:-1])).any():
-        return None
-    keep = np.ones(n, dtype=bool)
-    best: dict[int, int] = {}
-    for r, (gr, pr) in enumerate(zip(group.tolist(), pos.tolist(), strict=True)):
-        if pr <= best.get(gr, -1):
-            keep[r] = False
-        else:
-            best[gr] = pr
-    return keep
 
 
 class Engine:
@@ -344,7 +269,7 @@ class Engine:
             # would otherwise multiply the repartition messages (and their fixed costs).
             # Sent before the local apply and at once: the other entities' values wait
             # for this Kafka round trip
-            rows = _concat(forwards)
+            rows = concat(forwards)
             for entity in self.remote:
                 self.sides.forward(entity, self._forward_rows(entity, source, rows))
             self.sides.send()
@@ -400,7 +325,7 @@ class Engine:
     ) -> None:
         """Apply accepted rows of one source, (partition, rows, event times) per partition,
         to the views keyed by the routing key."""
-        table = _concat([t for _, t, _ in accepted])
+        table = concat([t for _, t, _ in accepted])
         part = np.repeat(np.array([p for p, _, _ in accepted], dtype=np.int64),
                          [t.num_rows for _, t, _ in accepted])
         table_k = table
@@ -409,9 +334,9 @@ class Engine:
             table_k = table.filter(valid)
             part = part[np.asarray(valid.to_numpy(), dtype=bool)]
         if table_k.num_rows:
-            keys, codes = _entity_codes(table_k[ROUTING_KEY])
+            keys, codes = column_codes(table_k[ROUTING_KEY])
             ts_k = pc.cast(table_k["ts"], pa.int64()).to_numpy()
-            pos = _positions(table_k["_offset"], table_k["_index"])
+            pos = positions(table_k["_offset"], table_k["_index"])
             parts = np.unique(part).tolist()
             for plan in self.local:
                 if source not in plan.feeds:
@@ -472,7 +397,7 @@ class Engine:
         tables = [t for t in tables if t.num_rows]
         if tables:
             # all messages at once (per message, the fixed costs dominated small batches)
-            self._apply_remote(entity, _concat(tables))
+            self._apply_remote(entity, concat(tables))
 
     def _apply_remote(self, entity: str, rows: pa.Table) -> None:
         """Apply forwarded rows, possibly from several messages, in their order.
@@ -480,17 +405,17 @@ class Engine:
         The same as applying message by message: rows that a replayed forward repeats
         within ``rows`` are dropped here (the state's fences only know earlier batches).
         """
-        keys, codes = _entity_codes(rows["entity_id"])
+        keys, codes = column_codes(rows["entity_id"])
         ts = rows["ts"].to_numpy()
-        src_names, src_codes = _entity_codes(rows["source"])
+        src_names, src_codes = column_codes(rows["source"])
         srcs = np.asarray(src_names, dtype=object)[src_codes]
         parts = rows["src_partition"].to_numpy().astype(np.int64)
-        pos = _positions(rows["src_offset"], rows["src_index"])
+        pos = positions(rows["src_offset"], rows["src_index"])
         for plan in self.remote[entity]:
             src_index = {s.name: n for n, s in enumerate(plan.view.sources)}
             lut = np.array([src_index.get(s, 0) for s in src_names], dtype=np.int64)
             fkeys = (lut[src_codes] << 16) | parts
-            keep = _not_repeated(codes, fkeys, pos)
+            keep = not_repeated(codes, fkeys, pos)
             if keep is None:
                 self._apply(plan, rows, keys, codes, ts, srcs, fkeys, pos)
             elif keep.any():
