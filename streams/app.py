@@ -43,7 +43,7 @@ __all__ = ["FlushPacer", "OfflineSchedule", "build_engine", "ensure_topics", "ru
 
 log = logging.getLogger(__name__)
 _TAKE = 1024  # messages per agent batch
-_GATHER_BYTES = 2 << 20  # most message bytes gathered into one batch while catching up
+_GATHER_BYTES = 8 << 20  # most message bytes gathered into one batch while catching up
 
 
 def build_engine(
