@@ -222,12 +222,7 @@ def _counts(plan: ViewPlan, st_by_code: list[ViewState], slot: int, e: np.ndarra
             else:
                 tiles = np.zeros_like(ts_t)
             for c, tile, cnt in zip(*_group_counts(e_r, tiles, w_r), strict=True):
-                ring = st_by_code[c].rings[ri]
-                t = ring.tiles
-                if t and t[-1] == tile:  # the newest tile (in-order traffic): one add
-                    ring.cums[k][-1] += cnt
-                else:
-                    ring.add_count(k, tile, cnt)
+                st_by_code[c].rings[ri].add_count(k, tile, cnt)
     if to_pending.any():
         codes, counts = np.unique(e[to_pending], return_counts=True)
         for c, cnt in zip(codes.tolist(), counts.tolist(), strict=True):
