@@ -112,11 +112,10 @@ def apply_batch(
     if n == 0:
         return []
     columns = columns or {}
-    st_by_code = states
     e = np.asarray(codes, dtype=np.int64)
     ts = np.asarray(ts, dtype=np.int64)
     # 1. fences: drop rows already applied (replays), advance the fences
-    keep = _advance_fences([s.fences for s in st_by_code], e, np.asarray(fkeys, np.int64),
+    keep = _advance_fences([s.fences for s in states], e, np.asarray(fkeys, np.int64),
                            np.asarray(pos, np.int64))  # fmt: skip
     if keep is not None:
         idx = np.flatnonzero(keep)
@@ -130,12 +129,12 @@ def apply_batch(
         if tiebreaks is not None:
             tiebreaks = [tiebreaks[r] for r in rows_kept]
     # 2. latest event time per entity, and which rows sit at it
-    old_max = np.array([s.max_ts for s in st_by_code], dtype=np.int64)
+    old_max = np.array([s.max_ts for s in states], dtype=np.int64)
     new_max = old_max.copy()
     np.maximum.at(new_max, e, ts)
     at_max = ts == new_max[e]
     below = ~at_max
-    prev = np.array([s.prev_ts for s in st_by_code], dtype=np.int64)
+    prev = np.array([s.prev_ts for s in states], dtype=np.int64)
     advanced = new_max > old_max
     prev = np.where(advanced & (old_max != NO_TS), np.maximum(prev, old_max), prev)
     if below.any():
@@ -148,7 +147,7 @@ def apply_batch(
     carried: dict[int, list[tuple[int, int, int]]] = {slot: [] for slot in count_slots}
     others_at = plan.others_at
     for c in np.flatnonzero(advanced).tolist():
-        st = st_by_code[c]
+        st = states[c]
         if st.max_ts != NO_TS:
             pend = st.pending
             for slot in count_slots:
@@ -172,7 +171,7 @@ def apply_batch(
         st.prev_ts = int(prev[c])
         st.compact()
     for c in np.flatnonzero(~advanced).tolist():
-        st_by_code[c].prev_ts = int(prev[c])
+        states[c].prev_ts = int(prev[c])
     # 4. per measure: rows below the max go to tiles, rows at the max to pending
     src_arr = None if isinstance(sources, str) else np.asarray(sources, dtype=object)
     everything = np.ones(len(e), dtype=bool)
@@ -184,10 +183,10 @@ def apply_batch(
         if m.op is AggOp.COUNT:
             extra = carried[slot]
             if rows.any() or extra:
-                _counts(plan, st_by_code, slot, e, ts, rows & below, rows & at_max, extra,
+                _counts(plan, states, slot, e, ts, rows & below, rows & at_max, extra,
                         new_max)
         elif rows.any():
-            _generic(plan, st_by_code, slot, m.op, e, ts, rows, at_max,
+            _generic(plan, states, slot, m.op, e, ts, rows, at_max,
                      columns.get(m.field or "", None), tiebreaks, new_max)
     return np.unique(e).tolist()
 
