@@ -29,7 +29,7 @@ import numpy as np
 
 from feature_defs.measures import MERGERS, init_state
 from feature_defs.model import AggOp
-from feature_defs.plan import RingPlan, ViewPlan
+from feature_defs.plan import ViewPlan
 from feature_defs.state import NO_TS, ViewState, set_fence
 
 __all__ = ["apply_batch", "entity_codes"]
@@ -50,12 +50,6 @@ def _group_counts(e: np.ndarray, tile: np.ndarray, weight: np.ndarray | None
         counts = np.bincount(inverse, weights=weight).astype(np.int64)  # exact below 2**53
     return ((uniq >> _SHIFT).tolist(), ((uniq & ((1 << _SHIFT) - 1)) + base).tolist(),
             counts.tolist())
-
-
-def _horizon(ring_plan: RingPlan, latest: np.ndarray) -> np.ndarray:
-    """Per entity, the oldest tile of the ring that a window as of ``T >= latest`` can
-    still reach (``ViewState.compact`` drops the tiles below it)."""
-    return latest // ring_plan.tile_ms - ring_plan.keep + 1
 
 
 def entity_codes(ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -164,7 +158,7 @@ def apply_batch(
                             st.rings[ri].merge(j, 0, v, merge)
                             continue
                         tile = st.max_ts // rp.tile_ms
-                        if tile > latest // rp.tile_ms - rp.keep:  # within the horizon
+                        if tile >= rp.horizon(latest):
                             st.rings[ri].merge(j, tile, v, merge)
         st.pending = [None] * nslots
         st.max_ts = int(new_max[c])
@@ -212,7 +206,7 @@ def _counts(plan: ViewPlan, st_by_code: list[ViewState], slot: int, e: np.ndarra
             e_r, w_r = e_t, weight
             if ring_plan.tile_ms:
                 tiles = ts_t // ring_plan.tile_ms
-                inside = tiles >= _horizon(ring_plan, new_max)[e_t]
+                inside = tiles >= ring_plan.horizon(new_max)[e_t]
                 if not inside.all():
                     e_r, tiles = e_t[inside], tiles[inside]
                     w_r = None if weight is None else weight[inside]
@@ -254,7 +248,7 @@ def _generic(plan: ViewPlan, st_by_code: list[ViewState], slot: int, op: AggOp,
              new_max: np.ndarray) -> None:
     merge = MERGERS[op]
     rings = [(ri, rp.tile_ms, rp.others.index(slot),
-              _horizon(rp, new_max).tolist() if rp.tile_ms else None)
+              rp.horizon(new_max).tolist() if rp.tile_ms else None)
              for ri, rp in enumerate(plan.rings) if slot in rp.others]  # fmt: skip
     e_l, ts_l, at_l = e.tolist(), ts.tolist(), at_max.tolist()
     idx = np.flatnonzero(rows).tolist()

@@ -9,6 +9,7 @@ with tile size 0 and a single tile.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from feature_defs.model import AggOp, Feature, FeatureView, Measure, feature_name
 from feature_defs.windows import Window
@@ -23,6 +24,12 @@ class RingPlan:
     slots: tuple[int, ...]  # measure slots (indices into ViewPlan.measures) this ring holds
     counts: tuple[int, ...] = ()  # the COUNT slots among them (prefix-summed in the state)
     others: tuple[int, ...] = ()  # the other slots (one state per tile)
+
+    def horizon(self, latest: Any) -> Any:
+        """The oldest tile a window as of any ``T >= latest`` can still reach (tiles below
+        it can be dropped); ``latest`` an int or a numpy array of them. Tiled rings only
+        (``tile_ms > 0``)."""
+        return latest // self.tile_ms - self.keep + 1
 
 
 @dataclass(frozen=True)

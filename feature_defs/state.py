@@ -259,7 +259,7 @@ class ViewState:
         for ring_plan, ring in zip(self.plan.rings, self.rings, strict=True):
             tile_ms = ring_plan.tile_ms
             tile = ts // tile_ms if tile_ms else 0
-            if check_low and tile_ms and tile < max_ts // tile_ms - ring_plan.keep + 1:
+            if check_low and tile_ms and tile < ring_plan.horizon(max_ts):
                 continue  # cannot fall inside any window as of T >= max_ts
             i = -1
             for k, slot in enumerate(ring_plan.counts):
@@ -282,7 +282,7 @@ class ViewState:
         for ring_plan, ring in zip(self.plan.rings, self.rings, strict=True):
             tiles = ring.tiles
             if tiles and ring_plan.tile_ms:
-                low = max_ts // ring_plan.tile_ms - ring_plan.keep + 1
+                low = ring_plan.horizon(max_ts)
                 if tiles[0] < low:
                     ring.evict_below(low)
 
