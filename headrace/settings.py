@@ -286,7 +286,7 @@ class WorkerSettings(CommonSettings):
             gathered into one batch.
         flush_min_interval_ms: Shortest gap between two online-store flushes in
             milliseconds (between the two bounds, flushes are spaced by their own cost,
-            see ``streams.app.FlushPacer``).
+            see ``streams.pacing.FlushPacer``).
         take_window_ms: Longest the worker waits to gather a batch of messages, in
             milliseconds (a full batch is taken at once).
         offline_flush_interval_ms: Offline (Parquet) flush interval per partition in

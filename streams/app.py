@@ -3,12 +3,12 @@
 One agent reads every source and repartition topic in short take windows
 (``take_window_ms``); each batch is one cycle: source messages (forwarding to the
 repartition topics at once), repartition messages, then an online flush when due
-(:class:`FlushPacer`). Freshness is bounded by these waits and the Kafka hop of the
+(:class:`~streams.pacing.FlushPacer`). Freshness is bounded by these waits and the Kafka hop of the
 repartitioned views, not by capacity, so the waits are short and per-batch costs are
 kept per call rather than per partition or message. While catching up on a backlog,
 take windows are gathered into larger batches (throughput). Offline parts are written
 in the background at a lower CPU priority, staggered across partitions
-(:class:`OfflineSchedule`). Faust's windowed tables are deliberately not used (they
+(:class:`~streams.pacing.OfflineSchedule`). Faust's windowed tables are deliberately not used (they
 expire by wall clock; shared/reference/feature-platforms.md §3): the engine keeps
 event-time tiles itself.
 
@@ -26,7 +26,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,9 +36,10 @@ from streams.engine import Engine, RawMessage
 from streams.metrics import StreamMetrics
 from streams.offline_writer import OfflineWriter, resolve_filesystem
 from streams.online import RedisOnlineStore
+from streams.pacing import FlushPacer, OfflineSchedule, catching_up
 from streams.sides import KafkaSideOutputs
 
-__all__ = ["FlushPacer", "OfflineSchedule", "build_engine", "ensure_topics", "run_worker"]
+__all__ = ["build_engine", "ensure_topics", "run_worker"]
 
 log = logging.getLogger(__name__)
 _TAKE = 1024  # messages per agent batch
@@ -145,79 +145,6 @@ def background_priority(increment: int = OFFLINE_NICE) -> None:
         log.debug("cannot lower the offline writer's priority", exc_info=True)
 
 
-class OfflineSchedule:
-    """When each source partition's buffered events become an offline part.
-
-    Every ``interval_s`` per partition, phase-shifted by partition number (partition
-    ``p`` of ``partitions`` at ``(p + 1) / partitions`` of the interval): a worker's
-    parts are then written one after another across the interval, not in one burst of
-    Parquet encodes and uploads that would slow the online path for its length. A
-    partition that has buffered ``part_rows`` events is due at once (a backlog being
-    caught up on: parts keep pace with the input). Times are ``time.monotonic()``
-    seconds.
-    """
-
-    def __init__(self, interval_s: float, partitions: int, part_rows: int | None = None) -> None:
-        self.interval_s = interval_s
-        self.partitions = max(1, partitions)
-        self.part_rows = part_rows
-        self._next: dict[tuple[str, int], float] = {}
-
-    def _next_at(self, tp: tuple[str, int], now: float) -> float:
-        at = self._next.get(tp)
-        if at is None:
-            phase = (tp[1] % self.partitions + 1) / self.partitions
-            at = self._next[tp] = now + self.interval_s * phase
-        return at
-
-    def due(self, tps: Iterable[tuple[str, int]], now: float,
-            rows: Callable[[tuple[str, int]], int] | None = None) -> list[tuple[str, int]]:
-        """The partitions of ``tps`` whose part is due at ``now``; ``rows`` gives a
-        partition's buffered events."""
-        full = self.part_rows
-        return [tp for tp in tps if now >= self._next_at(tp, now)
-                or (full is not None and rows is not None and rows(tp) >= full)]  # fmt: skip
-
-    def detached(self, tps: Iterable[tuple[str, int]], now: float) -> None:
-        """Record that the parts of ``tps`` were taken at ``now`` (an early one too:
-        the next stays on the partition's phase)."""
-        for tp in tps:
-            at = self._next_at(tp, now)
-            while at <= now:
-                at += self.interval_s
-            self._next[tp] = at
-
-
-class FlushPacer:
-    """When the worker writes applied state to the online store.
-
-    Freshness wants a flush right after every batch; a flush costs a Redis round trip
-    plus the encoding of every dirty state (hot ads, campaigns and publishers are dirty
-    in nearly every batch), so under load flushes are spaced by their own cost: the gap
-    between the end of one flush and the start of the next is at least ``duty`` times
-    the recent flush time (flushing takes at most ``1 / (duty + 1)`` of the loop), at
-    least ``min_s`` and at most ``max_s`` seconds. Times are ``time.monotonic()`` seconds.
-    """
-
-    def __init__(self, min_s: float, max_s: float, duty: float = 4.0) -> None:
-        self.min_s = min_s
-        self.max_s = max(min_s, max_s)
-        self.duty = duty
-        self.cost = 0.0  # moving average of recent flush durations (s)
-        self.last = time.monotonic()
-
-    def gap(self) -> float:
-        """Seconds to leave between the end of a flush and the next one."""
-        return min(self.max_s, max(self.min_s, self.duty * self.cost))
-
-    def due(self, now: float) -> bool:
-        return now - self.last >= self.gap()
-
-    def flushed(self, started: float, ended: float) -> None:
-        self.cost = 0.7 * self.cost + 0.3 * max(0.0, ended - started)
-        self.last = ended
-
-
 def _short_fetch_wait(wait_ms: int) -> None:
     """Make Faust's aiokafka consumer wait at most ``wait_ms`` per fetch.
 
@@ -240,17 +167,6 @@ def _short_fetch_wait(wait_ms: int) -> None:
             super().__init__(*args, **kwargs)
 
     faust_aiokafka.aiokafka.AIOKafkaConsumer = _Consumer
-
-
-#: a batch holding a message older than this (Kafka timestamp) is a backlog being caught
-#: up on, not live traffic
-CATCH_UP_MS = 1000
-
-
-def catching_up(msgs: Sequence[RawMessage], now_ms: float, lag_ms: int = CATCH_UP_MS) -> bool:
-    """True when some message of ``msgs`` was stamped more than ``lag_ms`` before ``now_ms``
-    (epoch ms; messages without a timestamp do not count)."""
-    return any(0 < m.timestamp_ms < now_ms - lag_ms for m in msgs)
 
 
 def _raw(event: Any) -> RawMessage:

@@ -13,9 +13,9 @@ import pytest
 from feature_defs.registry import load_registry
 from headrace.errors import OnlineStoreError
 from headrace.resp import PipelineConnections
-from streams.app import FlushPacer, OfflineSchedule, catching_up
 from streams.engine import STATS_STRIDE, Engine, RawMessage
 from streams.online import MemoryOnlineStore, RedisOnlineStore, StateWrite
+from streams.pacing import FlushPacer, OfflineSchedule, catching_up
 from streams.sides import FORWARD_ROWS, KafkaSideOutputs, MemorySideOutputs, encode_arrow
 from tests.resp_fakes import FakePool
 
