@@ -430,7 +430,7 @@ class Engine:
 
         With ``wait=False`` (and an engine made with ``background_writes``) the Redis
         write runs in the background: its progress (``online_next``), commit time and
-        freshness are recorded by the next flush (or :meth:`finish_online`), which
+        freshness are recorded by the next flush (or ``online_writes.finish()``), which
         waits for it first; one write is in flight at most.
         """
         self.online_writes.finish()
@@ -466,10 +466,6 @@ class Engine:
         if wait:
             self.online_writes.finish()
         return len(writes)
-
-    def finish_online(self) -> None:
-        """Wait for the online write in flight, if any, and record its progress."""
-        self.online_writes.finish()
 
     def _observe_freshness(self, pending: list[np.ndarray], at: float) -> None:
         """Record freshness (``at``, when the write completed, - event time) of what was

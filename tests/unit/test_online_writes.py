@@ -80,7 +80,7 @@ def test_background_flushes_equal_synchronous_ones() -> None:
     bg_store.gate.set()
     bg.flush_online(wait=False)  # records the first write's progress, starts the second
     assert prog.online_next == len(msgs[0])
-    bg.finish_online()
+    bg.online_writes.finish()
     assert bg.progress[("impressions", 1)].online_next == len(msgs[1])
     assert bg_store.hashes == sync_store.hashes and bg_store.commits == sync_store.commits
     assert bg.stats["last_online_commit"] is not None and bg.stats["freshness_ms"]
