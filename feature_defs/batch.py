@@ -32,7 +32,7 @@ from feature_defs.model import AggOp
 from feature_defs.plan import ViewPlan
 from feature_defs.state import NO_TS, ViewState, set_fence
 
-__all__ = ["apply_batch", "entity_codes"]
+__all__ = ["apply_batch"]
 
 _SHIFT = 40  # entity code << 40 | tile offset (tile offsets stay far below 2**40)
 _FENCE_BITS = 24  # entity code << 24 | fence key (source index << 16 | partition)
@@ -50,14 +50,6 @@ def _group_counts(e: np.ndarray, tile: np.ndarray, weight: np.ndarray | None
         counts = np.bincount(inverse, weights=weight).astype(np.int64)  # exact below 2**53
     return ((uniq >> _SHIFT).tolist(), ((uniq & ((1 << _SHIFT) - 1)) + base).tolist(),
             counts.tolist())
-
-
-def entity_codes(ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """(distinct ids in first-seen order, per row the index of its id among them)."""
-    code: dict[str, int] = {}
-    codes = np.fromiter((code.setdefault(i, len(code)) for i in ids), dtype=np.int64,
-                        count=len(ids))  # fmt: skip
-    return list(code), codes
 
 
 def _advance_fences(fences: list[dict[int, int]], e: np.ndarray, fkeys: np.ndarray,
@@ -95,7 +87,7 @@ def apply_batch(
 
     Args:
         states: one state per entity; ``codes`` gives each row's entity as an index into
-            it (see :func:`entity_codes`).
+            it.
         codes, ts, fkeys, pos: per row the entity code, event time (int64 ms), fence key
             and fence position (see :func:`feature_defs.state.fence_key`).
         sources: the rows' source name, or per row the source name.

@@ -8,7 +8,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from feature_defs.batch import apply_batch, entity_codes
+from feature_defs.batch import apply_batch
 from feature_defs.model import AggOp, Entity, Feature, FeatureView, Measure, Source
 from feature_defs.plan import compile_view
 from feature_defs.registry import load_registry
@@ -58,6 +58,13 @@ def _sequential(plan, events) -> dict[str, ViewState]:
                  fkey=fence_key(["impressions", "clicks"].index(ev["source"]), ev["part"]),
                  pos=fence_pos(ev["off"], 0))
     return states
+
+
+def entity_codes(ids: list[str]) -> tuple[list[str], np.ndarray]:
+    """(distinct ids in first-seen order, per row the index of its id among them)."""
+    code: dict[str, int] = {}
+    codes = np.array([code.setdefault(i, len(code)) for i in ids], dtype=np.int64)
+    return list(code), codes
 
 
 def _batched(plan, events, batch: int, states=None) -> dict[str, ViewState]:
