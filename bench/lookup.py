@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.server_child import ServerChild, bench_main, pct
-from headrace._stackproc import free_port
+from headrace.stack.proc import free_port
 
 __all__ = ["run", "main", "populate", "start_redis"]
 
@@ -67,7 +67,7 @@ def _redis_binary() -> str:
             return str(cand)
     found = shutil.which("redis-server")
     if not found:
-        from headrace.errors import MissingDependencyError
+        from headrace.core.errors import MissingDependencyError
 
         raise MissingDependencyError("redis-server is missing: pip install 'headrace[local]'")
     return found
@@ -82,7 +82,7 @@ def start_redis(workdir: str) -> tuple[subprocess.Popen[bytes], int]:
         [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", workdir],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     client = redis.Redis(port=port)
     for _ in range(200):
         try:
@@ -95,7 +95,7 @@ def start_redis(workdir: str) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def populate(redis_url: str, *, users: int, ads: int, campaigns: int, publishers: int,
-             now_ms: int, seed: int = 0) -> dict[str, int]:  # fmt: skip
+             now_ms: int, seed: int = 0) -> dict[str, int]:
     """Write full standard states built from synthetic events of the last 7 days.
 
     Users get a heavy-tailed number of impressions (median ~60, a few thousand at most),
@@ -118,7 +118,7 @@ def populate(redis_url: str, *, users: int, ads: int, campaigns: int, publishers
             ts = now_ms - int(rng.random() ** 1.5 * 7 * _DAY) - 1
             a = rng.randrange(ads)
             ev = {"user_id": f"u{u}", "ad_id": f"a{a}", "campaign_id": f"c{a % campaigns}",
-                  "publisher_id": f"p{rng.randrange(publishers)}"}  # fmt: skip
+                  "publisher_id": f"p{rng.randrange(publishers)}"}
             events.append((ts, "impressions", ev))
             if rng.random() < 0.03:
                 events.append((ts + rng.randrange(1, 30_000), "clicks", ev))
@@ -153,7 +153,7 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int = 50,
         n_1: int = 3000, n_100: int = 400, outage_s: float = 3.0, deadline_ms: float = 50.0,
-        seed: int = 0) -> dict[str, Any]:  # fmt: skip
+        seed: int = 0) -> dict[str, Any]:
     """Set up, measure and return the figures (JSON-able). See the module docstring."""
     import redis
 
@@ -170,13 +170,13 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
             t0 = time.perf_counter()
             counts = populate(url, users=users, ads=ads, campaigns=campaigns,
                               publishers=publishers, now_ms=time.time_ns() // 1_000_000,
-                              seed=seed)  # fmt: skip
+                              seed=seed)
             setup_s = time.perf_counter() - t0
             raw = redis.Redis(port=rport)
 
             def shape(entity: str, n: int) -> tuple[Any, Callable[[], Any]]:
                 ids = [f"{entity[0]}{rng.randrange(users if entity == 'user' else ads)}"
-                       for _ in range(n)]  # fmt: skip
+                       for _ in range(n)]
                 field = f"{entity}_activity@1"
                 keys = [entity_key(_PREFIX, entity, i) for i in ids]
 
@@ -216,7 +216,7 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
                 measure(srv, f"100{tag}", "user", 100, n_100)
                 measure(srv, f"100_ads{tag}", "ad", 100, n_100)
             outage = _outage(servers[-1].client, rproc, deadline_ms, outage_s,
-                             lambda: shape("user", 1)[0])  # fmt: skip
+                             lambda: shape("user", 1)[0])
         finally:
             for srv in servers:
                 srv.stop()
@@ -224,11 +224,11 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
                 rproc.kill()
             rproc.wait()
     return _result(figures, outage, counts, setup_s, n_1=n_1, n_100=n_100, users=users,
-                   ads=ads, campaigns=campaigns, publishers=publishers)  # fmt: skip
+                   ads=ads, campaigns=campaigns, publishers=publishers)
 
 
 def _result(figures: dict[str, Any], outage: dict[str, Any], counts: dict[str, int],
-            setup_s: float, **params: int) -> dict[str, Any]:  # fmt: skip
+            setup_s: float, **params: int) -> dict[str, Any]:
     f = figures
     result: dict[str, Any] = {
         "benchmark": "lookup",
@@ -241,7 +241,7 @@ def _result(figures: dict[str, Any], outage: dict[str, Any], counts: dict[str, i
             k: v
             for k, v in sorted(f.items())
             if k not in ("p50_ms_1", "p99_ms_1", "p50_ms_100", "p99_ms_100")
-        },  # fmt: skip
+        },
         **outage,
         "params": params,
         "data": {**counts, "features_per_user": 12, "features_per_ad": 6, "features_total": 20},
@@ -250,22 +250,22 @@ def _result(figures: dict[str, Any], outage: dict[str, Any], counts: dict[str, i
     }
     targets: dict[str, Any] = {"p50_ms_1_max": 1.0, "p99_ms_1_max": 1.5,
                                "p99_ms_1_floor_ratio_max": 1.5, "p99_ms_100_max": 5.0,
-                               "outage_answered_ratio_min": 1.0}  # fmt: skip
+                               "outage_answered_ratio_min": 1.0}
     for tag in ("", "_memo"):
         ratio = f[f"p99_ms_1{tag}"] / (f[f"echo_p99_ms_1{tag}"] + f[f"redis_p99_ms_1{tag}"])
         targets[f"p99_ms_1_floor_ratio{tag}"] = round(ratio, 3)
         targets[f"met{tag}"] = bool(
             f[f"p50_ms_1{tag}"] <= 1.0 and f[f"p99_ms_1{tag}"] <= 1.5 and ratio <= 1.5
             and f[f"p99_ms_100{tag}"] <= 5.0 and outage["outage_answered_ratio"] >= 1.0
-        )  # fmt: skip
+        )
     result["targets"] = targets
     return result
 
 
 def _outage(client: Any, rproc: subprocess.Popen[bytes], deadline_ms: float, outage_s: float,
-            request: Callable[[], Any]) -> dict[str, Any]:  # fmt: skip
+            request: Callable[[], Any]) -> dict[str, Any]:
     """Pause, resume, then kill Redis under load; count calls answered within the deadline."""
-    from headrace.errors import HeadraceError
+    from headrace.core.errors import HeadraceError
 
     def load(seconds: float) -> tuple[int, int, int, float]:
         calls = answered = fallback = 0

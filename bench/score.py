@@ -56,9 +56,9 @@ def train_bench_model(models_dir: Path, *, trees: int = 100, leaves: int = 31,
     import numpy as np
 
     from feature_defs.registry import load_registry
-    from offline.coldstart_model import CONTEXT_CATEGORICAL
-    from offline.evaluation import lightgbm
-    from offline.models import set_champion, write_artifact
+    from headrace.model.coldstart import CONTEXT_CATEGORICAL
+    from headrace.model.booster import lightgbm
+    from headrace.model.artifact import set_champion, write_artifact
 
     lgb = lightgbm()
     served = load_registry().feature_names()
@@ -104,7 +104,7 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
     from bench.lookup import populate, start_redis
     from feature_defs.layout import entity_key
     from feature_defs.registry import load_registry
-    from headrace.settings import ServeSettings
+    from headrace.core.settings import ServeSettings
     from serving.breaker import CircuitBreaker
     from serving.client import build_score_request
     from serving.priors import PriorsCache

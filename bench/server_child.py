@@ -32,7 +32,7 @@ def serve_child(memo_entries: int) -> None:
 
     import grpc
 
-    from headrace.settings import ServeSettings
+    from headrace.core.settings import ServeSettings
     from serving.server import build_server
 
     echo = grpc.method_handlers_generic_handler(

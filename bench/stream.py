@@ -36,7 +36,7 @@ def _progress(msg: str) -> None:
 
 
 def _produce(env: dict[str, str], events: list[dict[str, Any]], encoding: str) -> float:
-    from headrace.settings import ProducerSettings
+    from headrace.core.settings import ProducerSettings
     from streams.producer import EventProducer
 
     settings = ProducerSettings.from_env(env)
@@ -71,7 +71,7 @@ def _reference(env: dict[str, str], topics: list[str], expected: int) -> float:
     """Plain confluent consumer + json decode + dict update (same run, same events)."""
     from confluent_kafka import Consumer
 
-    from headrace.settings import WorkerSettings
+    from headrace.core.settings import WorkerSettings
 
     settings = WorkerSettings.from_env(env)
     consumer = Consumer(settings.confluent_consumer(f"bench-ref-{time.time_ns()}"))
@@ -96,55 +96,6 @@ def _reference(env: dict[str, str], topics: list[str], expected: int) -> float:
     return seen / max(1e-9, elapsed)
 
 
-class _PacedProducer:
-    """A long-lived producer of impressions stamped ts = now, as an ad server's: created
-    (connected, producer id and metadata fetched) once, then sending on a pace."""
-
-    def __init__(self, env: dict[str, str], users: int) -> None:
-        import numpy as np
-
-        from headrace.settings import ProducerSettings
-        from streams.producer import EventProducer
-
-        settings = ProducerSettings.from_env({**env, "HEADRACE_BATCH_EVENTS": "1000"})
-        self.producer = EventProducer(settings, encoding="arrow", progress=False)
-        self.users = users
-        self.rng = np.random.default_rng(7)
-        self.n = 0
-
-    def run(self, rate: int, seconds: float) -> int:
-        """Produce ``rate`` events/s for ``seconds``: every 20 ms one tick of events, each
-        stamped and then sent and acknowledged at once (Arrow envelopes per partition).
-        Returns the events sent."""
-        tick = 0.02
-        per_tick = max(1, int(rate * tick))
-        sent = 0
-        start = time.monotonic()
-        while time.monotonic() - start < seconds:
-            now_ms = int(time.time() * 1000)
-            batch = []
-            for u in self.rng.integers(0, self.users, per_tick).tolist():
-                self.n += 1
-                batch.append({"type": "impression", "event_id": f"f{self.n}", "ts": now_ms,
-                              "user_id": f"u{u}", "ad_id": f"a{u % 97}",
-                              "campaign_id": f"c{u % 13}", "publisher_id": f"p{u % 29}",
-                              "placement": "feed", "creative_type": "banner",
-                              "device_type": "mobile", "country": "US", "bid_cpm": 1.0})
-            self.producer.send_events(batch)
-            self.producer.flush()
-            sent += len(batch)
-            next_at = start + (sent / rate)
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        return sent
-
-
-def _paced(env: dict[str, str], rate: int, seconds: float, users: int) -> int:
-    """Produce ``rate`` events/s for ``seconds`` with ts = now; returns events sent."""
-    return _PacedProducer(env, users).run(rate, seconds)
-
-
 def _wait_ready(env: dict[str, str], messages: int, worker: subprocess.Popen,
                 timeout: float = 120.0) -> float:
     """Wait until the worker has joined, been assigned, and made ``messages`` source
@@ -153,7 +104,7 @@ def _wait_ready(env: dict[str, str], messages: int, worker: subprocess.Popen,
     import redis
 
     from feature_defs.layout import commit_key, repartition_topic
-    from headrace.settings import WorkerSettings
+    from headrace.core.settings import WorkerSettings
 
     s = WorkerSettings.from_env(env)
     client = redis.Redis.from_url(s.redis_url)
@@ -175,7 +126,8 @@ def _wait_ready(env: dict[str, str], messages: int, worker: subprocess.Popen,
 def run(events: int = 200_000, users: int = 20_000, single_events: int = 30_000,
         rate: int = 5000, freshness_seconds: float = 15.0, seed: int = 0) -> dict[str, Any]:
     """Run the benchmark on a fresh local stack and return its figures."""
-    from headrace.stack import local_stack
+    from headrace.stack.local import local_stack
+    from streams.live import PacedProducer
     from streams.synthetic import generate
 
     with tempfile.TemporaryDirectory(prefix="headrace-bench-") as tmp, \
@@ -214,7 +166,7 @@ def run(events: int = 200_000, users: int = 20_000, single_events: int = 30_000,
         # a few events first: the topics exist before the worker joins, and their
         # freshness shows the start-up (group join, assignment): reported apart. The same
         # producer then sends the paced window (its own start-up is no event's latency)
-        paced = _PacedProducer(env_c, users)
+        paced = PacedProducer(env_c, users)
         paced.run(50, 0.2)
         worker = subprocess.Popen(cmd, env={**os.environ, **env_c}, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)

@@ -106,7 +106,7 @@ def generate(root: str, *, rows: int, users: int, updates: int, days: int, seed:
 
 def _materialize(root: str) -> None:
     """Per (user, update time) rows of every user feature, for the DuckDB reference."""
-    from headrace.settings import OfflineSettings
+    from headrace.core.settings import OfflineSettings
     from offline.training_set import build_training_set
 
     settings = OfflineSettings.from_env({"HEADRACE_OFFLINE_URI": f"{root}/store",
@@ -131,7 +131,7 @@ def _child(side: str, root: str, repeat: int) -> dict[str, Any]:
     best, best_cpu, rows_out = float("inf"), float("inf"), -1
     for _ in range(repeat):
         if side == "ours":
-            from headrace.settings import OfflineSettings
+            from headrace.core.settings import OfflineSettings
             from offline.training_set import build_training_set
 
             settings = OfflineSettings.from_env({"HEADRACE_OFFLINE_URI": f"{root}/store",

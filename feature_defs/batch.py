@@ -39,7 +39,7 @@ _FENCE_BITS = 24  # entity code << 24 | fence key (source index << 16 | partitio
 
 
 def _group_counts(e: np.ndarray, tile: np.ndarray, weight: np.ndarray | None
-                  ) -> tuple[list[int], list[int], list[int]]:  # fmt: skip
+                  ) -> tuple[list[int], list[int], list[int]]:
     """Distinct (entity, tile) pairs with their row counts (or summed row weights)."""
     base = int(tile.min())
     keys = (e.astype(np.int64) << _SHIFT) | (tile - base)
@@ -53,7 +53,7 @@ def _group_counts(e: np.ndarray, tile: np.ndarray, weight: np.ndarray | None
 
 
 def _advance_fences(fences: list[dict[int, int]], e: np.ndarray, fkeys: np.ndarray,
-                    pos: np.ndarray) -> np.ndarray | None:  # fmt: skip
+                    pos: np.ndarray) -> np.ndarray | None:
     """Drop rows at or before their (entity, fence key) fence (replays) and advance the
     fences to the last row kept. Python runs per (entity, fence key) pair, not per row.
     Returns the keep mask, or None when every row is kept."""
@@ -62,7 +62,7 @@ def _advance_fences(fences: list[dict[int, int]], e: np.ndarray, fkeys: np.ndarr
     ents = (uniq >> _FENCE_BITS).tolist()
     keys = (uniq & ((1 << _FENCE_BITS) - 1)).tolist()
     old = np.fromiter((fences[c].get(k, -1) for c, k in zip(ents, keys, strict=True)),
-                      dtype=np.int64, count=len(ents))  # fmt: skip
+                      dtype=np.int64, count=len(ents))
     keep = pos > old[inverse]
     new = old.copy()
     # positions grow within (entity, fence key): the last row kept is the largest
@@ -102,7 +102,7 @@ def apply_batch(
     ts = np.asarray(ts, dtype=np.int64)
     # 1. fences: drop rows already applied (replays), advance the fences
     keep = _advance_fences([s.fences for s in states], e, np.asarray(fkeys, np.int64),
-                           np.asarray(pos, np.int64))  # fmt: skip
+                           np.asarray(pos, np.int64))
     if keep is not None:
         idx = np.flatnonzero(keep)
         if not len(idx):
@@ -179,7 +179,7 @@ def apply_batch(
 
 def _counts(plan: ViewPlan, st_by_code: list[ViewState], slot: int, e: np.ndarray,
             ts: np.ndarray, to_tiles: np.ndarray, to_pending: np.ndarray,
-            extra: list[tuple[int, int, int]], new_max: np.ndarray) -> None:  # fmt: skip
+            extra: list[tuple[int, int, int]], new_max: np.ndarray) -> None:
     """COUNT ``slot``: rows ``to_tiles`` (and ``extra`` (code, ts, count) rows) into
     their tiles (those within each ring's horizon of ``new_max``, the entity's latest
     event time), rows ``to_pending`` into the pending events."""
@@ -231,7 +231,7 @@ def _row_states(op: AggOp, values: Sequence[Any] | None, ts_l: list[int],
             out.append(st)
         return out
     return [init_state(op, values[r] if values is not None else None, ts_l[r],
-                       tiebreaks[r] if tiebreaks else 0) for r in idx]  # fmt: skip
+                       tiebreaks[r] if tiebreaks else 0) for r in idx]
 
 
 def _generic(plan: ViewPlan, st_by_code: list[ViewState], slot: int, op: AggOp,
@@ -241,7 +241,7 @@ def _generic(plan: ViewPlan, st_by_code: list[ViewState], slot: int, op: AggOp,
     merge = MERGERS[op]
     rings = [(ri, rp.tile_ms, rp.others.index(slot),
               rp.horizon(new_max).tolist() if rp.tile_ms else None)
-             for ri, rp in enumerate(plan.rings) if slot in rp.others]  # fmt: skip
+             for ri, rp in enumerate(plan.rings) if slot in rp.others]
     e_l, ts_l, at_l = e.tolist(), ts.tolist(), at_max.tolist()
     idx = np.flatnonzero(rows).tolist()
     for r, st_val in zip(idx, _row_states(op, values, ts_l, tiebreaks, idx), strict=True):

@@ -211,7 +211,7 @@ class ColdStartRule:
     """
 
     __slots__ = ("entity", "names", "priors", "segment", "_user", "_known", "_p_seg",
-                 "_p_glob", "_present")  # fmt: skip
+                 "_p_glob", "_present")
 
     def __init__(
         self, entity: str, names: Sequence[str], priors: Priors, segment: Segment | None

@@ -88,7 +88,7 @@ def compile_view(view: FeatureView) -> ViewPlan:
                  tuple(s for s in sorted(ring_slots[t]) if ops[s] is AggOp.COUNT),
                  tuple(s for s in sorted(ring_slots[t]) if ops[s] is not AggOp.COUNT))
         for t in tiles
-    )  # fmt: skip
+    )
     ring_index = {t: i for i, t in enumerate(tiles)}
     outputs = []
     for feat in view.features:
@@ -112,7 +112,7 @@ def compile_view(view: FeatureView) -> ViewPlan:
     ttl_ms = (ttl.days * 86_400 + ttl.seconds) * 1000 + ttl.microseconds // 1000
     others_at = {slot: tuple((ri, rp.others.index(slot)) for ri, rp in enumerate(rings)
                              if slot in rp.others)
-                 for slot in slots.values() if any(slot in rp.others for rp in rings)}  # fmt: skip
+                 for slot in slots.values() if any(slot in rp.others for rp in rings)}
     return ViewPlan(
         view=view,
         measures=tuple(slots),

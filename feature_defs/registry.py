@@ -25,7 +25,7 @@ class Registry:
 
     @classmethod
     def build(cls, views: Sequence[FeatureView]) -> Registry:
-        from headrace.errors import DefinitionError
+        from headrace.core.errors import DefinitionError
 
         problems = validate_views(views)
         if problems:
@@ -68,7 +68,7 @@ def load_registry(spec: str = DEFAULT_DEFINITIONS) -> Registry:
         DefinitionError: listing every problem with its location.
         InputError: the module or attribute cannot be found.
     """
-    from headrace.errors import InputError
+    from headrace.core.errors import InputError
 
     module_name, _, attr = spec.partition(":")
     try:

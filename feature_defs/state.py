@@ -37,7 +37,7 @@ from feature_defs.measures import MERGERS, finalize_state, init_state
 from feature_defs.plan import RingPlan, ViewPlan
 
 __all__ = ["NO_TS", "Ring", "ViewState", "StateFields", "RingFields", "RingsFields",
-           "decode_fields", "fence_key", "fence_pos", "set_fence", "FORMAT"]  # fmt: skip
+           "decode_fields", "fence_key", "fence_pos", "set_fence", "FORMAT"]
 
 NO_TS = -(2**62)
 FORMAT = 2
@@ -371,7 +371,7 @@ class ViewState:
             ints_b = ints.tobytes()
         return _FORMAT_BYTE + marshal.dumps((
             self.max_ts, self.prev_ts, self.pending, [len(r.tiles) for r in rings], ints_b,
-            [r.vals for r in rings], self.fences), _MARSHAL_VERSION)  # fmt: skip
+            [r.vals for r in rings], self.fences), _MARSHAL_VERSION)
 
     @classmethod
     def decode(cls, plan: ViewPlan, data: bytes) -> ViewState:

@@ -14,7 +14,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from headrace.errors import HeadraceError
+from headrace.core.errors import HeadraceError
 
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 

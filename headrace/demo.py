@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
-from headrace._stackproc import free_port
+from headrace.stack.proc import free_port
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -51,7 +51,7 @@ class _Runner:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                               cwd=self.workdir, check=False)
         if check and proc.returncode != 0:
-            from headrace.errors import HeadraceError
+            from headrace.core.errors import HeadraceError
 
             raise HeadraceError(f"`headrace {' '.join(args)}` failed ({proc.returncode}): "
                                 f"{proc.stderr.strip()[-1500:]}")
@@ -106,19 +106,19 @@ def _stream_step(run: _Runner, cfg: DemoConfig, summary: dict[str, Any]) -> None
 
 def _live_step(run: _Runner, cfg: DemoConfig, summary: dict[str, Any]) -> None:
     """A worker on live traffic (ts = now) to measure freshness."""
-    from bench.stream import _paced
+    from streams.live import produce_paced
 
     _say(f"live traffic at {cfg.live_rate} events/s for {cfg.live_seconds:.0f}s: freshness")
     live_env = {"HEADRACE_TOPIC_PREFIX": "live.", "HEADRACE_GROUP_ID": "demo-live",
                 "HEADRACE_REDIS_PREFIX": "hrlive"}
     stats_file = os.path.join(run.workdir, "live-stats.json")
     env = {**run.env, **live_env}
-    _paced(env, 100, 0.5, cfg.users)  # topics exist before the worker joins
+    produce_paced(env, 100, 0.5, cfg.users)  # topics exist before the worker joins
     worker = run.background("worker", "--until-idle", "10", "--stats", stats_file,
                             extra_env=live_env)
     try:
         time.sleep(6)
-        _paced(env, cfg.live_rate, cfg.live_seconds, cfg.users)
+        produce_paced(env, cfg.live_rate, cfg.live_seconds, cfg.users)
         worker.wait(timeout=120)
     finally:
         if worker.poll() is None:
@@ -172,7 +172,7 @@ def _serving_step(run: _Runner, cfg: DemoConfig, summary: dict[str, Any]) -> Non
     server = run.background("serve", "--port", str(port),
                             extra_env={"HEADRACE_MODELS_DIR": models})
     try:
-        from headrace.errors import HeadraceError
+        from headrace.core.errors import HeadraceError
         from serving.client import FeatureClient
 
         client = FeatureClient(f"127.0.0.1:{port}")
@@ -220,7 +220,7 @@ STEPS: list[tuple[str, Callable[..., None]]] = [
 
 def run_demo(cfg: DemoConfig | None = None, keep_stack: str | None = None) -> dict[str, Any]:
     """Run the demo; returns the summary. The stack is stopped on success and on error."""
-    from headrace.stack import local_stack
+    from headrace.stack.local import local_stack
 
     cfg = cfg or DemoConfig()
     summary: dict[str, Any] = {}

@@ -26,18 +26,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from headrace.errors import InputError
+from headrace.core.errors import InputError
 from offline.store import COORDINATES, OfflineStore, atomic_output
 
 if TYPE_CHECKING:
-    from headrace.settings import CommonSettings
+    from headrace.core.settings import CommonSettings
 
 __all__ = [
     "LABEL_SCHEMA",
     "label_times",
     "check_labels_schema",
-    "parse_time",
-    "parse_duration",
     "label_chunks",
     "build_labels",
     "write_labels",
@@ -54,47 +52,6 @@ LABEL_SCHEMA = pa.schema(
        pa.field("ts", pa.timestamp("ms", tz="UTC"), nullable=False),
        pa.field("label", pa.int8(), nullable=False)]
 )
-_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": _DAY_MS}
-_DURATION = re.compile(r"(\d+)(ms|s|m|h|d)")
-
-
-def parse_time(text: str) -> int:
-    """Epoch milliseconds from ``1767225600000`` or ISO-8601 with a UTC offset
-    (``2026-01-01T00:00:00Z``); a bare date means its UTC midnight.
-
-    Raises:
-        InputError: unparseable, or a date-time without a time zone.
-    """
-    value = text.strip()
-    if re.fullmatch(r"-?\d+", value):
-        return int(value)
-    try:
-        parsed = datetime.fromisoformat(value.replace("z", "Z"))
-    except ValueError:
-        raise InputError(f"cannot read '{text}' as a time; give epoch milliseconds or "
-                         "ISO-8601 such as 2026-01-01T00:00:00Z") from None
-    if parsed.tzinfo is None:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
-            parsed = parsed.replace(tzinfo=UTC)
-        else:
-            raise InputError(f"the time '{text}' has no time zone; add Z (UTC) or an offset")
-    delta = parsed - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
-
-
-def parse_duration(text: str) -> int:
-    """Milliseconds from ``30m``, ``1h30m``, ``45s``, ``500ms``, ``2d`` or bare ``1800000``.
-
-    Raises:
-        InputError: unparseable.
-    """
-    value = text.strip().lower()
-    if re.fullmatch(r"\d+", value):
-        return int(value)
-    parts = _DURATION.findall(value)
-    if not parts or "".join(n + u for n, u in parts) != value:
-        raise InputError(f"cannot read '{text}' as a duration; use e.g. 30m, 1h, 45s, 500ms")
-    return sum(int(n) * _UNITS[u] for n, u in parts)
 
 
 def label_times(ts: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -42,10 +42,10 @@ from feature_defs.model import AggOp, FeatureView, feature_name
 from feature_defs.plan import OutputPlan
 from feature_defs.registry import Registry
 from feature_defs.windows import to_ms
-from headrace.errors import OnlineStoreError
+from headrace.core.errors import OnlineStoreError
 
 if TYPE_CHECKING:
-    from headrace.settings import CommonSettings
+    from headrace.core.settings import CommonSettings
 
 __all__ = ["compute_priors", "read_priors_input", "build_priors", "write_priors", "DEFAULTS"]
 
@@ -85,7 +85,7 @@ def _user_segments(imps: pa.Table, min_users: int) -> dict[str, Segment]:
                         pc.and_(pc.is_valid(imps["country"]), pc.is_valid(imps["device_type"]))))
         .group_by(["user_id", "country", "device_type"], use_threads=False)
         .aggregate([([], "count_all")])
-    )  # fmt: skip
+    )
     best: dict[str, tuple[int, Segment]] = {}
     columns = [counts[k].to_pylist() for k in ("user_id", "country", "device_type", "count_all")]
     for u, c, d, n in zip(*columns, strict=True):
@@ -107,11 +107,11 @@ class _ViewData:
         self.sources = {s.name: tables[s.kind] for s in view.sources}
         names = list(self.sources)
         cols = [self.sources[n].column(key) if self.sources[n].num_rows else
-                pa.chunked_array([], pa.string()) for n in names]  # fmt: skip
+                pa.chunked_array([], pa.string()) for n in names]
         codes, self.keys = _codes(cols)
         self.code = dict(zip(names, codes, strict=True))
         self.ts = {n: _np_ts(self.sources[n]) if self.sources[n].num_rows else
-                   np.zeros(0, np.int64) for n in names}  # fmt: skip
+                   np.zeros(0, np.int64) for n in names}
 
     def active_pairs(self, bucket_ms: int) -> np.ndarray:
         """Unique (code, bucket) pairs of any source, packed into int64."""
@@ -139,18 +139,18 @@ def _segment_index(
     seg_list = sorted(set(segments.values()))
     number = {s: i for i, s in enumerate(seg_list)}
     idx = np.array([number.get(segments.get(k, ("", "")), -1) if k is not None else -1
-                    for k in data.keys], dtype=np.int64)  # fmt: skip
+                    for k in data.keys], dtype=np.int64)
     return idx, seg_list
 
 
 def _per_segment(values_codes: np.ndarray, seg_of: np.ndarray, n_seg: int,
-                 weights: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+                 weights: np.ndarray | None = None) -> np.ndarray:
     if n_seg == 0 or values_codes.size == 0:
         return np.zeros(n_seg)
     seg = seg_of[values_codes]
     ok = seg >= 0
     return np.bincount(seg[ok], weights=None if weights is None else weights[ok],
-                       minlength=n_seg)  # fmt: skip
+                       minlength=n_seg)
 
 
 def compute_priors(
@@ -190,7 +190,7 @@ def compute_priors(
                     per_seg.setdefault(seg_list[i], {})[out.name] = v
     info = {"smoothing": smoothing, "min_segment_users": min_segment_users,
             "impressions": impressions.num_rows, "clicks": clicks.num_rows,
-            "users_with_segment": len(segments), **(meta or {})}  # fmt: skip
+            "users_with_segment": len(segments), **(meta or {})}
     return Priors(glob, per_seg, computed_at_ms=computed_at_ms, meta=info)
 
 
@@ -203,7 +203,7 @@ def _output_prior(
     smoothing: float,
 ) -> tuple[float | None, list[float | None]] | None:
     feat = next(f for f in view.features for w in f.windows
-                if feature_name(view.entity.name, f.name, w) == out.name)  # fmt: skip
+                if feature_name(view.entity.name, f.name, w) == out.name)
     segs: list[float | None] = [None] * n_seg
     if out.is_ratio:
         if out.ops != (AggOp.COUNT, AggOp.COUNT):
@@ -218,7 +218,7 @@ def _output_prior(
             ns = _per_segment(num, seg_of, n_seg)
             ds_ = _per_segment(den, seg_of, n_seg)
             segs = [float((ns[i] + smoothing * g) / (ds_[i] + smoothing)) if ds_[i] else None
-                    for i in range(n_seg)]  # fmt: skip
+                    for i in range(n_seg)]
         return g, segs
     op = out.ops[0]
     if op not in (AggOp.COUNT, AggOp.APPROX_DISTINCT):
@@ -247,7 +247,7 @@ def _output_prior(
     packed = data._pack(m.source, bucket_ms)
     good = v >= 0
     uniq = np.unique(np.stack([packed[good], v[good]], axis=1), axis=0) if good.any() else \
-        np.zeros((0, 2), np.int64)  # fmt: skip
+        np.zeros((0, 2), np.int64)
     g = uniq.shape[0] / pairs.size
     if seg_of is not None:
         dist_s = _per_segment(uniq[:, 0] >> 32, seg_of, n_seg)
@@ -276,7 +276,7 @@ def read_priors_input(
 def _ensure(table: pa.Table, columns: tuple[str, ...]) -> pa.Table:
     if table.num_columns == 0:  # nothing in the range
         return pa.table({"ts": pa.array([], pa.int64()),
-                         **{c: pa.array([], pa.string()) for c in columns}})  # fmt: skip
+                         **{c: pa.array([], pa.string()) for c in columns}})
     return table
 
 
@@ -297,7 +297,7 @@ def build_priors(
     return compute_priors(
         registry, imps, clicks, smoothing=smoothing, min_segment_users=min_segment_users,
         computed_at_ms=now, meta={"until_ms": until, "days": days},
-    )  # fmt: skip
+    )
 
 
 def write_priors(settings: CommonSettings, priors: Priors) -> str:

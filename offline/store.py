@@ -35,10 +35,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from feature_defs.layout import events_dir, view_dir
-from headrace.errors import InputError, OfflineStoreError
+from headrace.core.errors import InputError, OfflineStoreError
 
 if TYPE_CHECKING:
-    from headrace.settings import CommonSettings
+    from headrace.core.settings import CommonSettings
 
 __all__ = [
     "OfflineStore",

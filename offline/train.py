@@ -36,34 +36,31 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feature_defs.registry import Registry, load_registry
-from headrace.errors import InputError
-from offline.coldstart_model import ColdStartModel, save_coldstart, train_coldstart
+from headrace.core.errors import InputError
+from headrace.model.coldstart import ColdStartModel, save_coldstart
+from offline.coldstart_model import train_coldstart
+from headrace.model.booster import lightgbm
 from offline.evaluation import (
     CalibrationBin,
     Metrics,
     TimeSplit,
     evaluate,
     fit_booster,
-    lightgbm,
     time_split,
 )
-from offline.models import (
-    DEFAULT_POLICY,
-    ChampionRef,
-    GateDecision,
-    GatePolicy,
+from headrace.model.artifact import (
     ModelLoadError,
     champion_version,
-    decide,
     load_model,
     registry_lock,
     set_champion,
     write_artifact,
 )
+from offline.models import DEFAULT_POLICY, ChampionRef, GateDecision, GatePolicy, decide
 from offline.training_set import label_times
 
 if TYPE_CHECKING:
-    from headrace.settings import CommonSettings
+    from headrace.core.settings import CommonSettings
 
 __all__ = ["SEARCH_GRID", "BASE_PARAMS", "TrainResult", "served_features", "feature_matrix",
            "label_vector", "search", "champion_ref", "train", "read_training_set"]

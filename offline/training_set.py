@@ -31,13 +31,13 @@ from feature_defs.model import AggOp
 from feature_defs.plan import OutputPlan, ViewPlan
 from feature_defs.registry import Registry, load_registry
 from feature_defs.validate import STRING_FIELDS
-from headrace.errors import InputError
+from headrace.core.errors import InputError
 from offline.asof import ViewRows, evaluate_view, is_int_output, read_bounds
 from offline.labels import check_labels_schema, label_times
 from offline.store import OfflineStore, atomic_output, merge_by_row, resolve_uri
 
 if TYPE_CHECKING:
-    from headrace.settings import OfflineSettings
+    from headrace.core.settings import OfflineSettings
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS",

@@ -7,9 +7,9 @@
                               context={"country": "US", "device_type": "mobile"})
         ranked[0]["ad_id"], ranked[0]["p_ctr"], ranked[0]["ecpm"]
 
-Errors: INVALID_ARGUMENT becomes :class:`~headrace.errors.InvalidArgument` (with the
+Errors: INVALID_ARGUMENT becomes :class:`~headrace.core.errors.InvalidArgument` (with the
 field the server named); an unreachable server or an expired deadline becomes
-:class:`~headrace.errors.BackendError`.
+:class:`~headrace.core.errors.BackendError`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Any
 
 import grpc
 
-from headrace.errors import BackendError, InvalidArgument
-from proto.headrace.v1 import features_pb2 as pb
-from proto.headrace.v1 import features_pb2_grpc as pb_grpc
-from proto.headrace.v1 import scoring_pb2 as spb
-from proto.headrace.v1 import scoring_pb2_grpc as spb_grpc
+from headrace.core.errors import BackendError, InvalidArgument
+from headrace.api.v1 import features_pb2 as pb
+from headrace.api.v1 import features_pb2_grpc as pb_grpc
+from headrace.api.v1 import scoring_pb2 as spb
+from headrace.api.v1 import scoring_pb2_grpc as spb_grpc
 
 __all__ = ["FeatureClient", "EntityFeatures", "OnlineFeatures", "build_request",
            "build_score_request", "ranked_candidates", "CONTEXT_FIELDS"]
@@ -77,7 +77,7 @@ class OnlineFeatures:
                 )
             )
         return cls(entity_type, names, resp.as_of_ms,
-                   pb.FallbackReason.Name(resp.fallback_reason), entities)  # fmt: skip
+                   pb.FallbackReason.Name(resp.fallback_reason), entities)
 
     def to_json_lines(self) -> list[dict[str, Any]]:
         """One JSON-ready object per entity."""
@@ -171,7 +171,7 @@ class FeatureClient:
     ) -> OnlineFeatures:
         """Online features of ``ids`` (see :func:`build_request` for the arguments)."""
         req = build_request(entity_type, ids, features, feature_set, as_of_ms, country,
-                            device_type)  # fmt: skip
+                            device_type)
         return OnlineFeatures.from_pb(entity_type, self.get_pb(req, timeout_s))
 
     def score_pb(

@@ -25,7 +25,7 @@ from typing import Any
 __all__ = ["ServingMetrics", "metrics", "start_metrics_server"]
 
 _BUCKETS = (0.0002, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02,
-            0.05, 0.1, 0.25, 1.0)  # fmt: skip
+            0.05, 0.1, 0.25, 1.0)
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def metrics() -> ServingMetrics:
                 priors_errors=Counter(
                     "headrace_serving_priors_refresh_errors_total",
                     "failed refreshes of the in-process priors"),
-            )  # fmt: skip
+            )
         return _metrics
 
 

@@ -31,10 +31,10 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from feature_defs.registry import Registry
-from headrace.errors import InputError
-from offline.coldstart_model import CONTEXT_CATEGORICAL, ColdStartModel
-from offline.evaluation import lightgbm
-from offline.models import LoadedModel, ModelLoadError, champion_version, load_model
+from headrace.core.errors import InputError
+from headrace.model.coldstart import CONTEXT_CATEGORICAL, ColdStartModel
+from headrace.model.booster import lightgbm
+from headrace.model.artifact import LoadedModel, ModelLoadError, champion_version, load_model
 from serving.reader import ReadPlan, compile_read_plan
 
 __all__ = ["TIME_FEATURES", "BID_FEATURE", "PER_CANDIDATE_KEYS", "EntityPart", "ScoringModel",
@@ -186,9 +186,9 @@ class ModelWatcher(Generic[T]):
     Args:
         models_dir: the models folder (``MODELS_DIR``).
         prepare: turns a loaded version into what requests use (compile + warm up);
-            raises :class:`~headrace.errors.InputError` when it cannot be served.
+            raises :class:`~headrace.core.errors.InputError` when it cannot be served.
         poll_s: seconds between polls of ``CHAMPION``.
-        load: loads one version (default :func:`offline.models.load_model`).
+        load: loads one version (default :func:`headrace.model.artifact.load_model`).
         on_swap: called with (new, old) after each swap (metrics).
         on_error: called with the message of each failed load (metrics).
     """

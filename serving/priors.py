@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from feature_defs.coldstart import Priors
 from feature_defs.layout import priors_key
-from headrace.errors import OnlineStoreError
+from headrace.core.errors import OnlineStoreError
 from serving.metrics import metrics
 from serving.store import OnlineStore
 

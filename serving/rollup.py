@@ -55,7 +55,7 @@ class RollupProgram:
     """
 
     __slots__ = ("plan", "names", "defaults", "_groups", "_init", "_finalize", "_ratios",
-                 "_pick", "_ttl")  # fmt: skip
+                 "_pick", "_ttl")
 
     def __init__(self, plan: ViewPlan, outputs: Sequence[int]) -> None:
         self.plan = plan

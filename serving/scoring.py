@@ -9,7 +9,7 @@ out in the booster's feature order and ALL rows are scored by ONE single-threade
 LightGBM call; candidates are ranked by eCPM = pCTR × bid_cpm × 1000 (ties keep request
 order).
 
-Failure behaviour: a malformed request raises :class:`~headrace.errors.InvalidArgument`
+Failure behaviour: a malformed request raises :class:`~headrace.core.errors.InvalidArgument`
 naming the field (``candidates[3].bid_cpm``); no servable model raises
 :class:`ModelUnavailable` (FAILED_PRECONDITION). A failing online store is never an RPC
 error: Redis errors, a read over ``redis_budget_ms`` and an open breaker (the breaker
@@ -35,10 +35,10 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from feature_defs.coldstart import ColdStartRule, Priors, Tier, fallback_values
 from feature_defs.layout import entity_id_problem
 from feature_defs.registry import Registry
-from headrace.errors import HeadraceError, InvalidArgument, OnlineStoreError
-from offline.coldstart_model import context_time
-from proto.headrace.v1 import features_pb2 as pb
-from proto.headrace.v1 import scoring_pb2 as spb
+from headrace.core.errors import HeadraceError, InvalidArgument, OnlineStoreError
+from headrace.model.coldstart import context_time
+from headrace.api.v1 import features_pb2 as pb
+from headrace.api.v1 import scoring_pb2 as spb
 from serving.breaker import CircuitBreaker
 from serving.metrics import metrics
 from serving.model_loader import EntityPart, ModelWatcher, ScoringModel
@@ -336,7 +336,7 @@ class ScoringService:
         if rule is None or rule.priors is not priors:
             # without a history feature, users follow the rule of the other entities
             entity = plan.entity if plan.history is not None or plan.entity != "user" \
-                else "user/no-history"  # fmt: skip
+                else "user/no-history"
             rule = ColdStartRule(entity, plan.names, priors, key[2])
             if len(self._rules) >= 4096:
                 self._rules.clear()
@@ -395,7 +395,7 @@ class ScoringService:
         defaults = dict(zip(plan.names, plan.defaults, strict=True))
         vals, tier = fallback_values(plan.entity, defaults, priors, segment)
         return np.array([[vals[name] for name in plan.names]], dtype=np.float64), \
-            np.array([int(tier)])  # fmt: skip
+            np.array([int(tier)])
 
     @staticmethod
     def _context_columns(model: ScoringModel, inp: ScoreInput, x: np.ndarray) -> None:

@@ -21,12 +21,12 @@ from typing import Any
 import grpc
 
 from feature_defs.registry import Registry, load_registry
-from headrace.errors import BackendError, HeadraceError
-from headrace.settings import ServeSettings
-from proto.headrace.v1 import features_pb2 as pb
-from proto.headrace.v1 import features_pb2_grpc as pb_grpc
-from proto.headrace.v1 import scoring_pb2 as spb
-from proto.headrace.v1 import scoring_pb2_grpc as spb_grpc
+from headrace.core.errors import BackendError, HeadraceError
+from headrace.core.settings import ServeSettings
+from headrace.api.v1 import features_pb2 as pb
+from headrace.api.v1 import features_pb2_grpc as pb_grpc
+from headrace.api.v1 import scoring_pb2 as spb
+from headrace.api.v1 import scoring_pb2_grpc as spb_grpc
 from serving.breaker import CircuitBreaker
 from serving.metrics import metrics
 from serving.priors import PriorsCache
@@ -205,7 +205,7 @@ def build_server(
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    from headrace.errors import InputError
+    from headrace.core.errors import InputError
 
     registry = registry or load_registry()
     store = store or RedisOnlineStore(settings.redis_url, timeout_ms=settings.redis_budget_ms)
@@ -213,7 +213,7 @@ def build_server(
     breaker = CircuitBreaker(
         settings.breaker_failures, settings.breaker_reset_s,
         on_change=lambda s: m.breaker_state.set(int(s)),
-    )  # fmt: skip
+    )
     m.breaker_state.set(int(breaker.state))
     priors = PriorsCache(store, settings.redis_prefix, settings.priors_refresh_s)
     kwargs: dict[str, Any] = {} if clock_ms is None else {"clock_ms": clock_ms}
@@ -231,7 +231,7 @@ def build_server(
         registry, reader, priors, breaker,
         model_watcher(settings.models_dir, registry, model_poll_s),
         budget_ms=settings.redis_budget_ms, **kwargs,
-    )  # fmt: skip
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=(ErrorInterceptor(),),

@@ -1,7 +1,7 @@
 """``FeatureService.GetOnlineFeatures``: validate, read once, roll up, cold start, answer.
 
 Failure behaviour: a request that is malformed raises
-:class:`~headrace.errors.InvalidArgument` naming the field (the server interceptor
+:class:`~headrace.core.errors.InvalidArgument` naming the field (the server interceptor
 turns it into INVALID_ARGUMENT). A failing online store is never an RPC error: Redis
 errors, a read slower than ``redis_budget_ms`` and an open circuit breaker all answer
 from the in-process priors with status FALLBACK (``fallback_reason`` says why).
@@ -17,8 +17,8 @@ from typing import Any
 from feature_defs.coldstart import ColdStartRule, Priors, Status, Tier, fallback_values
 from feature_defs.layout import entity_id_problem
 from feature_defs.registry import Registry
-from headrace.errors import InvalidArgument, OnlineStoreError
-from proto.headrace.v1 import features_pb2 as pb
+from headrace.core.errors import InvalidArgument, OnlineStoreError
+from headrace.api.v1 import features_pb2 as pb
 from serving.breaker import CircuitBreaker
 from serving.metrics import metrics
 from serving.priors import PriorsCache
@@ -31,7 +31,7 @@ ALL_FEATURES = "all"
 _NAN = math.nan
 _PLAN_CACHE_MAX = 4096
 _REASONS = {name: pb.FallbackReason.Value(name) for name in
-            ("NONE", "REDIS_ERROR", "BUDGET_EXCEEDED", "BREAKER_OPEN")}  # fmt: skip
+            ("NONE", "REDIS_ERROR", "BUDGET_EXCEEDED", "BREAKER_OPEN")}
 
 
 class OnlineFeatureService:
@@ -238,7 +238,7 @@ class OnlineFeatureService:
         if rule is None or rule.priors is not priors:
             # without a history feature, users follow the rule of the other entities
             entity = plan.entity if plan.history is not None or plan.entity != "user" \
-                else "user/no-history"  # fmt: skip
+                else "user/no-history"
             rule = ColdStartRule(entity, plan.names, priors, segment)
             if len(self._rules) >= _PLAN_CACHE_MAX:
                 self._rules.clear()

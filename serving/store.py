@@ -6,7 +6,7 @@ Interface (:class:`OnlineStore`), three methods:
 * ``get(key)``: one string value (the priors document);
 * ``close()``.
 
-Both raise :class:`~headrace.errors.OnlineStoreError` when the store cannot answer.
+Both raise :class:`~headrace.core.errors.OnlineStoreError` when the store cannot answer.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from headrace.errors import OnlineStoreError, missing_extra
-from headrace.resp import PipelineConnections, hiredis, pack_hmget
+from headrace.core.errors import OnlineStoreError, missing_extra
+from headrace.core.resp import PipelineConnections, hiredis, pack_hmget
 
 __all__ = ["OnlineStore", "RedisOnlineStore", "FakeOnlineStore", "pack_hmget"]
 
@@ -82,7 +82,7 @@ class RedisOnlineStore:
             socket_connect_timeout=timeout,
             max_connections=max_connections,
             retry=None,
-        ))  # fmt: skip
+        ))
         # the priors document is read in the background, not under the request budget
         self._client = redis.Redis.from_url(
             url,

@@ -31,7 +31,7 @@ from typing import Any
 
 from feature_defs.registry import Registry
 from feature_defs.state import NO_TS
-from headrace.settings import WorkerSettings
+from headrace.core.settings import WorkerSettings
 from streams.engine import Engine, RawMessage
 from streams.metrics import StreamMetrics
 from streams.offline_writer import OfflineWriter, resolve_filesystem
@@ -72,7 +72,7 @@ def ensure_topics(settings: WorkerSettings, topics: list[str]) -> None:
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from headrace.errors import BrokerError
+    from headrace.core.errors import BrokerError
 
     admin = AdminClient(settings.confluent_admin())
     try:
@@ -200,7 +200,7 @@ def run_worker(
         import faust
         from faust.types import TP
     except ImportError as exc:  # pragma: no cover - dependency guard
-        from headrace.errors import missing_extra
+        from headrace.core.errors import missing_extra
 
         raise missing_extra("faust-streaming", "stream") from exc
 
@@ -262,7 +262,7 @@ def run_worker(
         # as full ones
         paused = time.monotonic() - clock["active"] >= flush_s
         sources = [tp for tp, prog in engine.progress.items()
-                   if prog.source is not None and tp not in offline_inflight]  # fmt: skip
+                   if prog.source is not None and tp not in offline_inflight]
         due = sources if force or paused else offline_schedule.due(
             sources, now, lambda tp: engine.progress[tp].buffered_rows())
         if due:

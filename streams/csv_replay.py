@@ -60,7 +60,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import csv as pacsv
 
-from headrace.errors import InputError
+from headrace.core.errors import InputError
 
 __all__ = ["MAPPINGS", "CsvMapping", "CsvReplay", "load_csv", "iter_csv_events",
            "csv_training_rows"]

@@ -102,7 +102,7 @@ class Engine:
         self.online_writes = OnlineWrites(
             store, background=background_writes, clock=clock,
             observe=self.metrics.redis_write.observe,
-            failed=self.metrics.write_errors.labels("redis").inc)  # fmt: skip
+            failed=self.metrics.write_errors.labels("redis").inc)
         self.local: list[ViewPlan] = [
             p for p in registry.plans.values() if p.view.entity.key == ROUTING_KEY
         ]
@@ -351,7 +351,7 @@ class Engine:
 
     def _apply(self, plan: ViewPlan, table: pa.Table, keys: list[str], codes: np.ndarray,
                ts: np.ndarray, sources: str | np.ndarray, fkeys: np.ndarray,
-               pos: np.ndarray) -> None:  # fmt: skip
+               pos: np.ndarray) -> None:
         """Apply ``table``'s rows (entity ``keys[codes[row]]``) to ``plan``'s states."""
         states = self._states_for(plan, keys)
         fields = {f for s in plan.feeds for f in self.fields_of(plan, s)}
@@ -450,7 +450,7 @@ class Engine:
         self.sides.flush()  # forwards, dead letters and late events are durable first
         covered = [(p, p.next) for p in self.progress.values() if p.next > p.online_next]
         commits = {commit_key(self.prefix, self.group, p.topic, p.partition):
-                   p.commit_mapping() for p, _ in covered}  # fmt: skip
+                   p.commit_mapping() for p, _ in covered}
         if not writes and not commits:
             return 0
         fresh, self.pending_freshness = self.pending_freshness, []

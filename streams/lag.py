@@ -32,7 +32,7 @@ def consumer_lag(consumer_config: dict[str, Any], group: str, topics: list[str],
     """Lag of ``group`` on every partition of ``topics`` (committed offsets from Kafka)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-    from headrace.errors import BrokerError
+    from headrace.core.errors import BrokerError
 
     conf = {**consumer_config, "group.id": group, "enable.auto.commit": False,
             "enable.partition.eof": True}

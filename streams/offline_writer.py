@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from feature_defs.layout import chunk_file, events_dir, view_dir
 from feature_defs.model import AggOp
 from feature_defs.plan import ViewPlan
-from headrace.errors import OfflineStoreError
+from headrace.core.errors import OfflineStoreError
 
 __all__ = ["OfflineWriter", "resolve_filesystem", "VIEW_COLUMNS"]
 

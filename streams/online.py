@@ -14,8 +14,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from headrace.errors import OnlineStoreError
-from headrace.resp import PipelineConnections, pack
+from headrace.core.errors import OnlineStoreError
+from headrace.core.resp import PipelineConnections, pack
 
 __all__ = ["StateWrite", "OnlineStore", "OnlineWrites", "RedisOnlineStore", "MemoryOnlineStore"]
 
@@ -41,7 +41,7 @@ class OnlineStore(Protocol):
 
 class RedisOnlineStore:
     """The Redis backend: pipelines packed by hand and their replies read with hiredis
-    (:mod:`headrace.resp`), one connection per thread (the offline writer's thread
+    (:mod:`headrace.core.resp`), one connection per thread (the offline writer's thread
     records its progress beside the loop's flushes)."""
 
     #: an EXPIRE is re-issued for a key only when the expiry it last set (tracked in
@@ -54,12 +54,12 @@ class RedisOnlineStore:
         try:
             import redis
         except ImportError as exc:  # pragma: no cover - dependency guard
-            from headrace.errors import missing_extra
+            from headrace.core.errors import missing_extra
 
             raise missing_extra("redis", "stream") from exc
         self._client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
         self._pipelines = PipelineConnections(redis.ConnectionPool.from_url(
-            url, socket_timeout=30, socket_connect_timeout=5))  # fmt: skip
+            url, socket_timeout=30, socket_connect_timeout=5))
         self._errors = (OSError, redis.exceptions.RedisError, *self._pipelines.errors)
         self._batch = batch
         self._expiry: dict[str, float] = {}  # key -> monotonic time its TTL runs out
@@ -169,7 +169,7 @@ class OnlineWrites:
     def __init__(self, store: OnlineStore, *, background: bool = False,
                  clock: Callable[[], float] = time.time,
                  observe: Callable[[float], None] | None = None,
-                 failed: Callable[[], None] | None = None) -> None:  # fmt: skip
+                 failed: Callable[[], None] | None = None) -> None:
         self.store = store
         self.clock = clock
         self.observe = observe  # seconds each write took
@@ -179,7 +179,7 @@ class OnlineWrites:
         self._inflight: tuple[Future[float], Callable[[float], None]] | None = None
 
     def _write(self, states: Sequence[StateWrite], commits: Mapping[str, Mapping[str, int]]
-               ) -> float:  # fmt: skip
+               ) -> float:
         started = time.perf_counter()
         try:
             self.store.write(states, commits)
@@ -192,7 +192,7 @@ class OnlineWrites:
         return self.clock()
 
     def submit(self, states: Sequence[StateWrite], commits: Mapping[str, Mapping[str, int]],
-               done: Callable[[float], None]) -> None:  # fmt: skip
+               done: Callable[[float], None]) -> None:
         self.finish()
         if self._pool is None:
             done(self._write(states, commits))

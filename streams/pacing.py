@@ -43,7 +43,7 @@ class OfflineSchedule:
         partition's buffered events."""
         full = self.part_rows
         return [tp for tp in tps if now >= self._next_at(tp, now)
-                or (full is not None and rows is not None and rows(tp) >= full)]  # fmt: skip
+                or (full is not None and rows is not None and rows(tp) >= full)]
 
     def detached(self, tps: Iterable[tuple[str, int]], now: float) -> None:
         """Record that the parts of ``tps`` were taken at ``now`` (an early one too:

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 from feature_defs.layout import TOPIC_DLQ, partition_for
-from headrace.errors import BrokerError, InputError, missing_extra
+from headrace.core.errors import BrokerError, InputError, missing_extra
 from streams.codec import BATCH_ENCODINGS, ENCODINGS, Encoding, encode_events
 from streams.events import EVENT_SPECS, KINDS, EventKind, routing_key
 
 if TYPE_CHECKING:
-    from headrace.settings import ProducerSettings
+    from headrace.core.settings import ProducerSettings
 
 __all__ = [
     "MessageSink",

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import xxhash
 
 from feature_defs.layout import TOPIC_DLQ, TOPIC_LATE, repartition_topic
-from headrace.errors import BrokerError
+from headrace.core.errors import BrokerError
 
 __all__ = ["SideOutputs", "KafkaSideOutputs", "MemorySideOutputs", "encode_arrow"]
 

@@ -1,7 +1,7 @@
 """Shared fixtures.
 
 * ``stack`` (session): a real local stack (Tansu, redis-server, moto S3) started through
-  :mod:`headrace.stack` in a temporary directory and stopped at the end of the session.
+  :mod:`headrace.stack.local` in a temporary directory and stopped at the end of the session.
   A missing binary or package makes the requesting test *error* with a message naming
   what to install; nothing is skipped.
 * ``ns`` (function): unique names for one test (topic/redis/offline prefixes) and the
@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from headrace.settings import ENV_PREFIX, CommonSettings
-from headrace.stack import OFFLINE_BUCKET, StackInfo, local_stack
+from headrace.core.settings import ENV_PREFIX, CommonSettings
+from headrace.stack.local import OFFLINE_BUCKET, StackInfo, local_stack
 
 S = TypeVar("S", bound=CommonSettings)
 

@@ -1,5 +1,5 @@
 """A fake Redis at the socket level, for unit tests of code that pipelines RESP itself
-(:mod:`headrace.resp`): it records the commands sent and answers each with the next
+(:mod:`headrace.core.resp`): it records the commands sent and answers each with the next
 prepared reply, in RESP bytes that the real hiredis reader parses, split across reads."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class FakePool:
     command's reply (default: 1); replies arrive ``chunk`` bytes per socket read."""
 
     def __init__(self, answer: Callable[[list[bytes]], Any] | None = None,
-                 chunk: int = 7) -> None:  # fmt: skip
+                 chunk: int = 7) -> None:
         self.answer = answer or (lambda _cmd: 1)
         self.chunk = chunk
         self.sockets: list[FakeSocket] = []

@@ -87,7 +87,7 @@ def namespace_for(stack: Any) -> Any:
     from tests.conftest import Namespace
 
     base = Namespace(id="", topic_prefix="", redis_prefix="", offline_uri=stack.offline_uri,
-                     settings_env=dict(stack.env), stack=stack)  # fmt: skip
+                     settings_env=dict(stack.env), stack=stack)
     return fresh_namespace(base)
 
 
@@ -100,13 +100,13 @@ def fresh_namespace(ns: Any) -> Any:
     bucket = ns.offline_uri[len("s3://") :].split("/", 1)[0]
     offline_uri = f"s3://{bucket}/{uid}"
     env.update({"HEADRACE_TOPIC_PREFIX": topic_prefix, "HEADRACE_REDIS_PREFIX": redis_prefix,
-                "HEADRACE_OFFLINE_URI": offline_uri})  # fmt: skip
+                "HEADRACE_OFFLINE_URI": offline_uri})
     return type(ns)(id=uid, topic_prefix=topic_prefix, redis_prefix=redis_prefix,
-                    offline_uri=offline_uri, settings_env=env, stack=ns.stack)  # fmt: skip
+                    offline_uri=offline_uri, settings_env=env, stack=ns.stack)
 
 
 def worker_env(ns: Any, tmp: Path, *, group: str | None = None, worker_id: str = "0",
-               **extra: str) -> dict[str, str]:  # fmt: skip
+               **extra: str) -> dict[str, str]:
     """Subprocess environment of a worker of ``ns`` (short flush intervals)."""
     data_dir = tmp / f"data-{ns.id}-{worker_id}"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ class Produced:
 
 
 def _plan_envelopes(arrivals: Sequence[Arrival], fraction: float, seed: int,
-                    sizes: tuple[int, int]) -> dict[int, list[int]]:  # fmt: skip
+                    sizes: tuple[int, int]) -> dict[int, list[int]]:
     """Groups of consecutive valid arrivals of one (topic, partition) to send as one Arrow
     envelope, keyed by the arrival index of the group's LAST member (where it is sent)."""
     rng = random.Random(seed)
@@ -177,7 +177,7 @@ def produce_arrivals(bootstrap: str, topic_prefix: str, arrivals: Sequence[Arriv
                      arrow_fraction: float = 0.2, seed: int = 7,
                      envelope_sizes: tuple[int, int] = (5, 60),
                      timestamp_base: int = TIMESTAMP_BASE,
-                     pace: tuple[int, float] | None = None) -> Produced:  # fmt: skip
+                     pace: tuple[int, float] | None = None) -> Produced:
     """Produce ``arrivals`` in arrival order to the partitions they name.
 
     Most go as one raw message each (key = ``Arrival.key``, no headers); about
@@ -199,7 +199,7 @@ def produce_arrivals(bootstrap: str, topic_prefix: str, arrivals: Sequence[Arriv
     in_group = {i for g in groups.values() for i in g}
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all",
                          "enable.idempotence": True, "batch.num.messages": 2000,
-                         "queue.buffering.max.messages": 500_000})  # fmt: skip
+                         "queue.buffering.max.messages": 500_000})
     out = Produced()
     errors: list[str] = []
 
@@ -216,12 +216,12 @@ def produce_arrivals(bootstrap: str, topic_prefix: str, arrivals: Sequence[Arriv
         return cb
 
     def send(topic: str, partition: int, key: bytes, value: bytes,
-             headers: list[tuple[str, bytes]] | None, members: list[int]) -> None:  # fmt: skip
+             headers: list[tuple[str, bytes]] | None, members: list[int]) -> None:
         while True:
             try:
                 producer.produce(topic, value=value, key=key, partition=partition,
                                  headers=headers, on_delivery=report(members),
-                                 timestamp=timestamp_base + members[-1])  # fmt: skip
+                                 timestamp=timestamp_base + members[-1])
                 break
             except BufferError:
                 producer.poll(0.05)
@@ -293,7 +293,7 @@ def expectations(stream: Stream, produced: Produced) -> Expected:
             assert a.reason is not None
             dead[produced.coords[i]] = a.reason
     return Expected(stream, produced, accepted, late, OracleIndex(accepted), coords_of, dead,
-                    arrival_of)  # fmt: skip
+                    arrival_of)
 
 
 # --------------------------------------------------------------------------- workers
@@ -301,7 +301,7 @@ class Worker:
     """A ``headrace worker`` subprocess with its log in a file; always killed on exit."""
 
     def __init__(self, env: dict[str, str], log_path: Path, until_idle: float | None = None,
-                 worker_id: str | None = None) -> None:  # fmt: skip
+                 worker_id: str | None = None) -> None:
         args = [*CLI_BASE, "worker"]
         if until_idle is not None:
             args += ["--until-idle", str(until_idle)]
@@ -310,7 +310,7 @@ class Worker:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # fmt: skip
+                                     start_new_session=True)
         self.started = time.monotonic()
 
     @property
@@ -359,7 +359,7 @@ def commit_records(redis_client: Any, redis_prefix: str, group: str) -> dict[str
 
 # --------------------------------------------------------------------------- read back
 def read_topic(bootstrap: str, topic: str, partitions: int = PARTITIONS,
-               timeout: float = 60.0) -> list[Any]:  # fmt: skip
+               timeout: float = 60.0) -> list[Any]:
     """Every message of ``topic`` (all partitions, from offset 0) up to the FETCH high
     watermark: partition EOF is reported from fetch responses and confirmed against the
     cached (fetch) watermark; ListOffsets is never asked (INFRA D1)."""
@@ -367,7 +367,7 @@ def read_topic(bootstrap: str, topic: str, partitions: int = PARTITIONS,
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
                          "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                         "enable.partition.eof": True})  # fmt: skip
+                         "enable.partition.eof": True})
     out: list[Any] = []
     next_off = dict.fromkeys(range(partitions), 0)
     try:
@@ -383,7 +383,7 @@ def read_topic(bootstrap: str, topic: str, partitions: int = PARTITIONS,
                     if err.code() == KafkaError._PARTITION_EOF:
                         p = msg.partition()
                         _lo, hi = consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                                 cached=True)  # fmt: skip
+                                                                 cached=True)
                         if hi < 0 or next_off[p] >= hi:
                             done.add(p)
                         continue
@@ -398,11 +398,11 @@ def read_topic(bootstrap: str, topic: str, partitions: int = PARTITIONS,
 
 def _headers(msg: Any) -> dict[str, str]:
     return {k: (v.decode("utf-8", "replace") if v is not None else "")
-            for k, v in (msg.headers() or [])}  # fmt: skip
+            for k, v in (msg.headers() or [])}
 
 
 def side_records(bootstrap: str, topic_prefix: str, name: str) -> list[
-        tuple[tuple[str, int, int, int], str, bytes]]:  # fmt: skip
+        tuple[tuple[str, int, int, int], str, bytes]]:
     """(source coords, hr-reason, value) of every record of the dead-letter/late topic
     ``name`` of a namespace; source topics are named without the namespace prefix."""
     out = []
@@ -412,7 +412,7 @@ def side_records(bootstrap: str, topic_prefix: str, name: str) -> list[
         if source.startswith(topic_prefix):
             source = source[len(topic_prefix):]
         coords = (source, int(h["hr-source-partition"]),
-                  int(h["hr-source-offset"]), int(h["hr-index"]))  # fmt: skip
+                  int(h["hr-source-offset"]), int(h["hr-index"]))
         out.append((coords, h["hr-reason"], msg.value() or b""))
     return out
 
@@ -425,7 +425,7 @@ def read_offline_events(settings: Any, kind: str) -> pa.Table:
     if fs is None:
         fs = pafs.LocalFileSystem()
     infos = fs.get_file_info(pafs.FileSelector(f"{root}/events/{kind}", recursive=True,
-                                               allow_not_found=True))  # fmt: skip
+                                               allow_not_found=True))
     tables = []
     for info in sorted(infos, key=lambda i: i.path):
         if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet"):
@@ -441,7 +441,7 @@ def read_offline_events(settings: Any, kind: str) -> pa.Table:
 
 # --------------------------------------------------------------------------- headrace get
 def get_inprocess(env: dict[str, str], entity: str, ids: Sequence[str], at: int) -> tuple[
-        int, list[dict[str, Any]]]:  # fmt: skip
+        int, list[dict[str, Any]]]:
     """Run ``headrace get --entity E --id ... --at T --json`` in this process (the CLI's
     own entry point, settings from the environment) and parse its lines."""
     from headrace.cli import main
@@ -465,7 +465,7 @@ def get_inprocess(env: dict[str, str], entity: str, ids: Sequence[str], at: int)
 
 
 def get_subprocess(env: dict[str, str], entity: str, ids: Sequence[str], at: int,
-                   timeout: float = 60) -> tuple[int, list[dict[str, Any]], str]:  # fmt: skip
+                   timeout: float = 60) -> tuple[int, list[dict[str, Any]], str]:
     """The same through a real ``headrace get`` subprocess."""
     argv = [*CLI_BASE, "get", "--entity", entity, "--at", str(at), "--json"]
     for i in ids:
@@ -487,7 +487,7 @@ def _same(got: Any, want: Any) -> bool:
 
 
 def online_features(env: dict[str, str], probes: Sequence[Probe]) -> tuple[
-        dict[Probe, dict[str, Any] | str], int]:  # fmt: skip
+        dict[Probe, dict[str, Any] | str], int]:
     """Features of every probe through ``headrace get --json`` (in-process entry point).
 
     Returns (probe -> features or an error string, number of CLI invocations)."""
@@ -510,7 +510,7 @@ def online_features(env: dict[str, str], probes: Sequence[Probe]) -> tuple[
 
 
 def feature_problems(exp: Expected, got: dict[Probe, dict[str, Any] | str],
-                     limit: int = 30) -> list[str]:  # fmt: skip
+                     limit: int = 30) -> list[str]:
     """Every probe whose features differ from the oracle (feature by feature)."""
     problems: list[str] = []
     for (entity, eid, at), features in got.items():
@@ -519,7 +519,7 @@ def feature_problems(exp: Expected, got: dict[Probe, dict[str, Any] | str],
             problems.append(f"{entity} {eid} @ {at}: {features}")
             continue
         diff = {n: (features.get(n, "<missing>"), w) for n, w in want.items()
-                if not _same(features.get(n, "<missing>"), w)}  # fmt: skip
+                if not _same(features.get(n, "<missing>"), w)}
         extra = set(features) - set(want)
         if diff or extra:
             latest = exp.index.latest(entity, eid)
@@ -533,7 +533,7 @@ Record = tuple[tuple[str, int, int, int], str, bytes]
 
 
 def late_problems(exp: Expected, records: Sequence[Record], *,
-                  allow_duplicates: bool) -> tuple[list[str], int]:  # fmt: skip
+                  allow_duplicates: bool) -> tuple[list[str], int]:
     """The late topic against the oracle's late events. Returns (problems, #duplicates)."""
     problems: list[str] = []
     want = exp.late_coords()
@@ -577,7 +577,7 @@ def reason_code(reason: str) -> str:
 
 
 def dead_problems(exp: Expected, records: Sequence[Record], *, allow_duplicates: bool,
-                  check_codes: bool = True) -> tuple[list[str], int]:  # fmt: skip
+                  check_codes: bool = True) -> tuple[list[str], int]:
     """The dead-letter topic against the malformed arrivals. Returns (problems, #dups).
 
     ``check_codes=False`` skips comparing reason codes with the generator's (for tests
@@ -590,12 +590,12 @@ def dead_problems(exp: Expected, records: Sequence[Record], *, allow_duplicates:
     extra = sorted(set(by_coords) - set(exp.dead))
     if missing:
         problems.append(f"dlq: {len(missing)} malformed messages missing: "
-                        + ", ".join(f"{c} ({exp.dead[c]})" for c in missing[:8]))  # fmt: skip
+                        + ", ".join(f"{c} ({exp.dead[c]})" for c in missing[:8]))
     if extra:
         problems.append(f"dlq: {len(extra)} unexpected records: "
                         + ", ".join(f"{c} {by_coords[c][0][1][:80]!r}" for c in extra[:8]))
     raw_at = {exp.produced.coords[i]: a.value for i, a in enumerate(exp.stream.arrivals)
-              if a.event is None}  # fmt: skip
+              if a.event is None}
     wrong: list[str] = []
     n_dup = 0
     for coords, recs in by_coords.items():
@@ -660,7 +660,7 @@ def offline_problems(exp: Expected, tables: dict[str, pa.Table]) -> list[str]:
             topic, part, off, idx = exp.produced.coords[i]
             expect = {f: e[f] for f in _KIND_FIELDS[kind]}
             expect.update(_partition=part, _offset=off, _index=idx,
-                          _ingest_ms=exp.produced.timestamps[i])  # fmt: skip
+                          _ingest_ms=exp.produced.timestamps[i])
             diff = {k: (r.get(k), v) for k, v in expect.items() if r.get(k) != v}
             date = time.strftime("%Y-%m-%d", time.gmtime(e["ts"] // 1000))
             if f"/date={date}/" not in r["_file"]:

@@ -70,7 +70,7 @@ def plan_of(registry, settings) -> dict:  # noqa: ANN001 - Registry, CommonSetti
 
 def _run(args: argparse.Namespace) -> int:
     from feature_defs.registry import DEFAULT_DEFINITIONS, load_registry
-    from headrace.settings import WorkerSettings
+    from headrace.core.settings import WorkerSettings
 
     registry = load_registry(args.definitions or DEFAULT_DEFINITIONS)
     plan = plan_of(registry, WorkerSettings())

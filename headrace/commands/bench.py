@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _params(pairs: list[str]) -> dict[str, object]:
-    from headrace.errors import UsageError
+    from headrace.core.errors import UsageError
 
     out: dict[str, object] = {}
     for pair in pairs:
@@ -48,15 +48,40 @@ def _params(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def _find_benchmarks() -> None:
+    """Make ``bench`` importable, here and in the benchmarks' child processes.
+
+    The benchmarks live in the source tree, not in the wheel: an editable install finds
+    them beside the ``headrace`` package (the checkout's root); otherwise the current
+    directory is tried. Nothing in the product imports them.
+    """
+    import os
+    import sys
+    from pathlib import Path
+
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (root / "bench" / "__init__.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            path = os.environ.get("PYTHONPATH", "")
+            if str(root) not in path.split(os.pathsep):
+                os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), path) if p)
+            return
+
+
 def _run(args: argparse.Namespace) -> int:
-    from headrace.errors import MissingDependencyError, UsageError
+    from headrace.core.errors import MissingDependencyError, UsageError
 
     module_name, _ = BENCHMARKS[args.name]
+    _find_benchmarks()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            raise MissingDependencyError(f"benchmark {args.name} is not available yet") from exc
+        if exc.name in (module_name, "bench"):
+            raise MissingDependencyError(
+                f"benchmark {args.name} needs a source checkout: the benchmarks (bench/) are "
+                "not part of the installed package; run it from a clone of the repository"
+            ) from exc
         raise
     try:
         result = module.run(**_params(args.set))

@@ -2,7 +2,7 @@
 
     headrace example talkingdata --csv talkingdata_train_sample_100k.csv [--rows N] [--json]
 
-``talkingdata`` (:mod:`offline.example_talkingdata`) replays the TalkingData sample
+``talkingdata`` (:mod:`headrace.examples.talkingdata`) replays the TalkingData sample
 through the stream worker, builds labels and a point-in-time training set, and compares
 LightGBM on the windowed features (with and without the raw columns) against LightGBM on
 the raw columns alone, on the last 24 hours. Progress goes to stderr; the summary to
@@ -44,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     """Run ``headrace example talkingdata``."""
-    from headrace.errors import UsageError
-    from offline.example_talkingdata import run_example
+    from headrace.core.errors import UsageError
+    from headrace.examples.talkingdata import run_example
 
     if args.rows is not None and args.rows < 100:
         raise UsageError("--rows must be at least 100")

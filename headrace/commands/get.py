@@ -30,7 +30,7 @@ __all__ = ["register", "raw_lines"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(  # fmt: skip
+    p = sub.add_parser(
         "get",
         help="online feature values of entities",
         description="Print online feature values. Without --server: the exact as-of roll-up "
@@ -78,11 +78,11 @@ def _features(args: argparse.Namespace) -> list[str] | None:
 
 def _check(registry: Registry, entity: str, ids: list[str], names: list[str] | None) -> list[str]:
     from feature_defs.layout import entity_id_problem
-    from headrace.errors import UsageError
+    from headrace.core.errors import UsageError
 
     if entity not in registry.entities:
         raise UsageError(f"--entity: unknown entity {entity!r} "
-                         f"(known: {', '.join(sorted(registry.entities))})")  # fmt: skip
+                         f"(known: {', '.join(sorted(registry.entities))})")
     for i, value in enumerate(ids):
         problem = entity_id_problem(value)
         if problem:
@@ -112,9 +112,9 @@ def raw_lines(
     from feature_defs.state import ViewState
 
     plans = [registry.plans[v] for v in dict.fromkeys(registry.by_feature[n][0].view.id
-                                                      for n in names)]  # fmt: skip
+                                                      for n in names)]
     rows = store.read_hashes([entity_key(prefix, entity, i) for i in ids],
-                             [p.view.id for p in plans])  # fmt: skip
+                             [p.view.id for p in plans])
     out = []
     for eid, row in zip(ids, rows, strict=True):
         line: dict[str, Any] = {"entity": entity, "id": eid, "as_of": as_of_ms}
@@ -145,7 +145,7 @@ def raw_lines(
 
 def _run(args: argparse.Namespace) -> int:
     from feature_defs.registry import DEFAULT_DEFINITIONS, load_registry
-    from headrace.commands.serve import parse_time_ms
+    from headrace.core.timeparse import parse_time_ms
 
     registry = load_registry(args.definitions or DEFAULT_DEFINITIONS)
     asked = _features(args)
@@ -153,14 +153,14 @@ def _run(args: argparse.Namespace) -> int:
     as_of = parse_time_ms(args.at) if args.at else None
     if args.server:
         return _via_server(args, asked, as_of)
-    from headrace.settings import ServeSettings
+    from headrace.core.settings import ServeSettings
     from serving.store import RedisOnlineStore
 
     settings = ServeSettings()
     store = RedisOnlineStore(settings.redis_url, timeout_ms=args.timeout * 1000)
     try:
         lines = raw_lines(registry, store, settings.redis_prefix, args.entity, args.ids, names,
-                          time.time_ns() // 1_000_000 if as_of is None else as_of)  # fmt: skip
+                          time.time_ns() // 1_000_000 if as_of is None else as_of)
     finally:
         store.close()
     for line in lines:
@@ -181,14 +181,14 @@ def _via_server(args: argparse.Namespace, names: list[str] | None, as_of: int | 
 
     with FeatureClient(args.server, timeout_s=args.timeout) as client:
         answer = client.get(args.entity, args.ids, names, as_of_ms=as_of,
-                            country=args.country, device_type=args.device_type)  # fmt: skip
+                            country=args.country, device_type=args.device_type)
     for line in answer.to_json_lines():
         if args.json:
             print(json.dumps(line), flush=True)
             continue
         print(f"{line['entity']} {line['id']}  as_of={line['as_of']}  tier={line['tier']}"
               + (f"  fallback={line['fallback_reason']}"
-                 if line["fallback_reason"] != "NONE" else ""))  # fmt: skip
+                 if line["fallback_reason"] != "NONE" else ""))
         width = max(len(n) for n in line["features"])
         for n, v in line["features"].items():
             print(f"  {n:<{width}}  {_fmt(v):>14}  {line['statuses'][n]}")

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from feature_defs.layout import repartition_topic
     from feature_defs.registry import load_registry
-    from headrace.settings import WorkerSettings
+    from headrace.core.settings import WorkerSettings
     from streams.engine import ROUTING_KEY
     from streams.lag import consumer_lag
 

@@ -1,6 +1,6 @@
 """``headrace labels`` and ``headrace training-set``: offline datasets from the offline store.
 
-Both read ``HEADRACE_*`` settings (:class:`headrace.settings.OfflineSettings`): the store
+Both read ``HEADRACE_*`` settings (:class:`headrace.core.settings.OfflineSettings`): the store
 root ``HEADRACE_OFFLINE_URI`` (``s3://bucket/prefix`` or a folder), ``HEADRACE_S3_*`` for
 S3, and ``HEADRACE_PROGRESS`` for the progress bar on stderr. Outputs (local paths or
 ``s3://`` URIs) appear atomically: after a failure nothing is left at ``--out``. Bad input
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from feature_defs.coldstart import Priors
-    from headrace.settings import OfflineSettings
+    from headrace.core.settings import OfflineSettings
 
 __all__ = ["register"]
 
@@ -60,8 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _settings() -> OfflineSettings:
     from pydantic import ValidationError
 
-    from headrace.errors import InputError
-    from headrace.settings import OfflineSettings
+    from headrace.core.errors import InputError
+    from headrace.core.settings import OfflineSettings
 
     try:
         return OfflineSettings()
@@ -72,7 +72,8 @@ def _settings() -> OfflineSettings:
 
 
 def _labels(args: argparse.Namespace) -> int:
-    from offline.labels import parse_duration, parse_time, write_labels
+    from headrace.core.timeparse import parse_duration, parse_time
+    from offline.labels import write_labels
     from offline.store import OfflineStore
 
     start, end = parse_time(args.start), parse_time(args.end)
@@ -85,7 +86,7 @@ def _labels(args: argparse.Namespace) -> int:
 
 
 def _training_set(args: argparse.Namespace) -> int:
-    from headrace.errors import InputError
+    from headrace.core.errors import InputError
     from offline.training_set import DEFAULT_CHUNK_ROWS, write_training_set
 
     priors = None
@@ -106,7 +107,7 @@ def _training_set(args: argparse.Namespace) -> int:
 
 def _read_priors(path: str) -> Priors:
     from feature_defs.coldstart import Priors
-    from headrace.errors import InputError
+    from headrace.core.errors import InputError
 
     try:
         with open(path, encoding="utf-8") as fh:

@@ -26,10 +26,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from headrace.errors import InputError, UsageError
+from headrace.core.errors import InputError, UsageError
 
 if TYPE_CHECKING:
-    from headrace.settings import ProducerSettings
+    from headrace.core.settings import ProducerSettings
     from streams.producer import MessageSink
 
 __all__ = ["register", "handler", "FileSummary", "scan_jsonl", "iter_jsonl", "ENCODING_CHOICES"]
@@ -207,7 +207,7 @@ def handler(
     from streams.producer import EventProducer
 
     if settings is None:
-        from headrace.settings import ProducerSettings
+        from headrace.core.settings import ProducerSettings
 
         settings = ProducerSettings()
     progress = False if args.no_progress else None

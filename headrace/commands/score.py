@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from headrace.errors import UsageError
+from headrace.core.errors import UsageError
 
 __all__ = ["register", "handler", "parse_ad"]
 
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "score", help="rank candidate ads for a user (ScoringService.Score)",
         description="Ask a running server (headrace serve) to rank candidate ads by eCPM = "
-                    "pCTR x bid_cpm x 1000 for one user and request context.")  # fmt: skip
+                    "pCTR x bid_cpm x 1000 for one user and request context.")
     p.add_argument("--server", default="127.0.0.1:50051", metavar="HOST:PORT",
                    help="server address (default 127.0.0.1:50051)")
     p.add_argument("--user", default="", metavar="USER_ID",
@@ -68,7 +68,7 @@ def _context(args: argparse.Namespace) -> dict[str, Any]:
                            "placement": args.placement, "creative_type": args.creative_type,
                            "publisher_id": args.publisher}
     if args.ts is not None:
-        from headrace.commands.serve import parse_time_ms
+        from headrace.core.timeparse import parse_time_ms
 
         ctx["ts_ms"] = parse_time_ms(args.ts)
     return {k: v for k, v in ctx.items() if v is not None}
@@ -78,8 +78,8 @@ def handler(args: argparse.Namespace) -> int:
     """Run ``headrace score`` (see the module docstring)."""
     if args.timeout <= 0:
         raise UsageError("--timeout must be > 0")
-    from proto.headrace.v1 import features_pb2 as pb
-    from proto.headrace.v1 import scoring_pb2 as spb
+    from headrace.api.v1 import features_pb2 as pb
+    from headrace.api.v1 import scoring_pb2 as spb
     from serving.client import FeatureClient, build_score_request, ranked_candidates
 
     request = build_score_request(args.user, args.ads, _context(args))

@@ -16,9 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "the online store. Settings come from HEADRACE_* variables (redis_url, "
                     "redis_prefix, port, redis_budget_ms, breaker_*, priors_refresh_s, max_ids, "
                     "metrics_port). Prints one JSON line {\"event\": \"listening\", ...} when "
-                    "ready; SIGTERM/SIGINT stop it gracefully.")  # fmt: skip
+                    "ready; SIGTERM/SIGINT stop it gracefully.")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default HEADRACE_PORT; "
-                                                          "0 picks a free one)")  # fmt: skip
+                                                          "0 picks a free one)")
     p.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
     p.add_argument(
         "--metrics-port",
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Compute the cold-start priors (global and per country x device_type "
                     "segment; rules in offline/priors.py) from the raw events of the lookback "
                     "in the offline store and store them in Redis, where servers pick them up "
-                    "within HEADRACE_PRIORS_REFRESH_S.")  # fmt: skip
+                    "within HEADRACE_PRIORS_REFRESH_S.")
     q.add_argument("--days", type=float, default=7.0, help="lookback in days (default 7)")
     q.add_argument(
         "--until",
@@ -79,8 +79,8 @@ def _serve(args: argparse.Namespace) -> int:
     import threading
 
     from feature_defs.registry import DEFAULT_DEFINITIONS, load_registry
-    from headrace.errors import missing_extra
-    from headrace.settings import ServeSettings
+    from headrace.core.errors import missing_extra
+    from headrace.core.settings import ServeSettings
 
     try:
         import grpc  # noqa: F401
@@ -93,10 +93,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = ServeSettings()
     logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = load_registry(args.definitions or DEFAULT_DEFINITIONS)
     server = build_server(settings, port=args.port, host=args.host, registry=registry,
-                          max_workers=args.workers, memo_entries=args.memo_entries)  # fmt: skip
+                          max_workers=args.workers, memo_entries=args.memo_entries)
     metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
     if metrics_port is not None:
         start_metrics_server(metrics_port)
@@ -106,37 +106,16 @@ def _serve(args: argparse.Namespace) -> int:
     server.start()
     gc.freeze()  # start-up objects leave the collector's generations: shorter GC pauses
     print(json.dumps({"event": "listening", "host": args.host, "port": server.port,
-                      "metrics_port": metrics_port}), flush=True)  # fmt: skip
+                      "metrics_port": metrics_port}), flush=True)
     stop.wait()
     server.stop(grace_s=2.0)
     return 0
 
 
-def parse_time_ms(text: str) -> int:
-    """Epoch milliseconds from ``text``: an integer, or ISO-8601 (naive means UTC).
-
-    Raises:
-        UsageError: neither.
-    """
-    from datetime import UTC, datetime
-
-    from headrace.errors import UsageError
-
-    value = text.strip()
-    if value.lstrip("-").isdigit():
-        return int(value)
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise UsageError(f"{text!r} is neither epoch milliseconds nor ISO-8601") from exc
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
-
-
 def _priors(args: argparse.Namespace) -> int:
     from feature_defs.registry import DEFAULT_DEFINITIONS, load_registry
-    from headrace.settings import OfflineSettings
+    from headrace.core.settings import OfflineSettings
+    from headrace.core.timeparse import parse_time_ms
     from offline.priors import build_priors, write_priors
 
     settings = OfflineSettings()

@@ -27,7 +27,7 @@ def _progress(line: str) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from headrace.stack import LocalStack
+    from headrace.stack.local import LocalStack
 
     ports = {"kafka": args.kafka_port, "redis": args.redis_port, "s3": args.s3_port}
     info = LocalStack.up(args.dir, ports=ports, progress=_progress)
@@ -47,7 +47,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from headrace.stack import LocalStack
+    from headrace.stack.local import LocalStack
 
     outcome = LocalStack.down(args.dir, progress=_progress)
     for name, result in outcome.items():
@@ -57,7 +57,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from headrace.stack import LocalStack
+    from headrace.stack.local import LocalStack
 
     report: dict[str, Any] = LocalStack.status(args.dir)
     if args.json:
@@ -91,11 +91,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     up = add("up", "start the stack in DIR, or report the one already running there")
     up.add_argument("--json", action="store_true", help="print one JSON object")
     for service, flag in (("kafka", "--kafka-port"), ("redis", "--redis-port"),
-                          ("s3", "--s3-port")):  # fmt: skip
+                          ("s3", "--s3-port")):
         up.add_argument(
             flag, type=int, default=0, metavar="PORT",
             help=f"preferred {service} port; a taken port is skipped (default: any free)",
-        )  # fmt: skip
+        )
     up.set_defaults(func=_up)
 
     down = add("down", "stop exactly the processes recorded in DIR")

@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from headrace.errors import UsageError
+from headrace.core.errors import UsageError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from datetime import datetime
 
-    from headrace.settings import OfflineSettings
+    from headrace.core.settings import OfflineSettings
 
 __all__ = ["register", "handler"]
 
@@ -74,7 +74,7 @@ def handler(
     from offline.train import read_training_set, train
 
     if settings is None:
-        from headrace.settings import OfflineSettings
+        from headrace.core.settings import OfflineSettings
 
         settings = OfflineSettings()
     table = read_training_set(args.training_set, settings)

@@ -26,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
     import logging
 
     from feature_defs.registry import DEFAULT_DEFINITIONS, load_registry
-    from headrace.settings import WorkerSettings
+    from headrace.core.settings import WorkerSettings
     from streams.app import run_worker
 
     settings = WorkerSettings()

@@ -40,10 +40,10 @@ def _produce(ns: Namespace, topic: str, n: int = N, one_batch: bool = True, **co
     """``n`` records to partition 0 with timestamps TS0 + i s: one batch, or one per batch."""
     settings = ns.settings()
     producer = Producer({**settings.confluent_producer(), "linger.ms": 200 if one_batch else 0,
-                         **conf})  # fmt: skip
+                         **conf})
     for i in range(n):
         producer.produce(topic, key=b"k%d" % i, value=b"v%d" % i, partition=0,
-                         timestamp=TS0 + i * 1000)  # fmt: skip
+                         timestamp=TS0 + i * 1000)
         if not one_batch:
             producer.flush(10)
     assert producer.flush(10) == 0
@@ -149,7 +149,7 @@ def test_two_consumers_in_a_group_split_partitions(ns: Namespace, admin: AdminCl
 def test_confluent_transactions_work(ns: Namespace, admin: AdminClient, consumer: Consumer) -> None:
     topic = _create(admin, ns.topic("tx"))
     producer = Producer({**ns.settings().confluent_producer(),
-                         "transactional.id": f"{ns.topic_prefix}tx"})  # fmt: skip
+                         "transactional.id": f"{ns.topic_prefix}tx"})
     producer.init_transactions(10)
     producer.begin_transaction()
     producer.produce(topic, value=b"committed", partition=0)
@@ -184,7 +184,7 @@ def test_observed_auto_creation(ns: Namespace, admin: AdminClient) -> None:
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="D1: ListOffsets(latest) = base "
-                   "offset of the last batch + 1 when a batch holds several records")  # fmt: skip
+                   "offset of the last batch + 1 when a batch holds several records")
 def test_d1_list_offsets_latest_is_end_of_topic(ns: Namespace, admin: AdminClient) -> None:
     topic = _create(admin, ns.topic("d1"))
     _produce(ns, topic)
@@ -194,7 +194,7 @@ def test_d1_list_offsets_latest_is_end_of_topic(ns: Namespace, admin: AdminClien
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="D2: offsets_for_times always returns offset 0")  # fmt: skip
+                   reason="D2: offsets_for_times always returns offset 0")
 def test_d2_offsets_for_times(ns: Namespace, admin: AdminClient, consumer: Consumer) -> None:
     topic = _create(admin, ns.topic("d2"))
     _produce(ns, topic)
@@ -203,7 +203,7 @@ def test_d2_offsets_for_times(ns: Namespace, admin: AdminClient, consumer: Consu
 
 
 @pytest.mark.xfail(strict=True, raises=AIOKafkaError, reason="D3: aiokafka idempotent producer "
-                   "fails at start (InitProducerId), so Faust exactly_once crashes")  # fmt: skip
+                   "fails at start (InitProducerId), so Faust exactly_once crashes")
 def test_d3_aiokafka_idempotent_producer(ns: Namespace, admin: AdminClient) -> None:
     from aiokafka import AIOKafkaProducer
 
@@ -211,7 +211,7 @@ def test_d3_aiokafka_idempotent_producer(ns: Namespace, admin: AdminClient) -> N
 
     async def send() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=ns.stack.kafka_bootstrap,
-                                    enable_idempotence=True, request_timeout_ms=5000)  # fmt: skip
+                                    enable_idempotence=True, request_timeout_ms=5000)
         try:
             await asyncio.wait_for(producer.start(), 10)
             await producer.send_and_wait(topic, b"x", partition=0)
@@ -222,14 +222,14 @@ def test_d3_aiokafka_idempotent_producer(ns: Namespace, admin: AdminClient) -> N
 
 
 @pytest.mark.xfail(strict=True, raises=AIOKafkaError,
-                   reason="D3: aiokafka transactional producer fails at start")  # fmt: skip
+                   reason="D3: aiokafka transactional producer fails at start")
 def test_d3_aiokafka_transactional_producer(ns: Namespace) -> None:
     from aiokafka import AIOKafkaProducer
 
     async def start() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=ns.stack.kafka_bootstrap,
                                     transactional_id=f"{ns.topic_prefix}aiotx",
-                                    request_timeout_ms=5000)  # fmt: skip
+                                    request_timeout_ms=5000)
         try:
             await asyncio.wait_for(producer.start(), 10)
         finally:
@@ -239,7 +239,7 @@ def test_d3_aiokafka_transactional_producer(ns: Namespace) -> None:
 
 
 @pytest.mark.xfail(strict=True, raises=KafkaException, reason="D4: CreatePartitions unsupported "
-                   "(_UNSUPPORTED_FEATURE): create topics with their final count")  # fmt: skip
+                   "(_UNSUPPORTED_FEATURE): create topics with their final count")
 def test_d4_create_partitions(ns: Namespace, admin: AdminClient) -> None:
     topic = _create(admin, ns.topic("d4p"))
     admin.create_partitions([NewPartitions(topic, 3)], request_timeout=10)[topic].result()
@@ -247,7 +247,7 @@ def test_d4_create_partitions(ns: Namespace, admin: AdminClient) -> None:
 
 
 @pytest.mark.xfail(strict=True, raises=KafkaException,
-                   reason="D4: DeleteRecords drops the connection")  # fmt: skip
+                   reason="D4: DeleteRecords drops the connection")
 def test_d4_delete_records(ns: Namespace, consumer: Consumer) -> None:
     deleting = AdminClient(ns.settings().confluent_admin())  # its connection gets dropped
     topic = _create(deleting, ns.topic("d4d"))

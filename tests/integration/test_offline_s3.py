@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from headrace.settings import OfflineSettings
+from headrace.core.settings import OfflineSettings
 from offline.labels import build_labels, write_labels
 from offline.store import OfflineStore, OfflineStoreUnreadable
 from offline.training_set import build_training_set

@@ -16,7 +16,7 @@ from confluent_kafka.admin import AdminClient
 
 from feature_defs.layout import partition_for
 from headrace.cli import build_parser
-from headrace.settings import ProducerSettings
+from headrace.core.settings import ProducerSettings
 from streams.codec import RawMessage, decode_batch
 from streams.synthetic import generate, write_jsonl
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from headrace.settings import ProducerSettings
+from headrace.core.settings import ProducerSettings
 from streams.codec import RawMessage, decode_batch
 from streams.csv_replay import iter_csv_events
 from streams.events import rows_as_python

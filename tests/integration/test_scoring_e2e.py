@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from headrace.errors import BackendError, InvalidArgument
-from offline.models import load_champion, set_champion
+from headrace.core.errors import BackendError, InvalidArgument
+from headrace.model.artifact import load_champion, set_champion
 from serving.client import FeatureClient
 from tests import streamkit as sk
 

@@ -25,8 +25,8 @@ from feature_defs.coldstart import Priors
 from feature_defs.layout import entity_key, events_dir, priors_key
 from feature_defs.registry import load_registry
 from feature_defs.state import ViewState
-from headrace.errors import InvalidArgument, OnlineStoreError
-from headrace.settings import OfflineSettings, ServeSettings
+from headrace.core.errors import InvalidArgument, OnlineStoreError
+from headrace.core.settings import OfflineSettings, ServeSettings
 from serving.client import FeatureClient
 from serving.server import FeatureServer, build_server
 from serving.store import FakeOnlineStore, RedisOnlineStore
@@ -50,7 +50,7 @@ def make_events(seed: int = 3, users: int = 5, n: int = 600) -> list[dict[str, A
                        "user_id": f"u{u}", "ad_id": f"a{rng.randrange(3)}",
                        "campaign_id": f"c{rng.randrange(2)}", "publisher_id": "p0",
                        "country": "US",
-                       "device_type": rng.choice(["mobile", "desktop"])})  # fmt: skip
+                       "device_type": rng.choice(["mobile", "desktop"])})
     return sorted(events, key=lambda e: e["ts"])
 
 
@@ -116,7 +116,7 @@ def store_and_writer(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Call
 
 
 def test_store_contract(store_and_writer: tuple[Any, Callable],
-                        request: pytest.FixtureRequest) -> None:  # fmt: skip
+                        request: pytest.FixtureRequest) -> None:
     store, hset = store_and_writer
     p = f"hrc{random.randrange(10**9)}"
     hset(f"{p}:a:{{1}}", "v@1", b"\x01one")
@@ -144,7 +144,7 @@ def test_redis_store_translates_connection_errors() -> None:
 
 
 def test_redis_store_error_reply_fails_the_read_and_the_next_read_works(
-        stack: Any, redis_client: Any) -> None:  # fmt: skip
+        stack: Any, redis_client: Any) -> None:
     prefix = f"t{time.time_ns()}"
     redis_client.set(f"{prefix}:plain", b"not a hash")  # HMGET on it: WRONGTYPE
     redis_client.hset(f"{prefix}:h", "f", b"v")
@@ -160,7 +160,7 @@ def test_redis_store_error_reply_fails_the_read_and_the_next_read_works(
 # ------------------------------------------------------------------ values over gRPC
 @pytest.mark.parametrize("entity", ["user", "ad", "campaign", "publisher"])
 def test_values_equal_the_oracle(client: FeatureClient, events: list[dict[str, Any]],
-                                 entity: str) -> None:  # fmt: skip
+                                 entity: str) -> None:
     index = oracle.OracleIndex(events)
     ids = index.ids(entity) + ["nobody"]
     for as_of in (T0 + 1, T0 + 5_001, T0 + 2 * 3_600_000, T0 + 3 * DAY):
@@ -171,13 +171,13 @@ def test_values_equal_the_oracle(client: FeatureClient, events: list[dict[str, A
 
 
 def test_ttl_is_honoured_never_stale_values(client: FeatureClient,
-                                            events: list[dict[str, Any]]) -> None:  # fmt: skip
+                                            events: list[dict[str, Any]]) -> None:
     latest = max(e["ts"] for e in events if e["ad_id"] == "a0")
     ttl = VIEW_OF["ad"].ttl_ms
     ent = client.get("ad", ["a0"], as_of_ms=latest + ttl).entities[0]
     assert set(ent.statuses.values()) == {"STALE"}
     assert ent.values == {n: None if v is None else float(v)
-                          for n, v in oracle.defaults("ad").items()}  # fmt: skip
+                          for n, v in oracle.defaults("ad").items()}
     ent = client.get("ad", ["a0"], as_of_ms=latest + ttl - 1).entities[0]
     assert set(ent.statuses.values()) == {"PRESENT"}
 
@@ -207,7 +207,7 @@ def test_health_and_reflection(server: FeatureServer) -> None:
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)
         req = reflection_pb2.ServerReflectionRequest(list_services="")
         names = {s.name for r in refl.ServerReflectionInfo(iter([req]), timeout=5)
-                 for s in r.list_services_response.service}  # fmt: skip
+                 for s in r.list_services_response.service}
     assert "headrace.v1.FeatureService" in names and "grpc.health.v1.Health" in names
 
 
@@ -228,13 +228,13 @@ def test_redis_outage_answers_from_priors(ns: Any, tmp_path: Any) -> None:
             ServeSettings, redis_url=url, breaker_failures=2, redis_budget_ms=200.0
         )
         with build_server(settings, port=0, host="127.0.0.1") as srv, \
-                FeatureClient(f"127.0.0.1:{srv.port}", timeout_s=2.0) as client:  # fmt: skip
+                FeatureClient(f"127.0.0.1:{srv.port}", timeout_s=2.0) as client:
             client.wait_ready()
             before = client.get("user", ["u0"], ["user__ctr_24h"], as_of_ms=T0 + 1)
             assert before.fallback_reason == "NONE"
             proc.send_signal(signal.SIGSTOP)  # hung Redis: socket timeouts
             hung = client.get("user", ["u0"], ["user__ctr_24h"], country="US",
-                              device_type="mobile")  # fmt: skip
+                              device_type="mobile")
             assert hung.fallback_reason == "REDIS_ERROR"
             assert hung.entities[0].values == {"user__ctr_24h": 0.09}
             proc.send_signal(signal.SIGCONT)
@@ -262,14 +262,14 @@ def _env(ns: Any) -> dict[str, str]:
 
 def _cli(ns: Any, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "headrace.cli", *args], capture_output=True,
-                          text=True, env=_env(ns), timeout=timeout)  # fmt: skip
+                          text=True, env=_env(ns), timeout=timeout)
 
 
 def test_get_prints_exact_as_of_values(loaded: Any, events: list[dict[str, Any]]) -> None:
     states = build_states(events)  # independent of what the CLI reads
     at = T0 + 90_000
     proc = _cli(loaded, "get", "--entity", "user", "--id", "u0", "--id", "u4", "--id", "ghost",
-                "--at", str(at), "--json")  # fmt: skip
+                "--at", str(at), "--json")
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(x) for x in proc.stdout.splitlines()]
     assert [x["id"] for x in lines] == ["u0", "u4", "ghost"]
@@ -279,7 +279,7 @@ def test_get_prints_exact_as_of_values(loaded: Any, events: list[dict[str, Any]]
     assert lines[2]["features"] == oracle.defaults("user")
     latest = states[("user", "u0")].max_ts
     early = _cli(loaded, "get", "--entity", "user", "--id", "u0", "--id", "u4", "--at",
-                 str(latest - 1), "--json")  # fmt: skip
+                 str(latest - 1), "--json")
     assert early.returncode == 1
     first = json.loads(early.stdout.splitlines()[0])
     assert "offline" in first["error"] and "features" not in first
@@ -299,25 +299,25 @@ def test_serve_command_and_get_through_it(loaded: Any) -> None:
     metrics_port = _free_port()
     serve = subprocess.Popen([sys.executable, "-m", "headrace.cli", "serve", "--port", "0",
                               "--host", "127.0.0.1", "--metrics-port", str(metrics_port)],
-                             stdout=subprocess.PIPE, text=True, env=_env(loaded))  # fmt: skip
+                             stdout=subprocess.PIPE, text=True, env=_env(loaded))
     try:
         assert serve.stdout is not None
         port = json.loads(serve.stdout.readline())["port"]
         proc = _cli(loaded, "get", "--server", f"127.0.0.1:{port}", "--entity", "user",
                     "--id", "u0", "--features", "user__ctr_24h,user__clicks_1h", "--at",
-                    str(T0 + 1), "--json")  # fmt: skip
+                    str(T0 + 1), "--json")
         assert proc.returncode == 0, proc.stderr
         line = json.loads(proc.stdout)
         assert set(line["statuses"]) == {"user__ctr_24h", "user__clicks_1h"}
         assert line["fallback_reason"] == "NONE" and line["tier"] in {"PERSONALIZED", "BLENDED"}
         bad = _cli(loaded, "get", "--server", f"127.0.0.1:{port}", "--entity", "user",
-                   "--id", "u0", "--at", "1")  # fmt: skip
+                   "--id", "u0", "--at", "1")
         assert bad.returncode != 0 and "as_of_ms" in bad.stderr
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
             text = r.read().decode()
         for name in ("headrace_serving_request_seconds_count{method=\"GetOnlineFeatures\"}",
                      "headrace_serving_redis_seconds", "headrace_serving_breaker_state 0.0",
-                     "headrace_serving_entities_total"):  # fmt: skip
+                     "headrace_serving_entities_total"):
             assert name in text
     finally:
         serve.send_signal(signal.SIGTERM)
@@ -335,7 +335,7 @@ def _write_events(settings: OfflineSettings, kind: str, rows: list[dict[str, Any
     )
     base = events_dir(settings.offline_path(), kind)
     pq.write_table(table, f"{base}/date=2023-11-14/{kind}s-p000-000000000000.parquet",
-                   filesystem=fs)  # fmt: skip
+                   filesystem=fs)
 
 
 def test_priors_from_the_offline_store_reach_the_server(ns: Any, redis_client: Any) -> None:
@@ -343,13 +343,13 @@ def test_priors_from_the_offline_store_reach_the_server(ns: Any, redis_client: A
 
     events = make_events(seed=5, users=12, n=400)
     coords = [{"_partition": 0, "_offset": i, "_index": 0, "_ingest_ms": T0}
-              for i in range(len(events))]  # fmt: skip
+              for i in range(len(events))]
     imps = [{k: e[k] for k in ("event_id", "ts", "user_id", "ad_id", "campaign_id",
                                "publisher_id", "country", "device_type")} | c
-            for e, c in zip(events, coords, strict=True) if e["type"] == "impression"]  # fmt: skip
+            for e, c in zip(events, coords, strict=True) if e["type"] == "impression"]
     clicks = [{k: e[k] for k in ("event_id", "ts", "user_id", "ad_id", "campaign_id",
                                  "publisher_id")} | c | {"impression_id": "x"}
-              for e, c in zip(events, coords, strict=True) if e["type"] == "click"]  # fmt: skip
+              for e, c in zip(events, coords, strict=True) if e["type"] == "click"]
     settings = ns.settings(OfflineSettings)
     _write_events(settings, "impression", imps + imps[:10])  # duplicates are dropped
     _write_events(settings, "click", clicks)
@@ -366,9 +366,9 @@ def test_priors_from_the_offline_store_reach_the_server(ns: Any, redis_client: A
     assert (stored.global_values, stored.segments) == (priors.global_values, priors.segments)
     write_priors(settings, priors)
     with build_server(ns.settings(ServeSettings, **SLACK), port=0, host="127.0.0.1") as srv, \
-            FeatureClient(f"127.0.0.1:{srv.port}", timeout_s=5.0) as client:  # fmt: skip
+            FeatureClient(f"127.0.0.1:{srv.port}", timeout_s=5.0) as client:
         answer = client.get("user", ["ghost"], ["user__ctr_24h"], country="US",
-                            device_type="mobile")  # fmt: skip
+                            device_type="mobile")
         seg = priors.segments[("US", "mobile")]["user__ctr_24h"]
         assert answer.entities[0].values == {"user__ctr_24h": seg}
         assert answer.entities[0].tier == "SEGMENT"

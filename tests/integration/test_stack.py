@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from headrace import _stackproc
-from headrace.stack import OFFLINE_BUCKET, LocalStack
+from headrace.stack import proc as _stackproc
+from headrace.stack.local import OFFLINE_BUCKET, LocalStack
 
 if TYPE_CHECKING:
     from conftest import Namespace
@@ -69,7 +69,7 @@ def _assert_answers(info: dict[str, Any]) -> None:
         "s3", endpoint_url=info["s3_endpoint"], region_name=env["AWS_DEFAULT_REGION"],
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    )  # fmt: skip
+    )
     assert OFFLINE_BUCKET in [b["Name"] for b in s3.list_buckets()["Buckets"]]
 
 
@@ -146,9 +146,9 @@ def test_taken_preferred_ports_are_skipped(stack_dir: Path) -> None:
             sock.listen()
         ports = [sock.getsockname()[1] for sock in taken]
         info = _up_json(stack_dir, "--kafka-port", str(ports[0]), "--redis-port",
-                        str(ports[1]), "--s3-port", str(ports[2]))  # fmt: skip
+                        str(ports[1]), "--s3-port", str(ports[2]))
         used = [_port(info["kafka_bootstrap"]), _port(info["redis_url"]),
-                _port(info["s3_endpoint"])]  # fmt: skip
+                _port(info["s3_endpoint"])]
         assert set(used).isdisjoint(ports)
         _assert_answers(info)
     finally:
@@ -182,7 +182,7 @@ def test_port_taken_after_the_check_is_retried(
 
 
 def test_local_stack_context_manager_stops_on_error(tmp_path: Path) -> None:
-    from headrace.stack import local_stack
+    from headrace.stack.local import local_stack
 
     pids: dict[str, int] = {}
     with pytest.raises(RuntimeError, match="boom"):
@@ -200,7 +200,7 @@ def test_session_fixtures_and_settings_reach_the_stack(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from headrace.settings import ServeSettings, WorkerSettings
+    from headrace.core.settings import ServeSettings, WorkerSettings
 
     worker = ns.settings(WorkerSettings)
     assert worker.broker_profile == "embedded"

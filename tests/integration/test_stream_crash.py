@@ -79,7 +79,7 @@ def _compare(run: Snapshot, ref: Snapshot, label: str) -> tuple[list[str], dict[
     if diff:
         problems.append(f"{label}: {len(diff)} probes differ from the reference run, e.g. "
                         + "; ".join(f"{p}: {run.features.get(p)} vs {ref.features[p]}"
-                                    for p in diff[:3]))  # fmt: skip
+                                    for p in diff[:3]))
     problems += [f"{label}: {p}" for p in run.offline_problems]
     for kind in ("impression", "click"):
         mine, theirs = set(run.offline[kind]), set(ref.offline[kind])
@@ -92,7 +92,7 @@ def _compare(run: Snapshot, ref: Snapshot, label: str) -> tuple[list[str], dict[
     p_late, dup_late = sk.late_problems(run.exp, run.late, allow_duplicates=True)
     # reason codes vs the generator are test_stream_e2e's business; here: vs the reference
     p_dead, dup_dead = sk.dead_problems(run.exp, run.dead, allow_duplicates=True,
-                                        check_codes=False)  # fmt: skip
+                                        check_codes=False)
     problems += [f"{label}: {p}" for p in p_late + p_dead]
     # late reasons carry the watermark (deterministic); dead-letter reasons may carry the
     # wall clock (ts_in_future), so those compare by code
@@ -117,7 +117,7 @@ def stream() -> Stream:
 
 @pytest.fixture(scope="module")
 def reference(stack: Any, stream: Stream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        Snapshot]:  # fmt: skip
+        Snapshot]:
     """The uninterrupted single-worker run, in its own namespace."""
     import redis
 
@@ -150,7 +150,7 @@ def _reference_agrees_with_oracle(ref: Snapshot) -> list[str]:
     problems = sk.feature_problems(ref.exp, ref.features) + ref.offline_problems
     problems += sk.late_problems(ref.exp, ref.late, allow_duplicates=False)[0]
     problems += sk.dead_problems(ref.exp, ref.dead, allow_duplicates=False,
-                                 check_codes=False)[0]  # fmt: skip
+                                 check_codes=False)[0]
     return [f"reference: {p}" for p in problems]
 
 
@@ -178,15 +178,15 @@ def _online_next(redis_client: Any, ns: Any, group: str) -> dict[tuple[str, int]
 
 @contextlib.contextmanager
 def _group_offsets(bootstrap: str, group: str, ns: Any) -> Iterator[
-        Callable[[], dict[tuple[str, int], int]]]:  # fmt: skip
+        Callable[[], dict[tuple[str, int], int]]]:
     """A function returning the group's committed offsets of the source partitions
     (OffsetFetch, not ListOffsets). The consumer never joins the group."""
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "enable.auto.commit": False})  # fmt: skip
+                         "enable.auto.commit": False})
     tps = [TopicPartition(ns.topic(t), p) for t in ("impressions", "clicks")
-           for p in range(sk.PARTITIONS)]  # fmt: skip
+           for p in range(sk.PARTITIONS)]
 
     def committed() -> dict[tuple[str, int], int]:
         return {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(tps, timeout=10)}
@@ -198,7 +198,7 @@ def _group_offsets(bootstrap: str, group: str, ns: Any) -> Iterator[
 
 
 def _wait_for(cond: Callable[[], bool], worker: sk.Worker, what: str,
-              poll_s: float = 0.01) -> None:  # fmt: skip
+              poll_s: float = 0.01) -> None:
     deadline = time.monotonic() + PROGRESS_TIMEOUT_S
     while not cond():
         if not worker.alive():
@@ -220,7 +220,7 @@ def test_sigkilled_worker_matches_uninterrupted_run(
     total = len(stream.arrivals) - reference.exp.produced.enveloped_events \
         + reference.exp.produced.envelopes  # source messages
     sk.create_source_topics(bootstrap, [ns.topic("impressions"), ns.topic("clicks")],
-                            sk.PARTITIONS)  # fmt: skip
+                            sk.PARTITIONS)
 
     # half the stream at once, the rest live (~25 s) while the worker is being killed
     upfront = len(stream.arrivals) // 2
@@ -249,7 +249,7 @@ def test_sigkilled_worker_matches_uninterrupted_run(
         w.kill()  # SIGKILL, no chance to flush
         kills.append({"moment": moment, "after_s": round(time.monotonic() - w.started, 2),
                       "online_next_sum": before[0], "offline_next_sum": before[1],
-                      "of_messages": total})  # fmt: skip
+                      "of_messages": total})
         print(f"[kill] {kills[-1]}", flush=True)
 
     try:
@@ -284,7 +284,7 @@ def test_sigkilled_worker_matches_uninterrupted_run(
                 while not ahead and time.monotonic() < deadline and w.alive():
                     online = _online_next(redis_client, ns, group)
                     ahead = {tp: (off, online.get(tp, 0)) for tp, off in committed().items()
-                             if off > online.get(tp, 0)}  # fmt: skip
+                             if off > online.get(tp, 0)}
                     if not ahead:
                         time.sleep(0.01)
                 if not ahead:
@@ -335,14 +335,14 @@ def test_two_workers_in_one_group_match_one(
     bootstrap = ns.stack.kafka_bootstrap
     group = f"g{ns.id}"
     sk.create_source_topics(bootstrap, [ns.topic("impressions"), ns.topic("clicks")],
-                            sk.PARTITIONS)  # fmt: skip
+                            sk.PARTITIONS)
     with sk.timer("pair run: produce", timings):
         produced = sk.produce_arrivals(bootstrap, ns.topic_prefix, stream.arrivals)
     assert produced.coords == reference.exp.produced.coords
     workers = [
         sk.Worker(sk.worker_env(ns, tmp_path, group=group, worker_id=wid,
                                 HEADRACE_LOG_LEVEL="INFO"),
-                  tmp_path / f"worker-{wid}.log", until_idle=5)  # fmt: skip
+                  tmp_path / f"worker-{wid}.log", until_idle=5)
         for wid in ("a", "b")
     ]
     try:

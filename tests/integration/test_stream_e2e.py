@@ -57,7 +57,7 @@ def _subprocess_sample(ns: Namespace, exp: sk.Expected, rng: random.Random) -> l
                 got.setdefault((entity, eid, at), f"no line (exit {code}): {stderr[-300:]}")
             if code != 0:
                 problems.append(f"headrace get --entity {entity} --at {at}: exit {code} "
-                                f"{stderr[-300:]}")  # fmt: skip
+                                f"{stderr[-300:]}")
             problems += sk.feature_problems(exp, got)
     return problems
 
@@ -76,7 +76,7 @@ def test_stream_end_to_end_matches_oracle(
 
     with sk.timer("produce", timings):
         sk.create_source_topics(bootstrap, [ns.topic("impressions"), ns.topic("clicks")],
-                                sk.PARTITIONS)  # fmt: skip
+                                sk.PARTITIONS)
         produced = sk.produce_arrivals(bootstrap, ns.topic_prefix, stream.arrivals)
     print(f"produced {len(stream.arrivals)} arrivals as {produced.messages} messages "
           f"({produced.envelopes} Arrow envelopes holding {produced.enveloped_events} events)")

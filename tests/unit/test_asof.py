@@ -27,8 +27,8 @@ from feature_defs.model import AggOp, Entity, Feature, FeatureView, Measure, Sou
 from feature_defs.registry import Registry
 from feature_defs.windows import WindowKind, lifetime, sliding, tumbling
 from headrace.cli import main
-from headrace.errors import InputError
-from headrace.settings import OfflineSettings
+from headrace.core.errors import InputError
+from headrace.core.settings import OfflineSettings
 from offline.store import OfflineStore, OfflineStoreUnreadable, deduplicate
 from offline.training_set import build_training_set, write_training_set
 

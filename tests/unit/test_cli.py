@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from headrace import _stackproc
+from headrace.stack import proc as _stackproc
 from headrace.cli import main
 
 
@@ -46,7 +46,7 @@ def test_entry_point_reports_usage_error() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "headrace.cli", "no-such-command"],
         capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    )
     assert proc.returncode == 2
     assert "usage:" in proc.stderr
 
@@ -89,7 +89,7 @@ def _write_record(root: Path, pid: int, **changes: object) -> None:
         "name": "redis", "pid": pid, "port": 1, "argv": ["sleep", "60"],
         "start_ticks": ticks, "exe": exe, "cmdline": _stackproc.cmdline(pid),
         "stop_signal": 15,
-    }  # fmt: skip
+    }
     rec.update(changes)
     state = {"version": 1, "complete": False, "dir": str(root), "services": {"redis": rec}}
     (root / "stack.json").write_text(json.dumps(state))

@@ -39,7 +39,7 @@ def user(n: int | None, ctr: float | None = 0.1, clicks: int = 3) -> dict[str, A
     ("history", "tier"),
     [(None, Tier.GLOBAL), (0, Tier.SEGMENT), (9, Tier.SEGMENT), (10, Tier.BLENDED),
      (55, Tier.BLENDED), (100, Tier.BLENDED), (101, Tier.PERSONALIZED)],
-)  # fmt: skip
+)
 def test_tier_boundaries(history: int | None, tier: Tier) -> None:
     assert tier_for(history) is tier
 
@@ -102,7 +102,7 @@ def test_other_entities_global_prior_only_without_data() -> None:
     own = {"ad__ctr_1h": 0.3, "ad__clicks_1h": 7}
     assert apply_cold_start("ad", own, False, PRIORS, US)[:2] == (own, Tier.PERSONALIZED)
     vals, tier, sts = apply_cold_start("ad", {"ad__ctr_1h": None, "ad__clicks_1h": 0}, True,
-                                       PRIORS, US)  # fmt: skip
+                                       PRIORS, US)
     assert tier is Tier.GLOBAL and vals == {"ad__ctr_1h": 0.01, "ad__clicks_1h": 0}
     assert set(sts.values()) == {Status.DEFAULT}
 
@@ -111,7 +111,7 @@ def test_user_history_must_be_known() -> None:
     with pytest.raises(ValueError, match=HISTORY_FEATURE):
         apply_cold_start("user", {"user__ctr_24h": 0.1}, False, PRIORS, US)
     vals, tier, _ = apply_cold_start("user", {"user__ctr_24h": 0.1}, False, PRIORS, US,
-                                     history=500)  # fmt: skip
+                                     history=500)
     assert tier is Tier.PERSONALIZED and vals == {"user__ctr_24h": 0.1}
 
 
@@ -155,7 +155,7 @@ def _random_rows(rng: random.Random, entity: str, n: int) -> list[dict[str, Any]
                        "user__clicks_1h": 0 if is_default else rng.randrange(5)}
             if entity == "user" else
             {"ad__ctr_1h": None if is_default else ctr, "ad__clicks_1h": rng.randrange(5)},
-        })  # fmt: skip
+        })
     return rows
 
 
@@ -164,16 +164,16 @@ def test_columns_variant_equals_scalar_rule(entity: str) -> None:
     rows = _random_rows(random.Random(7), entity, 500)
     names = list(rows[0]["values"])
     cols = {n: np.array([np.nan if r["values"][n] is None else r["values"][n] for r in rows],
-                        dtype=np.float64) for n in names}  # fmt: skip
+                        dtype=np.float64) for n in names}
     out, tiers, statuses = apply_cold_start_columns(
         entity, cols, np.array([r["is_default"] for r in rows]), PRIORS,
         [r["segment"][0] if r["segment"] else None for r in rows],
         [r["segment"][1] if r["segment"] else None for r in rows],
         stale=np.array([r["stale"] for r in rows]),
-    )  # fmt: skip
+    )
     for i, r in enumerate(rows):
         vals, tier, sts = apply_cold_start(entity, r["values"], r["is_default"], PRIORS,
-                                           r["segment"], stale=r["stale"])  # fmt: skip
+                                           r["segment"], stale=r["stale"])
         assert tiers[i] == tier, (i, r)
         for n in names:
             got = out[n][i]
@@ -191,12 +191,12 @@ def _events() -> tuple[pa.Table, pa.Table]:
         ("u1", "US", "mobile", t0 + 1000), ("u1", "US", "mobile", t0 + 2000),
         ("u2", "US", "mobile", t0 + 3000), ("u2", "US", "mobile", t0 + day + 5),
         ("u2", "DE", "desktop", t0 + day + 10), ("u3", "DE", "desktop", t0 + 4000),
-    ]):  # fmt: skip
+    ]):
         imps.append({"event_id": f"i{i}", "ts": ts, "user_id": u, "ad_id": f"a{i % 2}",
                      "campaign_id": "c", "publisher_id": "p", "country": c,
-                     "device_type": d})  # fmt: skip
+                     "device_type": d})
     clicks = [{"event_id": "k0", "ts": t0 + 1500, "user_id": "u1", "ad_id": "a0",
-               "campaign_id": "c", "publisher_id": "p"}]  # fmt: skip
+               "campaign_id": "c", "publisher_id": "p"}]
     return pa.Table.from_pylist(imps), pa.Table.from_pylist(clicks)
 
 
@@ -226,5 +226,5 @@ def test_priors_of_no_events_are_empty() -> None:
     from offline.priors import _CLICK_COLS, _IMP_COLS, _ensure, compute_priors
 
     p = compute_priors(load_registry(), _ensure(pa.table({}), _IMP_COLS),
-                       _ensure(pa.table({}), _CLICK_COLS))  # fmt: skip
+                       _ensure(pa.table({}), _CLICK_COLS))
     assert p.global_values == {} and p.segments == {}

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from headrace.settings import (
+from headrace.core.settings import (
     ENV_PREFIX,
     SETTINGS_CLASSES,
     CommonSettings,
@@ -38,12 +38,12 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
 
 def _headrace_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: svc for name, svc in compose["services"].items()
-            if any(k.startswith(ENV_PREFIX) for k in _env(svc))}  # fmt: skip
+            if any(k.startswith(ENV_PREFIX) for k in _env(svc))}
 
 
 def test_services_exist(compose: dict[str, Any]) -> None:
     expected = {"kafka-1", "kafka-2", "kafka-3", "redis", "minio", "minio-init", "worker",
-                "serve", "prometheus"}  # fmt: skip
+                "serve", "prometheus"}
     assert expected <= set(compose["services"])
 
 
@@ -118,7 +118,7 @@ def test_prometheus_scrapes_the_metrics_ports(
 ) -> None:
     expected = {(name, int(_env(svc)["HEADRACE_METRICS_PORT"]))
                 for name, svc in _headrace_services(compose).items()
-                if "HEADRACE_METRICS_PORT" in _env(svc)}  # fmt: skip
+                if "HEADRACE_METRICS_PORT" in _env(svc)}
     assert expected == {("worker", 9108), ("serve", 9109)}
     assert _targets(prometheus) == expected
     for name, port in expected:

@@ -13,8 +13,8 @@ import pytest
 
 from feature_defs.layout import partition_for
 from headrace.cli import build_parser, main
-from headrace.errors import InputError, UsageError
-from headrace.settings import ProducerSettings
+from headrace.core.errors import InputError, UsageError
+from headrace.core.settings import ProducerSettings
 from streams.codec import RawMessage, decode_batch
 from streams.csv_replay import csv_training_rows, iter_csv_events, load_csv
 from streams.events import event_problem

@@ -17,19 +17,19 @@ _ALPHABET = ["a", "Z", "7", "-", "_", ":", "{", "}", " ", "\t", "\n", "\x0b", "\
 def test_mask_equals_the_per_event_rule() -> None:
     rng = random.Random(11)
     values: list[str | None] = [None, "", "a" * MAX_ID_LEN, "a" * (MAX_ID_LEN + 1),
-                                "é" * MAX_ID_LEN, "é" * (MAX_ID_LEN + 1)]  # fmt: skip
+                                "é" * MAX_ID_LEN, "é" * (MAX_ID_LEN + 1)]
     for _ in range(3000):
         n = rng.choice([1, 2, 5, 12])
         pool = _ALPHABET[:5] if rng.random() < 0.6 else _ALPHABET  # mostly valid ids
         values.append("".join(rng.choice(pool) for _ in range(n)))
     col = pa.chunked_array([pa.array(values[:1000], pa.string()),
-                            pa.array(values[1000:], pa.string())])  # fmt: skip
+                            pa.array(values[1000:], pa.string())])
     mask = _bad_id_mask("user_id", col)
     want = [v is not None and entity_id_problem(v) is not None for v in values]
     assert any(want) and not all(want)
     assert (mask.to_pylist() if mask is not None else [False] * len(values)) == want
     clean = pa.chunked_array([pa.array([v for v, bad in zip(values, want, strict=True)
-                                        if not bad], pa.string())])  # fmt: skip
+                                        if not bad], pa.string())])
     assert _bad_id_mask("event_id", clean) is None
 
 

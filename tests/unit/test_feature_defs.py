@@ -13,7 +13,7 @@ from feature_defs.registry import Registry, load_registry
 from feature_defs.standard import AD, SOURCES, USER, VIEWS
 from feature_defs.validate import validate_views
 from feature_defs.windows import lifetime, sliding, to_ms, tumbling, window_label
-from headrace.errors import DefinitionError, InputError
+from headrace.core.errors import DefinitionError, InputError
 from tests import oracle
 
 S, M, H, D = (timedelta(seconds=1), timedelta(minutes=1), timedelta(hours=1),

@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from headrace.cli import main
-from headrace.errors import InputError
-from offline.labels import LABEL_SCHEMA, build_labels, parse_duration, parse_time
+from headrace.core.errors import InputError
+from headrace.core.timeparse import parse_duration, parse_time
+from offline.labels import LABEL_SCHEMA, build_labels
 from offline.store import OfflineStore
 
 MIN = 60_000

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from headrace.errors import OnlineStoreError
+from headrace.core.errors import OnlineStoreError
 from streams.engine import Engine
 from streams.online import MemoryOnlineStore, OnlineWrites, StateWrite
 from tests.unit.test_stream_freshness import _engine, _stream

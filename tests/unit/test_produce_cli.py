@@ -13,8 +13,8 @@ import pytest
 from feature_defs.layout import partition_for
 from headrace.cli import build_parser, main
 from headrace.commands.produce import ENCODING_CHOICES, scan_jsonl
-from headrace.errors import InputError
-from headrace.settings import ProducerSettings
+from headrace.core.errors import InputError
+from headrace.core.settings import ProducerSettings
 from streams.codec import ENCODINGS, RawMessage, decode_batch
 from streams.producer import EventProducer, MemorySink
 from streams.synthetic import generate

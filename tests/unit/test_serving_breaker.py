@@ -42,7 +42,7 @@ def test_opens_after_consecutive_failures_only(breaker: CircuitBreaker) -> None:
 
 
 def test_half_open_probe_then_close(breaker: CircuitBreaker, clock: Clock,
-                                    seen: list[BreakerState]) -> None:  # fmt: skip
+                                    seen: list[BreakerState]) -> None:
     for _ in range(3):
         breaker.failure()
     clock.now += 1.999
@@ -57,7 +57,7 @@ def test_half_open_probe_then_close(breaker: CircuitBreaker, clock: Clock,
 
 
 def test_failed_probe_reopens_and_restarts_the_timer(breaker: CircuitBreaker,
-                                                     clock: Clock) -> None:  # fmt: skip
+                                                     clock: Clock) -> None:
     for _ in range(3):
         breaker.failure()
     clock.now += 2.0

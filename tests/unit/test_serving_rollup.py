@@ -28,7 +28,7 @@ def _state(plan: ViewPlan, rng: random.Random, n: int, span_ms: int, ads: int = 
         jitter = rng.randrange(-90_000, 1) if rng.random() < 0.1 else 0  # some late events
         st.apply(source, ts + jitter, {"ad_id": f"a{rng.randrange(ads)}",
                                        "bid_cpm": rng.choice([None, rng.random() * 3])},
-                 tiebreak=i)  # fmt: skip
+                 tiebreak=i)
     return ViewState.decode(plan, st.encode())  # what the server sees
 
 
@@ -36,7 +36,7 @@ def _as_ofs(st: ViewState, rng: random.Random) -> list[int]:
     base = st.max_ts
     return [base, base + 1, base + 4_999, base + 5_000, base + rng.randrange(3_600_000),
             (base // 900_000 + 1) * 900_000, base + rng.randrange(8 * DAY),
-            base + 7 * DAY, base + 8 * DAY - 1, base + 8 * DAY, base + 30 * DAY]  # fmt: skip
+            base + 7 * DAY, base + 8 * DAY - 1, base + 8 * DAY, base + 30 * DAY]
 
 
 def _check(plan: ViewPlan, st: ViewState, as_of: int, outputs: list[int] | None = None) -> None:
@@ -73,15 +73,15 @@ def test_distinct_beyond_the_sketch_size() -> None:
 def test_order_sensitive_operators_are_exact() -> None:
     e = Entity("thing", "user_id")
     m = {op: Measure(op, "impressions", "bid_cpm") for op in
-         (AggOp.SUM, AggOp.MEAN, AggOp.MIN, AggOp.MAX, AggOp.LAST)}  # fmt: skip
+         (AggOp.SUM, AggOp.MEAN, AggOp.MIN, AggOp.MAX, AggOp.LAST)}
     windows = (sliding(timedelta(hours=1), timedelta(minutes=1)), tumbling(timedelta(hours=6)),
-               lifetime())  # fmt: skip
+               lifetime())
     view = FeatureView(
         name="bids", entity=e, sources=(Source("impressions", "impression"),),
         features=tuple(Feature(op.value, windows, measure=mm) for op, mm in m.items())
         + (Feature("ratio", windows, ratio=(m[AggOp.SUM], Measure(AggOp.COUNT, "impressions"))),),
         online_ttl=timedelta(days=3),
-    )  # fmt: skip
+    )
     plan = compile_view(view)
     rng = random.Random(3)
     for _ in range(30):

@@ -8,9 +8,9 @@ from typing import Any
 import grpc
 import pytest
 
-from headrace.commands.serve import parse_time_ms
-from headrace.errors import InvalidArgument, OnlineStoreError, UsageError
-from proto.headrace.v1 import features_pb2 as pb
+from headrace.core.timeparse import parse_time_ms
+from headrace.core.errors import InvalidArgument, OnlineStoreError, UsageError
+from headrace.api.v1 import features_pb2 as pb
 from serving.client import OnlineFeatures, build_request
 from serving.server import ErrorInterceptor, status_of
 from serving.store import FakeOnlineStore, pack_hmget
@@ -72,7 +72,7 @@ def test_client_decodes_the_columnar_answer() -> None:
         feature_names=["f", "g"], ids=["a", "b"], tiers=[pb.PERSONALIZED, pb.GLOBAL],
         values=[1.5, math.nan, 0.25, 3.0], is_null=[False, True, False, False],
         statuses=[pb.PRESENT, pb.PRESENT, pb.DEFAULT, pb.STALE], as_of_ms=7,
-    )  # fmt: skip
+    )
     answer = OnlineFeatures.from_pb("user", resp)
     a, b = answer.entities
     assert a.values == {"f": 1.5, "g": None} and a.tier == "PERSONALIZED"
@@ -112,7 +112,7 @@ def test_fake_store_contract_basics() -> None:
     [("1700000000000", 1_700_000_000_000), ("2023-11-14T22:13:20Z", 1_700_000_000_000),
      ("2023-11-14T22:13:20+00:00", 1_700_000_000_000), ("2023-11-14T22:13:20", 1_700_000_000_000),
      ("2023-11-14T23:13:20.5+01:00", 1_700_000_000_500)],
-)  # fmt: skip
+)
 def test_parse_time_ms(text: str, ms: int) -> None:
     assert parse_time_ms(text) == ms
 

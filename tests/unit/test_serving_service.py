@@ -12,8 +12,8 @@ from feature_defs.coldstart import Priors, Status, Tier
 from feature_defs.layout import entity_key, priors_key
 from feature_defs.registry import load_registry
 from feature_defs.state import ViewState
-from headrace.errors import InvalidArgument
-from proto.headrace.v1 import features_pb2 as pb
+from headrace.core.errors import InvalidArgument
+from headrace.api.v1 import features_pb2 as pb
 from serving.breaker import BreakerState, CircuitBreaker
 from serving.client import OnlineFeatures, build_request
 from serving.priors import PriorsCache
@@ -38,7 +38,7 @@ def make_events(rng: random.Random, users: int = 6, n: int = 900) -> list[dict[s
         events.append({"type": "click" if rng.random() < 0.1 else "impression",
                        "event_id": f"e{i}", "ts": ts, "user_id": f"u{u}",
                        "ad_id": f"a{rng.randrange(4)}", "campaign_id": f"c{rng.randrange(2)}",
-                       "publisher_id": "p0"})  # fmt: skip
+                       "publisher_id": "p0"})
     return sorted(events, key=lambda e: e["ts"])
 
 
@@ -78,7 +78,7 @@ def make_service(
     reader = OnlineReader(store, PREFIX, memo_entries=memo_entries)
     return OnlineFeatureService(REG, reader, cache, breaker,
                                 budget_ms=10.0, max_ids=5, clock_ms=lambda: now,
-                                timer=timer)  # fmt: skip
+                                timer=timer)
 
 
 def ask(service: OnlineFeatureService, entity: str, ids: list[str], **kw: Any) -> OnlineFeatures:
@@ -148,7 +148,7 @@ def test_cold_start_through_the_service(store: FakeOnlineStore) -> None:
     priors = Priors({"user__ctr_24h": 0.01}, {("US", "mobile"): {"user__ctr_24h": 0.2}})
     service = make_service(store, priors=priors)
     answer = ask(service, "user", ["nobody"], features=["user__ctr_24h"], country="US",
-                 device_type="mobile")  # fmt: skip
+                 device_type="mobile")
     assert answer.entities[0].values == {"user__ctr_24h": 0.2}
     assert answer.entities[0].tier == "SEGMENT"
     assert ask(service, "user", ["nobody"], features=["user__ctr_24h"]).entities[0].tier == "GLOBAL"
@@ -171,7 +171,7 @@ def test_cold_start_through_the_service(store: FakeOnlineStore) -> None:
     ],
 )
 def test_bad_requests_name_the_field(store: FakeOnlineStore, request_kw: dict[str, Any],
-                                     field: str) -> None:  # fmt: skip
+                                     field: str) -> None:
     service = make_service(store)
     kw = {"entity_type": "user", **request_kw}
     with pytest.raises(InvalidArgument) as err:
@@ -211,7 +211,7 @@ def test_store_errors_fall_back_to_priors_then_the_breaker_opens(store: FakeOnli
     for _ in range(2):
         resp = service.get_online_features(build_request(
             "user", ["u0", "u1"], ["user__ctr_24h", "user__clicks_1h"], country="US",
-            device_type="mobile"))  # fmt: skip
+            device_type="mobile"))
         assert resp.fallback_reason == pb.REDIS_ERROR
         assert list(resp.statuses) == [Status.FALLBACK] * 4
         assert list(resp.tiers) == [Tier.SEGMENT] * 2
@@ -264,7 +264,7 @@ def test_enum_numbers_match_the_proto() -> None:
 
 
 def test_memo_answers_equal_fresh_roll_ups(store: FakeOnlineStore,
-                                           events: list[dict[str, Any]]) -> None:  # fmt: skip
+                                           events: list[dict[str, Any]]) -> None:
     memo = make_service(store, memo_entries=3)  # tiny: eviction runs too
     plain = make_service(store, memo_entries=0)
     rng = random.Random(5)
@@ -303,7 +303,7 @@ def test_several_views_of_one_entity_in_one_round_trip() -> None:
         name="user_bids", entity=USER, sources=(Source("impressions", "impression"),),
         features=(Feature("bid_sum", (sliding(timedelta(hours=1), timedelta(minutes=1)),),
                           measure=Measure(AggOp.SUM, "impressions", "bid_cpm"), default=0.0),),
-    )  # fmt: skip
+    )
     reg = Registry.build([USER_ACTIVITY, bids])
     store = FakeOnlineStore()
     act, bid = ViewState(reg.plans["user_activity@1"]), ViewState(reg.plans["user_bids@1"])
@@ -317,7 +317,7 @@ def test_several_views_of_one_entity_in_one_round_trip() -> None:
     cache = PriorsCache(store, PREFIX)
     breaker = CircuitBreaker(clock=Timer())
     service = OnlineFeatureService(reg, OnlineReader(store, PREFIX), cache, breaker,
-                                   clock_ms=lambda: T0 + 1)  # fmt: skip
+                                   clock_ms=lambda: T0 + 1)
     names = ["user__bid_sum_1h", "user__ctr_24h", "user__impressions_7d"]
     answer = ask(service, "user", ["both", "one"], features=names)
     assert store.calls == 1
@@ -326,4 +326,4 @@ def test_several_views_of_one_entity_in_one_round_trip() -> None:
     assert both.values == {n: want[n] for n in names} and both.tier == "PERSONALIZED"
     assert one.values == {**{n: want[n] for n in names}, "user__bid_sum_1h": 0.0}
     assert one.statuses == {"user__bid_sum_1h": "DEFAULT", "user__ctr_24h": "PRESENT",
-                            "user__impressions_7d": "PRESENT"}  # fmt: skip
+                            "user__impressions_7d": "PRESENT"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from headrace.settings import (
+from headrace.core.settings import (
     CommonSettings,
     OfflineSettings,
     ProducerSettings,
@@ -42,7 +42,7 @@ def test_from_env_ignores_the_process_environment(monkeypatch: pytest.MonkeyPatc
 def test_defaults() -> None:
     s = CommonSettings.from_env({})
     assert (s.kafka_bootstrap, s.broker_profile, s.offline_uri) == (
-        "localhost:9092", "kafka", "s3://headrace-offline")  # fmt: skip
+        "localhost:9092", "kafka", "s3://headrace-offline")
     assert ServeSettings.from_env({}).port == 50051
     assert OfflineSettings.from_env({}).workers == 2
     assert ProducerSettings.from_env({}).encoding == "arrow"
@@ -53,7 +53,7 @@ def test_defaults() -> None:
     ("key", "value"),
     [("HEADRACE_BROKER_PROFILE", "zookeeper"), ("HEADRACE_PARTITIONS", "0"),
      ("HEADRACE_ENCODING", "xml"), ("HEADRACE_LOG_LEVEL", "LOUD")],
-)  # fmt: skip
+)
 def test_invalid_values_are_rejected(key: str, value: str) -> None:
     with pytest.raises(ValidationError):
         ProducerSettings.from_env({key: value})
@@ -84,7 +84,7 @@ def test_profiles_for_confluent() -> None:
     assert kafka.confluent_producer()["enable.idempotence"] is True
     assert kafka.confluent_producer()["acks"] == "all"
     assert embedded.confluent_producer() == {
-        "bootstrap.servers": "127.0.0.1:9999", "acks": "all", "linger.ms": 5}  # fmt: skip
+        "bootstrap.servers": "127.0.0.1:9999", "acks": "all", "linger.ms": 5}
 
 
 def test_faust_kwargs() -> None:

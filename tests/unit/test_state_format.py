@@ -93,7 +93,7 @@ def test_format_1_states_read_back_exactly(view_id: str) -> None:
         for i in range(rng.randrange(1, 300)):
             ts = T0 - int(rng.random() ** 2 * 9 * 86_400_000) + rng.randrange(-90_000, 1)
             st.apply(rng.choice(["impressions", "clicks"]), ts, {"ad_id": f"a{rng.randrange(40)}"},
-                     tiebreak=i)  # fmt: skip
+                     tiebreak=i)
         st.compact()
         old = _v1_bytes(st)
         again = ViewState.decode(plan, old)
@@ -114,7 +114,7 @@ def test_corrupt_ring_bytes_are_refused() -> None:
     fields = list(marshal.loads(st.encode()[1:]))
     for i, bad_value in ((4, fields[4][:-8]),  # one int short
                          (3, [fields[3][0] + 1, *fields[3][1:]]),  # a ring one tile longer
-                         (5, fields[5][:-1])):  # a ring's states missing  # fmt: skip
+                         (5, fields[5][:-1])):  # a ring's states missing
         bad = b"\x02" + marshal.dumps(tuple(fields[:i] + [bad_value] + fields[i + 1:]))
         with pytest.raises(ValueError):
             decode_fields(plan, bad)

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 
 from feature_defs.registry import load_registry
-from headrace.errors import OnlineStoreError
-from headrace.resp import PipelineConnections
+from headrace.core.errors import OnlineStoreError
+from headrace.core.resp import PipelineConnections
 from streams.engine import STATS_STRIDE, Engine, RawMessage
 from streams.online import MemoryOnlineStore, RedisOnlineStore, StateWrite
 from streams.pacing import FlushPacer, OfflineSchedule, catching_up
@@ -23,10 +23,10 @@ T0 = 1_700_000_000_000
 
 
 def _engine(store: MemoryOnlineStore, sides: MemorySideOutputs | None = None,
-            clock: float = T0 / 1000 + 3600) -> Engine:  # fmt: skip
+            clock: float = T0 / 1000 + 3600) -> Engine:
     return Engine(registry=load_registry(), store=store, writer=None,
                   sides=sides or MemorySideOutputs(), topic=lambda t: t, redis_prefix="hr",
-                  group="g", max_future_ms=10**13, clock=lambda: clock)  # fmt: skip
+                  group="g", max_future_ms=10**13, clock=lambda: clock)
 
 
 def _imp(part: int, offset: int, i: int) -> RawMessage:
@@ -64,7 +64,7 @@ def test_one_call_over_partitions_equals_calls_per_partition() -> None:
 
 def _forward_messages(topic: str, tables: list[pa.Table]) -> list[RawMessage]:
     return [RawMessage(encode_arrow(t), [("hr-enc", b"arrow")], topic, 0, o, T0)
-            for o, t in enumerate(tables)]  # fmt: skip
+            for o, t in enumerate(tables)]
 
 
 def test_repartition_batch_equals_messages_one_by_one_with_replays() -> None:
@@ -202,7 +202,7 @@ def _redis(answer: object = None, chunk: int = 7) -> tuple[RedisOnlineStore, Fak
 def test_redis_write_packs_states_then_commit_records() -> None:
     st, pool = _redis()
     st.write([StateWrite("k1", "v@1", b"\x00\r\n", 60), StateWrite("k2", "v@1", b"y", 60)],
-             {"c": {"online_next": 7, "online_wm": -3}})  # fmt: skip
+             {"c": {"online_next": 7, "online_wm": -3}})
     assert pool.sent == (
         b"*4\r\n$4\r\nHSET\r\n$2\r\nk1\r\n$3\r\nv@1\r\n$3\r\n\x00\r\n\r\n"
         b"*3\r\n$6\r\nEXPIRE\r\n$2\r\nk1\r\n$2\r\n60\r\n"
@@ -220,7 +220,7 @@ def test_redis_load_and_errors() -> None:
     st, pool = _redis(lambda cmd: blobs.get(cmd[1]), chunk=5)  # replies split across reads
     assert st.load([("k1", "f"), ("k2", "f")]) == [b"blob\r\n" * 3, None]
     assert pool.sent == b"*3\r\n$4\r\nHGET\r\n$2\r\nk1\r\n$1\r\nf\r\n" \
-        b"*3\r\n$4\r\nHGET\r\n$2\r\nk2\r\n$1\r\nf\r\n"  # fmt: skip
+        b"*3\r\n$4\r\nHGET\r\n$2\r\nk2\r\n$1\r\nf\r\n"
     # an error reply inside a pipeline fails the write and drops the connection (its
     # other replies are unread); the next call reconnects and works
     answers = iter([Exception("WRONGTYPE Operation against a key"), 1, 1, 1])

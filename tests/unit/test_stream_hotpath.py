@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from feature_defs.layout import partition_for
-from headrace.resp import PipelineConnections
+from headrace.core.resp import PipelineConnections
 from streams.online import RedisOnlineStore, StateWrite
 from streams.sides import KafkaSideOutputs
 from tests.resp_fakes import FakePool
@@ -111,7 +111,7 @@ def test_offline_parts_parallel_equal_sequential(tmp_path) -> None:
 def test_offline_parallel_write_error_surfaces(tmp_path) -> None:
     import pytest
 
-    from headrace.errors import OfflineStoreError
+    from headrace.core.errors import OfflineStoreError
     from streams.offline_writer import OfflineWriter, resolve_filesystem
 
     fs, root = resolve_filesystem(str(tmp_path), None)

@@ -21,11 +21,11 @@ import pytest
 
 from feature_defs.registry import load_registry
 from headrace import cli
-from headrace.errors import InputError
-from offline.coldstart_model import context_time, load_coldstart
+from headrace.core.errors import InputError
+from headrace.model.coldstart import context_time, load_coldstart
+from headrace.model.booster import CategoryCodes
 from offline.evaluation import (
     CalibrationBin,
-    CategoryCodes,
     Metrics,
     auc,
     baseline_raw,
@@ -33,19 +33,17 @@ from offline.evaluation import (
     log_loss,
     time_split,
 )
-from offline.models import (
+from headrace.model.artifact import (
     CHAMPION_FILE,
-    ChampionRef,
-    GatePolicy,
     ModelLoadError,
     champion_version,
-    decide,
     list_versions,
     load_champion,
     set_champion,
     version_key,
     write_artifact,
 )
+from offline.models import ChampionRef, GatePolicy, decide
 from offline.train import train
 
 START = 1_704_067_200_000  # 2024-01-01T00:00:00Z, a Monday

@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from headrace import _stackproc as proc
-from headrace import _stackservices as services
-from headrace.errors import StackError
+from headrace.stack import proc
+from headrace.stack import services
+from headrace.core.errors import StackError
 
 __all__ = [
     "SERVICES",
@@ -296,7 +296,7 @@ class LocalStack:
         root = Path(dir).expanduser().resolve()
         if not (root / STATE_FILE).is_file():
             raise StackError(f"no Headrace stack recorded in {root} (no {STATE_FILE}); "
-                             "nothing was stopped")  # fmt: skip
+                             "nothing was stopped")
         with _locked(root):
             state = _read_state(root)
             if state is None:
@@ -366,7 +366,7 @@ class LocalStack:
             child = proc.spawn(argv, log, cwd=root)
             ticks, exe = proc.identity(child.pid)
             rec = ServiceRecord(name=name, pid=child.pid, port=port, argv=argv, start_ticks=ticks,
-                                exe=exe, stop_signal=services.STOP_SIGNALS[name])  # fmt: skip
+                                exe=exe, stop_signal=services.STOP_SIGNALS[name])
             started[name] = rec
             _write_state(root, started, complete=False)  # recorded before waiting
             try:

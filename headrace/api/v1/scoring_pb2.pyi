@@ -1,4 +1,4 @@
-from proto.headrace.v1 import features_pb2 as _features_pb2
+from headrace.api.v1 import features_pb2 as _features_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor

@@ -1,6 +1,6 @@
 """The TalkingData example: do windowed stream features beat the raw columns?
 
-On a throwaway embedded stack (:func:`headrace.stack.local_stack` in a temporary folder,
+On a throwaway embedded stack (:func:`headrace.stack.local.local_stack` in a temporary folder,
 stopped at the end), every step runs the real ``headrace`` command in a subprocess, as
 the demo does (:class:`headrace.demo._Runner`):
 
@@ -42,16 +42,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from headrace.errors import InputError
-from offline.evaluation import (
-    RAW_PARAMS,
-    CategoryCodes,
-    auc,
-    baseline_raw,
-    fit_booster,
-    log_loss,
-    time_split,
-)
+from headrace.core.errors import InputError
+from headrace.model.booster import CategoryCodes
+from offline.evaluation import RAW_PARAMS, auc, baseline_raw, fit_booster, log_loss, time_split
 
 __all__ = ["ATTRIBUTION", "TEST_HOURS", "run_example", "subset_csv", "fit_and_score"]
 
@@ -73,7 +66,7 @@ def fit_and_score(train: pa.Table, test: pa.Table, numeric: list[str], categoric
     """Fit on ``train`` (early stopping on its last 20 % by time), score ``test`` once.
 
     ``numeric`` columns are used as numbers (null → missing); ``categorical`` ones through
-    :class:`~offline.evaluation.CategoryCodes` fitted on ``train``.
+    :class:`~headrace.model.booster.CategoryCodes` fitted on ``train``.
     """
     from offline.train import feature_matrix
 
@@ -146,7 +139,7 @@ def run_example(csv: Path | str, *, rows: int | None = None, seed: int = 0,
     """
     from feature_defs.registry import load_registry
     from headrace.demo import _Runner
-    from headrace.stack import local_stack
+    from headrace.stack.local import local_stack
     from streams.csv_replay import csv_training_rows
 
     started = time.monotonic()

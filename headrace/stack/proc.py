@@ -1,7 +1,7 @@
-"""Process, port and readiness helpers for :mod:`headrace.stack` (Linux ``/proc``).
+"""Process, port and readiness helpers for :mod:`headrace.stack.local` (Linux ``/proc``).
 
-Kept apart from :mod:`headrace.stack` so that module reads as the stack's life cycle;
-nothing outside :mod:`headrace.stack` should need these.
+Kept apart from :mod:`headrace.stack.local` so that module reads as the stack's life cycle;
+nothing outside :mod:`headrace.stack.local` should need these.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from headrace.errors import MissingDependencyError, StackError
+from headrace.core.errors import MissingDependencyError, StackError
 
 __all__ = [
     "PortTaken",
@@ -37,7 +37,7 @@ __all__ = [
 _SCRUBBED_ENV = frozenset(
     {"CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE",
      "SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT"}
-)  # fmt: skip
+)
 _STOP_TIMEOUT_S = 5.0
 _KILL_TIMEOUT_S = 3.0
 
@@ -92,7 +92,7 @@ def spawn(argv: Sequence[str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
             return subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 cwd=cwd, env=env, start_new_session=True,
-            )  # fmt: skip
+            )
         except OSError as exc:
             raise MissingDependencyError(f"cannot run {argv[0]}: {exc.strerror}") from exc
 
@@ -226,7 +226,7 @@ def wait_ready(
     child.kill()
     child.wait()
     raise StackError(f"{child.args[0]} did not answer on port {port} within {timeout:.0f} s "
-                     f"({last_error}); log {log}:\n{_tail(log)}")  # fmt: skip
+                     f"({last_error}); log {log}:\n{_tail(log)}")
 
 
 # -- stopping ----------------------------------------------------------------------------
@@ -293,5 +293,5 @@ def stop_all(records: Sequence[_Record], say: Callable[[str], None]) -> dict[str
     left = _wait_gone(survivors, _KILL_TIMEOUT_S)
     if left:
         raise StackError("still running after SIGKILL: "
-                         + ", ".join(f"{r.name} (pid {r.pid})" for r in left))  # fmt: skip
+                         + ", ".join(f"{r.name} (pid {r.pid})" for r in left))
     return outcome

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.headrace.v1 import features_pb2 as proto_dot_headrace_dot_v1_dot_features__pb2
+from headrace.api.v1 import scoring_pb2 as headrace_dot_api_dot_v1_dot_scoring__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/headrace/v1/features_pb2_grpc.py depends on'
+        + ' but the generated code in headrace/api/v1/scoring_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class FeatureServiceStub:
+class ScoringServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -34,46 +34,48 @@ class FeatureServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.GetOnlineFeatures = channel.unary_unary(
-                '/headrace.v1.FeatureService/GetOnlineFeatures',
-                request_serializer=proto_dot_headrace_dot_v1_dot_features__pb2.GetOnlineFeaturesRequest.SerializeToString,
-                response_deserializer=proto_dot_headrace_dot_v1_dot_features__pb2.GetOnlineFeaturesResponse.FromString,
+        self.Score = channel.unary_unary(
+                '/headrace.v1.ScoringService/Score',
+                request_serializer=headrace_dot_api_dot_v1_dot_scoring__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=headrace_dot_api_dot_v1_dot_scoring__pb2.ScoreResponse.FromString,
                 _registered_method=True)
 
 
-class FeatureServiceServicer:
+class ScoringServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def GetOnlineFeatures(self, request, context):
-        """Online feature values of up to max_ids entities in one Redis round trip.
-        INVALID_ARGUMENT names the offending field ("ids[3]: ..."); a failing online store
-        is never an RPC error (statuses FALLBACK instead).
+    def Score(self, request, context):
+        """Rank up to 200 candidates for one user and context: one online-store round trip for
+        the user, every ad, campaign and the publisher, one model call for all candidates.
+        INVALID_ARGUMENT names the field ("candidates[3].bid_cpm: ..."); FAILED_PRECONDITION
+        when no model can be loaded. A failing online store is never an RPC error: the
+        cold-start model answers (source COLDSTART_MODEL, fallback_reason set).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_FeatureServiceServicer_to_server(servicer, server):
+def add_ScoringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'GetOnlineFeatures': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetOnlineFeatures,
-                    request_deserializer=proto_dot_headrace_dot_v1_dot_features__pb2.GetOnlineFeaturesRequest.FromString,
-                    response_serializer=proto_dot_headrace_dot_v1_dot_features__pb2.GetOnlineFeaturesResponse.SerializeToString,
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=headrace_dot_api_dot_v1_dot_scoring__pb2.ScoreRequest.FromString,
+                    response_serializer=headrace_dot_api_dot_v1_dot_scoring__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'headrace.v1.FeatureService', rpc_method_handlers)
+            'headrace.v1.ScoringService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('headrace.v1.FeatureService', rpc_method_handlers)
+    server.add_registered_method_handlers('headrace.v1.ScoringService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class FeatureService:
+class ScoringService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def GetOnlineFeatures(request,
+    def Score(request,
             target,
             options=(),
             channel_credentials=None,
@@ -86,9 +88,9 @@ class FeatureService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/headrace.v1.FeatureService/GetOnlineFeatures',
-            proto_dot_headrace_dot_v1_dot_features__pb2.GetOnlineFeaturesRequest.SerializeToString,
-            proto_dot_headrace_dot_v1_dot_features__pb2.GetOnlineFeaturesResponse.FromString,
+            '/headrace.v1.ScoringService/Score',
+            headrace_dot_api_dot_v1_dot_scoring__pb2.ScoreRequest.SerializeToString,
+            headrace_dot_api_dot_v1_dot_scoring__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

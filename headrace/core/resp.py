@@ -87,7 +87,7 @@ class PipelineConnections:
 
     def __init__(self, pool: Any) -> None:
         if hiredis is None:  # pragma: no cover - depends on the install
-            from headrace.errors import missing_extra
+            from headrace.core.errors import missing_extra
 
             raise missing_extra("hiredis", "stream")
         from redis.exceptions import RedisError
@@ -98,7 +98,7 @@ class PipelineConnections:
         self._connections: list[Any] = []
         #: what :meth:`execute` raises besides ``OSError`` (socket failures, timeouts)
         self.errors: tuple[type[Exception], ...] = (RedisError, hiredis.ProtocolError,
-                                                     ErrorReply)  # fmt: skip
+                                                     ErrorReply)
 
     def _connection(self) -> Any:
         conn = getattr(self._local, "conn", None)

@@ -1,9 +1,9 @@
-"""The three local services of :mod:`headrace.stack`: how to run and how to probe them.
+"""The three local services of :mod:`headrace.stack.local`: how to run and how to probe them.
 
 Each service has an argv builder (``port -> argv``; it raises
-:class:`~headrace.errors.MissingDependencyError` naming what to install when its binary or
+:class:`~headrace.core.errors.MissingDependencyError` naming what to install when its binary or
 package is missing) and a readiness probe (``(port, timeout) -> None``; it raises
-:class:`~headrace.errors.StackError` until the service answers).
+:class:`~headrace.core.errors.StackError` until the service answers).
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from headrace._stackproc import is_executable
-from headrace.errors import MissingDependencyError, StackError
+from headrace.stack.proc import is_executable
+from headrace.core.errors import MissingDependencyError, StackError
 
 __all__ = ["ARGV", "PROBES", "STOP_SIGNALS", "S3_CREDENTIAL", "create_bucket"]
 
 #: moto accepts any credentials; clients still need some to sign requests.
 S3_CREDENTIAL = "testing"
 _SYSTEM_REDIS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server",
-                 "/opt/homebrew/bin/redis-server")  # fmt: skip
+                 "/opt/homebrew/bin/redis-server")
 
 
 def _tansu_argv(port: int) -> list[str]:
@@ -44,7 +44,7 @@ def _tansu_argv(port: int) -> list[str]:
         ) from exc
     url = f"tcp://127.0.0.1:{port}"
     return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/"]  # fmt: skip
+            "--storage-engine", "memory://tansu/"]
 
 
 def _redis_binary() -> str:
@@ -69,7 +69,7 @@ def _redis_binary() -> str:
 
 def _redis_argv(port: int) -> list[str]:
     return [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--daemonize", "no"]  # fmt: skip
+            "--save", "", "--appendonly", "no", "--daemonize", "no"]
 
 
 def _moto_argv(port: int) -> list[str]:
@@ -122,7 +122,7 @@ def _s3_client(port: int, timeout: float) -> Any:
         aws_access_key_id=S3_CREDENTIAL, aws_secret_access_key=S3_CREDENTIAL,
         config=Config(connect_timeout=timeout, read_timeout=timeout,
                       retries={"max_attempts": 1}),
-    )  # fmt: skip
+    )
 
 
 def probe_s3(port: int, timeout: float) -> None:

@@ -1,0 +1,1 @@
+"""The gRPC API: generated protobuf and gRPC code (wire package ``headrace.v1``)."""

@@ -1,0 +1,1 @@
+"""End-to-end examples on real public ad data (``headrace example NAME``)."""

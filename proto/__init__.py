@@ -1,1 +1,0 @@
-"""Generated gRPC/protobuf code of the Headrace API (see scripts/gen_proto.sh)."""
