@@ -56,9 +56,9 @@ def train_bench_model(models_dir: Path, *, trees: int = 100, leaves: int = 31,
     import numpy as np
 
     from feature_defs.registry import load_registry
-    from headrace.model.coldstart import CONTEXT_CATEGORICAL
-    from headrace.model.booster import lightgbm
     from headrace.model.artifact import set_champion, write_artifact
+    from headrace.model.booster import lightgbm
+    from headrace.model.coldstart import CONTEXT_CATEGORICAL
 
     lgb = lightgbm()
     served = load_registry().feature_names()

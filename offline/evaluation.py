@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from headrace.core.errors import InputError
 from headrace.model.booster import CategoryCodes, lightgbm

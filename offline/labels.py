@@ -16,9 +16,7 @@ Also here: reading and checking a labels table given to the training set
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -37,17 +37,6 @@ import pyarrow.parquet as pq
 
 from feature_defs.registry import Registry, load_registry
 from headrace.core.errors import InputError
-from headrace.model.coldstart import ColdStartModel, save_coldstart
-from offline.coldstart_model import train_coldstart
-from headrace.model.booster import lightgbm
-from offline.evaluation import (
-    CalibrationBin,
-    Metrics,
-    TimeSplit,
-    evaluate,
-    fit_booster,
-    time_split,
-)
 from headrace.model.artifact import (
     ModelLoadError,
     champion_version,
@@ -55,6 +44,17 @@ from headrace.model.artifact import (
     registry_lock,
     set_champion,
     write_artifact,
+)
+from headrace.model.booster import lightgbm
+from headrace.model.coldstart import ColdStartModel, save_coldstart
+from offline.coldstart_model import train_coldstart
+from offline.evaluation import (
+    CalibrationBin,
+    Metrics,
+    TimeSplit,
+    evaluate,
+    fit_booster,
+    time_split,
 )
 from offline.models import DEFAULT_POLICY, ChampionRef, GateDecision, GatePolicy, decide
 from offline.training_set import label_times

@@ -20,11 +20,11 @@ from typing import Any
 
 import grpc
 
-from headrace.core.errors import BackendError, InvalidArgument
 from headrace.api.v1 import features_pb2 as pb
 from headrace.api.v1 import features_pb2_grpc as pb_grpc
 from headrace.api.v1 import scoring_pb2 as spb
 from headrace.api.v1 import scoring_pb2_grpc as spb_grpc
+from headrace.core.errors import BackendError, InvalidArgument
 
 __all__ = ["FeatureClient", "EntityFeatures", "OnlineFeatures", "build_request",
            "build_score_request", "ranked_candidates", "CONTEXT_FIELDS"]

@@ -32,9 +32,9 @@ import numpy as np
 
 from feature_defs.registry import Registry
 from headrace.core.errors import InputError
-from headrace.model.coldstart import CONTEXT_CATEGORICAL, ColdStartModel
-from headrace.model.booster import lightgbm
 from headrace.model.artifact import LoadedModel, ModelLoadError, champion_version, load_model
+from headrace.model.booster import lightgbm
+from headrace.model.coldstart import CONTEXT_CATEGORICAL, ColdStartModel
 from serving.reader import ReadPlan, compile_read_plan
 
 __all__ = ["TIME_FEATURES", "BID_FEATURE", "PER_CANDIDATE_KEYS", "EntityPart", "ScoringModel",

@@ -35,10 +35,10 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from feature_defs.coldstart import ColdStartRule, Priors, Tier, fallback_values
 from feature_defs.layout import entity_id_problem
 from feature_defs.registry import Registry
-from headrace.core.errors import HeadraceError, InvalidArgument, OnlineStoreError
-from headrace.model.coldstart import context_time
 from headrace.api.v1 import features_pb2 as pb
 from headrace.api.v1 import scoring_pb2 as spb
+from headrace.core.errors import HeadraceError, InvalidArgument, OnlineStoreError
+from headrace.model.coldstart import context_time
 from serving.breaker import CircuitBreaker
 from serving.metrics import metrics
 from serving.model_loader import EntityPart, ModelWatcher, ScoringModel

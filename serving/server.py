@@ -21,12 +21,12 @@ from typing import Any
 import grpc
 
 from feature_defs.registry import Registry, load_registry
-from headrace.core.errors import BackendError, HeadraceError
-from headrace.core.settings import ServeSettings
 from headrace.api.v1 import features_pb2 as pb
 from headrace.api.v1 import features_pb2_grpc as pb_grpc
 from headrace.api.v1 import scoring_pb2 as spb
 from headrace.api.v1 import scoring_pb2_grpc as spb_grpc
+from headrace.core.errors import BackendError, HeadraceError
+from headrace.core.settings import ServeSettings
 from serving.breaker import CircuitBreaker
 from serving.metrics import metrics
 from serving.priors import PriorsCache

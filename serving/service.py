@@ -17,8 +17,8 @@ from typing import Any
 from feature_defs.coldstart import ColdStartRule, Priors, Status, Tier, fallback_values
 from feature_defs.layout import entity_id_problem
 from feature_defs.registry import Registry
-from headrace.core.errors import InvalidArgument, OnlineStoreError
 from headrace.api.v1 import features_pb2 as pb
+from headrace.core.errors import InvalidArgument, OnlineStoreError
 from serving.breaker import CircuitBreaker
 from serving.metrics import metrics
 from serving.priors import PriorsCache

@@ -27,8 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from headrace.demo import DemoConfig, run_demo
     from headrace.core.errors import UsageError
+    from headrace.demo import DemoConfig, run_demo
 
     if args.events < 1000 or args.users < 10 or args.days < 2:
         raise UsageError("the demo needs --events >= 1000, --users >= 10 and --days >= 2")

@@ -33,9 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from headrace.stack import proc
-from headrace.stack import services
 from headrace.core.errors import StackError
+from headrace.stack import proc, services
 
 __all__ = [
     "SERVICES",

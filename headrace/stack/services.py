@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from headrace.stack.proc import is_executable
 from headrace.core.errors import MissingDependencyError, StackError
+from headrace.stack.proc import is_executable
 
 __all__ = ["ARGV", "PROBES", "STOP_SIGNALS", "S3_CREDENTIAL", "create_bucket"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from headrace.stack import proc as _stackproc
 from headrace.cli import main
+from headrace.stack import proc as _stackproc
 
 
 def _run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -21,13 +21,13 @@ from feature_defs.coldstart import Priors
 from feature_defs.layout import entity_key, priors_key
 from feature_defs.registry import load_registry
 from feature_defs.state import ViewState
-from headrace.commands.score import parse_ad
-from headrace.core.errors import InvalidArgument
-from headrace.model.coldstart import ColdStartModel
-from headrace.model.booster import CategoryCodes
-from headrace.model.artifact import LoadedModel, load_model, set_champion, write_artifact
 from headrace.api.v1 import features_pb2 as pb
 from headrace.api.v1 import scoring_pb2 as spb
+from headrace.commands.score import parse_ad
+from headrace.core.errors import InvalidArgument
+from headrace.model.artifact import LoadedModel, load_model, set_champion, write_artifact
+from headrace.model.booster import CategoryCodes
+from headrace.model.coldstart import ColdStartModel
 from serving.breaker import CircuitBreaker
 from serving.client import build_score_request, ranked_candidates
 from serving.model_loader import ModelWatcher, ScoringModel

@@ -8,9 +8,9 @@ from typing import Any
 import grpc
 import pytest
 
-from headrace.core.timeparse import parse_time_ms
-from headrace.core.errors import InvalidArgument, OnlineStoreError, UsageError
 from headrace.api.v1 import features_pb2 as pb
+from headrace.core.errors import InvalidArgument, OnlineStoreError, UsageError
+from headrace.core.timeparse import parse_time_ms
 from serving.client import OnlineFeatures, build_request
 from serving.server import ErrorInterceptor, status_of
 from serving.store import FakeOnlineStore, pack_hmget

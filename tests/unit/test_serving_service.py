@@ -12,8 +12,8 @@ from feature_defs.coldstart import Priors, Status, Tier
 from feature_defs.layout import entity_key, priors_key
 from feature_defs.registry import load_registry
 from feature_defs.state import ViewState
-from headrace.core.errors import InvalidArgument
 from headrace.api.v1 import features_pb2 as pb
+from headrace.core.errors import InvalidArgument
 from serving.breaker import BreakerState, CircuitBreaker
 from serving.client import OnlineFeatures, build_request
 from serving.priors import PriorsCache

@@ -22,17 +22,6 @@ import pytest
 from feature_defs.registry import load_registry
 from headrace import cli
 from headrace.core.errors import InputError
-from headrace.model.coldstart import context_time, load_coldstart
-from headrace.model.booster import CategoryCodes
-from offline.evaluation import (
-    CalibrationBin,
-    Metrics,
-    auc,
-    baseline_raw,
-    calibration_table,
-    log_loss,
-    time_split,
-)
 from headrace.model.artifact import (
     CHAMPION_FILE,
     ModelLoadError,
@@ -42,6 +31,17 @@ from headrace.model.artifact import (
     set_champion,
     version_key,
     write_artifact,
+)
+from headrace.model.booster import CategoryCodes
+from headrace.model.coldstart import context_time, load_coldstart
+from offline.evaluation import (
+    CalibrationBin,
+    Metrics,
+    auc,
+    baseline_raw,
+    calibration_table,
+    log_loss,
+    time_split,
 )
 from offline.models import ChampionRef, GatePolicy, decide
 from offline.train import train
