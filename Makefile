@@ -12,8 +12,11 @@ $(PY):
 install: $(PY)
 	$(PY) -m pip install -c constraints.txt -e '.[dev]'
 
-## test: every test, integration included (starts real local services on free ports)
+## test: lint, type check, then every test, integration included (starts real local
+## services on free ports)
 test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 ## demo: the end-to-end demo on a throwaway local stack

@@ -177,7 +177,7 @@ def apply_batch(
     return np.unique(e).tolist()
 
 
-def _counts(plan: ViewPlan, st_by_code: list[ViewState], slot: int, e: np.ndarray,
+def _counts(plan: ViewPlan, st_by_code: Sequence[ViewState], slot: int, e: np.ndarray,
             ts: np.ndarray, to_tiles: np.ndarray, to_pending: np.ndarray,
             extra: list[tuple[int, int, int]], new_max: np.ndarray) -> None:
     """COUNT ``slot``: rows ``to_tiles`` (and ``extra`` (code, ts, count) rows) into
@@ -234,13 +234,13 @@ def _row_states(op: AggOp, values: Sequence[Any] | None, ts_l: list[int],
                        tiebreaks[r] if tiebreaks else 0) for r in idx]
 
 
-def _generic(plan: ViewPlan, st_by_code: list[ViewState], slot: int, op: AggOp,
+def _generic(plan: ViewPlan, st_by_code: Sequence[ViewState], slot: int, op: AggOp,
              e: np.ndarray, ts: np.ndarray, rows: np.ndarray, at_max: np.ndarray,
              values: Sequence[Any] | None, tiebreaks: Sequence[int] | None,
              new_max: np.ndarray) -> None:
     merge = MERGERS[op]
     rings = [(ri, rp.tile_ms, rp.others.index(slot),
-              rp.horizon(new_max).tolist() if rp.tile_ms else None)
+              rp.horizon(new_max).tolist() if rp.tile_ms else [])
              for ri, rp in enumerate(plan.rings) if slot in rp.others]
     e_l, ts_l, at_l = e.tolist(), ts.tolist(), at_max.tolist()
     idx = np.flatnonzero(rows).tolist()

@@ -19,8 +19,10 @@ Offline (append-only Parquet under HEADRACE_OFFLINE_URI)::
     events/{kind}/date=YYYY-MM-DD/{topic}-p{partition:03d}-{chunk:012d}.parquet
     views/{view}@{version}/date=YYYY-MM-DD/{topic}-p{partition:03d}-{chunk:012d}.parquet
 
-``chunk`` is the first source offset of a fixed-size offset range, so a retried write
-of the same range overwrites the same file.
+``chunk`` is the first source offset a part covers. Parts have no fixed size: a part
+ends where the worker's time or size trigger, or a pause in the input, cut it. A worker
+that restarts resumes the partition at its recorded ``offline_next`` and writes its next
+part under that offset's name, so a part written but not yet recorded is overwritten.
 """
 
 from __future__ import annotations

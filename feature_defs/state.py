@@ -366,7 +366,7 @@ class ViewState:
         if _LITTLE:
             ints_b = b"".join([a.tobytes() for r in rings for a in (r.tiles, *r.cums)])
         else:  # stored little-endian
-            ints = self.ring_fields()[0]
+            ints = array("q", self.ring_fields()[0])
             ints.byteswap()
             ints_b = ints.tobytes()
         return _FORMAT_BYTE + marshal.dumps((

@@ -42,7 +42,8 @@ __all__ = [
 
 ENV_PREFIX = "HEADRACE_"
 
-#: Embedded (Tansu) group timing, from INFRA.md: joins take max(session/2, ~1 s).
+#: Embedded (Tansu) group timing: joins take max(session/2, ~1 s) there (measured; the
+#: broker's other defects are pinned by tests/integration/test_broker_contract.py).
 _EMBEDDED_SESSION_TIMEOUT_MS = 2000
 _EMBEDDED_HEARTBEAT_INTERVAL_MS = 500
 
@@ -205,7 +206,8 @@ class CommonSettings(BaseSettings):
     def faust_broker_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``faust.App`` describing the broker.
 
-        At-least-once always: aiokafka's idempotent producer fails on Tansu (INFRA D3).
+        At-least-once always: aiokafka's idempotent producer fails on Tansu (defect D3,
+        pinned by tests/integration/test_broker_contract.py).
         """
         urls = ";".join(f"kafka://{hp.strip()}" for hp in self.kafka_bootstrap.split(","))
         kwargs: dict[str, Any] = {
@@ -295,9 +297,11 @@ class WorkerSettings(CommonSettings):
             as soon as they reach this many rows, before its interval is up (catching up
             on a backlog: parts keep pace with the input, and little is left to write
             when it ends).
-        max_future_ms: Events more than this far ahead of the watermark are dead-lettered.
+        max_future_ms: Events whose ``ts`` is more than this far ahead of the worker's wall
+            clock are dead-lettered.
         fetch_max_wait_ms: Longest a fetch may wait for data (freshness vs. broker load).
-        data_dir: Local state directory (Faust tables).
+        data_dir: Local directory for Faust's own data folder (one per ``worker_id``); the
+            worker keeps no tables there, its state is in Redis.
         worker_id: Identifier of this worker replica.
     """
 
@@ -322,7 +326,8 @@ class ServeSettings(CommonSettings):
         breaker_failures: Consecutive Redis failures that open the circuit breaker.
         breaker_reset_s: Seconds before an open breaker lets one probe through.
         priors_refresh_s: Seconds between refreshes of the fallback priors.
-        max_ids: Most candidate ids accepted in one request.
+        max_ids: Most entity ids accepted in one GetOnlineFeatures request (Score takes
+            up to 200 candidates, a fixed limit).
         models_dir: Directory of trained models.
     """
 

@@ -194,6 +194,13 @@ def _tail(log: Path, lines: int = 8) -> str:
         return ""
 
 
+def _program(child: subprocess.Popen[bytes]) -> str:
+    """The program a child runs, for messages."""
+    args = child.args
+    first = args if isinstance(args, str | bytes | os.PathLike) else args[0]
+    return os.fsdecode(first)
+
+
 def wait_ready(
     child: subprocess.Popen[bytes],
     port: int,
@@ -209,13 +216,14 @@ def wait_ready(
     """
     deadline = time.monotonic() + timeout
     last_error = "no answer"
+    name = _program(child)
     while time.monotonic() < deadline:
         code = child.poll()
         if code is not None:
             tail = _tail(log)
             if "in use" in tail.lower() or "AddrInUse" in tail:
                 raise PortTaken(port)
-            raise StackError(f"{child.args[0]} exited with status {code}; log {log}:\n{tail}")
+            raise StackError(f"{name} exited with status {code}; log {log}:\n{tail}")
         if owns_listener(child.pid, port):
             try:
                 probe(port, max(0.5, min(5.0, deadline - time.monotonic())))
@@ -225,7 +233,7 @@ def wait_ready(
         time.sleep(0.05)
     child.kill()
     child.wait()
-    raise StackError(f"{child.args[0]} did not answer on port {port} within {timeout:.0f} s "
+    raise StackError(f"{name} did not answer on port {port} within {timeout:.0f} s "
                      f"({last_error}); log {log}:\n{_tail(log)}")
 
 
