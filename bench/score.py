@@ -104,13 +104,13 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
     from bench.lookup import populate, start_redis
     from feature_defs.layout import entity_key
     from feature_defs.registry import load_registry
+    from headrace.core.online_store import RedisOnlineStore
     from headrace.core.settings import ServeSettings
     from serving.breaker import CircuitBreaker
     from serving.client import build_score_request
     from serving.priors import PriorsCache
     from serving.reader import OnlineReader
     from serving.scoring import ScoringService, model_watcher
-    from serving.store import RedisOnlineStore
 
     rng = random.Random(seed + 1)
     fig: dict[str, Any] = {}

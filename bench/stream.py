@@ -8,7 +8,8 @@ Figures (all measured in one run, on one stack):
   first input). Group join and start-up are excluded.
 * ``single_event_messages_per_s``: the same with one JSON event per Kafka message.
 * ``reference_events_per_s``: one plain confluent-kafka consumer process decoding the same
-  single-event JSON messages and updating a dict (the physical floor named in INFRA.md).
+  single-event JSON messages and updating a dict (the machine's physical floor for one
+  process, measured in the same run; the README's benchmark table lists the figures).
 * ``freshness_p50_ms`` / ``freshness_p99_ms`` / ``freshness_max_ms``: a producer paced
   at ``rate`` events/s stamping events with the wall clock; freshness = wall time when
   the state was written to Redis − event time, per event and view entity (the user view
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["run"]
 
@@ -87,7 +88,7 @@ def _reference(env: dict[str, str], topics: list[str], expected: int) -> float:
         for msg in batch:
             if msg.error():
                 continue
-            ev = json.loads(msg.value())
+            ev = json.loads(cast(bytes, msg.value()))
             key = ev.get("user_id") or ev["event_id"]
             counts[key] = counts.get(key, 0) + 1
             seen += 1
@@ -104,14 +105,16 @@ def _wait_ready(env: dict[str, str], messages: int, worker: subprocess.Popen,
     import redis
 
     from feature_defs.layout import commit_key, repartition_topic
+    from feature_defs.registry import load_registry
     from headrace.core.settings import WorkerSettings
 
     s = WorkerSettings.from_env(env)
+    topo = load_registry().topology
     client = redis.Redis.from_url(s.redis_url)
     parts = range(s.partitions)
     sources = [commit_key(s.redis_prefix, s.group_id, s.topic("impressions"), p) for p in parts]
     remote = [[commit_key(s.redis_prefix, s.group_id, s.topic(repartition_topic(e)), p)
-               for p in parts] for e in ("ad", "campaign", "publisher")]
+               for p in parts] for e in topo.repartitioned_entities]
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         if worker.poll() is not None:

@@ -46,6 +46,8 @@ import numpy as np
 
 __all__ = [
     "HISTORY_FEATURE",
+    "USER_WITHOUT_HISTORY",
+    "rule_entity_of",
     "PERSONALIZED_ABOVE",
     "SEGMENT_BELOW",
     "Tier",
@@ -66,6 +68,10 @@ HISTORY_FEATURE: Final = "user__impressions_7d"
 PERSONALIZED_ABOVE: Final = 100
 SEGMENT_BELOW: Final = 10
 _USER: Final = "user"
+#: the rule entity of users read without :data:`HISTORY_FEATURE` (a feature selection or
+#: a model without it): with no history to choose a tier from, they follow the rule of
+#: the other entities (own values with data, else the global prior). Not an entity name.
+USER_WITHOUT_HISTORY: Final = "user/no-history"
 
 Segment = tuple[str, str]  # (country, device_type)
 
@@ -177,6 +183,21 @@ def tier_for(history: int | None) -> Tier:
     if history >= SEGMENT_BELOW:
         return Tier.BLENDED
     return Tier.SEGMENT
+
+
+def rule_entity_of(entity: str, has_history: bool) -> str:
+    """The entity whose cold-start rule applies to ``entity``.
+
+    Args:
+        entity: entity name (``user``, ``ad``, ...).
+        has_history: the values read include the user's :data:`HISTORY_FEATURE`.
+
+    Returns:
+        :data:`USER_WITHOUT_HISTORY` for a user read without the history feature,
+        else ``entity`` itself. Pass it to :class:`ColdStartRule` or
+        :func:`apply_cold_start_columns`.
+    """
+    return USER_WITHOUT_HISTORY if entity == _USER and not has_history else entity
 
 
 def blend_weight(history: int) -> float:

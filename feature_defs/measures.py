@@ -27,7 +27,7 @@ offline joins) gets the identical number.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import xxhash
@@ -37,6 +37,7 @@ from feature_defs.model import AggOp
 __all__ = [
     "KMV_K",
     "distinct_hash",
+    "last_tiebreaks",
     "kmv_estimate",
     "init_state",
     "merge_state",
@@ -51,6 +52,15 @@ _TWO64 = float(2**64)
 def distinct_hash(value: str) -> int:
     """The 64-bit hash every path uses for APPROX_DISTINCT."""
     return xxhash.xxh64_intdigest(value.encode("utf-8"))
+
+
+def last_tiebreaks(event_ids: Iterable[str | None]) -> list[int]:
+    """The LAST tie-break of each event id: its xxh64 shifted right by one (a
+    non-negative int64), ``""``'s for a missing id. Of two events at the same event
+    time, the one with the larger tie-break is the latest; the stream worker and the
+    point-in-time join both call this, so they pick the same event."""
+    h = xxhash.xxh64_intdigest
+    return [h((v or "").encode("utf-8")) >> 1 for v in event_ids]
 
 
 def kmv_estimate(smallest: tuple[int, ...] | list[int] | None) -> int:

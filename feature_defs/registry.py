@@ -1,4 +1,7 @@
-"""The set of definitions a deployment runs, validated and compiled once."""
+"""The set of definitions a deployment runs, validated and compiled once: per view its
+plan, per feature name its plan and output, and the deployment's
+:class:`~feature_defs.topology.Topology` (routing key, source kinds, repartitioned
+entities, the event contract's field types)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from dataclasses import dataclass, field
 
 from feature_defs.model import Entity, FeatureView
 from feature_defs.plan import OutputPlan, ViewPlan, compile_view
+from feature_defs.topology import Topology, compile_topology
 from feature_defs.validate import validate_views
 
 __all__ = ["Registry", "load_registry", "DEFAULT_DEFINITIONS"]
@@ -17,11 +21,17 @@ DEFAULT_DEFINITIONS = "feature_defs.standard:VIEWS"
 
 @dataclass
 class Registry:
-    """Validated views with their compiled plans and a feature-name index."""
+    """Validated views with their compiled plans, a feature-name index and the topology.
+
+    Build it with :meth:`build` (or :func:`load_registry`): that validates the views and
+    compiles everything once.
+    """
 
     views: tuple[FeatureView, ...]
     plans: dict[str, ViewPlan] = field(default_factory=dict)  # by view id
     by_feature: dict[str, tuple[ViewPlan, OutputPlan]] = field(default_factory=dict)
+    #: how events flow through the views (compiled by :meth:`build`)
+    topology: Topology = field(init=False, repr=False)
 
     @classmethod
     def build(cls, views: Sequence[FeatureView]) -> Registry:
@@ -36,6 +46,7 @@ class Registry:
             reg.plans[view.id] = plan
             for out in plan.outputs:
                 reg.by_feature[out.name] = (plan, out)
+        reg.topology = compile_topology(reg.plans)
         return reg
 
     @property
@@ -54,11 +65,8 @@ class Registry:
         ]
 
     def source_topics(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for v in self.views:
-            for s in v.sources:
-                seen.setdefault(s.name)
-        return list(seen)
+        """Source topic names (before the deployment prefix), in definition order."""
+        return list(self.topology.sources)
 
 
 def load_registry(spec: str = DEFAULT_DEFINITIONS) -> Registry:

@@ -6,18 +6,15 @@ import re
 from collections.abc import Iterable
 from datetime import timedelta
 
+from feature_defs.contract import FIELD_TYPES, KINDS, numeric_fields, string_fields
 from feature_defs.model import AggOp, Feature, FeatureView, feature_name
 from feature_defs.windows import WindowKind, to_ms
 
 __all__ = ["validate_views", "NUMERIC_FIELDS", "STRING_FIELDS"]
 
-#: fields of the event kinds by type (the input contract)
-STRING_FIELDS = {
-    "impression": {"event_id", "user_id", "ad_id", "campaign_id", "publisher_id", "placement",
-                   "creative_type", "device_type", "country"},
-    "click": {"event_id", "impression_id", "user_id", "ad_id", "campaign_id", "publisher_id"},
-}
-NUMERIC_FIELDS = {"impression": {"bid_cpm", "ts"}, "click": {"ts"}}
+#: fields of the event kinds by type, from the input contract (:mod:`feature_defs.contract`)
+STRING_FIELDS: dict[str, frozenset[str]] = {k: string_fields(k) for k in KINDS}
+NUMERIC_FIELDS: dict[str, frozenset[str]] = {k: numeric_fields(k) for k in KINDS}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -68,9 +65,10 @@ def _feature_problems(view: FeatureView, i: int, feat: Feature) -> list[str]:
             if m.field is not None:
                 out.append(f"{mwhere}.field: count takes no field")
         elif m.op is AggOp.APPROX_DISTINCT:
-            if m.field not in STRING_FIELDS.get(kind, set()) | NUMERIC_FIELDS.get(kind, set()):
+            if m.field not in STRING_FIELDS.get(kind, frozenset()) | NUMERIC_FIELDS.get(
+                    kind, frozenset()):
                 out.append(f"{mwhere}.field: '{m.field}' is not a field of {kind} events")
-        elif m.field not in NUMERIC_FIELDS.get(kind, set()):
+        elif m.field not in NUMERIC_FIELDS.get(kind, frozenset()):
             out.append(f"{mwhere}.field: {m.op.value} needs a numeric field of {kind} events, "
                        f"got '{m.field}'")
     if feat.ratio is not None and feat.default is not None and not isinstance(
@@ -88,6 +86,7 @@ def validate_views(views: Iterable[FeatureView]) -> list[str]:
     problems: list[str] = []
     seen_names: dict[str, str] = {}
     seen_views: set[str] = set()
+    seen_kinds: dict[str, tuple[str, str]] = {}  # source -> (kind, first view reading it)
     for view in views:
         where = f"view {getattr(view, 'name', '?')}"
         if not isinstance(view, FeatureView):
@@ -107,8 +106,12 @@ def validate_views(views: Iterable[FeatureView]) -> list[str]:
         if not view.sources:
             problems.append(f"{where}.sources: at least one source topic is required")
         for s in view.sources:
-            if s.kind not in STRING_FIELDS:
+            if s.kind not in FIELD_TYPES:
                 problems.append(f"{where}.sources[{s.name}].kind: unknown event kind '{s.kind}'")
+            elif seen_kinds.setdefault(s.name, (s.kind, where))[0] != s.kind:
+                kind, first = seen_kinds[s.name]
+                problems.append(f"{where}.sources[{s.name}].kind: '{s.kind}', but {first} "
+                                f"reads it as '{kind}' (a topic carries one event kind)")
         if view.allowed_lateness < timedelta(0):
             problems.append(f"{where}.allowed_lateness: must not be negative")
         if view.online_ttl is not None and view.online_ttl <= timedelta(0):

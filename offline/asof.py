@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from feature_defs.measures import KMV_K, distinct_hash, kmv_estimate
+from feature_defs.measures import KMV_K, distinct_hash, kmv_estimate, last_tiebreaks
 from feature_defs.model import AggOp, Measure
 from feature_defs.plan import OutputPlan, ViewPlan
 from feature_defs.windows import Window, WindowKind
@@ -168,8 +168,8 @@ class ViewRows:
             rows.vis = np.minimum(np.maximum(ts + 1, ing), hi + 1)
         if any(m.op is AggOp.LAST for m in measures):
             ids = table.column("event_id").take(pa.array(order)).to_pylist()
-            # ties on ts: the stream worker's tiebreak, xxh64(event_id) >> 1
-            rows.tiebreak = np.array([distinct_hash(i or "") >> 1 for i in ids], np.int64)
+            # ties on ts: the stream worker's tiebreak
+            rows.tiebreak = np.array(last_tiebreaks(ids), np.int64)
         return rows
 
     @property

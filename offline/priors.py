@@ -306,15 +306,14 @@ def write_priors(settings: CommonSettings, priors: Priors) -> str:
     Raises:
         OnlineStoreError: Redis failed.
     """
-    import redis
-    from redis.exceptions import RedisError
+    from headrace.core.online_store import RedisOnlineStore
 
     key = priors_key(settings.redis_prefix)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0)
+    store = RedisOnlineStore(settings.redis_url, timeout_ms=5000.0)
     try:
-        client.set(key, priors.to_json())
-    except RedisError as exc:
+        store.set(key, priors.to_json().encode())
+    except OnlineStoreError as exc:
         raise OnlineStoreError(f"cannot write the priors to redis: {exc}") from exc
     finally:
-        client.close()
+        store.close()
     return key

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from feature_defs.coldstart import HISTORY_FEATURE, Priors, apply_cold_start_columns
+from feature_defs.coldstart import HISTORY_FEATURE, Priors, apply_cold_start_columns, rule_entity_of
 from feature_defs.model import AggOp
 from feature_defs.plan import OutputPlan, ViewPlan
 from feature_defs.registry import Registry, load_registry
@@ -124,8 +124,8 @@ def _read_columns(plan: ViewPlan, outs: Sequence[OutputPlan], as_of_known: bool
     cols = ["entity_id", "source"] + [m.field for m in measures if m.field]
     kinds = {s.name: s.kind for s in plan.view.sources}
     dictionary = ["entity_id", "source"] + [
-        m.field for m in measures if m.op is AggOp.APPROX_DISTINCT and m.field
-        in STRING_FIELDS.get(kinds.get(m.source, ""), set())]
+        f for m in measures if m.op is AggOp.APPROX_DISTINCT and (f := m.field) is not None
+        and f in STRING_FIELDS.get(kinds.get(m.source, ""), set())]
     if any(m.op is AggOp.LAST for m in measures):
         cols.append("event_id")
     if as_of_known:
@@ -254,7 +254,7 @@ def _cold_start(feats: pa.Table, labels: pa.Table, selection: Selection, priors:
                                                                 for o in outs))
             history = np.where(masks[plan_id], 0.0, cols[HISTORY_FEATURE])
             history[np.asarray(labels.column(views[0][0].view.entity.key).is_null())] = np.nan
-        rule_entity = entity if entity != "user" or history is not None else "user/no-history"
+        rule_entity = rule_entity_of(entity, history is not None)
         values, _tiers, _ = apply_cold_start_columns(
             rule_entity, cols, np.logical_and.reduce(list(masks.values())), priors,
             context[0], context[1], history=history)

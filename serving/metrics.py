@@ -1,85 +1,144 @@
-"""Prometheus metrics of the feature server (exposed on ``metrics_port`` when set).
+"""Prometheus metrics of one feature server, in that server's own registry.
 
-Created once per process in the default registry (a second server in the same
-process, as in tests, shares them).
+:func:`~serving.server.build_server` creates one :class:`ServingMetrics` per server and
+passes it to everything that counts (the services, the store fetch, the priors cache,
+the breaker's state callback, the champion watcher, the request interceptor); ``headrace
+serve --metrics-port`` exports its registry. Two servers in one process (tests,
+benchmarks) never share a counter, so a test can assert exact values.
 
-=============================================  =========  ===========================
-name                                           type       labels
-=============================================  =========  ===========================
-headrace_serving_request_seconds               histogram  method
-headrace_serving_redis_seconds                 histogram  -
-headrace_serving_fallbacks_total               counter    tier, reason
-headrace_serving_entities_total                counter    entity, tier
-headrace_serving_breaker_state                 gauge      - (0 closed, 1 half-open, 2 open)
-headrace_serving_priors_age_seconds            gauge      - (since the priors' computation)
-headrace_serving_priors_refresh_errors_total   counter    -
-=============================================  =========  ===========================
+==============================================  =========  ==========================
+name                                            type       labels
+==============================================  =========  ==========================
+headrace_serving_request_seconds                histogram  method
+headrace_serving_redis_seconds                  histogram  -
+headrace_serving_fallbacks_total                counter    tier, reason
+headrace_serving_entities_total                 counter    entity, tier
+headrace_serving_breaker_state                  gauge      - (0 closed, 1 half-open, 2 open)
+headrace_serving_priors_age_seconds             gauge      - (since the priors' computation)
+headrace_serving_priors_refresh_errors_total    counter    -
+headrace_scoring_seconds                        histogram  source
+headrace_scoring_model_info                     gauge      version (1 for the served one)
+headrace_scoring_fallbacks_total                counter    reason, source
+headrace_scoring_model_reloads_total            counter    outcome (ok, error)
+==============================================  =========  ==========================
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
-from typing import Any
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
-__all__ = ["ServingMetrics", "metrics", "start_metrics_server"]
+__all__ = ["ServingMetrics"]
 
-_BUCKETS = (0.0002, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02,
-            0.05, 0.1, 0.25, 1.0)
+_SERVING_BUCKETS = (0.0002, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
+                    0.02, 0.05, 0.1, 0.25, 1.0)
+_SCORING_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.02,
+                    0.05, 0.1, 0.25, 1.0)
 
 
-@dataclass(frozen=True)
 class ServingMetrics:
-    request_seconds: Any
-    redis_seconds: Any
-    fallbacks: Any
-    entities: Any
-    breaker_state: Any
-    priors_age: Any
-    priors_errors: Any
+    """The metrics of one server (see the module docstring for names and labels).
 
+    Args:
+        registry: where to register them; by default a new, empty
+            :class:`~prometheus_client.CollectorRegistry` of their own.
+        process: also register the process, platform and GC collectors (what
+            ``prometheus_client``'s default registry exports: ``process_*``,
+            ``python_info``, ``python_gc_*``). ``build_server`` sets it for the
+            exported registry; tests leave it off.
 
-_lock = threading.Lock()
-_metrics: ServingMetrics | None = None
+    Raises:
+        ValueError: ``registry`` already holds metrics of these names.
 
+    Attributes:
+        registry: the registry holding every metric below.
+        request_seconds: gRPC request latency by method (seconds).
+        redis_seconds: online store round-trip latency (seconds).
+        fallbacks: entities answered from the priors because the store could not answer.
+        entities: entities served, by entity and cold-start tier.
+        breaker_state: the circuit breaker's state (:class:`~serving.breaker.BreakerState`).
+        priors_age: age of the in-process priors, since their computation (seconds).
+        priors_errors: failed refreshes of the in-process priors.
+        score_seconds: ``Score`` latency in the server, validation to response (seconds).
+        model_info: 1 for the model version being served.
+        score_fallbacks: ``Score`` requests answered without online features.
+        model_reloads: champion loads by outcome.
+    """
 
-def metrics() -> ServingMetrics:
-    """The process-wide serving metrics (created on first use)."""
-    global _metrics
-    with _lock:
-        if _metrics is None:
-            from prometheus_client import Counter, Gauge, Histogram
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = False
+                 ) -> None:
+        r = CollectorRegistry() if registry is None else registry
+        self.registry = r
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        self.request_seconds = Histogram(
+            "headrace_serving_request_seconds", "gRPC request latency by method",
+            ["method"], buckets=_SERVING_BUCKETS, registry=r)
+        self.redis_seconds = Histogram(
+            "headrace_serving_redis_seconds", "online store round trip latency",
+            buckets=_SERVING_BUCKETS, registry=r)
+        self.fallbacks = Counter(
+            "headrace_serving_fallbacks_total",
+            "entities answered from priors because the online store could not answer",
+            ["tier", "reason"], registry=r)
+        self.entities = Counter(
+            "headrace_serving_entities_total", "entities served by cold-start tier",
+            ["entity", "tier"], registry=r)
+        self.breaker_state = Gauge(
+            "headrace_serving_breaker_state",
+            "online store circuit breaker: 0 closed, 1 half-open, 2 open", registry=r)
+        self.priors_age = Gauge(
+            "headrace_serving_priors_age_seconds",
+            "age of the in-process priors (since their computation)", registry=r)
+        self.priors_errors = Counter(
+            "headrace_serving_priors_refresh_errors_total",
+            "failed refreshes of the in-process priors", registry=r)
+        self.score_seconds = Histogram(
+            "headrace_scoring_seconds", "Score latency in the server (validation to response)",
+            ["source"], buckets=_SCORING_BUCKETS, registry=r)
+        self.model_info = Gauge(
+            "headrace_scoring_model_info", "1 for the model version being served",
+            ["version"], registry=r)
+        self.score_fallbacks = Counter(
+            "headrace_scoring_fallbacks_total",
+            "Score requests answered without online features", ["reason", "source"],
+            registry=r)
+        self.model_reloads = Counter(
+            "headrace_scoring_model_reloads_total", "champion loads by outcome (ok, error)",
+            ["outcome"], registry=r)
 
-            _metrics = ServingMetrics(
-                request_seconds=Histogram(
-                    "headrace_serving_request_seconds", "gRPC request latency by method",
-                    ["method"], buckets=_BUCKETS),
-                redis_seconds=Histogram(
-                    "headrace_serving_redis_seconds", "online store round trip latency",
-                    buckets=_BUCKETS),
-                fallbacks=Counter(
-                    "headrace_serving_fallbacks_total",
-                    "entities answered from priors because the online store could not answer",
-                    ["tier", "reason"]),
-                entities=Counter(
-                    "headrace_serving_entities_total", "entities served by cold-start tier",
-                    ["entity", "tier"]),
-                breaker_state=Gauge(
-                    "headrace_serving_breaker_state",
-                    "online store circuit breaker: 0 closed, 1 half-open, 2 open"),
-                priors_age=Gauge(
-                    "headrace_serving_priors_age_seconds",
-                    "age of the in-process priors (since their computation)"),
-                priors_errors=Counter(
-                    "headrace_serving_priors_refresh_errors_total",
-                    "failed refreshes of the in-process priors"),
-            )
-        return _metrics
+    def value(self, name: str, **labels: str) -> float:
+        """The current value of one sample (0.0 when it was never set or incremented).
 
+        Args:
+            name: the sample name as exported, e.g. ``headrace_serving_fallbacks_total``
+                or ``headrace_serving_redis_seconds_count``.
+            **labels: the sample's labels.
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:
-    """Serve ``/metrics`` on ``port`` (a daemon thread)."""
-    from prometheus_client import start_http_server
+        Returns:
+            The sample's value in this registry.
+        """
+        got = self.registry.get_sample_value(name, labels)
+        return 0.0 if got is None else got
 
-    metrics()
-    start_http_server(port, addr=addr)
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Export this registry on ``http://addr:port/metrics`` from a daemon thread.
+
+        Args:
+            port: TCP port (0 picks a free one, which this method does not report).
+            addr: bind address.
+
+        Raises:
+            OSError: the port cannot be bound.
+        """
+        start_http_server(port, addr=addr, registry=self.registry)

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from feature_defs.coldstart import Priors
 from feature_defs.layout import priors_key
 from headrace.core.errors import OnlineStoreError
-from serving.metrics import metrics
-from serving.store import OnlineStore
+from headrace.core.online_store import OnlineStore
+from serving.metrics import ServingMetrics
 
 __all__ = ["PriorsCache"]
 
@@ -33,6 +33,8 @@ class PriorsCache:
         prefix: Redis key prefix (the document is at ``priors_key(prefix)``).
         refresh_s: seconds between background refreshes.
         clock_ms: epoch milliseconds (for the age gauge).
+        metrics: the server's metrics (``priors_age``, ``priors_errors``; default: a
+            new :class:`ServingMetrics` of its own).
 
     Attributes:
         listeners: called with the new priors after each change (plan caches).
@@ -44,8 +46,10 @@ class PriorsCache:
         prefix: str,
         refresh_s: float = 60.0,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        metrics: ServingMetrics | None = None,
     ) -> None:
         self.priors = Priors()
+        self.metrics = ServingMetrics() if metrics is None else metrics
         self._store = store
         self._key = priors_key(prefix)
         self._refresh_s = refresh_s
@@ -56,11 +60,19 @@ class PriorsCache:
         self.listeners: list[Callable[[Priors], None]] = []
 
     def refresh(self) -> bool:
-        """Reload now. Returns True when the priors changed; never raises for store errors."""
+        """Reload the priors document now.
+
+        A store error or a malformed document keeps the previous priors and counts in
+        ``priors_errors``; a missing document keeps them silently.
+
+        Returns:
+            True when the priors changed (the listeners were called). Never raises for
+            store errors.
+        """
         try:
             raw = self._store.get(self._key)
         except OnlineStoreError as exc:
-            metrics().priors_errors.inc()
+            self.metrics.priors_errors.inc()
             log.warning("priors refresh failed, keeping the previous priors: %s", exc)
             return False
         changed = False
@@ -68,7 +80,7 @@ class PriorsCache:
             try:
                 priors = Priors.from_json(raw)
             except ValueError as exc:
-                metrics().priors_errors.inc()
+                self.metrics.priors_errors.inc()
                 log.warning(
                     "malformed priors at %s, keeping the previous priors: %s", self._key, exc
                 )
@@ -77,7 +89,7 @@ class PriorsCache:
             for listener in self.listeners:
                 listener(priors)
         if self.priors.computed_at_ms:
-            metrics().priors_age.set(max(0, self._clock_ms() - self.priors.computed_at_ms) / 1e3)
+            self.metrics.priors_age.set(max(0, self._clock_ms() - self.priors.computed_at_ms) / 1e3)
         return changed
 
     def start(self) -> None:
@@ -88,6 +100,7 @@ class PriorsCache:
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop the refresh thread (waits up to 5 s for it)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

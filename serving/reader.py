@@ -3,8 +3,10 @@
 A :class:`ReadPlan` is compiled once per request shape (entity, feature names): which
 view fields to HMGET and a :class:`~serving.rollup.RollupProgram` per view for just the
 outputs asked for (plus ``user__impressions_7d``, the cold-start history, for users).
-:class:`OnlineReader` then reads every entity's views with one pipelined round trip
-(:meth:`OnlineStore.read_hashes`) and rolls each state up as of the request time.
+The services read every entity's views with one pipelined round trip
+(:class:`~serving.fetch.StoreFetch` over :meth:`OnlineStore.read_hashes`, keys from
+:meth:`OnlineReader.keys`); :class:`OnlineReader` rolls each state up as of the
+request time.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from feature_defs.coldstart import HISTORY_FEATURE
 from feature_defs.layout import entity_key
 from feature_defs.registry import Registry
 from feature_defs.state import decode_fields
+from headrace.core.online_store import OnlineStore
 from serving.rollup import Freshness, RollupProgram
-from serving.store import OnlineStore
 
 __all__ = ["ReadPlan", "EntityRow", "AsOfTooEarly", "compile_read_plan", "OnlineReader"]
 
@@ -110,7 +112,7 @@ def compile_read_plan(registry: Registry, entity: str, names: Sequence[str]) -> 
 
 
 class OnlineReader:
-    """Reads and rolls up entities for a :class:`ReadPlan`.
+    """Keys and roll-ups of entities for a :class:`ReadPlan`.
 
     Roll-up memo: decoding and rolling up a state costs tens of microseconds, and hot
     entities (an ad in every ranking request) are read far more often than they are
@@ -134,12 +136,10 @@ class OnlineReader:
         self._memo = {}
 
     def keys(self, entity: str, ids: Sequence[str]) -> list[str]:
+        """The Redis keys of ``ids`` of ``entity``, in order (read them through
+        :class:`~serving.fetch.StoreFetch`: breaker, budget and metrics)."""
         prefix = self.prefix
         return [entity_key(prefix, entity, i) for i in ids]
-
-    def fetch(self, plan: ReadPlan, ids: Sequence[str]) -> list[list[bytes | None]]:
-        """Raw view states of every id: one round trip. Raises OnlineStoreError."""
-        return self.store.read_hashes(self.keys(plan.entity, ids), plan.fields)
 
     def rollup(
         self,

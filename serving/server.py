@@ -1,5 +1,5 @@
 """The gRPC feature server: FeatureService, ScoringService (:mod:`serving.scoring`), health,
-reflection, error translation, metrics.
+reflection, error translation, metrics (one registry per server, :mod:`serving.metrics`).
 
 A synchronous ``grpc.server`` with a thread pool: the request path is short CPU work
 around one blocking Redis round trip, which releases the GIL, so threads overlap the
@@ -26,14 +26,14 @@ from headrace.api.v1 import features_pb2_grpc as pb_grpc
 from headrace.api.v1 import scoring_pb2 as spb
 from headrace.api.v1 import scoring_pb2_grpc as spb_grpc
 from headrace.core.errors import BackendError, HeadraceError
+from headrace.core.online_store import OnlineStore, RedisOnlineStore
 from headrace.core.settings import ServeSettings
 from serving.breaker import CircuitBreaker
-from serving.metrics import metrics
+from serving.metrics import ServingMetrics
 from serving.priors import PriorsCache
 from serving.reader import OnlineReader
 from serving.scoring import SCORING_SERVICE_NAME, ScoringService, model_watcher
 from serving.service import OnlineFeatureService
-from serving.store import OnlineStore, RedisOnlineStore
 
 __all__ = ["ErrorInterceptor", "FeatureServicer", "ScoringServicer", "FeatureServer",
            "build_server", "SERVICE_NAME"]
@@ -43,7 +43,15 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
 
 
 def status_of(exc: HeadraceError) -> grpc.StatusCode:
-    """The gRPC status of one of our errors."""
+    """The gRPC status of one of our errors.
+
+    Args:
+        exc: one of our errors.
+
+    Returns:
+        Its ``grpc_status`` when it names one, UNAVAILABLE for a backend error,
+        else INTERNAL.
+    """
     name = getattr(exc, "grpc_status", None)
     if name is not None:
         return grpc.StatusCode[name]
@@ -53,11 +61,16 @@ def status_of(exc: HeadraceError) -> grpc.StatusCode:
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps :class:`HeadraceError` to its gRPC status and times unary methods."""
+    """Maps :class:`HeadraceError` to its gRPC status and times unary methods.
 
-    def __init__(self) -> None:
+    Args:
+        metrics: the server's metrics (``request_seconds``; default: a new
+            :class:`ServingMetrics` of its own).
+    """
+
+    def __init__(self, metrics: ServingMetrics | None = None) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-        self._hist = metrics().request_seconds
+        self._hist = (ServingMetrics() if metrics is None else metrics).request_seconds
 
     def intercept_service(
         self,
@@ -127,6 +140,7 @@ class FeatureServer:
         service: the request logic.
         priors: the priors cache.
         scoring: the ``ScoringService`` (its champion watcher starts and stops here).
+        metrics: this server's metrics; ``metrics.serve(port)`` exports its registry.
     """
 
     def __init__(
@@ -137,6 +151,8 @@ class FeatureServer:
         priors: PriorsCache,
         store: OnlineStore,
         scoring: ScoringService | None = None,
+        *,
+        metrics: ServingMetrics,
     ) -> None:
         self.grpc_server = grpc_server
         self.port = port
@@ -144,8 +160,14 @@ class FeatureServer:
         self.priors = priors
         self.store = store
         self.scoring = scoring
+        self.metrics = metrics
 
     def start(self) -> FeatureServer:
+        """Load the priors and the champion (if any), then accept requests.
+
+        Returns:
+            This server.
+        """
         self.priors.start()
         if self.scoring is not None:
             self.scoring.models.start()  # loads the champion (if any) before serving
@@ -154,6 +176,8 @@ class FeatureServer:
         return self
 
     def stop(self, grace_s: float = 1.0) -> None:
+        """Stop accepting requests, finish those in flight within ``grace_s`` seconds,
+        stop the background refreshes and close the store."""
         self.grpc_server.stop(grace_s).wait()
         self.priors.stop()
         if self.scoring is not None:
@@ -161,6 +185,7 @@ class FeatureServer:
         self.store.close()
 
     def wait(self) -> None:
+        """Block until the gRPC server terminates."""
         self.grpc_server.wait_for_termination()
 
     def __enter__(self) -> FeatureServer:
@@ -182,6 +207,7 @@ def build_server(
     memo_entries: int = 8192,
     extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
     model_poll_s: float = 2.0,
+    metrics: ServingMetrics | None = None,
 ) -> FeatureServer:
     """Build (not start) the feature server: FeatureService and ScoringService.
 
@@ -198,6 +224,12 @@ def build_server(
         extra_handlers: more generic handlers (benchmarks register an echo method).
         model_poll_s: seconds between polls of ``settings.models_dir``/CHAMPION (hot
             reload of the scoring model).
+        metrics: this server's metrics (default: a new :class:`ServingMetrics` in a
+            registry of its own, with the process collectors). Everything the server
+            builds counts there and nowhere else.
+
+    Returns:
+        The server, not started; ``server.metrics`` holds its metrics.
 
     Raises:
         InputError: the port cannot be bound.
@@ -209,14 +241,16 @@ def build_server(
 
     registry = registry or load_registry()
     store = store or RedisOnlineStore(settings.redis_url, timeout_ms=settings.redis_budget_ms)
-    m = metrics()
+    m = ServingMetrics(process=True) if metrics is None else metrics
     breaker = CircuitBreaker(
         settings.breaker_failures, settings.breaker_reset_s,
         on_change=lambda s: m.breaker_state.set(int(s)),
     )
     m.breaker_state.set(int(breaker.state))
-    priors = PriorsCache(store, settings.redis_prefix, settings.priors_refresh_s)
-    kwargs: dict[str, Any] = {} if clock_ms is None else {"clock_ms": clock_ms}
+    priors = PriorsCache(store, settings.redis_prefix, settings.priors_refresh_s, metrics=m)
+    kwargs: dict[str, Any] = {"metrics": m}
+    if clock_ms is not None:
+        kwargs["clock_ms"] = clock_ms
     reader = OnlineReader(store, settings.redis_prefix, memo_entries=memo_entries)
     service = OnlineFeatureService(
         registry,
@@ -229,12 +263,12 @@ def build_server(
     )
     scoring = ScoringService(
         registry, reader, priors, breaker,
-        model_watcher(settings.models_dir, registry, model_poll_s),
+        model_watcher(settings.models_dir, registry, model_poll_s, metrics=m),
         budget_ms=settings.redis_budget_ms, **kwargs,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=(ErrorInterceptor(),),
+        interceptors=(ErrorInterceptor(m),),
         options=[("grpc.so_reuseport", 0)],
     )
     pb_grpc.add_FeatureServiceServicer_to_server(FeatureServicer(service), server)
@@ -256,4 +290,4 @@ def build_server(
         raise InputError(f"cannot listen on {host}:{want}: {exc}") from exc
     if bound == 0:
         raise InputError(f"cannot listen on {host}:{want} (in use?)")
-    return FeatureServer(server, bound, service, priors, store, scoring)
+    return FeatureServer(server, bound, service, priors, store, scoring, metrics=m)

@@ -14,24 +14,24 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from feature_defs.coldstart import ColdStartRule, Priors, Status, Tier, fallback_values
+from feature_defs.coldstart import Priors, Segment, Status, Tier
 from feature_defs.layout import entity_id_problem
 from feature_defs.registry import Registry
 from headrace.api.v1 import features_pb2 as pb
-from headrace.core.errors import InvalidArgument, OnlineStoreError
+from headrace.core.errors import InvalidArgument
 from serving.breaker import CircuitBreaker
-from serving.metrics import metrics
+from serving.fetch import FallbackReason, StoreFetch
+from serving.metrics import ServingMetrics
 from serving.priors import PriorsCache
 from serving.reader import AsOfTooEarly, EntityRow, OnlineReader, ReadPlan, compile_read_plan
 from serving.rollup import Freshness
+from serving.rules import RuleCache, fallback_row
 
 __all__ = ["OnlineFeatureService", "ALL_FEATURES"]
 
 ALL_FEATURES = "all"
 _NAN = math.nan
 _PLAN_CACHE_MAX = 4096
-_REASONS = {name: pb.FallbackReason.Value(name) for name in
-            ("NONE", "REDIS_ERROR", "BUDGET_EXCEEDED", "BREAKER_OPEN")}
 
 
 class OnlineFeatureService:
@@ -41,11 +41,14 @@ class OnlineFeatureService:
         registry: the feature definitions.
         reader: online reader (store + key prefix).
         priors: the in-process priors cache.
-        breaker: circuit breaker around the store.
-        budget_ms: time budget of the store round trip (overrun → FALLBACK).
+        breaker: circuit breaker around the store (shared with ``Score``).
+        budget_ms: time budget of the store round trip in milliseconds (overrun →
+            FALLBACK).
         max_ids: most ids per request.
         clock_ms: epoch milliseconds, the default as-of time.
         timer: monotonic seconds used to time the store (tests pin it).
+        metrics: the server's metrics (default: a new :class:`ServingMetrics` of its
+            own).
     """
 
     def __init__(
@@ -59,26 +62,27 @@ class OnlineFeatureService:
         max_ids: int = 1000,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         timer: Callable[[], float] = time.perf_counter,
+        metrics: ServingMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.reader = reader
         self.priors = priors
         self.breaker = breaker
-        self.budget_s = budget_ms / 1000.0
         self.max_ids = max_ids
+        self.metrics = ServingMetrics() if metrics is None else metrics
         self._clock_ms = clock_ms
-        self._timer = timer
+        self._fetch = StoreFetch(reader.store, breaker, self.metrics, budget_ms=budget_ms,
+                                 timer=timer)
         self._entities = {e: registry.feature_names(e) for e in sorted(registry.entities)}
         self._plans: dict[tuple[str, str, tuple[str, ...] | None], ReadPlan] = {}
-        self._rules: dict[tuple[str, tuple[str, ...], tuple[str, str] | None], ColdStartRule] = {}
-        self._m = metrics()
+        self._rules = RuleCache()
         self._children: dict[tuple[str, int], Any] = {}
 
     def _served(self, entity: str, tier: int) -> Any:
         """The (cached) counter child of entities served by entity and tier."""
         child = self._children.get((entity, tier))
         if child is None:
-            child = self._m.entities.labels(entity=entity, tier=Tier(tier).name)
+            child = self.metrics.entities.labels(entity=entity, tier=Tier(tier).name)
             self._children[(entity, tier)] = child
         return child
 
@@ -102,7 +106,21 @@ class OnlineFeatureService:
     def plan_for(
         self, entity: str, names: Sequence[str] | None = None, feature_set: str = ""
     ) -> ReadPlan:
-        """The (cached) plan of a request shape; validates feature names / set."""
+        """The (cached) read plan of one request shape.
+
+        Args:
+            entity: a known entity name.
+            names: the requested feature names (request order), or None for a set.
+            feature_set: a view id or name, or ``""``/``"all"`` for every feature of
+                ``entity``; used when ``names`` is None.
+
+        Returns:
+            The compiled plan, shared by every request of this shape.
+
+        Raises:
+            InvalidArgument: an unknown feature or set, a feature of another entity, or
+                an empty ``names``.
+        """
         key = (entity, feature_set, None if names is None else tuple(names))
         plan = self._plans.get(key)
         if plan is None:
@@ -148,7 +166,19 @@ class OnlineFeatureService:
     def get_online_features(
         self, request: pb.GetOnlineFeaturesRequest
     ) -> pb.GetOnlineFeaturesResponse:
-        """Answer one request (see the module docstring for failure behaviour)."""
+        """Answer one request: one store round trip, roll-ups, the cold-start rule.
+
+        Args:
+            request: the request as received.
+
+        Returns:
+            Values, statuses and tiers per id in request order; status FALLBACK and a
+            ``fallback_reason`` when the store could not answer (see the module
+            docstring).
+
+        Raises:
+            InvalidArgument: naming the bad field (entity, ids, features, as-of).
+        """
         entity = self._entity(request.entity_type)
         ids = request.ids
         self._check_ids(ids)
@@ -165,7 +195,7 @@ class OnlineFeatureService:
         segment = (ctx.country, ctx.device_type) if ctx.country and ctx.device_type else None
         priors = self.priors.priors
 
-        rows, reason = self._fetch(plan, ids)
+        rows, reason = self._fetch.read(self.reader.keys(plan.entity, ids), plan.fields)
         if rows is None:
             return self._fallback(plan, ids, as_of, segment, priors, reason)
         try:
@@ -179,44 +209,20 @@ class OnlineFeatureService:
             ) from exc
         return self._answer(plan, ids, as_of, segment, priors, entities)
 
-    def _fetch(
-        self, plan: ReadPlan, ids: Sequence[str]
-    ) -> tuple[list[list[bytes | None]] | None, str]:
-        breaker = self.breaker
-        if not breaker.allow():
-            return None, "BREAKER_OPEN"
-        timer = self._timer
-        start = timer()
-        try:
-            rows = self.reader.fetch(plan, ids)
-        except OnlineStoreError:
-            breaker.failure()
-            return None, "REDIS_ERROR"
-        elapsed = timer() - start
-        self._m.redis_seconds.observe(elapsed)
-        if elapsed > self.budget_s:
-            breaker.failure()
-            return None, "BUDGET_EXCEEDED"
-        breaker.success()
-        return rows, "NONE"
-
     def _fallback(
         self,
         plan: ReadPlan,
         ids: Sequence[str],
         as_of: int,
-        segment: tuple[str, str] | None,
+        segment: Segment | None,
         priors: Priors,
-        reason: str,
+        reason: FallbackReason,
     ) -> pb.GetOnlineFeaturesResponse:
-        vals, tier = fallback_values(
-            plan.entity, dict(zip(plan.names, plan.defaults, strict=True)), priors, segment
-        )
-        row = [vals[n] for n in plan.names]
+        row, tier = fallback_row(plan, priors, segment)
         n = len(ids)
         tiers: list[Any] = [int(tier)] * n  # proto enum fields take ints
         statuses: list[Any] = [int(Status.FALLBACK)] * (len(row) * n)
-        self._m.fallbacks.labels(tier=tier.name, reason=reason).inc(n)
+        self.metrics.fallbacks.labels(tier=tier.name, reason=reason.name).inc(n)
         self._served(plan.entity, tier).inc(n)
         return pb.GetOnlineFeaturesResponse(
             feature_names=plan.names,
@@ -226,37 +232,21 @@ class OnlineFeatureService:
             is_null=[v is None for v in row] * n,
             statuses=statuses,
             as_of_ms=as_of,
-            fallback_reason=_REASONS[reason],
+            fallback_reason=reason,  # type: ignore[arg-type]  # proto takes the int
         )
-
-    def _rule(
-        self, plan: ReadPlan, priors: Priors, segment: tuple[str, str] | None
-    ) -> ColdStartRule:
-        """The cold-start rule of a request shape and segment (rebuilt when priors change)."""
-        key = (plan.entity, plan.names, segment)
-        rule = self._rules.get(key)
-        if rule is None or rule.priors is not priors:
-            # without a history feature, users follow the rule of the other entities
-            entity = plan.entity if plan.history is not None or plan.entity != "user" \
-                else "user/no-history"
-            rule = ColdStartRule(entity, plan.names, priors, segment)
-            if len(self._rules) >= _PLAN_CACHE_MAX:
-                self._rules.clear()
-            self._rules[key] = rule
-        return rule
 
     def _answer(
         self,
         plan: ReadPlan,
         ids: Sequence[str],
         as_of: int,
-        segment: tuple[str, str] | None,
+        segment: Segment | None,
         priors: Priors,
         rows: list[EntityRow],
     ) -> pb.GetOnlineFeaturesResponse:
         width = len(plan.names)
         no_nulls = [False] * width
-        apply = self._rule(plan, priors, segment).apply
+        apply = self._rules.rule(plan, priors, segment).apply
         # proto enum fields take ints; the stubs type them as the enum wrappers
         values: list[float] = []
         nulls: list[bool] = []

@@ -1,7 +1,8 @@
 """The input contract: the two event kinds, their schemas and their validation rules.
 
 Two kinds of events enter Headrace, each on its own topic (names before the deployment
-prefix, from :mod:`feature_defs.layout`):
+prefix, from :mod:`feature_defs.layout`); their fields and types are the contract's
+(:mod:`feature_defs.contract`), from which the schemas below are built:
 
 * ``impression`` on ``impressions``: ``event_id``, ``ts``, ``user_id`` (null = anonymous),
   ``ad_id``, ``campaign_id``, ``publisher_id``, ``placement``, ``creative_type``,
@@ -35,20 +36,27 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, cast
 
 import fastavro
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from feature_defs.layout import (
-    MAX_ID_LEN,
-    TOPIC_CLICKS,
-    TOPIC_DLQ,
-    TOPIC_IMPRESSIONS,
-    entity_id_problem,
+from feature_defs.contract import (
+    DOUBLE,
+    FIELD_TYPES,
+    ID_FIELDS,
+    KIND_TOPICS,
+    KINDS,
+    NULLABLE_FIELDS,
+    ROUTING_FALLBACK,
+    ROUTING_KEY,
+    STRING,
+    TS,
+    EventKind,
 )
+from feature_defs.layout import MAX_ID_LEN, TOPIC_DLQ, entity_id_problem
 
 __all__ = [
     "EventKind",
@@ -73,12 +81,8 @@ __all__ = [
     "routing_key",
 ]
 
-EventKind = Literal["impression", "click"]
-KINDS: Final[tuple[EventKind, ...]] = ("impression", "click")
-
 #: 2000-01-01T00:00:00Z in epoch milliseconds: older event times are rejected.
 MIN_TS_MS: Final = 946_684_800_000
-NULLABLE_FIELDS: Final = frozenset({"user_id"})
 TS_TYPE: Final = pa.timestamp("ms", tz="UTC")
 
 #: Every reason code a dead letter can carry, in the order a message is checked.
@@ -97,34 +101,16 @@ REASON_CODES: Final[tuple[str, ...]] = (
     "ts_in_future",
 )
 
-#: Field type codes of :attr:`EventSpec.field_types`.
-STRING: Final = "string"
-TS: Final = "ts"
-DOUBLE: Final = "double"
-_STR, _TS, _FLOAT = STRING, TS, DOUBLE
-_FIELD_TYPES: Final[dict[str, str]] = {
-    "event_id": _STR,
-    "ts": _TS,
-    "impression_id": _STR,
-    "user_id": _STR,
-    "ad_id": _STR,
-    "campaign_id": _STR,
-    "publisher_id": _STR,
-    "placement": _STR,
-    "creative_type": _STR,
-    "device_type": _STR,
-    "country": _STR,
-    "bid_cpm": _FLOAT,
-}
-_ID_FIELDS: Final = ("event_id", "impression_id", "user_id", "ad_id", "campaign_id", "publisher_id")
+# Kinds, field types (STRING, TS, DOUBLE), nullable and id fields are the contract's
+# (feature_defs.contract), re-exported here for the codecs.
 # Ids unique per event: caching their verdicts would only fill the cache.
 _UNCACHED_ID_FIELDS: Final = frozenset({"event_id", "impression_id"})
 #: ASCII characters an id must not contain (RE2 syntax; see entity_id_problem)
 _ASCII_BAD_ID: Final = r"[{} \x00-\x1f\x7f]"
 _ARROW_TYPES: Final[dict[str, pa.DataType]] = {
-    _STR: pa.string(),
-    _TS: TS_TYPE,
-    _FLOAT: pa.float64(),
+    STRING: pa.string(),
+    TS: TS_TYPE,
+    DOUBLE: pa.float64(),
 }
 
 
@@ -171,18 +157,22 @@ def _load_spec(kind: EventKind, topic: str, avsc: str) -> EventSpec:
     text = (Path(__file__).parent / "schemas" / avsc).read_text("utf-8")
     schema = json.loads(text)
     fields = tuple(f["name"] for f in schema["fields"])
+    types = FIELD_TYPES[kind]
+    if fields != tuple(types):  # the Avro file and the contract must not drift
+        raise RuntimeError(f"streams/schemas/{avsc} has fields {fields}; the contract "
+                           f"(feature_defs.contract) has {tuple(types)}")
     required = tuple(f for f in fields if f not in NULLABLE_FIELDS)
     arrow = pa.schema(
-        [pa.field(f, _ARROW_TYPES[_FIELD_TYPES[f]], nullable=f in NULLABLE_FIELDS) for f in fields]
+        [pa.field(f, _ARROW_TYPES[types[f]], nullable=f in NULLABLE_FIELDS) for f in fields]
     )
     wire = pa.schema([pa.field(f.name, f.type) for f in arrow], metadata={"hr-kind": kind})
     return EventSpec(
         kind=kind,
         topic=topic,
         fields=fields,
-        field_types={f: _FIELD_TYPES[f] for f in fields},
+        field_types=dict(types),
         required=required,
-        id_fields=tuple(f for f in fields if f in _ID_FIELDS),
+        id_fields=tuple(f for f in fields if f in ID_FIELDS),
         avro_schema=cast(dict[str, Any], fastavro.parse_schema(schema)),
         avro_raw_schema=cast(dict[str, Any], fastavro.parse_schema(_strip_logical_types(schema))),
         arrow_schema=arrow,
@@ -191,8 +181,7 @@ def _load_spec(kind: EventKind, topic: str, avsc: str) -> EventSpec:
 
 
 EVENT_SPECS: Final[Mapping[EventKind, EventSpec]] = {
-    "impression": _load_spec("impression", TOPIC_IMPRESSIONS, "impression.avsc"),
-    "click": _load_spec("click", TOPIC_CLICKS, "click.avsc"),
+    k: _load_spec(k, KIND_TOPICS[k], f"{k}.avsc") for k in KINDS
 }
 
 
@@ -461,8 +450,8 @@ def routing_key(event: Mapping[str, Any]) -> str:
     Malformed events still get a key (``""`` at worst) so they travel to a consumer that
     dead-letters them.
     """
-    user = event.get("user_id")
+    user = event.get(ROUTING_KEY)
     if isinstance(user, str):
         return user
-    event_id = event.get("event_id")
+    event_id = event.get(ROUTING_FALLBACK)
     return event_id if isinstance(event_id, str) else ""

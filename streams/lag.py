@@ -1,7 +1,8 @@
 """Consumer lag from the *fetch* high watermark.
 
-ListOffsets(latest) is wrong on the embedded broker (INFRA.md D1: it answers the base
-offset of the last batch + 1), so the end of a partition is read from a fetch response:
+ListOffsets(latest) is wrong on the embedded broker (defect D1, pinned by
+``tests/integration/test_broker_contract.py``: it answers the base offset of the last
+batch + 1), so the end of a partition is read from a fetch response:
 assign the partition near its end, poll once, and take librdkafka's cached watermark.
 """
 

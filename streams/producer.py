@@ -95,7 +95,8 @@ class KafkaSink:
     """A :class:`MessageSink` over a confluent-kafka producer.
 
     Idempotence is switched on unless the settings say otherwise, so librdkafka retries
-    cannot reorder messages within a partition (Tansu supports it, INFRA D3).
+    cannot reorder messages within a partition (Tansu supports it; defect D3 is aiokafka's
+    idempotence, see ``tests/integration/test_broker_contract.py``).
     """
 
     def __init__(self, settings: ProducerSettings) -> None:
@@ -111,7 +112,7 @@ class KafkaSink:
         self._errors: list[str] = []
 
     def ensure_topics(self, topics: Sequence[str], partitions: int) -> None:
-        from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+        from confluent_kafka.admin import AdminClient, NewTopic
 
         admin = AdminClient(self._settings.confluent_admin())
         try:

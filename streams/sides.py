@@ -1,8 +1,9 @@
 """Side outputs of the engine: dead letters, late events, re-keyed forwards.
 
 Everything goes through one confluent-kafka producer (its idempotent mode works on the
-embedded broker, unlike aiokafka's, INFRA.md D3) and is made durable by :meth:`flush`
-before the engine records progress past it.
+embedded broker, unlike aiokafka's: defect D3 in the README's paragraph on the embedded
+broker's known defects, pinned by ``tests/integration/test_broker_contract.py``) and is
+made durable by :meth:`flush` before the engine records progress past it.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def plan_of(registry, settings) -> dict:  # noqa: ANN001 - Registry, CommonSettings
+    """The plan ``headrace apply`` prints: topics, keys, Redis and Parquet layout, all
+    read from the registry's compiled topology and the layout module."""
     from feature_defs.layout import (
         TOPIC_DLQ,
         TOPIC_LATE,
@@ -29,10 +31,10 @@ def plan_of(registry, settings) -> dict:  # noqa: ANN001 - Registry, CommonSetti
         repartition_topic,
         view_dir,
     )
-    from streams.engine import ROUTING_KEY
 
-    topics = [settings.topic(t) for t in registry.source_topics()]
-    remote = sorted({v.entity.name for v in registry.views if v.entity.key != ROUTING_KEY})
+    topo = registry.topology
+    topics = [settings.topic(t) for t in topo.sources]
+    remote = sorted(topo.repartitioned_entities)
     internal = [settings.topic(repartition_topic(e)) for e in remote]
     root = settings.offline_uri
     views = []
@@ -44,7 +46,7 @@ def plan_of(registry, settings) -> dict:  # noqa: ANN001 - Registry, CommonSetti
             "key": v.entity.key,
             "sources": [s.name for s in v.sources],
             "consumed_from": [settings.topic(s.name) for s in v.sources]
-            if v.entity.key == ROUTING_KEY else [settings.topic(repartition_topic(v.entity.name))],
+            if topo.is_local(v.id) else [settings.topic(repartition_topic(v.entity.name))],
             "allowed_lateness_s": v.allowed_lateness.total_seconds(),
             "online_ttl_s": plan.ttl_ms / 1000,
             "redis": {"key": entity_key(settings.redis_prefix, v.entity.name, "<id>"),
@@ -60,10 +62,10 @@ def plan_of(registry, settings) -> dict:  # noqa: ANN001 - Registry, CommonSetti
         "topics": {"sources": topics, "internal": internal,
                    "dead_letters": [settings.topic(TOPIC_DLQ), settings.topic(TOPIC_LATE)],
                    "partitions": settings.partitions},
-        "routing_key": ROUTING_KEY,
+        "routing_key": topo.routing_key,
         "progress_key": commit_key(settings.redis_prefix, "<group>", "<topic>", 0)
         .replace(":0", ":<partition>"),
-        "raw_events": [f"{events_dir(root, k)}/date=YYYY-MM-DD/" for k in ("impression", "click")],
+        "raw_events": [f"{events_dir(root, k)}/date=YYYY-MM-DD/" for k in topo.field_types],
         "views": views,
     }
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from feature_defs.registry import Registry
-    from serving.store import OnlineStore
+    from headrace.core.online_store import OnlineStore
 
 __all__ = ["register", "raw_lines"]
 
@@ -153,11 +153,12 @@ def _run(args: argparse.Namespace) -> int:
     as_of = parse_time_ms(args.at) if args.at else None
     if args.server:
         return _via_server(args, asked, as_of)
+    from headrace.core.online_store import RedisOnlineStore
     from headrace.core.settings import ServeSettings
-    from serving.store import RedisOnlineStore
 
     settings = ServeSettings()
-    store = RedisOnlineStore(settings.redis_url, timeout_ms=args.timeout * 1000)
+    store = RedisOnlineStore(settings.redis_url, timeout_ms=args.timeout * 1000,
+                             connect_timeout_ms=args.timeout * 1000)
     try:
         lines = raw_lines(registry, store, settings.redis_prefix, args.entity, args.ids, names,
                           time.time_ns() // 1_000_000 if as_of is None else as_of)

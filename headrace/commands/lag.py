@@ -22,14 +22,12 @@ def _run(args: argparse.Namespace) -> int:
     from feature_defs.layout import repartition_topic
     from feature_defs.registry import load_registry
     from headrace.core.settings import WorkerSettings
-    from streams.engine import ROUTING_KEY
     from streams.lag import consumer_lag
 
     settings = WorkerSettings()
-    reg = load_registry()
-    topics = [settings.topic(t) for t in reg.source_topics()] + sorted(
-        {settings.topic(repartition_topic(v.entity.name)) for v in reg.views
-         if v.entity.key != ROUTING_KEY})
+    topo = load_registry().topology
+    topics = [settings.topic(t) for t in topo.sources] + sorted(
+        {settings.topic(repartition_topic(e)) for e in topo.repartitioned_entities})
     rows = consumer_lag(settings.confluent_consumer(args.group or settings.group_id),
                         args.group or settings.group_id, topics)
     if args.json:

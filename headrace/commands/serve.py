@@ -88,7 +88,6 @@ def _serve(args: argparse.Namespace) -> int:
         import grpc_reflection  # noqa: F401
     except ImportError as exc:
         raise missing_extra(exc.name or "grpcio", "serve") from exc
-    from serving.metrics import start_metrics_server
     from serving.server import build_server
 
     settings = ServeSettings()
@@ -99,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
                           max_workers=args.workers, memo_entries=args.memo_entries)
     metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
     if metrics_port is not None:
-        start_metrics_server(metrics_port)
+        server.metrics.serve(metrics_port)  # this server's registry (serving.metrics)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

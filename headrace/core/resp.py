@@ -5,6 +5,8 @@ flushes, send a whole pipeline in one write and parse the replies with a hiredis
 straight off the socket: one C call per reply, none of redis-py's per-command and
 per-reply Python (packing, callbacks, retries). redis-py still opens each connection
 (AUTH, SELECT, timeouts). No MULTI/EXEC: a pipeline, not a transaction.
+
+The one place that touches redis-py's internals is :func:`connected_socket`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,17 @@ from typing import Any
 try:
     import hiredis
 except ImportError:  # pragma: no cover - depends on the install (stream/serve extras have it)
-    hiredis = None
+    hiredis = None  # type: ignore[assignment]
 
-__all__ = ["ErrorReply", "PipelineConnections", "bulk", "pack", "pack_hmget", "read_replies"]
+__all__ = [
+    "ErrorReply",
+    "PipelineConnections",
+    "bulk",
+    "connected_socket",
+    "pack",
+    "pack_hmget",
+    "read_replies",
+]
 
 _BUFFER = 1 << 16
 
@@ -41,6 +51,36 @@ def pack_hmget(keys: Sequence[str], fields: Sequence[str]) -> bytes:
     head = b"*%d\r\n$5\r\nHMGET\r\n" % (len(fields) + 2)
     tail = b"".join(bulk(f.encode()) for f in fields)
     return b"".join([head + bulk(k.encode()) + tail for k in keys])
+
+
+def connected_socket(conn: Any) -> tuple[Any, bool]:
+    """The socket of a redis-py ``Connection``, connecting it first when it has none.
+
+    redis-py has no public way to write to a connection's socket and read the replies
+    ourselves, so this reads the private ``Connection._sock``: None until ``connect()``
+    and again after ``disconnect()``, the connected ``socket.socket`` in between.
+    ``connect()`` is redis-py's own: it opens the socket with the pool's timeouts and
+    runs the handshake (AUTH, SELECT, client name). The tests in
+    ``tests/contract/test_online_store.py`` pin this against the installed redis-py and
+    a real redis-server, so an upgrade that moves the attribute fails there, not in
+    production.
+
+    Returns:
+        ``(sock, fresh)``: ``fresh`` is True when this call connected (any reply parser
+        state kept for an earlier socket must be dropped).
+
+    Raises:
+        redis.exceptions.ConnectionError: connecting failed.
+        ConnectionError: redis-py connected but exposes no socket (its internals moved).
+    """
+    sock = conn._sock
+    if sock is not None:
+        return sock, False
+    conn.connect()
+    sock = conn._sock
+    if sock is None:  # pragma: no cover - only if redis-py's internals change
+        raise ConnectionError("redis-py connected but Connection._sock is unset")
+    return sock, True
 
 
 class ErrorReply(Exception):
@@ -114,10 +154,9 @@ class PipelineConnections:
         """Send ``payload`` (``n`` packed commands) in one write; the ``n`` replies."""
         conn = self._connection()
         try:
-            if conn._sock is None:  # redis-py connects (AUTH, SELECT) and sets the timeouts
-                conn.connect()
-                self._local.reader = hiredis.Reader()  # fresh: nothing left of the old one
-            sock = conn._sock
+            sock, fresh = connected_socket(conn)
+            if fresh:
+                self._local.reader = hiredis.Reader()  # nothing left of the old socket's
             sock.sendall(payload)
             return read_replies(sock, self._local.reader, self._local.buf, n)
         except BaseException:

@@ -1,6 +1,7 @@
 """Contract of the local Kafka-protocol broker (Tansu 0.6) that Headrace relies on.
 
-Passing tests pin what works. The known defects D1-D4 (INFRA.md) are tests that assert
+Passing tests pin what works. The known defects D1-D4 (the README's paragraph on the
+embedded broker's known defects lists them) are tests that assert
 the *correct* Kafka behaviour, marked ``xfail(strict=True)``: if a Tansu upgrade fixes
 one, its test XPASSes and the suite fails, so the workaround can be removed.
 """

@@ -172,6 +172,7 @@ def test_training_set_from_the_worker_store_matches_the_oracle(ns: Any, tmp_path
     """The real worker writes the store; features at any T equal the project oracle."""
     import random
 
+    from tests import streamcheck as sc
     from tests import streamkit as sk
     from tests.adversarial import generate
     from tests.oracle import ENTITY_KEYS, feature_names
@@ -180,7 +181,7 @@ def test_training_set_from_the_worker_store_matches_the_oracle(ns: Any, tmp_path
     bootstrap = ns.stack.kafka_bootstrap
     sk.create_source_topics(bootstrap, [ns.topic("impressions"), ns.topic("clicks")],
                             sk.PARTITIONS)
-    exp = sk.expectations(stream, sk.produce_arrivals(bootstrap, ns.topic_prefix,
+    exp = sc.expectations(stream, sk.produce_arrivals(bootstrap, ns.topic_prefix,
                                                       stream.arrivals))
     worker = sk.Worker(sk.worker_env(ns, tmp_path), tmp_path / "worker.log", until_idle=5)
     try:

@@ -31,7 +31,7 @@ PARTITIONS = 3
 
 def _consume_all(settings: ProducerSettings, topic: str, want_events: int, kind: str) -> Any:
     """Read every message of ``topic`` (all partitions, from the start) until ``want_events``
-    events decoded; never asks ListOffsets for the end (INFRA D1)."""
+    events decoded; never asks ListOffsets for the end (broker defect D1)."""
     consumer = Consumer(settings.confluent_consumer(f"{settings.topic_prefix}reader-{kind}"))
     try:
         consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])

@@ -31,7 +31,7 @@ NOW_MS = 2_000_000_000_000  # 2033: every sample event lies before it
 
 def consume(settings: ProducerSettings, topic: str, kind: str, want: int) -> list[dict[str, Any]]:
     """Every event of ``topic`` (all partitions, from offset 0) once ``want`` decoded; the
-    end is never taken from ListOffsets (INFRA D1)."""
+    end is never taken from ListOffsets (broker defect D1, README "Stream workers")."""
     consumer = Consumer(settings.confluent_consumer(f"{settings.topic_prefix}reader-{kind}"))
     try:
         consumer.assign([TopicPartition(topic, p, 0) for p in range(settings.partitions)])

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -25,11 +25,10 @@ from feature_defs.coldstart import Priors
 from feature_defs.layout import entity_key, events_dir, priors_key
 from feature_defs.registry import load_registry
 from feature_defs.state import ViewState
-from headrace.core.errors import InvalidArgument, OnlineStoreError
+from headrace.core.errors import InvalidArgument
 from headrace.core.settings import OfflineSettings, ServeSettings
 from serving.client import FeatureClient
 from serving.server import FeatureServer, build_server
-from serving.store import FakeOnlineStore, RedisOnlineStore
 from tests import oracle
 
 pytestmark = pytest.mark.integration
@@ -99,62 +98,6 @@ def client(server: FeatureServer) -> Iterator[FeatureClient]:
     with FeatureClient(f"127.0.0.1:{server.port}", timeout_s=5.0) as c:
         c.wait_ready()
         yield c
-
-
-# ------------------------------------------------------------------ store contract
-@pytest.fixture(params=["fake", "redis"])
-def store_and_writer(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Callable]]:
-    if request.param == "fake":
-        fake = FakeOnlineStore()
-        yield fake, fake.hset
-        return
-    ns = request.getfixturevalue("ns")
-    client = request.getfixturevalue("redis_client")
-    store = RedisOnlineStore(ns.stack.redis_url, timeout_ms=1000)
-    yield store, lambda k, f, v: client.hset(k, f, v)
-    store.close()
-
-
-def test_store_contract(store_and_writer: tuple[Any, Callable],
-                        request: pytest.FixtureRequest) -> None:
-    store, hset = store_and_writer
-    p = f"hrc{random.randrange(10**9)}"
-    hset(f"{p}:a:{{1}}", "v@1", b"\x01one")
-    hset(f"{p}:a:{{1}}", "w@1", b"\x00two")
-    hset(f"{p}:a:{{3}}", "w@1", b"")
-    rows = store.read_hashes([f"{p}:a:{{1}}", f"{p}:a:{{2}}", f"{p}:a:{{3}}"], ["v@1", "w@1"])
-    assert rows == [[b"\x01one", b"\x00two"], [None, None], [None, b""]]
-    assert store.read_hashes([], ["v@1"]) == []
-    assert store.get(f"{p}:nothing") is None
-    if isinstance(store, RedisOnlineStore):
-        request.getfixturevalue("redis_client").delete(f"{p}:a:{{1}}", f"{p}:a:{{3}}")
-
-
-def test_redis_store_translates_connection_errors() -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens there once closed
-    store = RedisOnlineStore(f"redis://127.0.0.1:{port}/0", timeout_ms=50)
-    with pytest.raises(OnlineStoreError):
-        store.read_hashes(["k"], ["f"])
-    with pytest.raises(OnlineStoreError):
-        store.get("k")
-
-
-def test_redis_store_error_reply_fails_the_read_and_the_next_read_works(
-        stack: Any, redis_client: Any) -> None:
-    prefix = f"t{time.time_ns()}"
-    redis_client.set(f"{prefix}:plain", b"not a hash")  # HMGET on it: WRONGTYPE
-    redis_client.hset(f"{prefix}:h", "f", b"v")
-    store = RedisOnlineStore(stack.redis_url, timeout_ms=500)
-    many = [f"{prefix}:h"] * 3000  # replies arrive over several socket reads
-    assert store.read_hashes(many, ["f", "g"]) == [[b"v", None]] * 3000
-    with pytest.raises(OnlineStoreError, match="WRONGTYPE"):
-        store.read_hashes([f"{prefix}:h", f"{prefix}:plain", f"{prefix}:h"], ["f"])
-    assert store.read_hashes([f"{prefix}:h", f"{prefix}:none"], ["f"]) == [[b"v"], [None]]
-    store.close()
 
 
 # ------------------------------------------------------------------ values over gRPC
@@ -249,6 +192,16 @@ def test_redis_outage_answers_from_priors(ns: Any, tmp_path: Any) -> None:
                 assert [e.values["user__ctr_24h"] for e in answer.entities] == [0.04, 0.04]
                 reasons.append(answer.fallback_reason)
             assert reasons[-1] == "BREAKER_OPEN"
+            # this server's own registry: exactly what its answers said, nothing else
+            m = srv.metrics
+            assert m.value("headrace_serving_breaker_state") == 2  # OPEN
+            assert m.value("headrace_serving_fallbacks_total", tier="SEGMENT",
+                           reason="REDIS_ERROR") == 1  # the hung read
+            for reason in ("REDIS_ERROR", "BUDGET_EXCEEDED", "BREAKER_OPEN"):
+                assert m.value("headrace_serving_fallbacks_total", tier="GLOBAL",
+                               reason=reason) == 2 * reasons.count(reason)
+            assert m.value("headrace_serving_request_seconds_count",
+                           method="GetOnlineFeatures") == 6
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -296,6 +249,8 @@ def _free_port() -> int:
 def test_serve_command_and_get_through_it(loaded: Any) -> None:
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     metrics_port = _free_port()
     serve = subprocess.Popen([sys.executable, "-m", "headrace.cli", "serve", "--port", "0",
                               "--host", "127.0.0.1", "--metrics-port", str(metrics_port)],
@@ -317,8 +272,18 @@ def test_serve_command_and_get_through_it(loaded: Any) -> None:
             text = r.read().decode()
         for name in ("headrace_serving_request_seconds_count{method=\"GetOnlineFeatures\"}",
                      "headrace_serving_redis_seconds", "headrace_serving_breaker_state 0.0",
-                     "headrace_serving_entities_total"):
+                     "headrace_serving_entities_total", "headrace_scoring_seconds",
+                     "process_resident_memory_bytes", "python_info"):
             assert name in text
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        # the two gets: both timed and read; only the good one was answered
+        assert samples[("headrace_serving_request_seconds_count",
+                        (("method", "GetOnlineFeatures"),))] == 2
+        assert samples[("headrace_serving_redis_seconds_count", ())] == 2
+        assert sum(v for (n, labels), v in samples.items()
+                   if n == "headrace_serving_entities_total") == 1
+        assert not any(n == "headrace_serving_fallbacks_total" for n, _ in samples)
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=20) == 0

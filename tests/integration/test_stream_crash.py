@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from tests import streamcheck as sc
 from tests import streamkit as sk
 from tests.adversarial import Stream, generate, probe_points
 
@@ -49,7 +50,7 @@ PROGRESS_TIMEOUT_S = 120
 class Snapshot:
     """Everything one run left behind, as the tests compare it."""
 
-    exp: sk.Expected
+    exp: sc.Expected
     features: dict[sk.Probe, Any]
     offline: dict[str, list[tuple[Any, ...]]]
     offline_problems: list[str]
@@ -57,7 +58,7 @@ class Snapshot:
     dead: list[sk.Record]
 
 
-def _snapshot(ns: Any, exp: sk.Expected, probes: list[sk.Probe]) -> Snapshot:
+def _snapshot(ns: Any, exp: sc.Expected, probes: list[sk.Probe]) -> Snapshot:
     features, _calls = sk.online_features(ns.settings_env, probes)
     settings = ns.settings()
     tables = {k: sk.read_offline_events(settings, k) for k in ("impression", "click")}
@@ -65,8 +66,8 @@ def _snapshot(ns: Any, exp: sk.Expected, probes: list[sk.Probe]) -> Snapshot:
     return Snapshot(
         exp=exp,
         features=features,
-        offline=sk.offline_rows(tables),
-        offline_problems=sk.offline_problems(exp, tables),
+        offline=sc.offline_rows(tables),
+        offline_problems=sc.offline_problems(exp, tables),
         late=sk.side_records(bootstrap, ns.topic_prefix, "headrace-late"),
         dead=sk.side_records(bootstrap, ns.topic_prefix, "headrace-dlq"),
     )
@@ -74,7 +75,7 @@ def _snapshot(ns: Any, exp: sk.Expected, probes: list[sk.Probe]) -> Snapshot:
 
 def _compare(run: Snapshot, ref: Snapshot, label: str) -> tuple[list[str], dict[str, int]]:
     """Problems of ``run`` against the reference run and the oracle; duplicate counts."""
-    problems = [f"{label}: {p}" for p in sk.feature_problems(run.exp, run.features)]
+    problems = [f"{label}: {p}" for p in sc.feature_problems(run.exp, run.features)]
     diff = [p for p in ref.features if run.features.get(p) != ref.features[p]]
     if diff:
         problems.append(f"{label}: {len(diff)} probes differ from the reference run, e.g. "
@@ -89,15 +90,15 @@ def _compare(run: Snapshot, ref: Snapshot, label: str) -> tuple[list[str], dict[
                 f"{len(run.offline[kind])} rows vs {len(ref.offline[kind])}, "
                 f"{len(mine - theirs)} only here e.g. {sorted(mine - theirs)[:1]}, "
                 f"{len(theirs - mine)} only in the reference e.g. {sorted(theirs - mine)[:1]}")
-    p_late, dup_late = sk.late_problems(run.exp, run.late, allow_duplicates=True)
+    p_late, dup_late = sc.late_problems(run.exp, run.late, allow_duplicates=True)
     # reason codes vs the generator are test_stream_e2e's business; here: vs the reference
-    p_dead, dup_dead = sk.dead_problems(run.exp, run.dead, allow_duplicates=True,
+    p_dead, dup_dead = sc.dead_problems(run.exp, run.dead, allow_duplicates=True,
                                         check_codes=False)
     problems += [f"{label}: {p}" for p in p_late + p_dead]
     # late reasons carry the watermark (deterministic); dead-letter reasons may carry the
     # wall clock (ts_in_future), so those compare by code
-    dead_mine = [(c, sk.reason_code(r), v) for c, r, v in run.dead]
-    dead_theirs = [(c, sk.reason_code(r), v) for c, r, v in ref.dead]
+    dead_mine = [(c, sc.reason_code(r), v) for c, r, v in run.dead]
+    dead_theirs = [(c, sc.reason_code(r), v) for c, r, v in ref.dead]
     for name, mine, theirs in (("late", run.late, ref.late), ("dlq", dead_mine, dead_theirs)):
         if set(mine) != set(theirs):
             only = sorted(set(mine) - set(theirs))[:3]
@@ -128,7 +129,7 @@ def reference(stack: Any, stream: Stream, tmp_path_factory: pytest.TempPathFacto
         sk.create_source_topics(stack.kafka_bootstrap, [ns.topic("impressions"),
                                                         ns.topic("clicks")], sk.PARTITIONS)
         produced = sk.produce_arrivals(stack.kafka_bootstrap, ns.topic_prefix, stream.arrivals)
-        exp = sk.expectations(stream, produced)
+        exp = sc.expectations(stream, produced)
     worker = sk.Worker(sk.worker_env(ns, tmp), tmp / "worker.log", until_idle=5)
     try:
         with sk.timer("reference: worker", timings):
@@ -147,9 +148,9 @@ def reference(stack: Any, stream: Stream, tmp_path_factory: pytest.TempPathFacto
 
 
 def _reference_agrees_with_oracle(ref: Snapshot) -> list[str]:
-    problems = sk.feature_problems(ref.exp, ref.features) + ref.offline_problems
-    problems += sk.late_problems(ref.exp, ref.late, allow_duplicates=False)[0]
-    problems += sk.dead_problems(ref.exp, ref.dead, allow_duplicates=False,
+    problems = sc.feature_problems(ref.exp, ref.features) + ref.offline_problems
+    problems += sc.late_problems(ref.exp, ref.late, allow_duplicates=False)[0]
+    problems += sc.dead_problems(ref.exp, ref.dead, allow_duplicates=False,
                                  check_codes=False)[0]
     return [f"reference: {p}" for p in problems]
 
@@ -311,7 +312,7 @@ def test_sigkilled_worker_matches_uninterrupted_run(
         producer.join(5)
 
     with sk.timer("crash run: snapshot + compare", timings):
-        exp = sk.expectations(stream, produced)
+        exp = sc.expectations(stream, produced)
         run = _snapshot(ns, exp, list(reference.features))
         problems, dups = _compare(run, reference, "crash run")
     problems = _reference_agrees_with_oracle(reference) + problems
@@ -364,7 +365,7 @@ def test_two_workers_in_one_group_match_one(
         f"the two workers did not split the partitions: {shares}")
 
     with sk.timer("pair run: snapshot + compare", timings):
-        exp = sk.expectations(stream, produced)
+        exp = sc.expectations(stream, produced)
         run = _snapshot(ns, exp, list(reference.features))
         problems, dups = _compare(run, reference, "two workers")
     problems = _reference_agrees_with_oracle(reference) + problems

@@ -11,7 +11,7 @@ a. every feature of a few hundred probes (all four entities, T >= the entity's l
    process for every probe, through real subprocesses for a batched sample);
 b. the late topic holds exactly the oracle's late events, the dead-letter topic exactly
    the malformed messages with their expected reason codes (both read to the fetch high
-   watermark, never ListOffsets: INFRA D1), with no duplicates;
+   watermark, never ListOffsets: defect D1 in test_broker_contract.py), with no duplicates;
 c. the offline ``events/`` Parquet rows are exactly the accepted events, once each,
    with their source coordinates and Kafka timestamps.
 """
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests import streamcheck as sc
 from tests import streamkit as sk
 from tests.adversarial import generate, probe_points
 
@@ -39,7 +40,7 @@ WORKER_TIMEOUT_S = 300
 SUBPROCESS_IDS = 60  # ids per entity in the subprocess sample
 
 
-def _subprocess_sample(ns: Namespace, exp: sk.Expected, rng: random.Random) -> list[str]:
+def _subprocess_sample(ns: Namespace, exp: sc.Expected, rng: random.Random) -> list[str]:
     """Batched ``headrace get`` subprocess calls (many ids, one T each) vs the oracle."""
     problems: list[str] = []
     env = ns.subprocess_env()
@@ -58,7 +59,7 @@ def _subprocess_sample(ns: Namespace, exp: sk.Expected, rng: random.Random) -> l
             if code != 0:
                 problems.append(f"headrace get --entity {entity} --at {at}: exit {code} "
                                 f"{stderr[-300:]}")
-            problems += sk.feature_problems(exp, got)
+            problems += sc.feature_problems(exp, got)
     return problems
 
 
@@ -83,7 +84,7 @@ def test_stream_end_to_end_matches_oracle(
     assert produced.envelopes > 0
 
     with sk.timer("oracle", timings):
-        exp = sk.expectations(stream, produced)
+        exp = sc.expectations(stream, produced)
     late_ids = {e["event_id"] for e in exp.late}
     for a in stream.arrivals:  # the generator's intent and the oracle agree
         if a.event is not None:
@@ -105,7 +106,7 @@ def test_stream_end_to_end_matches_oracle(
     with sk.timer("probes (in-process CLI)", timings):
         probes = probe_points(exp.index, N_PROBES, seed=SEED)
         got, calls = sk.online_features(ns.settings_env, probes)
-        problems += sk.feature_problems(exp, got)
+        problems += sc.feature_problems(exp, got)
     by_entity = {e: sum(p[0] == e for p in probes) for e in ("user", "ad", "campaign", "publisher")}
     live = sum(not _default(exp, p) for p in probes)
     print(f"{len(probes)} probes {by_entity} ({live} with non-default features), {calls} calls")
@@ -117,8 +118,8 @@ def test_stream_end_to_end_matches_oracle(
     with sk.timer("dead-letter topics", timings):
         late = sk.side_records(bootstrap, ns.topic_prefix, "headrace-late")
         dead = sk.side_records(bootstrap, ns.topic_prefix, "headrace-dlq")
-        p_late, _ = sk.late_problems(exp, late, allow_duplicates=False)
-        p_dead, _ = sk.dead_problems(exp, dead, allow_duplicates=False)
+        p_late, _ = sc.late_problems(exp, late, allow_duplicates=False)
+        p_dead, _ = sc.dead_problems(exp, dead, allow_duplicates=False)
         problems += p_late + p_dead
     print(f"late topic: {len(late)} records (oracle {len(exp.late)}); "
           f"dlq: {len(dead)} records (malformed {len(exp.dead)})")
@@ -127,7 +128,7 @@ def test_stream_end_to_end_matches_oracle(
     with sk.timer("offline store", timings):
         settings = ns.settings()
         tables = {k: sk.read_offline_events(settings, k) for k in ("impression", "click")}
-        problems += sk.offline_problems(exp, tables)
+        problems += sc.offline_problems(exp, tables)
     print(f"offline rows: { {k: t.num_rows for k, t in tables.items()} } "
           f"(accepted {len(exp.accepted)})")
 
@@ -136,7 +137,7 @@ def test_stream_end_to_end_matches_oracle(
     assert not problems, "\n".join(["stream output differs from the oracle:", *problems])
 
 
-def _default(exp: sk.Expected, probe: sk.Probe) -> bool:
+def _default(exp: sc.Expected, probe: sk.Probe) -> bool:
     from tests.oracle import is_default
 
     entity, eid, at = probe

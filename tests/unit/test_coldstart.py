@@ -12,6 +12,8 @@ import pytest
 
 from feature_defs.coldstart import (
     HISTORY_FEATURE,
+    USER_WITHOUT_HISTORY,
+    ColdStartRule,
     Priors,
     Status,
     Tier,
@@ -19,6 +21,7 @@ from feature_defs.coldstart import (
     apply_cold_start_columns,
     blend_weight,
     fallback_values,
+    rule_entity_of,
     tier_for,
 )
 from feature_defs.registry import load_registry
@@ -115,6 +118,22 @@ def test_user_history_must_be_known() -> None:
     assert tier is Tier.PERSONALIZED and vals == {"user__ctr_24h": 0.1}
 
 
+def test_users_read_without_history_follow_the_rule_of_other_entities() -> None:
+    assert rule_entity_of("user", has_history=False) == USER_WITHOUT_HISTORY
+    assert rule_entity_of("user", has_history=True) == "user"
+    assert rule_entity_of("ad", has_history=False) == "ad"
+    names = ["user__ctr_24h"]
+    rule = ColdStartRule(USER_WITHOUT_HISTORY, names, PRIORS, US)
+    assert rule.apply([0.3], False, False, None) == ([0.3], Tier.PERSONALIZED, [Status.PRESENT])
+    # without data: the global prior, never the segment one (no history to tier by)
+    assert rule.apply([None], True, True, None) == ([0.02], Tier.GLOBAL, [Status.STALE])
+    cols, tiers, _ = apply_cold_start_columns(
+        USER_WITHOUT_HISTORY, {"user__ctr_24h": np.array([0.3, np.nan])},
+        np.array([False, True]), PRIORS, ["US", "US"], ["mobile", "mobile"])
+    assert cols["user__ctr_24h"].tolist() == [0.3, 0.02]
+    assert tiers.tolist() == [Tier.PERSONALIZED, Tier.GLOBAL]
+
+
 def test_fallback_values() -> None:
     defaults = {"user__ctr_24h": None, "user__clicks_1h": 0}
     assert fallback_values("user", defaults, PRIORS, US) == (
@@ -135,7 +154,8 @@ def test_priors_json_round_trip_and_immutability() -> None:
         back.global_values["x"] = 1.0  # type: ignore[index]
     with pytest.raises(AttributeError):
         back.computed_at_ms = 1  # type: ignore[misc]
-    assert Priors({"a": None, "b": math.nan, "c": 1}).global_values == {"c": 1.0}
+    assert Priors({"a": None, "b": math.nan, "c": 1}).global_values == {  # type: ignore[dict-item]
+        "c": 1.0}
     for bad in ("{}", "[]", '{"format": 2}', "not json"):
         with pytest.raises(ValueError):
             Priors.from_json(bad)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from feature_defs.registry import load_registry
+from headrace.core.online_store import MemoryOnlineStore
 from streams.engine import MAX_GAP_SEEKS, Engine, RawMessage
-from streams.online import MemoryOnlineStore
 from streams.sides import MemorySideOutputs
 
 T0 = 1_700_000_000_000

@@ -8,8 +8,9 @@ import threading
 import pytest
 
 from headrace.core.errors import OnlineStoreError
+from headrace.core.online_store import MemoryOnlineStore, StateWrite
 from streams.engine import Engine
-from streams.online import MemoryOnlineStore, OnlineWrites, StateWrite
+from streams.online import OnlineWrites
 from tests.unit.test_stream_freshness import _engine, _stream
 
 

@@ -25,17 +25,18 @@ from headrace.api.v1 import features_pb2 as pb
 from headrace.api.v1 import scoring_pb2 as spb
 from headrace.commands.score import parse_ad
 from headrace.core.errors import InvalidArgument
+from headrace.core.online_store import MemoryOnlineStore
 from headrace.model.artifact import LoadedModel, load_model, set_champion, write_artifact
 from headrace.model.booster import CategoryCodes
 from headrace.model.coldstart import ColdStartModel
 from serving.breaker import CircuitBreaker
 from serving.client import build_score_request, ranked_candidates
+from serving.metrics import ServingMetrics
 from serving.model_loader import ModelWatcher, ScoringModel
 from serving.priors import PriorsCache
 from serving.reader import OnlineReader
-from serving.scoring import ModelUnavailable, ScoringService, scoring_metrics
+from serving.scoring import ModelUnavailable, ScoringService, model_watcher
 from serving.server import status_of
-from serving.store import FakeOnlineStore
 from tests import oracle
 
 PREFIX = "hr"
@@ -61,8 +62,9 @@ def make_events(seed: int = 5, users: int = 4, n: int = 700) -> list[dict[str, A
 EVENTS = make_events()
 
 
-def load_store(events: list[dict[str, Any]], sleep: object = time.sleep) -> FakeOnlineStore:
-    store = FakeOnlineStore(sleep=sleep)
+def load_store(events: list[dict[str, Any]],
+               sleep: Callable[[float], object] = time.sleep) -> MemoryOnlineStore:
+    store = MemoryOnlineStore(sleep=sleep)
     states: dict[tuple[str, str], ViewState] = {}
     for e in events:
         for entity, key in oracle.ENTITY_KEYS.items():
@@ -93,11 +95,12 @@ class Timer:
         return self.now
 
 
-def service_for(store: FakeOnlineStore, models: dict[str, LoadedModel], tmp: Path, *,
+def service_for(store: MemoryOnlineStore, models: dict[str, LoadedModel], tmp: Path, *,
                 priors: Priors | None = None, timer: Timer | None = None) -> ScoringService:
     if priors is not None:
         store.set(priors_key(PREFIX), priors.to_json())
-    cache = PriorsCache(store, PREFIX)
+    metrics = ServingMetrics()  # this test's own: exact counts
+    cache = PriorsCache(store, PREFIX, metrics=metrics)
     cache.refresh()
     timer = timer or Timer()
     watcher: ModelWatcher[ScoringModel] = ModelWatcher(
@@ -107,7 +110,7 @@ def service_for(store: FakeOnlineStore, models: dict[str, LoadedModel], tmp: Pat
     watcher.refresh()
     return ScoringService(REG, OnlineReader(store, PREFIX), cache,
                           CircuitBreaker(failures=2, reset_s=1.0, clock=timer), watcher,
-                          budget_ms=10.0, clock_ms=lambda: T0 + 1, timer=timer)
+                          budget_ms=10.0, clock_ms=lambda: T0 + 1, timer=timer, metrics=metrics)
 
 
 def request(user: str | None, cands: list[tuple[str, str, float]], **ctx: Any
@@ -238,7 +241,7 @@ def _set_candidate(i: int, **kw: Any) -> Callable[[spb.ScoreRequest], None]:
 def test_bad_requests_name_the_field(tmp_path: Path, mutate: Callable[[spb.ScoreRequest], Any],
                                      field: str) -> None:
     booster = FakeBooster(lambda x: np.full(x.shape[0], 0.01))
-    svc = service_for(FakeOnlineStore(), {"v1": LoadedModel("v1", booster, ("bid_cpm",), {})},
+    svc = service_for(MemoryOnlineStore(), {"v1": LoadedModel("v1", booster, ("bid_cpm",), {})},
                       tmp_path)
     req = request("u1", [(f"a{i}", "c0", 1.0) for i in range(5)])
     ok = svc.score(req)  # a model on bid_cpm alone: no entity to read, no round trip
@@ -252,7 +255,7 @@ def test_bad_requests_name_the_field(tmp_path: Path, mutate: Callable[[spb.Score
 
 
 def test_no_model_is_failed_precondition(tmp_path: Path) -> None:
-    svc = service_for(FakeOnlineStore(), {}, tmp_path)
+    svc = service_for(MemoryOnlineStore(), {}, tmp_path)
     with pytest.raises(ModelUnavailable, match="no champion model") as info:
         svc.score(request("u1", [("a0", "c0", 1.0)]))
     assert status_of(info.value).name == "FAILED_PRECONDITION"
@@ -305,8 +308,16 @@ def test_fallback_is_answered_by_the_coldstart_model(tmp_path: Path) -> None:
         assert list(resp.tiers) == [pb.GLOBAL, pb.GLOBAL]
         assert cold_booster.calls[-1][0].shape == (1, 7)  # one row, one call
     assert len(main.calls) == main_calls  # the main model was not asked
-    assert scoring_metrics().fallbacks.labels(reason="BREAKER_OPEN",
-                                              source="COLDSTART_MODEL")._value.get() >= 1
+    m = svc.metrics
+    for name in ("BUDGET_EXCEEDED", "REDIS_ERROR", "BREAKER_OPEN"):
+        assert m.value("headrace_scoring_fallbacks_total", reason=name,
+                       source="COLDSTART_MODEL") == 1
+        assert m.value("headrace_scoring_fallbacks_total", reason=name, source="MODEL") == 0
+    assert m.value("headrace_scoring_seconds_count", source="MODEL") == 1
+    assert m.value("headrace_scoring_seconds_count", source="COLDSTART_MODEL") == 3
+    # the good read and the overrun completed; the failed read and the refused one did not
+    assert m.value("headrace_serving_redis_seconds_count") == 2
+    assert m.value("headrace_serving_redis_seconds_sum") == pytest.approx(0.02)
 
 
 def test_fallback_without_a_coldstart_model_uses_the_priors(tmp_path: Path) -> None:
@@ -319,6 +330,31 @@ def test_fallback_without_a_coldstart_model_uses_the_priors(tmp_path: Path) -> N
     resp = svc.score(request("u1", [("a0", "c0", 1.0)]))
     assert resp.source == spb.MODEL and resp.fallback_reason == pb.REDIS_ERROR
     assert main.calls[-1][0].tolist() == [[0.03]]
+    m = svc.metrics
+    assert m.value("headrace_scoring_fallbacks_total", reason="REDIS_ERROR", source="MODEL") == 1
+    assert m.value("headrace_scoring_seconds_count", source="MODEL") == 1
+    assert m.value("headrace_serving_redis_seconds_count") == 0
+
+
+def test_metrics_are_per_service(tmp_path: Path) -> None:
+    models = {"v1": LoadedModel("v1", FakeBooster(lambda x: np.full(x.shape[0], 0.02)),
+                                ("ad__ctr_24h",), {})}
+    down, up = load_store(EVENTS), load_store(EVENTS)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    failing = service_for(down, models, tmp_path / "a")
+    healthy = service_for(up, models, tmp_path / "b")
+    down.fail = "down"
+    req = request("u1", [("a0", "c0", 1.0)])
+    assert failing.score(req).fallback_reason == pb.REDIS_ERROR
+    assert healthy.score(req).fallback_reason == pb.NONE
+    assert failing.metrics.registry is not healthy.metrics.registry
+    assert failing.metrics.value("headrace_scoring_fallbacks_total", reason="REDIS_ERROR",
+                                 source="MODEL") == 1
+    assert healthy.metrics.value("headrace_scoring_fallbacks_total", reason="REDIS_ERROR",
+                                 source="MODEL") == 0
+    assert healthy.metrics.value("headrace_serving_redis_seconds_count") == 1
+    assert failing.metrics.value("headrace_serving_redis_seconds_count") == 0
 
 
 # ---------------------------------------------------------------- hot reload
@@ -401,6 +437,26 @@ def test_hot_reload_swaps_the_model_under_concurrent_calls(tmp_path: Path) -> No
         assert set(s[:first_new]) == {v1} and set(s[first_new:]) == {v2}  # one swap, no flip
         while_loading += first_new - n
     assert while_loading > 0  # calls made while v2 was loading were answered by v1
+
+
+def test_model_watcher_counts_reloads_in_its_server_metrics(tmp_path: Path) -> None:
+    features = ["ad__ctr_24h", "bid_cpm"]
+    v1 = _train(tmp_path, features, 1)
+    set_champion(tmp_path, v1)
+    m = ServingMetrics()
+    watcher = model_watcher(tmp_path, REG, metrics=m)
+    assert watcher.refresh()
+    assert m.value("headrace_scoring_model_reloads_total", outcome="ok") == 1
+    assert m.value("headrace_scoring_model_info", version=v1) == 1
+    set_champion(tmp_path, _train(tmp_path, ["ip", "bid_cpm"], 2))  # cannot be served
+    assert not watcher.refresh()
+    assert m.value("headrace_scoring_model_reloads_total", outcome="error") == 1
+    v3 = _train(tmp_path, features, 3)
+    set_champion(tmp_path, v3)
+    assert watcher.refresh()
+    assert m.value("headrace_scoring_model_reloads_total", outcome="ok") == 2
+    assert m.value("headrace_scoring_model_info", version=v3) == 1
+    assert m.registry.get_sample_value("headrace_scoring_model_info", {"version": v1}) is None
 
 
 def test_a_model_that_cannot_load_keeps_the_current_one(tmp_path: Path) -> None:

@@ -10,10 +10,12 @@ import pytest
 
 from headrace.api.v1 import features_pb2 as pb
 from headrace.core.errors import InvalidArgument, OnlineStoreError, UsageError
+from headrace.core.online_store import MemoryOnlineStore
+from headrace.core.resp import pack_hmget
 from headrace.core.timeparse import parse_time_ms
 from serving.client import OnlineFeatures, build_request
+from serving.metrics import ServingMetrics
 from serving.server import ErrorInterceptor, status_of
-from serving.store import FakeOnlineStore, pack_hmget
 
 
 class Aborted(Exception):
@@ -38,7 +40,8 @@ def test_interceptor_maps_invalid_argument_and_caches_the_wrapper() -> None:
     def behavior(request: Any, context: Any) -> Any:
         raise InvalidArgument("ids[3]", "contains a brace, whitespace or a control character")
 
-    interceptor = ErrorInterceptor()
+    metrics = ServingMetrics()
+    interceptor = ErrorInterceptor(metrics)
     wrapped = interceptor.intercept_service(lambda d: _handler(behavior), Details())
     assert wrapped is not None
     ctx = FakeContext()
@@ -47,12 +50,19 @@ def test_interceptor_maps_invalid_argument_and_caches_the_wrapper() -> None:
     assert ctx.code is grpc.StatusCode.INVALID_ARGUMENT
     assert ctx.details == "ids[3]: contains a brace, whitespace or a control character"
     assert interceptor.intercept_service(lambda d: None, Details()) is wrapped
+    # a failed call is timed too
+    assert metrics.value("headrace_serving_request_seconds_count",
+                         method="GetOnlineFeatures") == 1
 
 
 def test_interceptor_passes_answers_and_streams_through() -> None:
-    interceptor = ErrorInterceptor()
+    metrics = ServingMetrics()
+    interceptor = ErrorInterceptor(metrics)
     wrapped = interceptor.intercept_service(lambda d: _handler(lambda r, c: r * 2), Details())
     assert wrapped is not None and wrapped.unary_unary(21, FakeContext()) == 42
+    assert wrapped.unary_unary(1, FakeContext()) == 2
+    assert metrics.value("headrace_serving_request_seconds_count",
+                         method="GetOnlineFeatures") == 2
     stream = grpc.stream_stream_rpc_method_handler(lambda it, c: it)
 
     class Other:
@@ -98,7 +108,7 @@ def test_pack_hmget_is_resp() -> None:
 
 
 def test_fake_store_contract_basics() -> None:
-    store = FakeOnlineStore()
+    store = MemoryOnlineStore()
     store.hset("k1", "a", b"1")
     assert store.read_hashes(["k1", "k2"], ["a", "b"]) == [[b"1", None], [None, None]]
     assert store.get("nothing") is None

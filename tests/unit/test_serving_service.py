@@ -14,12 +14,14 @@ from feature_defs.registry import load_registry
 from feature_defs.state import ViewState
 from headrace.api.v1 import features_pb2 as pb
 from headrace.core.errors import InvalidArgument
+from headrace.core.online_store import MemoryOnlineStore
 from serving.breaker import BreakerState, CircuitBreaker
 from serving.client import OnlineFeatures, build_request
+from serving.fetch import FallbackReason
+from serving.metrics import ServingMetrics
 from serving.priors import PriorsCache
 from serving.reader import OnlineReader
 from serving.service import OnlineFeatureService
-from serving.store import FakeOnlineStore
 from tests import oracle
 
 PREFIX = "hr"
@@ -42,7 +44,7 @@ def make_events(rng: random.Random, users: int = 6, n: int = 900) -> list[dict[s
     return sorted(events, key=lambda e: e["ts"])
 
 
-def load(store: FakeOnlineStore, events: list[dict[str, Any]]) -> None:
+def load(store: MemoryOnlineStore, events: list[dict[str, Any]]) -> None:
     states: dict[tuple[str, str], ViewState] = {}
     for e in events:
         for entity, key in oracle.ENTITY_KEYS.items():
@@ -62,7 +64,7 @@ class Timer:
 
 
 def make_service(
-    store: FakeOnlineStore,
+    store: MemoryOnlineStore,
     *,
     priors: Priors | None = None,
     timer: Timer | None = None,
@@ -71,14 +73,16 @@ def make_service(
 ) -> OnlineFeatureService:
     if priors is not None:
         store.set(priors_key(PREFIX), priors.to_json())
-    cache = PriorsCache(store, PREFIX)
+    metrics = ServingMetrics()  # this test's own: exact counts
+    cache = PriorsCache(store, PREFIX, metrics=metrics)
     cache.refresh()
     timer = timer or Timer()
-    breaker = CircuitBreaker(failures=2, reset_s=1.0, clock=timer)
+    breaker = CircuitBreaker(failures=2, reset_s=1.0, clock=timer,
+                             on_change=lambda s: metrics.breaker_state.set(int(s)))
     reader = OnlineReader(store, PREFIX, memo_entries=memo_entries)
     return OnlineFeatureService(REG, reader, cache, breaker,
                                 budget_ms=10.0, max_ids=5, clock_ms=lambda: now,
-                                timer=timer)
+                                timer=timer, metrics=metrics)
 
 
 def ask(service: OnlineFeatureService, entity: str, ids: list[str], **kw: Any) -> OnlineFeatures:
@@ -93,15 +97,15 @@ def events() -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def store(events: list[dict[str, Any]]) -> FakeOnlineStore:
-    s = FakeOnlineStore()
+def store(events: list[dict[str, Any]]) -> MemoryOnlineStore:
+    s = MemoryOnlineStore()
     load(s, events)
     return s
 
 
 @pytest.mark.parametrize("entity", ENTITIES)
 def test_values_equal_the_oracle_in_one_round_trip(
-    entity: str, events: list[dict[str, Any]], store: FakeOnlineStore
+    entity: str, events: list[dict[str, Any]], store: MemoryOnlineStore
 ) -> None:
     service = make_service(store)  # no priors: every value is the entity's own roll-up
     index = oracle.OracleIndex(events)
@@ -125,7 +129,7 @@ def test_values_equal_the_oracle_in_one_round_trip(
 
 
 def test_ttl_is_honoured_by_event_time(
-    store: FakeOnlineStore, events: list[dict[str, Any]]
+    store: MemoryOnlineStore, events: list[dict[str, Any]]
 ) -> None:
     service = make_service(store, priors=Priors({"user__ctr_7d": 0.5}))
     ttl = VIEW_OF["user"].ttl_ms
@@ -144,7 +148,7 @@ def test_ttl_is_honoured_by_event_time(
     }
 
 
-def test_cold_start_through_the_service(store: FakeOnlineStore) -> None:
+def test_cold_start_through_the_service(store: MemoryOnlineStore) -> None:
     priors = Priors({"user__ctr_24h": 0.01}, {("US", "mobile"): {"user__ctr_24h": 0.2}})
     service = make_service(store, priors=priors)
     answer = ask(service, "user", ["nobody"], features=["user__ctr_24h"], country="US",
@@ -170,7 +174,7 @@ def test_cold_start_through_the_service(store: FakeOnlineStore) -> None:
         ({"ids": ["u0"], "as_of_ms": T0 - 7 * DAY}, "as_of_ms"),
     ],
 )
-def test_bad_requests_name_the_field(store: FakeOnlineStore, request_kw: dict[str, Any],
+def test_bad_requests_name_the_field(store: MemoryOnlineStore, request_kw: dict[str, Any],
                                      field: str) -> None:
     service = make_service(store)
     kw = {"entity_type": "user", **request_kw}
@@ -180,7 +184,7 @@ def test_bad_requests_name_the_field(store: FakeOnlineStore, request_kw: dict[st
     assert InvalidArgument.grpc_status == "INVALID_ARGUMENT"
 
 
-def test_feature_sets(store: FakeOnlineStore) -> None:
+def test_feature_sets(store: MemoryOnlineStore) -> None:
     service = make_service(store)
     for name in ("", "all", "user_activity", "user_activity@1"):
         names = ask(service, "user", ["u1"], feature_set=name).feature_names
@@ -189,13 +193,13 @@ def test_feature_sets(store: FakeOnlineStore) -> None:
         service.get_online_features(build_request("user", ["u1"], []))
 
 
-def test_server_clock_behind_event_times_is_not_an_error(store: FakeOnlineStore) -> None:
+def test_server_clock_behind_event_times_is_not_an_error(store: MemoryOnlineStore) -> None:
     service = make_service(store, now=T0 - DAY)  # events up to T0 are "in the future"
     ent = ask(service, "user", ["u0"]).entities[0]
     assert set(ent.statuses.values()) == {"PRESENT"}
 
 
-def test_unreadable_state_is_served_as_no_data(store: FakeOnlineStore) -> None:
+def test_unreadable_state_is_served_as_no_data(store: MemoryOnlineStore) -> None:
     store.hset(entity_key(PREFIX, "ad", "bad"), VIEW_OF["ad"].view.id, b"\x01garbage")
     ent = ask(make_service(store), "ad", ["bad"]).entities[0]
     assert set(ent.statuses.values()) == {"DEFAULT"}
@@ -204,7 +208,7 @@ def test_unreadable_state_is_served_as_no_data(store: FakeOnlineStore) -> None:
 PRIORS = Priors({"user__ctr_24h": 0.03}, {("US", "mobile"): {"user__ctr_24h": 0.07}})
 
 
-def test_store_errors_fall_back_to_priors_then_the_breaker_opens(store: FakeOnlineStore) -> None:
+def test_store_errors_fall_back_to_priors_then_the_breaker_opens(store: MemoryOnlineStore) -> None:
     timer = Timer()
     service = make_service(store, priors=PRIORS, timer=timer)
     store.fail = "connection refused"
@@ -217,6 +221,8 @@ def test_store_errors_fall_back_to_priors_then_the_breaker_opens(store: FakeOnli
         assert list(resp.tiers) == [Tier.SEGMENT] * 2
         assert list(resp.values) == [0.07, 0.0, 0.07, 0.0]  # no prior for clicks: default 0
     assert service.breaker.state is BreakerState.OPEN
+    m = service.metrics
+    assert m.value("headrace_serving_breaker_state") == BreakerState.OPEN
     calls = store.calls
     resp = service.get_online_features(build_request("user", ["u0"]))
     assert resp.fallback_reason == pb.BREAKER_OPEN and store.calls == calls
@@ -226,9 +232,19 @@ def test_store_errors_fall_back_to_priors_then_the_breaker_opens(store: FakeOnli
     resp = service.get_online_features(build_request("user", ["u0"]))
     assert resp.fallback_reason == pb.NONE and store.calls == calls + 1
     assert service.breaker.state is BreakerState.CLOSED
+    assert m.value("headrace_serving_breaker_state") == BreakerState.CLOSED
+    fallbacks = "headrace_serving_fallbacks_total"
+    assert m.value(fallbacks, tier="SEGMENT", reason="REDIS_ERROR") == 4  # 2 requests x 2 ids
+    assert m.value(fallbacks, tier="GLOBAL", reason="BREAKER_OPEN") == 1
+    assert sum(m.value(fallbacks, tier=t.name, reason=r.name)
+               for t in Tier for r in FallbackReason) == 5
+    served = {t.name: m.value("headrace_serving_entities_total", entity="user", tier=t.name)
+              for t in Tier}
+    assert served == {"PERSONALIZED": 1, "BLENDED": 0, "SEGMENT": 4, "GLOBAL": 1}
+    assert m.value("headrace_serving_redis_seconds_count") == 1  # the one completed read
 
 
-def test_budget_overrun_is_a_fallback(store: FakeOnlineStore) -> None:
+def test_budget_overrun_is_a_fallback(store: MemoryOnlineStore) -> None:
     timer = Timer()
     service = make_service(store, priors=PRIORS, timer=timer)
 
@@ -242,18 +258,55 @@ def test_budget_overrun_is_a_fallback(store: FakeOnlineStore) -> None:
     store.delay_s = 0.0099
     resp = service.get_online_features(build_request("user", ["u0"], ["user__ctr_24h"]))
     assert resp.fallback_reason == pb.NONE and list(resp.statuses) == [Status.PRESENT]
+    m = service.metrics
+    assert m.value("headrace_serving_fallbacks_total", tier="GLOBAL",
+                   reason="BUDGET_EXCEEDED") == 1
+    assert m.value("headrace_serving_redis_seconds_count") == 2  # an overrun is observed too
+    assert m.value("headrace_serving_redis_seconds_sum") == pytest.approx(0.02)
+    assert m.value("headrace_serving_breaker_state") == BreakerState.CLOSED  # 1 of 2 failures
+
+
+def test_metrics_are_per_service(events: list[dict[str, Any]]) -> None:
+    down, up = MemoryOnlineStore(), MemoryOnlineStore()
+    load(down, events)
+    load(up, events)
+    failing, healthy = make_service(down), make_service(up)
+    down.fail = "down"
+    assert failing.get_online_features(build_request("ad", ["a0"])).fallback_reason \
+        == pb.REDIS_ERROR
+    assert healthy.get_online_features(build_request("ad", ["a0"])).fallback_reason == pb.NONE
+    assert failing.metrics.registry is not healthy.metrics.registry
+    key = ("headrace_serving_fallbacks_total", {"tier": "GLOBAL", "reason": "REDIS_ERROR"})
+    assert failing.metrics.value(key[0], **key[1]) == 1
+    assert healthy.metrics.value(key[0], **key[1]) == 0
+    assert healthy.metrics.value("headrace_serving_entities_total", entity="ad",
+                                 tier="PERSONALIZED") == 1
+    assert failing.metrics.value("headrace_serving_entities_total", entity="ad",
+                                 tier="PERSONALIZED") == 0
 
 
 def test_priors_cache_keeps_last_good_priors() -> None:
-    store = FakeOnlineStore()
-    cache = PriorsCache(store, PREFIX)
+    store = MemoryOnlineStore()
+    cache = PriorsCache(store, PREFIX, metrics=ServingMetrics())
+    errors = "headrace_serving_priors_refresh_errors_total"
     assert not cache.refresh() and cache.priors == Priors()
+    assert cache.metrics.value(errors) == 0  # no document yet is not an error
     store.set(priors_key(PREFIX), PRIORS.to_json())
     assert cache.refresh() and cache.priors == PRIORS
     store.set(priors_key(PREFIX), "{broken")
     assert not cache.refresh() and cache.priors == PRIORS
+    assert cache.metrics.value(errors) == 1
     store.fail = "down"
     assert not cache.refresh() and cache.priors == PRIORS
+    assert cache.metrics.value(errors) == 2
+
+
+def test_priors_age_gauge() -> None:
+    store = MemoryOnlineStore()
+    store.set(priors_key(PREFIX), Priors({"user__ctr_24h": 0.03}, computed_at_ms=T0).to_json())
+    cache = PriorsCache(store, PREFIX, clock_ms=lambda: T0 + 90_000, metrics=ServingMetrics())
+    assert cache.refresh()
+    assert cache.metrics.value("headrace_serving_priors_age_seconds") == 90.0
 
 
 def test_enum_numbers_match_the_proto() -> None:
@@ -261,9 +314,11 @@ def test_enum_numbers_match_the_proto() -> None:
         assert pb.FeatureStatus.Value(status.name) == status
     for tier in Tier:
         assert pb.ColdStartTier.Value(tier.name) == tier
+    assert {r.name: int(r) for r in FallbackReason} == {
+        n: pb.FallbackReason.Value(n) for n in pb.FallbackReason.keys()}
 
 
-def test_memo_answers_equal_fresh_roll_ups(store: FakeOnlineStore,
+def test_memo_answers_equal_fresh_roll_ups(store: MemoryOnlineStore,
                                            events: list[dict[str, Any]]) -> None:
     memo = make_service(store, memo_entries=3)  # tiny: eviction runs too
     plain = make_service(store, memo_entries=0)
@@ -280,7 +335,7 @@ def test_memo_answers_equal_fresh_roll_ups(store: FakeOnlineStore,
         assert memo.get_online_features(req) == plain.get_online_features(req)
 
 
-def test_memo_is_never_stale_after_a_write(store: FakeOnlineStore) -> None:
+def test_memo_is_never_stale_after_a_write(store: MemoryOnlineStore) -> None:
     service = make_service(store)
     req = build_request("ad", ["a0"], ["ad__impressions_1h"], as_of_ms=T0 + 1)
     before = list(service.get_online_features(req).values)
@@ -305,7 +360,7 @@ def test_several_views_of_one_entity_in_one_round_trip() -> None:
                           measure=Measure(AggOp.SUM, "impressions", "bid_cpm"), default=0.0),),
     )
     reg = Registry.build([USER_ACTIVITY, bids])
-    store = FakeOnlineStore()
+    store = MemoryOnlineStore()
     act, bid = ViewState(reg.plans["user_activity@1"]), ViewState(reg.plans["user_bids@1"])
     for i in range(150):
         ts = T0 - i * 10_000

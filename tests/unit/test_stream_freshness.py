@@ -12,9 +12,10 @@ import pytest
 
 from feature_defs.registry import load_registry
 from headrace.core.errors import OnlineStoreError
+from headrace.core.online_store import MemoryOnlineStore, RedisOnlineStore, StateWrite
 from headrace.core.resp import PipelineConnections
-from streams.engine import STATS_STRIDE, Engine, RawMessage
-from streams.online import MemoryOnlineStore, RedisOnlineStore, StateWrite
+from streams.engine import Engine, RawMessage
+from streams.flush import STATS_STRIDE
 from streams.pacing import FlushPacer, OfflineSchedule, catching_up
 from streams.sides import FORWARD_ROWS, KafkaSideOutputs, MemorySideOutputs, encode_arrow
 from tests.resp_fakes import FakePool

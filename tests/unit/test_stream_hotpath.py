@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from feature_defs.layout import partition_for
+from headrace.core.online_store import RedisOnlineStore, StateWrite
 from headrace.core.resp import PipelineConnections
-from streams.online import RedisOnlineStore, StateWrite
 from streams.sides import KafkaSideOutputs
 from tests.resp_fakes import FakePool
 

@@ -1,0 +1,213 @@
+"""Admission and progress: which consumed rows the engine processes, and where each
+partition stands.
+
+Per assigned (topic, partition) a :class:`~streams.rows.PartitionProgress` holds the next
+offset to process, the watermark (max accepted event time; minus the allowed lateness it
+decides lateness) and the durable positions loaded from the partition's commit record.
+:class:`Admission`
+
+* resumes a newly assigned partition at the smaller of ``online_next`` and
+  ``offline_next``, with the watermark recorded there, so lateness decisions replay
+  identically (:meth:`Admission.assign`);
+* skips messages below the next offset and never skips a gap silently: the partition is
+  re-sought to the expected offset, a bounded number of times (:meth:`Admission.admit`);
+* drops late rows (published to the ``late`` topic unless already published before the
+  restart) and buffers the accepted ones for the next offline part
+  (:meth:`Admission.accept`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from feature_defs.layout import commit_key
+from feature_defs.state import NO_TS
+from headrace.core.online_store import OnlineStore
+from streams.metrics import StreamMetrics
+from streams.offline_writer import OfflineWriter
+from streams.rows import PartitionProgress, RawMessage
+from streams.run_stats import RunStats
+from streams.sides import SideOutputs
+
+__all__ = ["Admission", "MAX_GAP_SEEKS"]
+
+log = logging.getLogger(__name__)
+
+#: re-seeks tried before a gap in offsets is accepted as real (e.g. transaction markers)
+MAX_GAP_SEEKS = 3
+
+TopicPartition = tuple[str, int]
+
+
+class Admission:
+    """Progress of the assigned partitions, and the admission of their messages and rows.
+
+    Args:
+        sources: Source topic (with the deployment prefix) -> source name.
+        lateness_ms: Source name -> allowed lateness (ms) of the views it feeds.
+        store: Where commit records are read.
+        writer: The offline writer (orphan parts of a resumed partition are removed),
+            or None.
+        sides: Where late rows are published.
+        prefix: Redis key prefix; ``group``: the consumer group (commit record keys).
+        metrics: Counters of events in, late rows and re-seeks.
+        stats: Run statistics (events in, first input time).
+        clock: Wall clock, epoch seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        sources: Mapping[str, str],
+        lateness_ms: Mapping[str, int],
+        store: OnlineStore,
+        writer: OfflineWriter | None,
+        sides: SideOutputs,
+        prefix: str,
+        group: str,
+        metrics: StreamMetrics,
+        stats: RunStats,
+        clock: Callable[[], float],
+    ) -> None:
+        self.sources = sources
+        self.lateness_ms = lateness_ms
+        self.store = store
+        self.writer = writer
+        self.sides = sides
+        self.prefix = prefix
+        self.group = group
+        self.metrics = metrics
+        self.stats = stats
+        self.clock = clock
+        self.progress: dict[TopicPartition, PartitionProgress] = {}
+        self._seek_requests: dict[TopicPartition, int] = {}
+
+    # ---------------------------------------------------------------- assignment
+    def assign(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """Load durable progress for newly assigned partitions; returns seek offsets."""
+        new = [tp for tp in tps if tp not in self.progress]
+        keys = [commit_key(self.prefix, self.group, t, p) for t, p in new]
+        records = self.store.read_commits(keys) if keys else []
+        seeks: dict[TopicPartition, int] = {}
+        for (t, p), rec in zip(new, records, strict=True):
+            source = self.sources.get(t)
+            prog = PartitionProgress(t, p, source)
+            prog.online_next = rec.get("online_next", 0)
+            if source is None:
+                prog.next = prog.online_next
+            else:
+                prog.offline_next = rec.get("offline_next", 0)
+                prog.offline_wm = rec.get("offline_wm", NO_TS)
+                if prog.offline_next <= prog.online_next:
+                    prog.next, prog.max_ts = prog.offline_next, prog.offline_wm
+                else:
+                    prog.next, prog.max_ts = prog.online_next, rec.get("online_wm", NO_TS)
+                if self.writer is not None:
+                    removed = self.writer.remove_orphans(t, p, prog.offline_next)
+                    if removed:
+                        log.info("removed %d orphan offline files of %s[%d]", removed, t, p)
+            self.progress[(t, p)] = prog
+            seeks[(t, p)] = prog.next
+        return seeks
+
+    def forget(self, tps: Sequence[TopicPartition]) -> None:
+        """Drop the progress of revoked partitions (after their data was flushed)."""
+        for tp in tps:
+            self.progress.pop(tp, None)
+
+    def resume_offsets(self) -> dict[TopicPartition, int]:
+        """Where each assigned partition continues (next offset to process)."""
+        return {tp: p.next for tp, p in self.progress.items()}
+
+    def take_seek_requests(self) -> dict[TopicPartition, int]:
+        """Seeks the consumer must perform (see :meth:`admit`); clears them."""
+        requests, self._seek_requests = self._seek_requests, {}
+        return requests
+
+    # ---------------------------------------------------------------- admission
+    def admit(self, prog: PartitionProgress, msgs: Sequence[RawMessage]) -> list[RawMessage]:
+        """Messages to process: already-processed ones are skipped; a jump past the next
+        expected offset is never skipped silently: the partition is re-sought to it
+        (bounded retries, then the gap is accepted as real and logged)."""
+        fresh = [m for m in msgs if m.offset >= prog.next]
+        if not fresh or fresh[0].offset == prog.next:
+            prog.gap_seeks = 0
+            return fresh
+        tp = (prog.topic, prog.partition)
+        if prog.gap_seeks < MAX_GAP_SEEKS:
+            prog.gap_seeks += 1
+            self._seek_requests[tp] = prog.next
+            self.metrics.gaps.labels(prog.topic).inc()
+            log.warning("%s[%d]: got offset %d, expected %d: seeking back", prog.topic,
+                        prog.partition, fresh[0].offset, prog.next)
+            return []
+        log.error("%s[%d]: offsets %d..%d are missing from the log; continuing", prog.topic,
+                  prog.partition, prog.next, fresh[0].offset - 1)
+        prog.gap_seeks = 0
+        return fresh
+
+    def accept(
+        self,
+        prog: PartitionProgress,
+        source: str,
+        table: pa.Table,
+        msgs: Sequence[RawMessage],
+    ) -> tuple[pa.Table, np.ndarray, pa.Table] | None:
+        """Drop (and publish) late rows, buffer the rest for the offline store. Returns
+        (accepted rows, their event times, the rows still to forward to the other
+        entities: offsets >= ``online_next``), or None when nothing was accepted."""
+        self.metrics.events_in.labels(prog.topic).inc(table.num_rows)
+        self.stats.events_in += table.num_rows
+        if self.stats.first_input is None:
+            self.stats.first_input = self.clock()
+        ts = pc.cast(table["ts"], pa.int64()).to_numpy()
+        before = np.maximum.accumulate(np.concatenate(([prog.max_ts], ts)))[:-1]
+        late = ts < before - self.lateness_ms[source]
+        prog.max_ts = int(max(prog.max_ts, int(ts.max())))
+        offsets = table["_offset"].to_numpy()
+        if late.any():
+            late_rows = table.filter(pa.array(late))
+            self.metrics.late.labels(prog.topic).inc(late_rows.num_rows)
+            wm = before[late] - self.lateness_ms[source]
+            for row, w in zip(late_rows.to_pylist(), wm.tolist(), strict=True):
+                if row["_offset"] >= prog.online_next:
+                    self.sides.late(prog.topic, row, int(w))
+            keep = ~late
+            table, ts, offsets = table.filter(pa.array(keep)), ts[keep], offsets[keep]
+        if table.num_rows == 0:
+            return None
+        ingest = {m.offset: m.timestamp_ms for m in msgs}
+        table = table.append_column(
+            "_ingest_ms", pa.array([ingest[o] for o in offsets.tolist()], pa.int64())
+        )
+        new = offsets >= prog.offline_next
+        if new.all():
+            prog.buffer.append(table)
+        elif new.any():
+            prog.buffer.append(table.filter(pa.array(new)))
+        side = offsets >= prog.online_next
+        return table, ts, table if side.all() else table.filter(pa.array(side))
+
+    # ---------------------------------------------------------------- queries
+    def source_partitions(self) -> list[TopicPartition]:
+        """The assigned source partitions (those with offline parts)."""
+        return [tp for tp, p in self.progress.items() if p.source is not None]
+
+    def buffered_rows(self, tp: TopicPartition) -> int:
+        """Events buffered for ``tp``'s next offline part (0 when not assigned)."""
+        prog = self.progress.get(tp)
+        return prog.buffered_rows() if prog is not None else 0
+
+    def positions(self) -> Iterator[tuple[str, int, int, int | None]]:
+        """Per assigned partition: (topic, partition, next offset, watermark in epoch ms
+        or None before the first accepted event, or for a repartition topic)."""
+        for (t, p), prog in list(self.progress.items()):
+            wm = None
+            if prog.max_ts > NO_TS:
+                wm = prog.max_ts - self.lateness_ms.get(prog.source or "", 0)
+            yield t, p, prog.next, wm

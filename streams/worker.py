@@ -1,0 +1,296 @@
+"""The Faust worker: one agent reads every input topic and feeds the :class:`Engine`.
+
+One agent reads every source and repartition topic in short take windows
+(``take_window_ms``); each batch is one cycle: source messages (forwarding to the
+repartition topics at once), repartition messages, then an online flush when due
+(:class:`~streams.pacing.FlushPacer`). Freshness is bounded by these waits and the Kafka
+hop of the repartitioned views, not by capacity, so the waits are short and per-batch
+costs are kept per call rather than per partition or message. While catching up on a
+backlog, take windows are gathered into larger batches (throughput). Offline parts are
+written in the background at a lower CPU priority, staggered across partitions
+(:class:`~streams.pacing.OfflineSchedule`). Faust's windowed tables are deliberately not
+used (they expire by wall clock; shared/reference/feature-platforms.md §3): the engine
+keeps event-time tiles itself.
+
+On assignment the engine's durable progress (Redis) decides where each partition
+resumes: the agent seeks there, also right after Faust's recovery seeks to the group's
+Kafka-committed offsets (which Faust advances before data is durable,
+:func:`~streams.faust_adapter.resume_at_durable_offsets`); Faust's own commits only
+serve lag reporting. Every Faust work-around is in :mod:`streams.faust_adapter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from headrace.core.settings import WorkerSettings
+from streams import faust_adapter as fa
+from streams.engine import Engine
+from streams.metrics import StreamMetrics
+from streams.pacing import FlushPacer, OfflineSchedule, catching_up
+from streams.rows import RawMessage
+
+__all__ = ["Worker", "TAKE", "GATHER_BYTES", "OFFLINE_PARTS_IN_FLIGHT", "OFFLINE_NICE",
+           "background_priority"]
+
+log = logging.getLogger(__name__)
+
+TAKE = 1024  #: messages per agent batch
+GATHER_BYTES = 8 << 20  #: most message bytes gathered into one batch while catching up
+
+#: parts (of different partitions) written at once: a part's files are uploaded in
+#: parallel already, but one part at a time left a small part (a few clicks spread over
+#: many dates: many tiny files) holding up the next partition's, and a partition whose
+#: part was due waited for every other partition's part to finish
+OFFLINE_PARTS_IN_FLIGHT = 4
+
+#: nice increment of the offline writer threads (Linux niceness is per thread, and the
+#: threads a thread starts inherit it: the writer's own upload pool included)
+OFFLINE_NICE = 10
+
+TopicPartition = tuple[str, int]
+
+
+def background_priority(increment: int = OFFLINE_NICE) -> None:
+    """Lower the calling thread's CPU priority by ``increment`` (best effort: a no-op
+    where per-thread priorities are unsupported)."""
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
+    except (AttributeError, OSError):  # pragma: no cover - platform dependent
+        log.debug("cannot lower the offline writer's priority", exc_info=True)
+
+
+@dataclass
+class _Backlog:
+    """Messages taken but not processed yet (gathered while catching up)."""
+
+    msgs: list[RawMessage] = field(default_factory=list)
+    since: float = 0.0  # monotonic time the first of them was taken
+    bytes: int = 0
+
+
+class Worker:
+    """One stream worker: a Faust app whose agent, signals, task and timer drive an
+    :class:`Engine` through its methods.
+
+    Args:
+        settings: The worker's settings (broker, timings, data directory).
+        engine: The engine, wired to its stores (``streams.app.build_engine``).
+        metrics: The engine's metrics (lag and watermark gauges are set here).
+        until_idle: Stop (after flushing everything) once no input arrived for this
+            many seconds after the first assignment; None runs until stopped.
+    """
+
+    def __init__(self, settings: WorkerSettings, engine: Engine, metrics: StreamMetrics,
+                 *, until_idle: float | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
+        self.until_idle = until_idle
+        self.flush_s = settings.flush_interval_ms / 1000
+        self.take_s = settings.take_window_ms / 1000
+        self.pacer = FlushPacer(settings.flush_min_interval_ms / 1000, self.flush_s)
+        self.offline_schedule = OfflineSchedule(settings.offline_flush_interval_ms / 1000,
+                                                settings.partitions,
+                                                settings.offline_part_rows)
+        self.inputs = set(engine.input_topics())
+        self._backlog = _Backlog()
+        self._active = time.monotonic()  # when the agent last took or processed a batch
+        self._assigned = False
+        # the part being written per source partition (one at a time per partition: its
+        # offline_next must advance in order); parts of different partitions overlap
+        self._offline_inflight: dict[TopicPartition, asyncio.Future[None]] = {}
+        self._offline_pool: ThreadPoolExecutor | None = None
+        self.app: Any = None
+        self._faust_worker: Any = None
+
+    # ---------------------------------------------------------------- running
+    def run(self) -> int:
+        """Run until stopped (or idle for ``until_idle`` seconds). Returns the exit code."""
+        faust = fa.require_faust()
+        s = self.settings
+        fa.short_fetch_wait(s.fetch_max_wait_ms)
+        datadir = f"{s.data_dir}/{s.worker_id}"
+        os.makedirs(datadir, exist_ok=True)
+        self.app = faust.App(
+            s.group_id,
+            **s.faust_broker_kwargs(),
+            value_serializer="raw",
+            key_serializer="raw",
+            web_enabled=False,
+            datadir=datadir,
+            topic_partitions=s.partitions,
+            topic_allow_declare=False,
+            topic_disable_leader=True,
+            store="memory://",
+            stream_buffer_maxsize=16 * TAKE,
+            broker_max_poll_records=4 * TAKE,
+            consumer_max_fetch_size=8 * 1024 * 1024,
+            broker_commit_interval=1.0,
+            loghandlers=[],
+        )
+        self._wire(self.app)
+        # Parquet encoding and S3 uploads are background work: at a lower CPU priority
+        # they cannot starve the loop that makes values fresh (durable all the same)
+        self._offline_pool = ThreadPoolExecutor(
+            OFFLINE_PARTS_IN_FLIGHT, thread_name_prefix="headrace-offline",
+            initializer=background_priority,
+        )
+        self._faust_worker = faust.Worker(self.app, loglevel=s.log_level, quiet=True)
+        code = 0
+        try:
+            self._faust_worker.execute_from_commandline()
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        finally:
+            self._offline_pool.shutdown(wait=True)
+            self.engine.close()
+        return code
+
+    def _wire(self, app: Any) -> None:
+        """Register the agent, the rebalance handlers, the flusher task and the timer."""
+        # One agent reads every input topic, so a batch is one cycle: source messages
+        # (which forward to the repartition topics at once), repartition messages, then
+        # a flush. Per-topic agents each waited out their own take window and flush turn.
+        source = app.topic(*self.engine.input_topics(), value_type=bytes, key_type=bytes,
+                           value_serializer="raw", key_serializer="raw")
+        app.agent(source, name="agent_inputs")(self._agent)
+        app.on_partitions_revoked.connect(self._on_revoked)
+        app.on_partitions_assigned.connect(self._on_assigned)
+        app.task(self._flusher)
+        app.timer(self.flush_s)(self._tick)
+
+    # ---------------------------------------------------------------- the agent
+    async def _agent(self, stream: Any) -> None:
+        backlog = self._backlog
+        async for events in stream.take_events(TAKE, within=self.take_s):
+            msgs = [fa.raw_message(e) for e in events]
+            self._active = time.monotonic()
+            if not backlog.msgs:
+                backlog.since = time.monotonic()
+                backlog.bytes = 0
+            backlog.msgs.extend(msgs)
+            backlog.bytes += sum(len(m.value or b"") for m in msgs)
+            # Live traffic is processed at once. While catching up on a backlog, take
+            # windows are gathered into one batch (up to flush_s, TAKE messages and
+            # GATHER_BYTES), so the per-batch costs stay small per event. Faust acks (and
+            # may commit) gathered messages early: harmless, a restart resumes at durable
+            # progress.
+            if (
+                catching_up(msgs, time.time() * 1000)
+                and len(backlog.msgs) < TAKE
+                and backlog.bytes < GATHER_BYTES
+                and time.monotonic() - backlog.since < self.flush_s
+            ):
+                continue
+            await self.process_backlog()
+
+    async def process_backlog(self) -> None:
+        """Process the gathered messages as one batch, perform the re-seeks it asks
+        for, then flush what is due."""
+        msgs, self._backlog.msgs = self._backlog.msgs, []
+        if not msgs:
+            return
+        self.engine.on_messages(msgs)
+        for (t, p), offset in self.engine.take_seek_requests().items():
+            await self.app.consumer.seek(fa.topic_partition(t, p), offset)
+        self._active = time.monotonic()
+        self.maybe_flush()
+
+    # ---------------------------------------------------------------- flushes
+    def maybe_flush(self, force: bool = False) -> None:
+        """Flush online when the pacer says so (or ``force``), surface offline write
+        errors, and start the offline parts that are due."""
+        engine, now = self.engine, time.monotonic()
+        if (force or self.pacer.due(now)) and engine.flush_online(wait=force):
+            self.pacer.flushed(now, time.monotonic())
+        inflight = self._offline_inflight
+        for tp, fut in list(inflight.items()):
+            if fut.done():
+                del inflight[tp]
+                fut.result()  # surface an offline write error
+        # input paused (the agent has had no data for flush_s since it last took or
+        # processed a batch): write now. Not from the start of the last batch: a busy
+        # loop is no pause, and a misfire writes tiny parts that cost the loop as much
+        # as full ones
+        paused = time.monotonic() - self._active >= self.flush_s
+        sources = [tp for tp in engine.source_partitions() if tp not in inflight]
+        due = sources if force or paused else self.offline_schedule.due(
+            sources, now, engine.buffered_rows)
+        if due:
+            self.offline_schedule.detached(due, now)
+            loop = asyncio.get_running_loop()
+            for batch in engine.offline_batches(set(due)):
+                tp = (batch[0].topic, batch[0].partition)
+                inflight[tp] = loop.run_in_executor(
+                    self._offline_pool, engine.write_offline, batch)
+
+    async def drain_offline(self) -> None:
+        """Wait for every offline part in flight (re-raising a write error)."""
+        while self._offline_inflight:
+            _tp, fut = self._offline_inflight.popitem()
+            await fut
+
+    async def _flusher(self) -> None:
+        """Flushes what the last batch left once it is due (a timer would warn about
+        overlapping runs at this interval), and offline parts once input pauses."""
+        pacer, backlog = self.pacer, self._backlog
+        while True:
+            wait = pacer.last + pacer.gap() - time.monotonic()
+            await asyncio.sleep(max(wait, pacer.min_s))
+            if backlog.msgs and time.monotonic() - backlog.since >= self.flush_s:
+                await self.process_backlog()  # the gathered batch got no more input
+            self.maybe_flush()
+
+    # ---------------------------------------------------------------- rebalances
+    async def _on_revoked(self, _sender: Any, revoked: Any, **_kw: Any) -> None:
+        tps = [(tp.topic, tp.partition) for tp in revoked if tp.topic in self.inputs]
+        if tps:
+            await self.process_backlog()
+            await self.drain_offline()
+            self.engine.revoke(tps)
+
+    async def _on_assigned(self, _sender: Any, assigned: Any, **_kw: Any) -> None:
+        tps = [(tp.topic, tp.partition) for tp in assigned if tp.topic in self.inputs]
+        seeks = self.engine.assign(tps)
+        consumer = self.app.consumer
+        for (t, p), offset in seeks.items():
+            await consumer.seek(fa.topic_partition(t, p), offset)
+        fa.resume_at_durable_offsets(consumer, self.engine.resume_offsets)
+        self.engine.mark_input()
+        self._assigned = True
+        log.info("assigned %d partitions; resuming at %s", len(seeks), seeks)
+
+    # ---------------------------------------------------------------- the timer
+    def export_lag(self) -> None:
+        """Lag and watermark gauges per partition, from the high watermark carried in
+        fetch responses (:func:`~streams.faust_adapter.highwater`)."""
+        consumer = self.app.consumer
+        for t, p, nxt, watermark in self.engine.positions():
+            high = fa.highwater(consumer, t, p)
+            if high is None:
+                continue
+            self.metrics.lag.labels(t, str(p)).set(max(0, high - nxt))
+            if watermark is not None:
+                self.metrics.watermark.labels(t, str(p)).set(watermark)
+
+    async def _tick(self) -> None:
+        self.export_lag()
+        if self.until_idle is None or not self._assigned:
+            return
+        if self.engine.idle_s() >= self.until_idle and not self._backlog.msgs:
+            await self.drain_offline()
+            self.maybe_flush(force=True)
+            await self.drain_offline()
+            log.info("idle for %.1fs: stopping", self.until_idle)
+            # stop() alone ends execute_from_commandline (pinned in the adapter's tests)
+            asyncio.ensure_future(self._faust_worker.stop())
