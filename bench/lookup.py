@@ -104,10 +104,11 @@ def populate(redis_url: str, *, users: int, ads: int, campaigns: int, publishers
     import redis
 
     from feature_defs.layout import entity_key
-    from feature_defs.registry import load_registry
+    from feature_defs.registry import registry_for
     from feature_defs.state import ViewState
+    from headrace.core.settings import CommonSettings
 
-    reg = load_registry()
+    reg = registry_for(CommonSettings())  # HEADRACE_DEFINITIONS, as the servers it feeds
     rng = random.Random(seed)
     plans = {p.view.entity.name: p for p in reg.plans.values()}
     states: dict[tuple[str, str], ViewState] = {}

@@ -55,13 +55,14 @@ def train_bench_model(models_dir: Path, *, trees: int = 100, leaves: int = 31,
 
     import numpy as np
 
-    from feature_defs.registry import load_registry
+    from feature_defs.registry import registry_for
+    from headrace.core.settings import CommonSettings
     from headrace.model.artifact import set_champion, write_artifact
     from headrace.model.booster import lightgbm
     from headrace.model.coldstart import CONTEXT_CATEGORICAL
 
     lgb = lightgbm()
-    served = load_registry().feature_names()
+    served = registry_for(CommonSettings()).feature_names()  # what the servers serve
     features = [*served, "hour_of_day", "day_of_week", "bid_cpm", *CONTEXT_CATEGORICAL]
     rng = np.random.default_rng(seed)
     x = np.empty((rows, len(features)))
@@ -103,7 +104,7 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
 
     from bench.lookup import populate, start_redis
     from feature_defs.layout import entity_key
-    from feature_defs.registry import load_registry
+    from feature_defs.registry import registry_for
     from headrace.core.online_store import RedisOnlineStore
     from headrace.core.settings import ServeSettings
     from serving.breaker import CircuitBreaker
@@ -131,7 +132,7 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
                    "HEADRACE_MODELS_DIR": str(models), "PYTHONPATH": str(_ROOT)}
             settings = ServeSettings.from_env(env)
             store = RedisOnlineStore(url, timeout_ms=settings.redis_budget_ms)
-            reg = load_registry()
+            reg = registry_for(settings)
             watcher = model_watcher(models, reg)
             watcher.refresh()
             raw = redis.Redis(port=rport)

@@ -105,11 +105,12 @@ def _wait_ready(env: dict[str, str], messages: int, worker: subprocess.Popen,
     import redis
 
     from feature_defs.layout import commit_key, repartition_topic
-    from feature_defs.registry import load_registry
+    from feature_defs.registry import registry_for
     from headrace.core.settings import WorkerSettings
 
     s = WorkerSettings.from_env(env)
-    topo = load_registry().topology
+    # the definitions the worker runs: it inherits this process's environment
+    topo = registry_for(WorkerSettings.from_env({**os.environ, **env})).topology
     client = redis.Redis.from_url(s.redis_url)
     parts = range(s.partitions)
     sources = [commit_key(s.redis_prefix, s.group_id, s.topic("impressions"), p) for p in parts]

@@ -121,9 +121,11 @@ def _materialize(root: str) -> None:
 
 
 def _user_features() -> list[str]:
-    from feature_defs.registry import load_registry
+    # Always the shipped set, whatever HEADRACE_DEFINITIONS says: the generated store holds
+    # rows of the shipped user_activity@1 view only (this measures the join, not a view).
+    from feature_defs.registry import DEFAULT_DEFINITIONS, load_registry
 
-    return load_registry().feature_names("user")
+    return load_registry(DEFAULT_DEFINITIONS).feature_names("user")
 
 
 def _child(side: str, root: str, repeat: int) -> dict[str, Any]:

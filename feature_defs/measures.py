@@ -2,7 +2,7 @@
 
 Each operator has three pure functions: ``init`` (state of one event), ``merge`` (two
 states → one; ``None`` is the empty state) and ``finalize`` (state → feature value).
-States are plain Python values so they serialize with :mod:`marshal`:
+States are plain Python values (stored as typed columns by :mod:`feature_defs.state_codec`):
 
 ============  ==========================  =====================================
 op            state                       value of an empty window

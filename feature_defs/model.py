@@ -126,8 +126,11 @@ class FeatureView:
         entity: the entity the view is keyed by.
         sources: source topics; every source event with a non-null key is applied.
         features: the features.
-        allowed_lateness: events older than the partition watermark (max event time
-            seen − allowed lateness) are late: dead-lettered, not applied.
+        allowed_lateness: an event with ``ts`` strictly below its source partition's
+            watermark (max event time seen) minus this is late for this view: not
+            applied to it. Other views of the source apply it unless it is late for
+            them too; late for every view, it goes to the late topic (whole
+            milliseconds; see :mod:`feature_defs.topology`).
         online_ttl: a view whose latest applied event before T is at least this old
             is served as defaults (and the Redis key expires this long after a write).
         version: integer version.

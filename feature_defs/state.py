@@ -18,10 +18,11 @@ Each ring (:class:`Ring`) holds its tiles in ascending order, and per measure sl
 before its fence is skipped. Positions only grow within a source partition, and a
 replay re-delivers a prefix-consistent sequence, so skipping by position is exact.
 
-Serialized with :mod:`marshal` behind a format byte. Format 2 stores each ring's tiles
-and prefix sums as raw little-endian int64 bytes (the read path bisects them in place,
-without building an object per tile); format 1 (tile → cells dicts, written by earlier
-releases) is still read, so an upgrade keeps every entity's history.
+Stored as format 3 (:mod:`feature_defs.state_codec`: explicit little-endian int64 /
+float64 / uint64 words behind a documented header, no marshal), whose tiles and prefix
+sums the read path bisects in place. Formats 1 and 2 (marshal, written by earlier
+releases) are still read, so an upgrade keeps every entity's history; a state is
+rewritten as format 3 at its next update (:meth:`ViewState.encode` writes only 3).
 """
 
 from __future__ import annotations
@@ -35,29 +36,31 @@ from typing import Any
 
 from feature_defs.measures import MERGERS, finalize_state, init_state
 from feature_defs.plan import RingPlan, ViewPlan
+from feature_defs.state_codec import FORMAT, MAGIC, codec_for
+from headrace.core.errors import StateFormatError
 
 __all__ = ["NO_TS", "Ring", "ViewState", "StateFields", "RingFields", "RingsFields",
-           "decode_fields", "fence_key", "fence_pos", "set_fence", "FORMAT"]
+           "decode_fields", "fence_key", "fence_pos", "set_fence", "FORMAT",
+           "StateFormatError"]
 
 NO_TS = -(2**62)
-FORMAT = 2
-_V1 = 1
+_V1, _V2 = 1, 2
 _INDEX_BITS = 20
 _LITTLE = sys.byteorder == "little"
-_FORMAT_BYTE = bytes([FORMAT])
 _ZERO = (0,)
-#: marshal format 2 has no back-references: from version 3 on, marshal flags every
-#: object that something else also references (its refcount), so equal states written
-#: from different code paths (a sketch shared by two tiles, or cached) got different
-#: bytes. Version 2 is also faster here; every version reads back the same
-_MARSHAL_VERSION = 2
+#: what unmarshalling foreign bytes, or using what came out, can raise
+_LEGACY_ERRORS = (ValueError, EOFError, TypeError, IndexError, KeyError, AttributeError,
+                  OverflowError)
 
-#: one ring as the read path sees it: (off, n, vals): the ring's ``n`` tiles are at
+#: one ring as the read path sees it: (off, n, cols): the ring's ``n`` tiles are at
 #: ``ints[off:off + n]``, then per COUNT slot ``k`` its ``n + 1`` prefix sums at
-#: ``off + n + k * (n + 1)``; ``vals`` holds the per-tile states of the other slots
-RingFields = tuple[int, int, Sequence[list[Any]]]
-#: every ring of a state: (ints, one RingFields per ring)
-RingsFields = tuple[Sequence[int], Sequence[RingFields]]
+#: ``off + n + k * (n + 1)``; per other slot ``j``, ``cols[j] = (oa, da)``: its ``n + 1``
+#: entry offsets at ``ints[oa:oa + n + 1]`` and its entries from word ``da`` on (layout:
+#: :mod:`feature_defs.state_codec`)
+RingFields = tuple[int, int, Sequence[tuple[int, int]]]
+#: every ring of a state: (ints, floats, hashes, one RingFields per ring): int64, float64
+#: and uint64 views of the same words (floats / hashes None when the view has none)
+RingsFields = tuple[Sequence[int], Any, Any, Sequence[RingFields]]
 #: the fields of a state: (max_ts, prev_ts, pending, rings, fences)
 StateFields = tuple[int, int, list[Any], RingsFields, dict[int, int]]
 
@@ -347,54 +350,47 @@ class ViewState:
         return out, False
 
     def ring_fields(self) -> RingsFields:
-        """The rings as :func:`decode_fields` returns them (a copy of the ints)."""
-        ints = array("q")
-        rings = []
-        for ring in self.rings:
-            rings.append((len(ints), len(ring.tiles), ring.vals))
-            ints.extend(ring.tiles)
-            for c in ring.cums:
-                ints.extend(c)
-        return ints, rings
+        """The rings as :func:`decode_fields` returns them (over a fresh encoding)."""
+        return codec_for(self.plan).parse(self.encode())[3]
 
     # ------------------------------------------------------------------ bytes
     def encode(self) -> bytes:
-        """The state's bytes (format 2). Prefix sums keep their base: equal states may
-        differ in bytes, never in any answer. Every update path keeps the state compact
-        (tiles beyond the horizon dropped), so encoding does not scan for them again."""
-        rings = self.rings
-        if _LITTLE:
-            ints_b = b"".join([a.tobytes() for r in rings for a in (r.tiles, *r.cums)])
-        else:  # stored little-endian
-            ints = array("q", self.ring_fields()[0])
-            ints.byteswap()
-            ints_b = ints.tobytes()
-        return _FORMAT_BYTE + marshal.dumps((
-            self.max_ts, self.prev_ts, self.pending, [len(r.tiles) for r in rings], ints_b,
-            [r.vals for r in rings], self.fences), _MARSHAL_VERSION)
+        """The state's bytes, format 3 (:mod:`feature_defs.state_codec`). Prefix sums keep
+        their base: equal states may differ in bytes, never in any answer. Every update
+        path keeps the state compact (tiles beyond the horizon dropped), so encoding does
+        not scan for them again."""
+        return codec_for(self.plan).encode(self.max_ts, self.prev_ts, self.pending, self.rings,
+                                           self.fences)
 
     @classmethod
     def decode(cls, plan: ViewPlan, data: bytes) -> ViewState:
-        """The state encoded by :meth:`encode`, or by format 1 (errors: see
-        :func:`decode_fields`)."""
+        """The state encoded by :meth:`encode`, or by format 1 or 2 (earlier releases).
+
+        Raises:
+            StateFormatError: malformed bytes, or another view's layout (format 3: see
+                :meth:`~feature_defs.state_codec.StateCodec.materialize`).
+        """
         st = cls.__new__(cls)
         st.plan = plan
-        if data and data[0] == _V1:
-            st.max_ts, st.prev_ts, st.pending, old, st.fences = _loads_v1(plan, data)
-            st.rings = [_ring_from_v1(rp, plan, cells)
-                        for rp, cells in zip(plan.rings, old, strict=True)]
+        if data[:1] == _V1_BYTE:
+            try:
+                st.max_ts, st.prev_ts, st.pending, old, st.fences = _loads_v1(plan, data)
+                st.rings = [_ring_from_v1(rp, plan, cells)
+                            for rp, cells in zip(plan.rings, old, strict=True)]
+                st.fences = dict(sorted(st.fences.items()))
+                codec_for(plan).materialize(st.encode())  # representable, and in order
+            except StateFormatError:
+                raise
+            except _LEGACY_ERRORS as exc:
+                raise StateFormatError(f"malformed view state (format 1): {exc}") from exc
             return st
-        st.max_ts, st.prev_ts, st.pending, (ints, rings), st.fences = decode_fields(plan, data)
+        if data[:1] == _V2_BYTE:
+            return _v2_state(plan, data)
+        st.max_ts, st.prev_ts, st.pending, rings, st.fences = codec_for(plan).materialize(data)
         st.rings = []
-        for rp, (off, n, vals) in zip(plan.rings, rings, strict=True):
+        for tiles, cums, vals in rings:
             ring = Ring.__new__(Ring)
-            ring.tiles = array("q", ints[off: off + n])
-            off += n
-            ring.cums = []
-            for _ in rp.counts:
-                ring.cums.append(array("q", ints[off: off + n + 1]))
-                off += n + 1
-            ring.vals = list(vals)
+            ring.tiles, ring.cums, ring.vals = tiles, cums, vals
             st.rings.append(ring)
         return st
 
@@ -402,53 +398,80 @@ class ViewState:
 def decode_fields(plan: ViewPlan, data: bytes) -> StateFields:
     """The fields of an encoded state without building a :class:`ViewState`.
 
-    The read path only rolls states up: the rings come back as ONE int64 memoryview over
-    the stored bytes (no object per tile) with each ring's offset. Same checks as
-    :meth:`ViewState.decode`.
+    The read path only rolls states up: the rings come back as int64 (and float64,
+    uint64) memoryviews over the stored bytes (no object per tile) with each ring's
+    word offsets (:data:`RingsFields`). Formats 1 and 2 are converted to format 3 first.
 
     Raises:
-        ValueError: unknown format byte, or rings that do not match ``plan``.
-        EOFError, TypeError: bytes that do not unmarshal into a state.
+        StateFormatError: malformed bytes, or another view's layout (a structural check;
+            the orders of tiles and offsets are checked by :meth:`ViewState.decode`).
     """
-    if data and data[0] == _V1:
-        st = ViewState.decode(plan, data)
-        return st.max_ts, st.prev_ts, st.pending, st.ring_fields(), st.fences
-    if not data or data[0] != FORMAT:
-        raise ValueError(f"unknown view state format {data[:1]!r}")
-    max_ts, prev_ts, pending, ns, ints_b, vals, fences = marshal.loads(memoryview(data)[1:])
-    layout = plan.rings
-    if len(ns) != len(layout) or len(vals) != len(layout) or len(ints_b) % 8:
-        raise ValueError("view state does not match the view's ring layout")
-    rings = []
-    off = 0
-    for rp, n, v in zip(layout, ns, vals, strict=True):
-        if len(v) != len(rp.others):
-            raise ValueError("view state does not match the view's ring layout")
-        for col in v:
-            if len(col) != n:
-                raise ValueError("view state does not match the view's ring layout")
-        rings.append((off, n, v))
-        off += n + len(rp.counts) * (n + 1)
-    ints = memoryview(ints_b).cast("q") if _LITTLE else _unpack(ints_b)
-    if off != len(ints):
-        raise ValueError("view state does not match the view's ring layout")
-    return max_ts, prev_ts, pending, (ints, rings), fences
+    if data[:1] == _V3_BYTE:
+        return codec_for(plan).parse(data)
+    if data[:1] in (_V1_BYTE, _V2_BYTE):
+        return codec_for(plan).parse(ViewState.decode(plan, data).encode())
+    raise StateFormatError(f"malformed view state: unknown format {bytes(data[:1])!r}")
 
 
-# ---------------------------------------------------------------------- encoding helpers
-def _unpack(data: bytes) -> array:
-    out = array("q")
-    out.frombytes(data)
-    if not _LITTLE:
-        out.byteswap()
-    return out
+# ---------------------------------------------------------------------- formats 1 and 2
+_V1_BYTE, _V2_BYTE, _V3_BYTE = bytes([_V1]), bytes([_V2]), MAGIC[:1]
+assert FORMAT == MAGIC[0] == 3
+
+
+def _v2_state(plan: ViewPlan, data: bytes) -> ViewState:
+    """The state in format-2 bytes: marshal (version 2) of (max_ts, prev_ts, pending,
+    tiles per ring, the ints block as little-endian int64 bytes, per-tile states per
+    ring, fences). Checked as format 3 is: every field must encode as format 3.
+
+    Raises:
+        StateFormatError: bytes that are not such a state of ``plan``.
+    """
+    try:
+        max_ts, prev_ts, pending, ns, ints_b, vals, fences = marshal.loads(data[1:])
+        layout = plan.rings
+        if (len(ns) != len(layout) or len(vals) != len(layout) or len(ints_b) % 8
+                or len(pending) != len(plan.measures)):
+            raise StateFormatError("malformed view state: not the layout of view "
+                                   f"{plan.view.id} (format 2)")
+        ints = array("q")
+        ints.frombytes(ints_b)
+        if not _LITTLE:
+            ints.byteswap()
+        st = ViewState.__new__(ViewState)
+        st.plan, st.max_ts, st.prev_ts, st.pending = plan, max_ts, prev_ts, list(pending)
+        st.fences = dict(sorted(fences.items()))
+        st.rings = []
+        off = 0
+        for rp, n, v in zip(layout, ns, vals, strict=True):
+            if n < 0 or len(v) != len(rp.others) or any(len(col) != n for col in v):
+                raise StateFormatError("malformed view state: not the layout of view "
+                                       f"{plan.view.id} (format 2)")
+            ring = Ring.__new__(Ring)
+            ring.tiles = ints[off: off + n]
+            off += n
+            ring.cums = []
+            for _ in rp.counts:
+                ring.cums.append(ints[off: off + n + 1])
+                off += n + 1
+            ring.vals = [list(col) for col in v]
+            st.rings.append(ring)
+        if off != len(ints):
+            raise StateFormatError("malformed view state: ints of another length (format 2)")
+        codec_for(plan).materialize(st.encode())  # representable, and in order
+        return st
+    except StateFormatError:
+        raise
+    except _LEGACY_ERRORS as exc:
+        raise StateFormatError(f"malformed view state (format 2): {exc}") from exc
 
 
 def _loads_v1(plan: ViewPlan, data: bytes) -> tuple[Any, ...]:
     fields = marshal.loads(data[1:])
-    if len(fields[3]) != len(plan.rings):
-        raise ValueError("view state does not match the view's ring layout")
-    return fields
+    if len(fields) != 5 or len(fields[3]) != len(plan.rings) \
+            or len(fields[2]) != len(plan.measures):
+        raise StateFormatError("malformed view state: not the layout of view "
+                               f"{plan.view.id} (format 1)")
+    return tuple(fields)
 
 
 def _ring_from_v1(rp: RingPlan, plan: ViewPlan, cells_by_tile: dict[int, list[Any]]) -> Ring:

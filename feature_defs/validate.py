@@ -114,6 +114,9 @@ def validate_views(views: Iterable[FeatureView]) -> list[str]:
                                 f"reads it as '{kind}' (a topic carries one event kind)")
         if view.allowed_lateness < timedelta(0):
             problems.append(f"{where}.allowed_lateness: must not be negative")
+        elif view.allowed_lateness % timedelta(milliseconds=1):
+            # the engine decides lateness per view in whole ms (feature_defs.topology)
+            problems.append(f"{where}.allowed_lateness: must be whole milliseconds")
         if view.online_ttl is not None and view.online_ttl <= timedelta(0):
             problems.append(f"{where}.online_ttl: must be positive")
         if not view.features:

@@ -4,7 +4,9 @@ stack up → synthetic traffic → stream worker → online features → live fr
 priors → labels → training set → model → feature server + Score calls → stack down.
 
 Every step runs the real ``headrace`` command in a subprocess against the real local
-services, exactly as a user would; progress lines go to stderr.
+services, exactly as a user would; progress lines go to stderr. Every step runs the same
+definitions: ``HEADRACE_DEFINITIONS`` (or ``--definitions``), loaded and checked once
+before the stack starts; the steps read a ``user`` entity, as the shipped set has.
 """
 
 from __future__ import annotations
@@ -218,11 +220,35 @@ STEPS: list[tuple[str, Callable[..., None]]] = [
 ]
 
 
-def run_demo(cfg: DemoConfig | None = None, keep_stack: str | None = None) -> dict[str, Any]:
-    """Run the demo; returns the summary. The stack is stopped on success and on error."""
+def definitions_env(spec: str, cwd: str) -> dict[str, str]:
+    """Variables that make child processes started in another directory load ``spec``
+    as it loaded here: a file path made absolute; a module spec found in ``cwd`` (see
+    :func:`feature_defs.registry.load_registry`) also finds it there."""
+    from feature_defs.registry import DEFAULT_DEFINITIONS, portable_spec
+
+    env = {"HEADRACE_DEFINITIONS": portable_spec(spec)}
+    if env["HEADRACE_DEFINITIONS"] == spec and spec != DEFAULT_DEFINITIONS:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), cwd) if p)
+    return env
+
+
+def run_demo(cfg: DemoConfig | None = None, keep_stack: str | None = None,
+             definitions: str | None = None) -> dict[str, Any]:
+    """Run the demo; returns the summary. The stack is stopped on success and on error.
+
+    ``definitions`` overrides ``HEADRACE_DEFINITIONS`` for every step.
+
+    Raises:
+        InputError: the definitions do not load (before anything starts).
+    """
+    from feature_defs.registry import definitions_spec, load_registry
+    from headrace.core.settings import CommonSettings
     from headrace.stack.local import local_stack
 
     cfg = cfg or DemoConfig()
+    spec = definitions_spec(CommonSettings(), definitions)
+    _say(f"definitions {spec} ({load_registry(spec).source_file})")
+    defs_env = definitions_env(spec, os.getcwd())
     summary: dict[str, Any] = {}
     started = time.monotonic()
     # the temporary directory must outlive the stack inside it: enter it first
@@ -231,7 +257,7 @@ def run_demo(cfg: DemoConfig | None = None, keep_stack: str | None = None) -> di
         _say(f"starting the local stack in {stack_dir}")
         info = stack.enter_context(local_stack(stack_dir, keep=bool(keep_stack)))
         env = {**info.env, "HEADRACE_LOG_LEVEL": "WARNING",
-               "HEADRACE_DATA_DIR": os.path.join(tmp, "worker")}
+               "HEADRACE_DATA_DIR": os.path.join(tmp, "worker"), **defs_env}
         run = _Runner(env, tmp)
         for _name, step in STEPS:
             step(run, cfg, summary)

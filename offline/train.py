@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from feature_defs.registry import Registry, load_registry
+from feature_defs.registry import Registry
 from headrace.core.errors import InputError
 from headrace.model.artifact import (
     ModelLoadError,
@@ -100,13 +100,13 @@ class TrainResult:
                 "seconds": round(self.seconds, 3)}
 
 
-def served_features(columns: Sequence[str], registry: Registry | None = None) -> list[str]:
-    """Served feature names present in ``columns``, in registry order.
+def served_features(columns: Sequence[str], registry: Registry) -> list[str]:
+    """Served feature names of ``registry`` present in ``columns``, in registry order.
 
     Raises:
         InputError: none is present.
     """
-    names = (registry or load_registry()).feature_names()
+    names = registry.feature_names()
     found = [n for n in names if n in set(columns)]
     if not found:
         raise InputError(f"the training set has none of the {len(names)} served feature "
@@ -269,7 +269,7 @@ def _plot_importance(importance: Mapping[str, float], path: Path) -> None:
 def train(table: pa.Table, out_dir: Path | str, *, policy: GatePolicy = DEFAULT_POLICY,
           seed: int = 0, clock: Callable[[], datetime] = _utcnow,
           grid: Sequence[Mapping[str, Any]] = SEARCH_GRID, num_threads: int = 1,
-          valid_fraction: float = 0.2, registry: Registry | None = None,
+          valid_fraction: float = 0.2, registry: Registry,
           source: str | None = None) -> TrainResult:
     """Train, evaluate, gate and save a model from a training-set table.
 
@@ -279,6 +279,8 @@ def train(table: pa.Table, out_dir: Path | str, *, policy: GatePolicy = DEFAULT_
         policy: gate thresholds. seed: LightGBM seed. clock: UTC time of the version name.
         grid: hyperparameter combinations. num_threads: LightGBM threads.
         valid_fraction: share of the latest rows held out. source: recorded in metadata.
+        registry: the definitions served (the model's inputs are their feature names);
+            the command passes ``registry_for(settings, --definitions)``.
 
     Returns:
         The version written (promoted or not) with its decision and metrics.

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from feature_defs.coldstart import HISTORY_FEATURE, Priors, apply_cold_start_columns, rule_entity_of
 from feature_defs.model import AggOp
 from feature_defs.plan import OutputPlan, ViewPlan
-from feature_defs.registry import Registry, load_registry
+from feature_defs.registry import Registry, registry_for
 from feature_defs.validate import STRING_FIELDS
 from headrace.core.errors import InputError
 from offline.asof import ViewRows, evaluate_view, is_int_output, read_bounds
@@ -268,7 +268,7 @@ def _cold_start(feats: pa.Table, labels: pa.Table, selection: Selection, priors:
 def _make_job(labels_schema: pa.Schema, where: str, features: str | Sequence[str],
               settings: OfflineSettings, registry: Registry | None, store: OfflineStore | None,
               as_of_known: bool, chunk_rows: int, total: int) -> _Job:
-    registry = registry or load_registry()
+    registry = registry or registry_for(settings)
     selection = resolve_features(registry, features)
     if total == 0:
         raise InputError(f"{where} has no rows")
@@ -304,7 +304,8 @@ def build_training_set(labels: pa.Table, features: str | Sequence[str],
         as_of_known: also exclude applied rows ingested after T (``_ingest_ms > T``).
         cold_start: fill like the serving cold-start tiers (:mod:`feature_defs.coldstart`)
             with ``priors``, by default those of the 7 days before the earliest label.
-        registry: feature definitions (default: :func:`load_registry`).
+        registry: feature definitions (default: those ``settings.definitions`` names,
+            i.e. ``HEADRACE_DEFINITIONS``; commands pass the one they resolved).
         store: offline store (default: the one of ``settings``).
         chunk_rows: most label rows joined at once.
 

@@ -28,7 +28,8 @@ __all__ = ["ReadPlan", "EntityRow", "AsOfTooEarly", "compile_read_plan", "Online
 
 log = logging.getLogger(__name__)
 _USER = "user"
-_CORRUPT = (ValueError, EOFError, TypeError)  # marshal / decode_fields on bad bytes
+#: bad state bytes: StateFormatError (a ValueError), or marshal's errors (formats 1-2)
+_CORRUPT = (ValueError, EOFError, TypeError)
 
 
 class AsOfTooEarly(Exception):

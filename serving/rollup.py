@@ -15,6 +15,11 @@ Equality with ``ViewState.rollup`` is exact, not approximate:
   merged with the same merge function in the same order as ``ViewState.rollup``
   (ascending tile order, then the pending events at ``max_ts``).
 * COUNT windows are differences of the ring's prefix sums at a bisected tile position.
+* The other operators read one slice of each stored column (format 3: a window's
+  entries are contiguous, nulls take no entry), in place: SUM / MEAN add the slice left
+  to right (``functools.reduce``, not ``sum``, whose float summation differs between
+  Python versions), MIN / MAX / LAST keep the first of equal candidates as the pairwise
+  merges do.
 
 The TTL / default rule and the "as_of before the latest event" error are the ones of
 ``ViewState.is_default`` and ``ViewState.last_before``.
@@ -26,8 +31,8 @@ import heapq
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from enum import IntEnum
-from itertools import chain
-from operator import itemgetter
+from functools import reduce
+from operator import add, itemgetter
 from typing import Any
 
 from feature_defs.measures import KMV_K, MERGERS, finalize_state, kmv_estimate
@@ -87,7 +92,8 @@ class RollupProgram:
                     elif op is AggOp.APPROX_DISTINCT:
                         distincts.append((slot, ring_plan.others.index(slot), i))
                     else:
-                        ordered.append((slot, ring_plan.others.index(slot), i, MERGERS[op]))
+                        ordered.append((slot, ring_plan.others.index(slot), i, MERGERS[op],
+                                        _ORDERED[op]))
                 idx.append(accs[key])
             if o.is_ratio:
                 ratios.append((idx[0], idx[-1]))
@@ -183,9 +189,9 @@ class RollupProgram:
     ) -> list[Any]:
         pend = as_of_ms > max_ts  # the events at max_ts count only strictly before T
         acc: list[Any] = list(self._init)
-        ints, layout = rings
+        ints, floats, hashes, layout = rings
         for ring_idx, tile_ms, n_tiles, counts, distincts, ordered in self._groups:
-            off, n, vals = layout[ring_idx]
+            off, n, cols = layout[ring_idx]
             if tile_ms:
                 low = as_of_ms // tile_ms - n_tiles + 1
                 if max_ts // tile_ms < low:
@@ -202,19 +208,34 @@ class RollupProgram:
                         total += p
                 acc[i] = total
             for slot, j, i in distincts:  # one set union gives the merged sketch
-                col = vals[j]
-                hashes: set[int] = set(chain.from_iterable(
-                    filter(None, col[start:] if start else col)))
+                oa, da = cols[j]
+                lo = ints[oa + start] if start else 0
+                got: set[int] = set(hashes[da + lo: da + ints[oa + n]])
                 if pend:
                     p = pending[slot]
                     if p:
-                        hashes.update(p)
-                acc[i] = _kmv_estimate(hashes)
-            for slot, j, i, merge in ordered:  # same merges, same order as ViewState.rollup
-                a = None
-                for st in vals[j][start:]:
-                    if st is not None:
-                        a = st if a is None else merge(a, st)
+                        got.update(p)
+                acc[i] = _kmv_estimate(got)
+            for slot, j, i, merge, kind in ordered:  # same merges, same order as ViewState
+                oa, da = cols[j]
+                e = ints[oa + n]
+                lo = ints[oa + start] if start else 0
+                a: Any = None
+                if 0 <= lo < e:  # (corrupt offsets: a wrong value, never an exception)
+                    if kind == _SUM:
+                        a = reduce(add, floats[da + lo: da + e])
+                    elif kind == _MIN:
+                        a = min(floats[da + lo: da + e])
+                    elif kind == _MAX:
+                        a = max(floats[da + lo: da + e])
+                    elif kind == _MEAN:
+                        a = (reduce(add, floats[da + lo: da + e]),
+                             sum(ints[da + e + lo: da + 2 * e]))
+                    else:  # LAST: the largest (ts, tie-break), the first of equal ones
+                        ts = ints[da + lo: da + e]
+                        tb = ints[da + e + lo: da + 2 * e]
+                        top = -max(zip(ts, tb, range(0, lo - e, -1), strict=True))[2]
+                        a = (ts[top], tb[top], floats[da + 2 * e + lo + top])
                 if pend:
                     p = pending[slot]
                     if p is not None:
@@ -230,6 +251,9 @@ class RollupProgram:
 
 
 _DIRECT = (AggOp.COUNT, AggOp.APPROX_DISTINCT)
+_SUM, _MEAN, _MIN, _MAX, _LAST = range(5)
+_ORDERED = {AggOp.SUM: _SUM, AggOp.MEAN: _MEAN, AggOp.MIN: _MIN, AggOp.MAX: _MAX,
+            AggOp.LAST: _LAST}
 _FOREVER = 2**63
 # module constants: an enum member lookup costs a class attribute lookup per use
 _OK, _NO_DATA, _STALE = Freshness.OK, Freshness.NO_DATA, Freshness.STALE

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from feature_defs.registry import Registry, load_registry
+from feature_defs.registry import Registry, registry_for
 from headrace.api.v1 import features_pb2 as pb
 from headrace.api.v1 import features_pb2_grpc as pb_grpc
 from headrace.api.v1 import scoring_pb2 as spb
@@ -215,7 +215,8 @@ def build_server(
         settings: serving settings (Redis, budget, breaker, priors refresh, max ids).
         port: overrides ``settings.port``; 0 picks a free port.
         host: bind address.
-        registry: feature definitions (default: the standard set).
+        registry: feature definitions (default: those ``settings.definitions`` names,
+            i.e. ``HEADRACE_DEFINITIONS``).
         store: online store (default: Redis at ``settings.redis_url``).
         clock_ms: epoch-ms clock of the default as-of time.
         max_workers: request threads.
@@ -239,7 +240,7 @@ def build_server(
 
     from headrace.core.errors import InputError
 
-    registry = registry or load_registry()
+    registry = registry or registry_for(settings)
     store = store or RedisOnlineStore(settings.redis_url, timeout_ms=settings.redis_budget_ms)
     m = ServingMetrics(process=True) if metrics is None else metrics
     breaker = CircuitBreaker(

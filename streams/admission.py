@@ -8,7 +8,9 @@ decides lateness) and the durable positions loaded from the partition's commit r
 
 * resumes a newly assigned partition at the smaller of ``online_next`` and
   ``offline_next``, with the watermark recorded there, so lateness decisions replay
-  identically (:meth:`Admission.assign`);
+  identically, and removes the offline files a crashed attempt left past
+  ``offline_next``, listing only the date partitions that can hold them
+  (:meth:`Admission.assign`, :meth:`Admission.orphan_since`);
 * skips messages below the next offset and never skips a gap silently: the partition is
   re-sought to the expected offset, a bounded number of times (:meth:`Admission.admit`);
 * drops late rows (published to the ``late`` topic unless already published before the
@@ -19,7 +21,7 @@ decides lateness) and the durable positions loaded from the partition's commit r
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -30,16 +32,20 @@ from feature_defs.state import NO_TS
 from headrace.core.online_store import OnlineStore
 from streams.metrics import StreamMetrics
 from streams.offline_writer import OfflineWriter
-from streams.rows import PartitionProgress, RawMessage
+from streams.rows import BEHIND, PartitionProgress, RawMessage
 from streams.run_stats import RunStats
 from streams.sides import SideOutputs
 
-__all__ = ["Admission", "MAX_GAP_SEEKS"]
+__all__ = ["Admission", "MAX_GAP_SEEKS", "ORPHAN_SLACK_MS"]
 
 log = logging.getLogger(__name__)
 
 #: re-seeks tried before a gap in offsets is accepted as real (e.g. transaction markers)
 MAX_GAP_SEEKS = 3
+
+#: extra event time (ms) searched for orphan offline parts before the earliest time they
+#: can hold (:meth:`Admission.orphan_since`): one more date partition at most
+ORPHAN_SLACK_MS = 86_400_000
 
 TopicPartition = tuple[str, int]
 
@@ -49,7 +55,11 @@ class Admission:
 
     Args:
         sources: Source topic (with the deployment prefix) -> source name.
-        lateness_ms: Source name -> allowed lateness (ms) of the views it feeds.
+        lateness_ms: Source name -> the largest allowed lateness (ms) of the views it
+            feeds: rows further behind the watermark are late for every view.
+        mixed_lateness: Sources whose views allow different lateness: their accepted
+            rows get a :data:`~streams.rows.BEHIND` column (ms behind the watermark on
+            arrival) by which each view drops what is late for it.
         store: Where commit records are read.
         writer: The offline writer (orphan parts of a resumed partition are removed),
             or None.
@@ -73,9 +83,11 @@ class Admission:
         metrics: StreamMetrics,
         stats: RunStats,
         clock: Callable[[], float],
+        mixed_lateness: Collection[str] = frozenset(),
     ) -> None:
         self.sources = sources
         self.lateness_ms = lateness_ms
+        self.mixed_lateness = frozenset(mixed_lateness)
         self.store = store
         self.writer = writer
         self.sides = sides
@@ -108,12 +120,27 @@ class Admission:
                 else:
                     prog.next, prog.max_ts = prog.online_next, rec.get("online_wm", NO_TS)
                 if self.writer is not None:
-                    removed = self.writer.remove_orphans(t, p, prog.offline_next)
+                    removed = self.writer.remove_orphans(
+                        t, p, prog.offline_next, since_ms=self.orphan_since(source, prog))
                     if removed:
                         log.info("removed %d orphan offline files of %s[%d]", removed, t, p)
             self.progress[(t, p)] = prog
             seeks[(t, p)] = prog.next
         return seeks
+
+    def orphan_since(self, source: str, prog: PartitionProgress) -> int | None:
+        """The earliest event time (epoch ms) a part at or after ``prog``'s durable
+        ``offline_next`` can hold, or None when nothing is durable yet.
+
+        Every attempt replays the partition from a durable point with the watermark
+        recorded there, so at ``offline_next`` its watermark was ``offline_wm`` and then
+        only grew; a row further behind it than the source's largest allowed lateness
+        was late for every view and in no part. :data:`ORPHAN_SLACK_MS` more covers a
+        lateness raised between the crash and this assignment.
+        """
+        if prog.offline_wm <= NO_TS:
+            return None
+        return prog.offline_wm - self.lateness_ms.get(source, 0) - ORPHAN_SLACK_MS
 
     def forget(self, tps: Sequence[TopicPartition]) -> None:
         """Drop the progress of revoked partitions (after their data was flushed)."""
@@ -158,9 +185,11 @@ class Admission:
         table: pa.Table,
         msgs: Sequence[RawMessage],
     ) -> tuple[pa.Table, np.ndarray, pa.Table] | None:
-        """Drop (and publish) late rows, buffer the rest for the offline store. Returns
-        (accepted rows, their event times, the rows still to forward to the other
-        entities: offsets >= ``online_next``), or None when nothing was accepted."""
+        """Drop (and publish) rows late for every view of ``source``, buffer the rest for
+        the offline store. Returns (accepted rows, their event times, the rows still to
+        forward to the other entities: offsets >= ``online_next``), or None when nothing
+        was accepted. For a source in ``mixed_lateness`` the accepted rows carry
+        :data:`~streams.rows.BEHIND`; a view drops those with ``BEHIND > its lateness``."""
         self.metrics.events_in.labels(prog.topic).inc(table.num_rows)
         self.stats.events_in += table.num_rows
         if self.stats.first_input is None:
@@ -179,8 +208,12 @@ class Admission:
                     self.sides.late(prog.topic, row, int(w))
             keep = ~late
             table, ts, offsets = table.filter(pa.array(keep)), ts[keep], offsets[keep]
+            before = before[keep]
         if table.num_rows == 0:
             return None
+        if source in self.mixed_lateness:
+            # not late for some view: how far behind the watermark it came decides which
+            table = table.append_column(BEHIND, pa.array(before - ts, pa.int64()))
         ingest = {m.offset: m.timestamp_ms for m in msgs}
         table = table.append_column(
             "_ingest_ms", pa.array([ingest[o] for o in offsets.tolist()], pa.int64())

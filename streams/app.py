@@ -45,6 +45,7 @@ def build_engine(
         group=settings.group_id,
         max_future_ms=settings.max_future_ms,
         metrics=metrics,
+        state_cache_bytes=(settings.state_cache_mb << 20) or None,
     )
 
 

@@ -4,13 +4,16 @@ Independent of Faust (the worker, :mod:`streams.worker`, feeds it message batche
 the same engine runs under tests with fakes and under the Faust worker with real
 services.
 
-Per source (topic, partition) the engine keeps a watermark (max event time seen −
-allowed lateness); an event with ``ts`` strictly below it on arrival is late: counted,
-published to the ``late`` topic, not applied. Accepted events are
+Per source (topic, partition) the engine keeps a watermark (max event time seen); an
+event with ``ts`` strictly below it minus a view's allowed lateness on arrival is late
+for that view and not applied to it; late for every view reading the source, it is
+counted, published to the ``late`` topic and kept out of the offline ``events/``
+(:mod:`feature_defs.topology`). Accepted events are
 
 * applied to the views keyed by the routing key (``user_id``) in this process;
-* forwarded, re-keyed, to ``headrace-repartition-{entity}`` for the other entities,
-  carrying their source coordinates so the consumer can fence replays;
+* forwarded, re-keyed, to ``headrace-repartition-{entity}`` for the other entities with
+  a view reading the source, carrying their source coordinates so the consumer can
+  fence replays;
 * buffered for the offline store.
 
 Effectively once. Progress is recorded per partition in Redis *after* the data it
@@ -69,6 +72,9 @@ class Engine:
         clock: Wall clock, epoch seconds.
         background_writes: Run online writes on a background thread
             (:meth:`flush_online` with ``wait=False``).
+        state_cache_bytes: Budget of the view-state cache in bytes (durable states
+            beyond it are evicted, least recently used first, and reloaded from the
+            store on their next touch: :mod:`streams.state_cache`); None: unbounded.
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class Engine:
         metrics: StreamMetrics | None = None,
         clock: Callable[[], float] = time.time,
         background_writes: bool = False,
+        state_cache_bytes: int | None = None,
     ) -> None:
         topo = registry.topology
         self.registry = registry
@@ -98,12 +105,15 @@ class Engine:
         self.sources = {topic(s): s for s in topo.sources}
         self.repartition = {topic(repartition_topic(e)): e for e in topo.repartitioned}
         self.kinds = topo.source_kinds
+        #: source -> the repartitioned entities with a view reading it (forward targets)
+        self._forward_to = {s: [e for e in topo.repartitioned if s in topo.forward_sources[e]]
+                            for s in topo.sources}
         self.admission = Admission(
             sources=self.sources, lateness_ms=topo.lateness_ms, store=store, writer=writer,
             sides=sides, prefix=redis_prefix, group=group, metrics=self.metrics,
-            stats=self.stats, clock=clock)
+            stats=self.stats, clock=clock, mixed_lateness=topo.mixed_lateness)
         self.views = ViewApplier(registry=registry, store=store, prefix=redis_prefix,
-                                 metrics=self.metrics)
+                                 metrics=self.metrics, cache_bytes=state_cache_bytes)
         self.sides = sides
         self.online = OnlineFlush(
             views=self.views, admission=self.admission, sides=sides,
@@ -163,16 +173,18 @@ class Engine:
     # ---------------------------------------------------------------- processing
     def on_messages(self, messages: Sequence[RawMessage]) -> None:
         """Process one batch of any input topics: source messages first (their forwards
-        go out at once), then repartition messages, each topic's in arrival order."""
+        go out at once), then repartition messages, each topic's in arrival order. The
+        states the batch misses are loaded in one round trip (:meth:`ViewApplier.batch`)."""
         by_topic: dict[str, list[RawMessage]] = {}
         for raw in messages:
             by_topic.setdefault(raw.topic, []).append(raw)
-        for t, part in by_topic.items():
-            if t in self.sources:
-                self.on_source(t, part)
-        for t, part in by_topic.items():
-            if t in self.repartition:
-                self.on_repartition(t, part)
+        with self.views.batch():
+            for t, part in by_topic.items():
+                if t in self.sources:
+                    self.on_source(t, part)
+            for t, part in by_topic.items():
+                if t in self.repartition:
+                    self.on_repartition(t, part)
 
     def on_source(self, topic: str, messages: Sequence[RawMessage]) -> None:
         """Process messages of one source topic (any partitions, in arrival order)."""
@@ -209,13 +221,14 @@ class Engine:
                     if rows.num_rows:
                         forwards.append(rows)
             prog.next = msgs[-1].offset + 1
-        if forwards and self.views.remote:
+        targets = self._forward_to[source]
+        if forwards and targets:
             # one forward per entity for the whole call, not per partition: small batches
             # would otherwise multiply the repartition messages (and their fixed costs).
             # Sent before the local apply and at once: the other entities' values wait
-            # for this Kafka round trip
+            # for this Kafka round trip. Only to entities with a view reading the source
             rows = concat(forwards)
-            for entity in self.views.remote:
+            for entity in targets:
                 self.sides.forward(entity, self.views.forward_rows(entity, source, rows))
             self.sides.send()
         # every partition of the call at once: per call, not per event, costs dominate

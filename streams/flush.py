@@ -81,7 +81,10 @@ class OnlineFlush:
         one write is in flight at most.
         """
         self.writes.finish()
-        writes = self.views.take_dirty()
+        # between batches, with the last write confirmed: bound the state cache (only
+        # states whose changes are durable go; a later touch reloads them)
+        self.views.evict()
+        writes, flight = self.views.take_dirty()
         self.sides.flush()  # forwards, dead letters and late events are durable first
         covered = [(p, p.next) for p in self.admission.progress.values()
                    if p.next > p.online_next]
@@ -92,11 +95,12 @@ class OnlineFlush:
         fresh, self._pending = self._pending, []
 
         def done(at: float) -> None:
+            self.views.written(flight)
             for p, nxt in covered:
                 p.online_next = max(p.online_next, nxt)
             self.stats.last_online_commit = at
             self._observe_freshness(fresh, at)
-            self.metrics.states_cached.set(self.views.cached())
+            self.views.cache.record(self.stats)
 
         self.writes.submit(writes, commits, done)
         if wait:

@@ -72,6 +72,27 @@ class StreamMetrics:
         self.states_cached = Gauge(
             "headrace_states_cached", "entity view states in memory", registry=r
         )
+        self.state_cache_bytes = Gauge(
+            "headrace_state_cache_bytes",
+            "estimated memory of the cached view states (bytes)", registry=r
+        )
+        self.state_cache_limit = Gauge(
+            "headrace_state_cache_limit_bytes",
+            "the state cache's budget (HEADRACE_STATE_CACHE_MB; 0: unbounded)", registry=r
+        )
+        self.state_cache_hits = Counter(
+            "headrace_state_cache_hits_total",
+            "view-state lookups served from memory (per distinct state and batch)", registry=r
+        )
+        self.state_cache_misses = Counter(
+            "headrace_state_cache_misses_total",
+            "view states loaded from the online store (first touch or after eviction)",
+            registry=r,
+        )
+        self.state_cache_evictions = Counter(
+            "headrace_state_cache_evictions_total",
+            "durable view states dropped from memory to stay within the budget", registry=r
+        )
 
     def serve(self, port: int) -> None:
         from prometheus_client import start_http_server

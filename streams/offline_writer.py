@@ -6,7 +6,8 @@ one file per (kind, date) under ``events/`` and one per (view, date) under ``vie
 (layout in :mod:`feature_defs.layout`), each named by the part's FIRST offset. A retry
 after a crash starts at the same offset and overwrites the same names; files a crashed
 attempt left beyond the durable offset are removed when the partition is assigned
-(:meth:`OfflineWriter.remove_orphans`).
+(:meth:`OfflineWriter.remove_orphans`, which lists only the date partitions that can
+hold them).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,7 +27,9 @@ import pyarrow.parquet as pq
 from feature_defs.layout import chunk_file, events_dir, view_dir
 from feature_defs.model import AggOp
 from feature_defs.plan import ViewPlan
+from feature_defs.windows import to_ms
 from headrace.core.errors import OfflineStoreError
+from streams.rows import BEHIND, admitted_by
 
 __all__ = ["OfflineWriter", "resolve_filesystem", "VIEW_COLUMNS"]
 
@@ -108,7 +112,9 @@ class OfflineWriter:
             source: the source name the views know the topic by.
             partition, start: the part's partition and first offset.
             events: accepted events (contract columns + ``_partition``, ``_offset``,
-                ``_index``, ``_ingest_ms``), in arrival order.
+                ``_index``, ``_ingest_ms``, and :data:`~streams.rows.BEHIND` where the
+                source's views allow different lateness: a view's rows are those not
+                late for it; ``events/`` does not keep the column), in arrival order.
             views: (plan, key column, measure field columns) of the views fed by it.
         """
         if events.num_rows == 0:
@@ -116,12 +122,18 @@ class OfflineWriter:
         name = chunk_file(topic, partition, start)
         dates = pc.strftime(events["ts"], format="%Y-%m-%d")
         jobs: list[tuple[pa.Table, str]] = []
+        mixed = BEHIND in events.column_names
         for date in pc.unique(dates).to_pylist():
             mask = pc.equal(dates, date)
             day = events.filter(mask)
-            jobs.append((day, f"{events_dir(self.root, kind)}/date={date}"))
+            jobs.append((day.drop_columns([BEHIND]) if mixed else day,
+                         f"{events_dir(self.root, kind)}/date={date}"))
             for plan, key, fields in views:
-                rows = day.filter(pc.is_valid(day[key]))
+                applied = pc.is_valid(day[key])
+                ok = admitted_by(day, to_ms(plan.view.allowed_lateness))
+                if ok is not None:  # the rows late for this view are not its rows
+                    applied = pc.and_(applied, pa.array(ok))
+                rows = day.filter(applied)
                 if rows.num_rows == 0:
                     continue
                 cols = {
@@ -147,23 +159,57 @@ class OfflineWriter:
                     raise exc
         return len(jobs)
 
-    def remove_orphans(self, topic: str, partition: int, durable_next: int) -> int:
-        """Delete parts of (topic, partition) starting at or beyond ``durable_next``."""
+    def remove_orphans(self, topic: str, partition: int, durable_next: int,
+                       since_ms: int | None = None) -> int:
+        """Delete parts of (topic, partition) starting at or beyond ``durable_next``.
+
+        Only what can hold such parts is listed, never the whole store: the kinds and
+        views (one level), their date partitions (one level each), and the files of the
+        dates from ``since_ms`` on (epoch ms, UTC date). ``since_ms`` is the earliest
+        event time a part past the durable progress can hold (the durable watermark
+        minus the allowed lateness, see :meth:`streams.admission.Admission.assign`);
+        None lists every date (nothing is durable yet). Returns the files deleted.
+
+        Raises:
+            OfflineStoreError: a listing or a deletion failed.
+        """
+        first = _utc_date(since_ms) if since_ms is not None and since_ms >= 0 else None
         removed = 0
         for sub in ("events", "views"):
-            selector = pafs.FileSelector(f"{self.root}/{sub}", recursive=True, allow_not_found=True)
-            try:
-                infos = self.fs.get_file_info(selector)
-            except (OSError, pa.ArrowException) as exc:
-                raise OfflineStoreError(f"cannot list {self.root}/{sub}: {exc}") from exc
-            for info in infos:
-                m = _PART.match(info.base_name)
-                if (
-                    m
-                    and m["topic"] == topic
-                    and int(m["p"]) == partition
-                    and int(m["start"]) >= durable_next
-                ):
-                    self.fs.delete_file(info.path)
-                    removed += 1
+            for top in self._list(f"{self.root}/{sub}"):
+                if top.type != pafs.FileType.Directory:
+                    continue
+                for date_dir in self._list(top.path):
+                    name = date_dir.base_name
+                    if date_dir.type != pafs.FileType.Directory or (
+                            first is not None and name.startswith("date=")
+                            and name[5:] < first):
+                        continue
+                    for info in self._list(date_dir.path):
+                        m = _PART.match(info.base_name)
+                        if (
+                            m
+                            and m["topic"] == topic
+                            and int(m["p"]) == partition
+                            and int(m["start"]) >= durable_next
+                        ):
+                            try:
+                                self.fs.delete_file(info.path)
+                            except (OSError, pa.ArrowException) as exc:
+                                raise OfflineStoreError(
+                                    f"cannot delete {info.path}: {exc}") from exc
+                            removed += 1
         return removed
+
+    def _list(self, path: str) -> list[pafs.FileInfo]:
+        """The entries directly under ``path`` (none when it does not exist)."""
+        selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+        try:
+            return list(self.fs.get_file_info(selector))
+        except (OSError, pa.ArrowException) as exc:
+            raise OfflineStoreError(f"cannot list {path}: {exc}") from exc
+
+
+def _utc_date(ms: int) -> str:
+    """The UTC date of epoch milliseconds ``ms``, as the ``date=`` partitions name it."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d")

@@ -15,7 +15,13 @@ import pyarrow.compute as pc
 from feature_defs.state import NO_TS
 
 __all__ = ["RawMessage", "PartitionProgress", "positions", "concat", "column_codes",
-           "not_repeated"]
+           "not_repeated", "BEHIND", "admitted_by"]
+
+#: column of accepted rows of a source whose views allow different lateness: how far (ms)
+#: the row's ts was behind its partition's watermark on arrival (see
+#: :class:`feature_defs.topology.Topology`); a view of allowed lateness L applies the
+#: rows with ``BEHIND <= L`` (null: the row is not behind)
+BEHIND = "_behind_ms"
 
 
 @dataclass(frozen=True)
@@ -98,3 +104,13 @@ def not_repeated(codes: np.ndarray, fkeys: np.ndarray, pos: np.ndarray) -> np.nd
         else:
             best[gr] = pr
     return keep
+
+
+def admitted_by(table: pa.Table, lateness_ms: int) -> np.ndarray | None:
+    """Rows of ``table`` not late for a view allowing ``lateness_ms`` (boolean mask), or
+    None when all are (no :data:`BEHIND` column, or nothing that far behind)."""
+    if BEHIND not in table.column_names:
+        return None
+    behind = pc.fill_null(table[BEHIND], 0).to_numpy()
+    ok = behind <= lateness_ms
+    return None if ok.all() else ok

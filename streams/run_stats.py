@@ -28,6 +28,9 @@ class RunStats:
             value was written to Redis - event time), one per sampled event and view
             entity, in arrival order.
         freshness_ts_ms: The event time (epoch ms) of each value in ``freshness_ms``.
+        state_cache_hits, state_cache_misses, state_cache_evictions: The view-state
+            cache's totals (:mod:`streams.state_cache`) as of the last online commit.
+        state_cache_bytes, states_cached: Its estimated bytes and its states then.
     """
 
     events_in: int = 0
@@ -36,6 +39,11 @@ class RunStats:
     last_offline_commit: float | None = None
     freshness_ms: list[float] = field(default_factory=list)
     freshness_ts_ms: list[int] = field(default_factory=list)
+    state_cache_hits: int = 0
+    state_cache_misses: int = 0
+    state_cache_evictions: int = 0
+    state_cache_bytes: int = 0
+    states_cached: int = 0
 
     def __getitem__(self, name: str) -> Any:
         if name not in _NAMES:

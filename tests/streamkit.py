@@ -251,8 +251,8 @@ class Worker:
     """A ``headrace worker`` subprocess with its log in a file; always killed on exit."""
 
     def __init__(self, env: dict[str, str], log_path: Path, until_idle: float | None = None,
-                 worker_id: str | None = None) -> None:
-        args = [*CLI_BASE, "worker"]
+                 worker_id: str | None = None, extra_args: Sequence[str] = ()) -> None:
+        args = [*CLI_BASE, "worker", *extra_args]
         if until_idle is not None:
             args += ["--until-idle", str(until_idle)]
         if worker_id is not None:
@@ -391,13 +391,13 @@ def read_offline_events(settings: Any, kind: str) -> pa.Table:
 
 
 # --------------------------------------------------------------------------- headrace get
-def get_inprocess(env: dict[str, str], entity: str, ids: Sequence[str], at: int) -> tuple[
-        int, list[dict[str, Any]]]:
+def get_inprocess(env: dict[str, str], entity: str, ids: Sequence[str], at: int,
+                  extra_args: Sequence[str] = ()) -> tuple[int, list[dict[str, Any]]]:
     """Run ``headrace get --entity E --id ... --at T --json`` in this process (the CLI's
     own entry point, settings from the environment) and parse its lines."""
     from headrace.cli import main
 
-    argv = ["get", "--entity", entity, "--at", str(at), "--json"]
+    argv = ["get", "--entity", entity, "--at", str(at), "--json", *extra_args]
     for i in ids:
         argv += ["--id", i]
     saved = {k: os.environ.get(k) for k in env}
@@ -438,7 +438,8 @@ def _same(got: Any, want: Any) -> bool:
     return type(got) is type(want) and got == want
 
 
-def online_features(env: dict[str, str], probes: Sequence[Probe]) -> tuple[
+def online_features(env: dict[str, str], probes: Sequence[Probe],
+                    extra_args: Sequence[str] = ()) -> tuple[
         dict[Probe, dict[str, Any] | str], int]:
     """Features of every probe through ``headrace get --json`` (in-process entry point).
 
@@ -448,7 +449,7 @@ def online_features(env: dict[str, str], probes: Sequence[Probe]) -> tuple[
     for entity, eid, at in probes:
         groups[(entity, at)].append(eid)
     for (entity, at), ids in groups.items():
-        code, lines = get_inprocess(env, entity, ids, at)
+        code, lines = get_inprocess(env, entity, ids, at, extra_args)
         by_id = {line["id"]: line for line in lines}
         for eid in ids:
             line = by_id.get(eid)

@@ -13,7 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Validate every feature definition and print what Headrace "
                                    "will create: topics, keys, Redis layout, Parquet layout. "
                                    "Invalid definitions exit 2 listing every problem.")
-    p.add_argument("--definitions", default=None, metavar="MODULE:ATTR")
+    p.add_argument("--definitions", default=None, metavar="MODULE:ATTR",
+                   help="feature definitions: module:ATTR or path/to/file.py:ATTR (default "
+                        "HEADRACE_DEFINITIONS, else the shipped feature_defs.standard:VIEWS)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_run)
 
@@ -71,15 +73,18 @@ def plan_of(registry, settings) -> dict:  # noqa: ANN001 - Registry, CommonSetti
 
 
 def _run(args: argparse.Namespace) -> int:
-    from feature_defs.registry import DEFAULT_DEFINITIONS, load_registry
+    from feature_defs.registry import registry_for
     from headrace.core.settings import WorkerSettings
 
-    registry = load_registry(args.definitions or DEFAULT_DEFINITIONS)
-    plan = plan_of(registry, WorkerSettings())
+    settings = WorkerSettings()
+    registry = registry_for(settings, args.definitions)
+    plan = {"definitions": {"spec": registry.spec, "file": registry.source_file},
+            **plan_of(registry, settings)}
     if args.json:
         print(json.dumps(plan, indent=2))
         return 0
     t = plan["topics"]
+    print(f"definitions {registry.spec} ({registry.source_file})")
     print(f"definitions OK: {len(plan['views'])} views, "
           f"{sum(len(v['features']) for v in plan['views'])} features")
     print(f"topics ({t['partitions']} partitions each): sources {', '.join(t['sources'])}; "

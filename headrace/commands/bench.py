@@ -18,6 +18,8 @@ BENCHMARKS = {
     "training-set": ("bench.training_set", "point-in-time join vs DuckDB ASOF JOIN"),
     "lookup": ("bench.lookup", "gRPC feature lookup p50/p99 vs echo and raw Redis floors"),
     "score": ("bench.score", "Score RPC p99 for 100 candidates vs LightGBM predict alone"),
+    "memory": ("bench.memory", "worker RSS and events/s over 2M+ distinct users (bounded "
+                               "state cache) vs the unbounded cache on a smaller stream"),
 }
 
 

@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--keep-stack", metavar="DIR", default=None,
                    help="run the stack in DIR and leave it running afterwards")
+    p.add_argument("--definitions", default=None, metavar="MODULE:ATTR",
+                   help="feature definitions: module:ATTR or path/to/file.py:ATTR (default "
+                        "HEADRACE_DEFINITIONS, else the shipped feature_defs.standard:VIEWS)")
     p.set_defaults(func=_run)
 
 
@@ -33,7 +36,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.events < 1000 or args.users < 10 or args.days < 2:
         raise UsageError("the demo needs --events >= 1000, --users >= 10 and --days >= 2")
     summary = run_demo(DemoConfig(users=args.users, events=args.events, days=args.days,
-                                  seed=args.seed), keep_stack=args.keep_stack)
+                                  seed=args.seed), keep_stack=args.keep_stack,
+                         definitions=args.definitions)
     if args.json:
         print(json.dumps(summary))
     else:

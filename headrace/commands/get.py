@@ -66,7 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-type", default=None, help="request context (with --server)")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
     p.add_argument("--json", action="store_true", help="one JSON object per entity per line")
-    p.add_argument("--definitions", default=None, metavar="MODULE:ATTR")
+    p.add_argument("--definitions", default=None, metavar="MODULE:ATTR",
+                   help="feature definitions: module:ATTR or path/to/file.py:ATTR (default "
+                        "HEADRACE_DEFINITIONS, else the shipped feature_defs.standard:VIEWS)")
     p.set_defaults(func=_run)
 
 
@@ -144,19 +146,19 @@ def raw_lines(
 
 
 def _run(args: argparse.Namespace) -> int:
-    from feature_defs.registry import DEFAULT_DEFINITIONS, load_registry
+    from feature_defs.registry import registry_for
+    from headrace.core.settings import ServeSettings
     from headrace.core.timeparse import parse_time_ms
 
-    registry = load_registry(args.definitions or DEFAULT_DEFINITIONS)
+    settings = ServeSettings()
+    registry = registry_for(settings, args.definitions)
     asked = _features(args)
     names = _check(registry, args.entity, args.ids, asked)
     as_of = parse_time_ms(args.at) if args.at else None
     if args.server:
         return _via_server(args, asked, as_of)
     from headrace.core.online_store import RedisOnlineStore
-    from headrace.core.settings import ServeSettings
 
-    settings = ServeSettings()
     store = RedisOnlineStore(settings.redis_url, timeout_ms=args.timeout * 1000,
                              connect_timeout_ms=args.timeout * 1000)
     try:

@@ -13,6 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Committed offset, end (from the fetch high watermark) and "
                                    "lag of the worker group on every input topic partition.")
     p.add_argument("--group", default=None, help="consumer group (default HEADRACE_GROUP_ID)")
+    p.add_argument("--definitions", default=None, metavar="MODULE:ATTR",
+                   help="feature definitions: module:ATTR or path/to/file.py:ATTR (default "
+                        "HEADRACE_DEFINITIONS, else the shipped feature_defs.standard:VIEWS)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {topic, partition, group, committed, end, lag}")
     p.set_defaults(func=_run)
@@ -20,12 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from feature_defs.layout import repartition_topic
-    from feature_defs.registry import load_registry
+    from feature_defs.registry import registry_for
     from headrace.core.settings import WorkerSettings
     from streams.lag import consumer_lag
 
     settings = WorkerSettings()
-    topo = load_registry().topology
+    topo = registry_for(settings, args.definitions).topology
     topics = [settings.topic(t) for t in topo.sources] + sorted(
         {settings.topic(repartition_topic(e)) for e in topo.repartitioned_entities})
     rows = consumer_lag(settings.confluent_consumer(args.group or settings.group_id),

@@ -2,9 +2,11 @@
 
 Both read ``HEADRACE_*`` settings (:class:`headrace.core.settings.OfflineSettings`): the store
 root ``HEADRACE_OFFLINE_URI`` (``s3://bucket/prefix`` or a folder), ``HEADRACE_S3_*`` for
-S3, and ``HEADRACE_PROGRESS`` for the progress bar on stderr. Outputs (local paths or
-``s3://`` URIs) appear atomically: after a failure nothing is left at ``--out``. Bad input
-exits with status 2 and one sentence.
+S3, and ``HEADRACE_PROGRESS`` for the progress bar on stderr; ``training-set`` joins the
+views of ``HEADRACE_DEFINITIONS`` (or ``--definitions``). Labels come from the raw
+impressions and clicks and carry every event key column, whatever the definitions.
+Outputs (local paths or ``s3://`` URIs) appear atomically: after a failure nothing is left
+at ``--out``. Bad input exits with status 2 and one sentence.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "of events before the earliest label)")
     t.add_argument("--chunk-rows", type=int, default=None, metavar="N",
                    help="most label rows joined at once (default 2,000,000)")
+    t.add_argument("--definitions", default=None, metavar="MODULE:ATTR",
+                   help="feature definitions: module:ATTR or path/to/file.py:ATTR (default "
+                        "HEADRACE_DEFINITIONS, else the shipped feature_defs.standard:VIEWS)")
     t.set_defaults(func=_training_set)
 
 
@@ -86,6 +91,7 @@ def _labels(args: argparse.Namespace) -> int:
 
 
 def _training_set(args: argparse.Namespace) -> int:
+    from feature_defs.registry import registry_for
     from headrace.core.errors import InputError
     from offline.training_set import DEFAULT_CHUNK_ROWS, write_training_set
 
@@ -97,9 +103,10 @@ def _training_set(args: argparse.Namespace) -> int:
     if args.chunk_rows is not None and args.chunk_rows < 1:
         raise InputError("--chunk-rows must be at least 1")
     settings = _settings()
+    registry = registry_for(settings, args.definitions)
     rows = write_training_set(
         args.labels, args.out, args.features, settings, as_of_known=args.as_of_known,
-        cold_start=args.cold_start, priors=priors,
+        cold_start=args.cold_start, priors=priors, registry=registry,
         chunk_rows=args.chunk_rows or DEFAULT_CHUNK_ROWS)
     print(f"wrote {rows} rows to {args.out}")
     return 0

@@ -33,12 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=8192,
         help="roll-up memo size, keyed by exact state bytes (default 8192; 0: off)",
     )
-    p.add_argument(
-        "--definitions",
-        default=None,
-        metavar="MODULE:ATTR",
-        help="feature definitions (default feature_defs.standard:VIEWS)",
-    )
+    p.add_argument("--definitions", default=None, metavar="MODULE:ATTR",
+                   help="feature definitions: module:ATTR or path/to/file.py:ATTR (default "
+                        "HEADRACE_DEFINITIONS, else the shipped feature_defs.standard:VIEWS)")
     p.set_defaults(func=_serve)
 
     q = sub.add_parser(
@@ -68,7 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--dry-run", action="store_true", help="compute and print, do not store")
     q.add_argument("--json", action="store_true", help="print the priors document as JSON")
-    q.add_argument("--definitions", default=None, metavar="MODULE:ATTR")
+    q.add_argument("--definitions", default=None, metavar="MODULE:ATTR",
+                   help="feature definitions: module:ATTR or path/to/file.py:ATTR (default "
+                        "HEADRACE_DEFINITIONS, else the shipped feature_defs.standard:VIEWS)")
     q.set_defaults(func=_priors)
 
 
@@ -78,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from feature_defs.registry import DEFAULT_DEFINITIONS, load_registry
+    from feature_defs.registry import registry_for
     from headrace.core.errors import missing_extra
     from headrace.core.settings import ServeSettings
 
@@ -93,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServeSettings()
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    registry = load_registry(args.definitions or DEFAULT_DEFINITIONS)
+    registry = registry_for(settings, args.definitions)
     server = build_server(settings, port=args.port, host=args.host, registry=registry,
                           max_workers=args.workers, memo_entries=args.memo_entries)
     metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
@@ -112,13 +111,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _priors(args: argparse.Namespace) -> int:
-    from feature_defs.registry import DEFAULT_DEFINITIONS, load_registry
+    from feature_defs.registry import registry_for
     from headrace.core.settings import OfflineSettings
     from headrace.core.timeparse import parse_time_ms
     from offline.priors import build_priors, write_priors
 
     settings = OfflineSettings()
-    registry = load_registry(args.definitions or DEFAULT_DEFINITIONS)
+    registry = registry_for(settings, args.definitions)
     until = parse_time_ms(args.until) if args.until else None
     priors = build_priors(
         settings,

@@ -49,6 +49,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="LightGBM threads (default 1; more can be slower on a busy machine)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--definitions", default=None, metavar="MODULE:ATTR",
+                   help="feature definitions: module:ATTR or path/to/file.py:ATTR (default "
+                        "HEADRACE_DEFINITIONS, else the shipped feature_defs.standard:VIEWS)")
     p.set_defaults(func=handler)
 
 
@@ -70,6 +73,7 @@ def handler(
     if args.min_auc_gain < 0 or args.min_bin_positives < 1 or args.threads < 1 or args.seed < 0:
         raise UsageError("--min-auc-gain and --seed must be >= 0, --min-bin-positives and "
                          "--threads >= 1")
+    from feature_defs.registry import registry_for
     from offline.models import GatePolicy
     from offline.train import read_training_set, train
 
@@ -77,12 +81,13 @@ def handler(
         from headrace.core.settings import OfflineSettings
 
         settings = OfflineSettings()
+    registry = registry_for(settings, args.definitions)
     table = read_training_set(args.training_set, settings)
     policy = GatePolicy(auc_floor=args.auc_floor, min_auc_gain=args.min_auc_gain,
                         min_bin_positives=args.min_bin_positives)
     kwargs: dict[str, Any] = {} if clock is None else {"clock": clock}
     result = train(table, args.out, policy=policy, seed=args.seed, num_threads=args.threads,
-                   source=args.training_set, **kwargs)
+                   registry=registry, source=args.training_set, **kwargs)
     if args.json:
         print(json.dumps(result.summary()))
         return 0

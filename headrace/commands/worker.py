@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--until-idle", type=float, metavar="S", default=None,
                    help="exit once no new input arrived for S seconds (after flushing)")
     p.add_argument("--definitions", default=None, metavar="MODULE:ATTR",
-                   help="feature definitions (default feature_defs.standard:VIEWS)")
+                   help="feature definitions: module:ATTR or path/to/file.py:ATTR (default "
+                        "HEADRACE_DEFINITIONS, else the shipped feature_defs.standard:VIEWS)")
     p.add_argument("--stats", default=None, metavar="FILE",
                    help="write a JSON run summary here at exit (benchmarks)")
     p.add_argument("--worker-id", default=None, help="replica id (state directory name)")
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import logging
 
-    from feature_defs.registry import DEFAULT_DEFINITIONS, load_registry
+    from feature_defs.registry import registry_for
     from headrace.core.settings import WorkerSettings
     from streams.app import run_worker
 
@@ -34,6 +35,6 @@ def _run(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"worker_id": args.worker_id})
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    registry = load_registry(args.definitions or DEFAULT_DEFINITIONS)
+    registry = registry_for(settings, args.definitions)
     return run_worker(settings, registry, until_idle=args.until_idle,
                       stats_path=args.stats)

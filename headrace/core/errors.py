@@ -12,6 +12,7 @@ __all__ = [
     "UsageError",
     "InputError",
     "DefinitionError",
+    "StateFormatError",
     "MissingDependencyError",
     "StackError",
     "BackendError",
@@ -42,14 +43,26 @@ class InputError(HeadraceError):
 
 
 class DefinitionError(InputError):
-    """Feature definitions are invalid; ``problems`` lists every one with its location."""
+    """Feature definitions are invalid; ``problems`` lists every one with its location,
+    ``source`` names the definitions (a ``module:ATTR`` or ``file.py:ATTR`` spec) if known."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
         self.problems = list(problems)
+        self.source = source
+        where = f" '{source}'" if source else ""
         super().__init__(
-            f"{len(self.problems)} problem(s) in feature definitions:\n"
+            f"{len(self.problems)} problem(s) in feature definitions{where}:\n"
             + "\n".join(f"  - {p}" for p in self.problems)
         )
+
+
+class StateFormatError(InputError, ValueError):
+    """Stored view-state bytes are malformed: truncated, an unknown format or magic,
+    counts that overrun the buffer, trailing bytes, or another view's layout.
+
+    Also a ``ValueError``: readers that skip an unreadable state (serving answers the
+    defaults, ``get`` reports it) caught ``ValueError`` before there was a typed error.
+    """
 
 
 class MissingDependencyError(HeadraceError):

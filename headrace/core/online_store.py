@@ -135,7 +135,10 @@ class RedisOnlineStore:
     The document client's read and connect timeouts are those above, at least 2 s each.
     """
 
-    _EXPIRY_CACHE_MAX = 2_000_000  # keys whose expiry is remembered (bounds the memory)
+    # keys whose expiry is remembered (bounds the memory: ~200 B a key, so a worker over
+    # millions of entities does not hold hundreds of MB of it; past it the memo restarts
+    # and each key's next write re-issues its EXPIRE once)
+    _EXPIRY_CACHE_MAX = 250_000
     # also a class default: the socket-level unit tests build stores without __init__
     _clock: Callable[[], float] = staticmethod(time.monotonic)
 

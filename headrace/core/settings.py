@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENV_PREFIX",
+    "SHIPPED_DEFINITIONS",
     "CommonSettings",
     "WorkerSettings",
     "ServeSettings",
@@ -41,6 +42,10 @@ __all__ = [
 ]
 
 ENV_PREFIX = "HEADRACE_"
+
+#: the shipped feature definitions, equal to ``feature_defs.registry.DEFAULT_DEFINITIONS``
+#: (this ground floor imports nothing of ours; tests/unit/test_definitions.py checks both)
+SHIPPED_DEFINITIONS = "feature_defs.standard:VIEWS"
 
 #: Embedded (Tansu) group timing: joins take max(session/2, ~1 s) there (measured; the
 #: broker's other defects are pinned by tests/integration/test_broker_contract.py).
@@ -78,6 +83,12 @@ class CommonSettings(BaseSettings):
             partitions later, so this is the final count.
         metrics_port: Port of the Prometheus endpoint; ``None`` disables it.
         log_level: Python logging level name.
+        definitions: The feature definitions every command and process runs:
+            ``package.module:ATTR`` (importable, or found in the current directory) or
+            ``path/to/file.py:ATTR``, where ``ATTR`` is a sequence of ``FeatureView``
+            (``:VIEWS`` if omitted). Default: the shipped set
+            ``feature_defs.standard:VIEWS``. A command's ``--definitions`` flag wins
+            over it; an empty value means the default.
     """
 
     model_config = SettingsConfigDict(
@@ -99,6 +110,7 @@ class CommonSettings(BaseSettings):
     partitions: int = Field(default=4, ge=1)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     log_level: str = "INFO"
+    definitions: str = SHIPPED_DEFINITIONS
 
     @field_validator("log_level")
     @classmethod
@@ -107,6 +119,12 @@ class CommonSettings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"unknown log level {value!r}")
         return level
+
+    @field_validator("definitions")
+    @classmethod
+    def _default_definitions(cls, value: str) -> str:
+        # An env var set to "" (common in compose files) means "the shipped set".
+        return value.strip() or SHIPPED_DEFINITIONS
 
     @field_validator("s3_endpoint", "metrics_port", mode="before")
     @classmethod
@@ -303,6 +321,12 @@ class WorkerSettings(CommonSettings):
         data_dir: Local directory for Faust's own data folder (one per ``worker_id``); the
             worker keeps no tables there, its state is in Redis.
         worker_id: Identifier of this worker replica.
+        state_cache_mb: Budget of the worker's view-state cache in MiB (estimated
+            memory of the decoded states): beyond it, states whose changes are durable
+            in Redis are evicted, least recently used first, and reloaded on their next
+            event. The default suits a 2 GB worker (the process itself, Kafka buffers
+            and batches take a few hundred MB more); 0: unbounded (memory then grows
+            with every entity the worker has seen since its assignment).
     """
 
     group_id: str = "headrace-worker"
@@ -315,6 +339,7 @@ class WorkerSettings(CommonSettings):
     fetch_max_wait_ms: int = Field(default=50, ge=1)
     data_dir: str = "./.headrace-worker"
     worker_id: str = "0"
+    state_cache_mb: int = Field(default=512, ge=0)
 
 
 class ServeSettings(CommonSettings):

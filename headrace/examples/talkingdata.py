@@ -137,8 +137,9 @@ def run_example(csv: Path | str, *, rows: int | None = None, seed: int = 0,
         InputError: unreadable CSV, or rows that cannot be split or trained on.
         HeadraceError: a step failed (its stderr in the message).
     """
-    from feature_defs.registry import load_registry
-    from headrace.demo import _Runner
+    from feature_defs.registry import definitions_spec, load_registry
+    from headrace.core.settings import CommonSettings
+    from headrace.demo import _Runner, definitions_env
     from headrace.stack.local import local_stack
     from streams.csv_replay import csv_training_rows
 
@@ -155,6 +156,8 @@ def run_example(csv: Path | str, *, rows: int | None = None, seed: int = 0,
             _say(message)
 
     summary: dict[str, Any] = {}
+    spec = definitions_spec(CommonSettings())  # HEADRACE_DEFINITIONS, for every step
+    registry = load_registry(spec)  # checked before anything starts
     source = Path(csv).resolve()  # the steps run in a temporary working directory
     if not source.is_file():
         raise InputError(f"file {csv} does not exist")
@@ -168,11 +171,11 @@ def run_example(csv: Path | str, *, rows: int | None = None, seed: int = 0,
         with local_stack(os.path.join(tmp, "stack")) as info:
             env = {**info.env, "HEADRACE_LOG_LEVEL": "WARNING",
                    "HEADRACE_DATA_DIR": os.path.join(tmp, "worker"),
-                   "HEADRACE_PROGRESS": "false"}
+                   "HEADRACE_PROGRESS": "false", **definitions_env(spec, os.getcwd())}
             training = _pipeline(_Runner(env, tmp), source, begin, end, step, summary)
             table = pq.read_table(training)
         step("evaluate", f"fitting three models, scoring the last {TEST_HOURS} hours")
-        summary.update(_evaluate(table, raw, load_registry().feature_names(), seed, threads))
+        summary.update(_evaluate(table, raw, registry.feature_names(), seed, threads))
     step("done")
     return {**summary, "timings": timings, "seconds": round(time.monotonic() - started, 1)}
 

@@ -47,6 +47,7 @@ from offline.models import ChampionRef, GatePolicy, decide
 from offline.train import train
 
 START = 1_704_067_200_000  # 2024-01-01T00:00:00Z, a Monday
+REG = load_registry()
 SMALL_GRID = ({"learning_rate": 0.1, "num_leaves": 15, "min_data_in_leaf": 100},
               {"learning_rate": 0.1, "num_leaves": 7, "min_data_in_leaf": 200})
 
@@ -307,7 +308,8 @@ def test_champion_pointer_is_replaced_atomically(tmp_path: Path,
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, pa.Table]:
     out = tmp_path_factory.mktemp("models")
     table = synthetic_set()
-    result = train(table, out, clock=clock_at("2024-02-01T10:30:00+00:00"), grid=SMALL_GRID)
+    result = train(table, out, clock=clock_at("2024-02-01T10:30:00+00:00"), grid=SMALL_GRID,
+                   registry=REG)
     return out, result, table
 
 
@@ -375,14 +377,14 @@ def test_coldstart_model_trains_and_predicts_context(trained: tuple[Path, Any, p
 def test_same_model_again_is_rejected_and_a_better_one_promoted(tmp_path: Path) -> None:
     weak = synthetic_set(40_000, seed=1, with_ad=False)
     clock = clock_at("2024-03-01T08:00:00+00:00")
-    first = train(weak, tmp_path, clock=clock, grid=SMALL_GRID[:1])
+    first = train(weak, tmp_path, clock=clock, grid=SMALL_GRID[:1], registry=REG)
     assert first.decision.promote
-    again = train(weak, tmp_path, clock=clock, grid=SMALL_GRID[:1])
+    again = train(weak, tmp_path, clock=clock, grid=SMALL_GRID[:1], registry=REG)
     assert again.version == "2024-03-01-08-2" and not again.decision.promote
     assert any("same validation rows" in r and "<" in r for r in again.decision.reasons)
     assert champion_version(tmp_path) == first.version
     strong = synthetic_set(40_000, seed=1, with_ad=True)  # same rows plus the ad features
-    better = train(strong, tmp_path, clock=clock, grid=SMALL_GRID[:1])
+    better = train(strong, tmp_path, clock=clock, grid=SMALL_GRID[:1], registry=REG)
     assert better.metrics.auc > first.metrics.auc + 0.005
     assert better.decision.promote and champion_version(tmp_path) == better.version
     assert better.decision.champion is not None
@@ -393,7 +395,7 @@ def test_same_model_again_is_rejected_and_a_better_one_promoted(tmp_path: Path) 
 def test_drifted_validation_fails_calibration_and_is_never_champion(tmp_path: Path) -> None:
     drifted = synthetic_set(60_000, seed=2, late_factor=1.5)
     result = train(drifted, tmp_path, clock=clock_at("2024-03-01T08:00:00+00:00"),
-                   grid=SMALL_GRID[:1])
+                   grid=SMALL_GRID[:1], registry=REG)
     assert result.metrics.auc > 0.6
     assert not result.decision.promote
     assert any(r.startswith("calibration outside ±10%") for r in result.decision.reasons)
@@ -415,7 +417,7 @@ def test_drifted_validation_fails_calibration_and_is_never_champion(tmp_path: Pa
 ])
 def test_bad_training_sets_raise_input_error(tmp_path: Path, change: Any, message: str) -> None:
     with pytest.raises(InputError, match=re.escape(message)):
-        train(change(synthetic_set(2000)), tmp_path, grid=SMALL_GRID[:1])
+        train(change(synthetic_set(2000)), tmp_path, grid=SMALL_GRID[:1], registry=REG)
     assert not any(tmp_path.iterdir())
 
 

@@ -1,0 +1,268 @@
+"""``headrace bench memory``: one worker's memory at production cardinality.
+
+A synthetic stream (:mod:`streams.synthetic`: its ads, campaigns, publishers, times and
+clicks) whose user ids are spread over a pool of ``users`` ids (a fixed hash of each
+impression's serial; its clicks keep its user), so that ``events`` events touch about
+``users * (1 - exp(-impressions / users))`` distinct users, a few events each, with no
+locality: the cache's worst case. It is produced beforehand as Arrow envelopes on the
+embedded stack, then consumed by one ``headrace worker`` process (decoded → applied →
+Redis → Parquet → progress) whose RSS is sampled every second (psutil).
+
+Figures:
+
+* ``distinct_users`` / ``distinct_entities`` (users, ads, campaigns, publishers),
+  ``events``, ``events_per_s`` (events / (last durable commit − first input), as in
+  ``bench stream``);
+* ``peak_rss_mb`` (over the whole process life), ``rss_half_mb`` / ``rss_end_mb`` (the
+  samples nearest half-way and the end of the processing) and
+  ``rss_growth_second_half`` = end ÷ half-way − 1;
+* ``state_cache_mb`` (the budget, ``HEADRACE_STATE_CACHE_MB``), ``cache_hit_ratio``
+  (hits ÷ lookups, one lookup per distinct state and batch) and
+  ``cache_hit_ratio_after_first_touch`` (first touches, which no cache can hit, left
+  out), evictions, the cache's estimated bytes at the end;
+* ``reference``: the same worker with the cache unbounded (``HEADRACE_STATE_CACHE_MB=0``,
+  the previous behaviour) on a smaller stream of the same kind (``reference_users``,
+  ``reference_events``), measured in the same run: its events/s, peak RSS and RSS per
+  distinct entity.
+
+Targets (issue 12): peak RSS ≤ 1 GB, growth over the second half ≤ 10 %, ≥ 50k events/s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+__all__ = ["run"]
+
+_MASK = (1 << 64) - 1
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench memory] {msg}", file=sys.stderr, flush=True)
+
+
+def _spread(serial: int, seed: int, pool: int) -> int:
+    """A fixed pseudo-random user index of an impression serial (splitmix64)."""
+    z = (serial + (seed + 1) * 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return (z ^ (z >> 31)) % pool
+
+
+class _Stream:
+    """The synthetic events with their users spread over ``pool`` ids; counts what it
+    yields (distinct users in a bitmap, the other entities in sets)."""
+
+    def __init__(self, pool: int, events: int, seed: int, start_ms: int, days: float) -> None:
+        self.pool, self.events, self.seed = pool, events, seed
+        self.start_ms, self.days = start_ms, days
+        self.seen = np.zeros(pool, dtype=bool)
+        self.others: dict[str, set[str]] = {"ad_id": set(), "campaign_id": set(),
+                                            "publisher_id": set()}
+        self.count = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from streams.synthetic import SyntheticWorld
+
+        # the world's own users only drive the click probabilities: a small pool is enough
+        world = SyntheticWorld(10_000, self.seed)
+        seen, pool, seed = self.seen, self.pool, self.seed
+        ads, cmps, pubs = (self.others[k] for k in ("ad_id", "campaign_id", "publisher_id"))
+        for ev in world.iter_events(self.events, self.start_ms, self.days):
+            if ev.get("user_id") is not None:
+                u = _spread(int(ev["event_id"][-10:]), seed, pool)  # a click: its impression's
+                seen[u] = True
+                ev["user_id"] = f"m{u:09d}"
+            ads.add(ev["ad_id"])
+            cmps.add(ev["campaign_id"])
+            pubs.add(ev["publisher_id"])
+            self.count += 1
+            yield ev
+
+    @property
+    def distinct_users(self) -> int:
+        return int(self.seen.sum())
+
+    @property
+    def distinct_entities(self) -> int:
+        return self.distinct_users + sum(len(s) for s in self.others.values())
+
+
+def _produce(env: dict[str, str], stream: _Stream) -> float:
+    from headrace.core.settings import ProducerSettings
+    from streams.producer import EventProducer
+
+    started = time.perf_counter()
+    producer = EventProducer(ProducerSettings.from_env(env), encoding="arrow", progress=False)
+    producer.send_events(stream)
+    producer.flush(timeout_s=300)
+    return time.perf_counter() - started
+
+
+def _worker(env: dict[str, str], stats_path: str, timeout: float) -> tuple[dict[str, Any],
+                                                                          list[tuple[float, int]]]:
+    """Run one worker until idle, sampling its RSS every second: (stats, [(epoch s, rss)])."""
+    import psutil
+
+    # a batch at this cardinality can keep the loop busy for seconds (every state
+    # loaded, decoded, encoded and written): a short idle limit would stop it early
+    cmd = [sys.executable, "-m", "headrace.cli", "worker", "--until-idle", "15",
+           "--stats", stats_path]
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                stderr=err, text=True)
+        ps = psutil.Process(proc.pid)
+        samples: list[tuple[float, int]] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"worker still running after {timeout:.0f}s")
+                try:
+                    samples.append((time.time(), ps.memory_info().rss))
+                except psutil.NoSuchProcess:
+                    break
+                time.sleep(1.0)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        err.seek(0)
+        tail = err.read()[-2000:]
+    if proc.returncode != 0 or not os.path.exists(stats_path):
+        raise RuntimeError(f"worker failed ({proc.returncode}): {tail}")
+    with open(stats_path, encoding="utf-8") as fh:
+        stats = json.load(fh)
+    if not stats["events_in"] or not stats["last_online_commit"]:
+        raise RuntimeError(f"worker consumed nothing: {tail}")
+    return stats, samples
+
+
+def _end(stats: dict[str, Any]) -> float:
+    return float(max(t for t in (stats["last_online_commit"], stats["last_offline_commit"]) if t))
+
+
+def _rss_at(samples: list[tuple[float, int]], t: float) -> int:
+    return min(samples, key=lambda s: abs(s[0] - t))[1]
+
+
+def _figures(stats: dict[str, Any], samples: list[tuple[float, int]]) -> dict[str, Any]:
+    start, end = float(stats["first_input"]), _end(stats)
+    half = _rss_at(samples, (start + end) / 2)
+    last = _rss_at(samples, end)
+    lookups = stats["state_cache_hits"] + stats["state_cache_misses"]
+    return {
+        "events_per_s": round(stats["events_in"] / max(1e-9, end - start)),
+        "processing_s": round(end - start, 1),
+        "peak_rss_mb": round(max(r for _, r in samples) / 2**20, 1),
+        "rss_start_mb": round(_rss_at(samples, start) / 2**20, 1),
+        "rss_half_mb": round(half / 2**20, 1),
+        "rss_end_mb": round(last / 2**20, 1),
+        "rss_growth_second_half": round(last / half - 1, 4),
+        "cache_hit_ratio": round(stats["state_cache_hits"] / lookups, 4) if lookups else None,
+        "cache_misses": stats["state_cache_misses"],
+        "cache_evictions": stats["state_cache_evictions"],
+        "cache_end_mb": round(stats["state_cache_bytes"] / 2**20, 1),
+        "states_cached_end": stats["states_cached"],
+    }
+
+
+def run(users: int = 2_400_000, events: int = 5_000_000, reference_users: int = 200_000,
+        reference_events: int = 400_000, state_cache_mb: int | None = None, days: float = 7.0,
+        seed: int = 0, timeout_s: float = 1800.0) -> dict[str, Any]:
+    """Run the benchmark on a fresh local stack and return its figures.
+
+    Args:
+        users: The pool the user ids are spread over (distinct users ≈
+            ``users * (1 - exp(-impressions / users))``).
+        events: Events (impressions and clicks) of the measured stream.
+        reference_users, reference_events: The smaller stream of the unbounded reference
+            run (``reference_events=0`` skips it).
+        state_cache_mb: ``HEADRACE_STATE_CACHE_MB`` of the measured worker; None: the
+            worker's default.
+        days: Event-time span of the streams; seed: their seed.
+        timeout_s: Longest each worker may run.
+    """
+    from headrace.core.settings import WorkerSettings
+    from headrace.stack.local import local_stack
+
+    with tempfile.TemporaryDirectory(prefix="headrace-bench-") as tmp, \
+            local_stack(os.path.join(tmp, "stack")) as info:
+        base = dict(info.env)
+
+        def ns(name: str, cache_mb: int | None) -> dict[str, str]:
+            env = {**base, "HEADRACE_TOPIC_PREFIX": f"{name}.", "HEADRACE_REDIS_PREFIX": name,
+                   "HEADRACE_OFFLINE_URI": f"{info.offline_uri}/{name}",
+                   "HEADRACE_GROUP_ID": f"g-{name}", "HEADRACE_DATA_DIR": f"{tmp}/w-{name}",
+                   "HEADRACE_LOG_LEVEL": "WARNING"}
+            if cache_mb is not None:
+                env["HEADRACE_STATE_CACHE_MB"] = str(cache_mb)
+            return env
+
+        start_ms = int(time.time() * 1000) - int(days * 86_400_000) - 3_600_000
+        reference: dict[str, Any] | None = None
+        if reference_events:
+            env_r = ns("reference", 0)
+            small = _Stream(reference_users, reference_events, seed + 1, start_ms, days)
+            _progress(f"reference: producing {reference_events} events over "
+                      f"{reference_users} user ids")
+            _produce(env_r, small)
+            _progress("reference: worker, cache unbounded")
+            stats_r, samples_r = _worker(env_r, f"{tmp}/reference.json", timeout_s)
+            fig = _figures(stats_r, samples_r)
+            reference = {
+                "state_cache_mb": 0,
+                "events": stats_r["events_in"],
+                "distinct_users": small.distinct_users,
+                "distinct_entities": small.distinct_entities,
+                "events_per_s": fig["events_per_s"],
+                "peak_rss_mb": fig["peak_rss_mb"],
+                "rss_growth_second_half": fig["rss_growth_second_half"],
+                "rss_kb_per_entity": round(
+                    (fig["rss_end_mb"] - fig["rss_start_mb"]) * 1024
+                    / max(1, small.distinct_entities), 2),
+                "cache_hit_ratio": fig["cache_hit_ratio"],
+            }
+
+        env_m = ns("measured", state_cache_mb)
+        stream = _Stream(users, events, seed, start_ms, days)
+        _progress(f"producing {events} events over {users} user ids (Arrow envelopes)")
+        produce_s = _produce(env_m, stream)
+        _progress(f"worker: {stream.distinct_users} distinct users")
+        stats, samples = _worker(env_m, f"{tmp}/measured.json", timeout_s)
+        fig = _figures(stats, samples)
+        budget = WorkerSettings.from_env({**os.environ, **env_m}).state_cache_mb
+        # first touches can hit no cache: one per distinct (view, entity) state
+        first_touches = stream.distinct_users + sum(len(s) for s in stream.others.values())
+        hits = stats["state_cache_hits"]
+        later = hits + stats["state_cache_misses"] - first_touches
+        return {
+            "distinct_users": stream.distinct_users,
+            "distinct_entities": stream.distinct_entities,
+            "events": stats["events_in"],
+            "events_produced": stream.count,
+            "events_per_user": round(stream.count / max(1, stream.distinct_users), 2),
+            "events_per_s": fig["events_per_s"],
+            "peak_rss_mb": fig["peak_rss_mb"],
+            "rss_growth_second_half": fig["rss_growth_second_half"],
+            "state_cache_mb": budget,
+            "cache_hit_ratio": fig["cache_hit_ratio"],
+            "cache_hit_ratio_after_first_touch": round(hits / later, 4) if later > 0 else None,
+            **{k: v for k, v in fig.items()
+               if k not in ("events_per_s", "peak_rss_mb", "rss_growth_second_half",
+                            "cache_hit_ratio")},
+            "rss_samples": len(samples),
+            "produce_seconds": round(produce_s, 1),
+            "reference": reference,
+            "targets": {"peak_rss_mb": 1024, "rss_growth_second_half": 0.10,
+                        "events_per_s": 50_000},
+        }
