@@ -46,6 +46,7 @@ import numpy as np
 
 __all__ = [
     "HISTORY_FEATURE",
+    "USER_ENTITY",
     "USER_WITHOUT_HISTORY",
     "rule_entity_of",
     "PERSONALIZED_ABOVE",
@@ -67,7 +68,8 @@ __all__ = [
 HISTORY_FEATURE: Final = "user__impressions_7d"
 PERSONALIZED_ABOVE: Final = 100
 SEGMENT_BELOW: Final = 10
-_USER: Final = "user"
+#: the entity the tiers are about (segment priors and the history feature are users')
+USER_ENTITY: Final = "user"
 #: the rule entity of users read without :data:`HISTORY_FEATURE` (a feature selection or
 #: a model without it): with no history to choose a tier from, they follow the rule of
 #: the other entities (own values with data, else the global prior). Not an entity name.
@@ -197,7 +199,7 @@ def rule_entity_of(entity: str, has_history: bool) -> str:
         else ``entity`` itself. Pass it to :class:`ColdStartRule` or
         :func:`apply_cold_start_columns`.
     """
-    return USER_WITHOUT_HISTORY if entity == _USER and not has_history else entity
+    return USER_WITHOUT_HISTORY if entity == USER_ENTITY and not has_history else entity
 
 
 def blend_weight(history: int) -> float:
@@ -241,7 +243,7 @@ class ColdStartRule:
         self.names = tuple(names)
         self.priors = priors
         self.segment = segment
-        self._user = entity == _USER
+        self._user = entity == USER_ENTITY
         self._known = self._user and segment is not None and segment in priors.segments
         seg = segment if self._known else None
         self._p_seg = [priors.prior(n, seg) for n in self.names]
@@ -323,7 +325,7 @@ def apply_cold_start(
         ValueError: a user with data, ``history`` not given and not in ``values``.
     """
     hist: int | None = None
-    if entity == _USER:
+    if entity == USER_ENTITY:
         hist = _history_of(values, is_default) if isinstance(history, _Auto) else history
     rule = ColdStartRule(entity, list(values), priors, segment)
     vals, tier, sts = rule.apply(list(values.values()), is_default, stale, hist)
@@ -342,7 +344,7 @@ def fallback_values(
     else the global prior (tier GLOBAL); a feature without a prior gets its definition
     default from ``defaults``.
     """
-    known = entity == _USER and segment is not None and segment in priors.segments
+    known = entity == USER_ENTITY and segment is not None and segment in priors.segments
     seg = segment if known else None
     out = {}
     for name, default in defaults.items():
@@ -387,7 +389,7 @@ def apply_cold_start_columns(
     cols = {k: np.asarray(v, dtype=np.float64) for k, v in columns.items()}
     out: dict[str, np.ndarray] = {}
     statuses: dict[str, np.ndarray] = {}
-    if entity != _USER:
+    if entity != USER_ENTITY:
         tiers = np.where(is_default, Tier.GLOBAL, Tier.PERSONALIZED).astype(np.int8)
         for name, own in cols.items():
             p = priors.global_values.get(name)

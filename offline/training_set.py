@@ -26,7 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from feature_defs.coldstart import HISTORY_FEATURE, Priors, apply_cold_start_columns, rule_entity_of
+from feature_defs.coldstart import (
+    HISTORY_FEATURE,
+    USER_ENTITY,
+    Priors,
+    apply_cold_start_columns,
+    rule_entity_of,
+)
 from feature_defs.model import AggOp
 from feature_defs.plan import OutputPlan, ViewPlan
 from feature_defs.registry import Registry, registry_for
@@ -249,7 +255,7 @@ def _cold_start(feats: pa.Table, labels: pa.Table, selection: Selection, priors:
         cols = {o.name: np.asarray(feats.column(o.name).cast(pa.float64()).to_numpy(
             zero_copy_only=False), np.float64) for _, outs in views for o in outs}
         history = None
-        if entity == "user" and HISTORY_FEATURE in cols:
+        if entity == USER_ENTITY and HISTORY_FEATURE in cols:
             plan_id = next(p.view.id for p, outs in views if any(o.name == HISTORY_FEATURE
                                                                 for o in outs))
             history = np.where(masks[plan_id], 0.0, cols[HISTORY_FEATURE])

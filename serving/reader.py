@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from feature_defs.coldstart import HISTORY_FEATURE
+from feature_defs.coldstart import HISTORY_FEATURE, USER_ENTITY
 from feature_defs.layout import entity_key
 from feature_defs.registry import Registry
 from feature_defs.state import decode_fields
@@ -27,7 +27,6 @@ from serving.rollup import Freshness, RollupProgram
 __all__ = ["ReadPlan", "EntityRow", "AsOfTooEarly", "compile_read_plan", "OnlineReader"]
 
 log = logging.getLogger(__name__)
-_USER = "user"
 #: bad state bytes: StateFormatError (a ValueError), or marshal's errors (formats 1-2)
 _CORRUPT = (ValueError, EOFError, TypeError)
 
@@ -85,7 +84,7 @@ def compile_read_plan(registry: Registry, entity: str, names: Sequence[str]) -> 
         if name not in wanted[plan.view.id]:
             wanted[plan.view.id].append(name)
     hist_view = None
-    if entity == _USER and HISTORY_FEATURE in registry.by_feature:
+    if entity == USER_ENTITY and HISTORY_FEATURE in registry.by_feature:
         hist_view = registry.by_feature[HISTORY_FEATURE][0].view.id
         outs = wanted.setdefault(hist_view, [])
         if HISTORY_FEATURE not in outs:

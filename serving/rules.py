@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from feature_defs.coldstart import (
+    USER_ENTITY,
     ColdStartRule,
     Priors,
     Segment,
@@ -28,7 +29,6 @@ from serving.reader import ReadPlan
 
 __all__ = ["RuleCache", "fallback_row"]
 
-_USER = "user"
 _MAX_RULES = 4096
 
 
@@ -63,7 +63,7 @@ class RuleCache:
             The compiled rule; apply it with ``rule.apply(values, is_default, stale,
             history)`` per entity, values in ``plan.names`` order.
         """
-        seg = segment if plan.entity == _USER else None
+        seg = segment if plan.entity == USER_ENTITY else None
         key = (plan.entity, plan.names, seg)
         rule = self._rules.get(key)
         if rule is None or rule.priors is not priors:
