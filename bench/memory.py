@@ -30,7 +30,6 @@ Targets (issue 12): peak RSS ≤ 1 GB, growth over the second half ≤ 10 %, ≥
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -138,13 +137,9 @@ def _worker(env: dict[str, str], stats_path: str, timeout: float) -> tuple[dict[
                 proc.wait()
         err.seek(0)
         tail = err.read()[-2000:]
-    if proc.returncode != 0 or not os.path.exists(stats_path):
-        raise RuntimeError(f"worker failed ({proc.returncode}): {tail}")
-    with open(stats_path, encoding="utf-8") as fh:
-        stats = json.load(fh)
-    if not stats["events_in"] or not stats["last_online_commit"]:
-        raise RuntimeError(f"worker consumed nothing: {tail}")
-    return stats, samples
+    from bench.stream import read_worker_stats
+
+    return read_worker_stats(stats_path, proc.returncode, tail), samples
 
 
 def _end(stats: dict[str, Any]) -> float:

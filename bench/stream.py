@@ -54,12 +54,18 @@ def _worker(env: dict[str, str], stats: str, until_idle: float = 3.0,
            "--stats", stats]
     proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=timeout, check=False)
-    if proc.returncode != 0 or not os.path.exists(stats):
-        raise RuntimeError(f"worker failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    with open(stats, encoding="utf-8") as fh:
-        result = json.load(fh)
+    return read_worker_stats(stats, proc.returncode, proc.stderr[-2000:])
+
+
+def read_worker_stats(path: str, returncode: int, stderr_tail: str) -> dict[str, Any]:
+    """The ``--stats`` file of a finished worker; a failed or idle run raises with the
+    tail of its stderr."""
+    if returncode != 0 or not os.path.exists(path):
+        raise RuntimeError(f"worker failed ({returncode}): {stderr_tail}")
+    with open(path, encoding="utf-8") as fh:
+        result: dict[str, Any] = json.load(fh)
     if not result["events_in"] or not result["last_online_commit"]:
-        raise RuntimeError(f"worker consumed nothing: {proc.stderr[-2000:]}")
+        raise RuntimeError(f"worker consumed nothing: {stderr_tail}")
     return result
 
 
