@@ -103,5 +103,10 @@ def view_dir(root: str, view_id: str) -> str:
     return f"{root.rstrip('/')}/views/{view_id}"
 
 
-def chunk_file(topic: str, partition: int, chunk: int) -> str:
-    return f"{topic}-p{partition:03d}-{chunk:012d}.parquet"
+def chunk_file(topic: str, partition: int, chunk: int, end: int | None = None) -> str:
+    """The file name of a part of (``topic``, ``partition``) over offsets ``[chunk,
+    end)``: ``{topic}-p{partition:03d}-{chunk:012d}-{end:012d}.parquet``. Without
+    ``end``, the name earlier workers wrote (the first offset only), still read."""
+    if end is None:
+        return f"{topic}-p{partition:03d}-{chunk:012d}.parquet"
+    return f"{topic}-p{partition:03d}-{chunk:012d}-{end:012d}.parquet"

@@ -10,6 +10,11 @@ through ``attribution`` later), so memory is bounded by one day of events; rows 
 sorted by ``ts`` then source coordinates. Impressions repeating an ``event_id`` inside a
 day (a producer retry) give one row, the first by (``ts``, partition, offset, index).
 
+:func:`write_labels` first checks the store's coverage (:mod:`offline.coverage`) when
+given a check, and then one more rule: labels with no positive although the store holds
+clicks in ``[start, end)`` (with a positive attribution window) are an error too, as
+clicks that join no impression mean lost impressions or broken ids.
+
 Also here: reading and checking a labels table given to the training set
 (:func:`label_times`, :func:`check_labels_schema`).
 """
@@ -25,7 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from headrace.core.errors import InputError
-from offline.store import COORDINATES, OfflineStore, atomic_output
+from offline.coverage import CoverageCheck, EventScope
+from offline.store import COORDINATES, OfflineStore, atomic_output, rewrite_metadata
 
 if TYPE_CHECKING:
     from headrace.core.settings import CommonSettings
@@ -35,6 +41,7 @@ __all__ = [
     "label_times",
     "check_labels_schema",
     "label_chunks",
+    "label_scopes",
     "build_labels",
     "write_labels",
 ]
@@ -109,12 +116,19 @@ def _day_ranges(start: int, end: int) -> Iterator[tuple[int, int]]:
         lo = hi
 
 
-def _label_range(store: OfflineStore, start: int, end: int, attribution: int) -> pa.Table:
-    """Labels of the impressions in ``[start, end)`` (one UTC day at most)."""
+def _label_range(store: OfflineStore, start: int, end: int, attribution: int
+                 ) -> tuple[pa.Table, int]:
+    """Labels of the impressions in ``[start, end)`` (one UTC day at most), and the
+    number of stored clicks with ``start <= ts < end``."""
     imps = store.read_events("impression", ["event_id", *_STRINGS, "bid_cpm", *COORDINATES],
                              start, end)
+    clicks = store.read_events("click", ["impression_id"], start, end + attribution)
+    in_range = 0
+    if clicks.num_rows:
+        in_range = int(pc.sum(pc.less(clicks.column("ts"),
+                                      pa.scalar(end, clicks.column("ts").type))).as_py() or 0)
     if imps.num_rows == 0:
-        return LABEL_SCHEMA.empty_table()
+        return LABEL_SCHEMA.empty_table(), in_range
     imps = imps.sort_by([("ts", "ascending")] + [(c, "ascending") for c in COORDINATES])
     ids = imps.column("event_id").combine_chunks()
     _, first = np.unique(np.asarray(pc.dictionary_encode(ids).indices.to_numpy(
@@ -122,7 +136,6 @@ def _label_range(store: OfflineStore, start: int, end: int, attribution: int) ->
     if len(first) < imps.num_rows:  # a repeated event_id: keep its first row
         imps = imps.take(pa.array(np.sort(first)))
         ids = imps.column("event_id").combine_chunks()
-    clicks = store.read_events("click", ["impression_id"], start, end + attribution)
     label = np.zeros(imps.num_rows, np.int8)
     if clicks.num_rows:
         pos = pc.index_in(clicks.column("impression_id"), value_set=ids)
@@ -137,7 +150,21 @@ def _label_range(store: OfflineStore, start: int, end: int, attribution: int) ->
     cols.update({name: imps.column(name) for name in _STRINGS})
     cols.update({"bid_cpm": imps.column("bid_cpm"), "ts": imps.column("ts"),
                  "label": pa.array(label, pa.int8())})
-    return pa.table(cols).cast(LABEL_SCHEMA)
+    return pa.table(cols).cast(LABEL_SCHEMA), in_range
+
+
+def _check_args(store: OfflineStore, start: int, end: int, attribution: int) -> None:
+    if start >= end:
+        raise InputError("--from must be before --to")
+    if attribution < 0:
+        raise InputError("the attribution window must not be negative")
+    store.check()
+
+
+def _label_days(store: OfflineStore, start: int, end: int, attribution: int
+                ) -> Iterator[tuple[pa.Table, int]]:
+    for lo, hi in _day_ranges(start, end):
+        yield _label_range(store, lo, hi, attribution)
 
 
 def label_chunks(store: OfflineStore, start: int, end: int, attribution: int
@@ -148,13 +175,16 @@ def label_chunks(store: OfflineStore, start: int, end: int, attribution: int
         InputError: ``start >= end`` or a negative attribution.
         OfflineStoreUnreadable: the store cannot be read.
     """
-    if start >= end:
-        raise InputError("--from must be before --to")
-    if attribution < 0:
-        raise InputError("the attribution window must not be negative")
-    store.check()
-    for lo, hi in _day_ranges(start, end):
-        yield _label_range(store, lo, hi, attribution)
+    _check_args(store, start, end, attribution)
+    for table, _clicks in _label_days(store, start, end, attribution):
+        yield table
+
+
+def label_scopes(start: int, end: int, attribution: int) -> list[EventScope]:
+    """What labels of ``[start, end)`` read: impressions of the range (which must start
+    before the durable watermark) and clicks through ``end + attribution``."""
+    return [EventScope("impression", start, end, require_ingested=True),
+            EventScope("click", start, end + attribution)]
 
 
 def build_labels(store: OfflineStore, start: int, end: int, attribution: int) -> pa.Table:
@@ -164,24 +194,39 @@ def build_labels(store: OfflineStore, start: int, end: int, attribution: int) ->
 
 
 def write_labels(store: OfflineStore, out_uri: str, start: int, end: int, attribution: int,
-                 settings: CommonSettings | None = None) -> tuple[int, int]:
+                 settings: CommonSettings | None = None, *,
+                 coverage: CoverageCheck | None = None) -> tuple[int, int]:
     """Write the labels of ``[start, end)`` to ``out_uri`` (zstd Parquet, atomically).
+
+    Args:
+        coverage: when given, the store's coverage of the range is checked first and
+            the report stored in the file's schema metadata
+            (:data:`offline.coverage.METADATA_KEY`); labels without a positive although
+            the store holds clicks in the range (``attribution > 0``) fail too.
 
     Returns:
         ``(rows, positives)``.
+
+    Raises:
+        InputError: bad arguments; :class:`~offline.coverage.CoverageError` a gap or
+            zero positives (unless the check allows gaps); nothing is written then.
+        OfflineStoreUnreadable: the store cannot be read.
     """
-    rows = positives = 0
-    chunks = label_chunks(store, start, end, attribution)
-    first = next(chunks)  # validate arguments and the store before creating anything
+    _check_args(store, start, end, attribution)  # before creating anything
+    report = coverage.run(store, label_scopes(start, end, attribution)) if coverage else None
+    rows = positives = clicks = 0
+    schema = LABEL_SCHEMA if report is None else LABEL_SCHEMA.with_metadata(report.metadata())
     with atomic_output(out_uri, settings) as (fs, tmp):
-        with pq.ParquetWriter(tmp, LABEL_SCHEMA, filesystem=fs, compression="zstd") as writer:
-            for table in _chain(first, chunks):
-                writer.write_table(table)
+        with pq.ParquetWriter(tmp, schema, filesystem=fs, compression="zstd") as writer:
+            for table, in_range in _label_days(store, start, end, attribution):
+                writer.write_table(table.cast(schema))
                 rows += table.num_rows
                 positives += int(pc.sum(table.column("label")).as_py() or 0)
+                clicks += in_range
+        if coverage is not None and report is not None and rows and not positives \
+                and clicks and attribution > 0:
+            coverage.add(report, f"the {rows:,} labels have no positive although the "
+                         f"offline store holds {clicks:,} clicks in the range (their "
+                         "impressions are missing or their ids do not join)")
+            rewrite_metadata(fs, tmp, report.metadata())  # allowed: record it
     return rows, positives
-
-
-def _chain(first: pa.Table, rest: Iterator[pa.Table]) -> Iterator[pa.Table]:
-    yield first
-    yield from rest

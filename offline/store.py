@@ -22,7 +22,7 @@ import os
 import posixpath
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 __all__ = [
     "OfflineStore",
     "OfflineStoreUnreadable",
+    "PartName",
+    "parse_part_name",
     "COORDINATES",
     "dates_between",
     "deduplicate",
@@ -51,12 +53,37 @@ __all__ = [
     "resolve_uri",
     "atomic_output",
     "merge_by_row",
+    "rewrite_metadata",
 ]
 
 #: source coordinates of an event: Kafka partition, offset, index inside the message
 COORDINATES = ("_partition", "_offset", "_index")
 _TS_TYPE = pa.timestamp("ms", tz="UTC")
-_PART = re.compile(r"^(?P<topic>.+)-p\d{3}-\d{12}\.parquet$")
+#: a part's file name (:func:`feature_defs.layout.chunk_file`): topic, partition, first
+#: offset and, in names that carry it, the exclusive end offset
+_PART = re.compile(
+    r"^(?P<topic>.+)-p(?P<partition>\d{3,})-(?P<start>\d{12})(?:-(?P<end>\d{12}))?\.parquet$")
+
+
+@dataclass(frozen=True)
+class PartName:
+    """What a part's file name says: ``end`` is None where the name carries only the
+    first offset (the current writer's names)."""
+
+    topic: str
+    partition: int
+    start: int
+    end: int | None = None
+
+
+def parse_part_name(name: str) -> PartName | None:
+    """The :class:`PartName` of a file's base name, or None for other files."""
+    m = _PART.match(name)
+    if m is None:
+        return None
+    end = m["end"]
+    return PartName(m["topic"], int(m["partition"]), int(m["start"]),
+                    None if end is None else int(end))
 
 
 class OfflineStoreUnreadable(OfflineStoreError, InputError):
@@ -218,29 +245,55 @@ class OfflineStore:
                 f"the offline store {self.uri} does not exist (nothing was written there yet, "
                 "or HEADRACE_OFFLINE_URI is wrong)")
 
+    def dates(self, base: str) -> list[tuple[str, str]]:
+        """``(date, folder)`` of every ``date=`` folder under ``base``, oldest first (one
+        listing)."""
+        infos = self._info(pafs.FileSelector(base, allow_not_found=True, recursive=False))
+        return sorted((i.base_name[len("date="):], i.path) for i in infos
+                      if i.type == pafs.FileType.Directory and i.base_name.startswith("date="))
+
     def partitions(self, base: str, lo_ms: int | None, hi_ms: int) -> list[str]:
         """``date=`` folders under ``base`` holding event times in ``[lo_ms, hi_ms)``."""
         first, last = dates_between(lo_ms, hi_ms)
-        infos = self._info(pafs.FileSelector(base, allow_not_found=True, recursive=False))
-        out = []
-        for info in infos:
-            name = info.base_name
-            if info.type != pafs.FileType.Directory or not name.startswith("date="):
-                continue
-            date = name[len("date="):]
-            if (first is None or date >= first) and date <= last:
-                out.append(info.path)
-        return sorted(out)
+        return [path for date, path in self.dates(base)
+                if (first is None or date >= first) and date <= last]
+
+    def folder_files(self, folder: str) -> list[str]:
+        """The Parquet files under one ``date=`` folder, sorted (one listing)."""
+        sel = pafs.FileSelector(folder, allow_not_found=True, recursive=True)
+        return sorted(  # hidden and "_" names are writers' temporary files
+            i.path for i in self._info(sel) if i.type == pafs.FileType.File
+            and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_")))
 
     def files(self, base: str, lo_ms: int | None, hi_ms: int) -> list[str]:
         """Parquet files of the needed ``date=`` partitions (one listing per partition)."""
         files: list[str] = []
         for folder in self.partitions(base, lo_ms, hi_ms):
-            sel = pafs.FileSelector(folder, allow_not_found=True, recursive=True)
-            files.extend(sorted(  # hidden and "_" names are writers' temporary files
-                i.path for i in self._info(sel) if i.type == pafs.FileType.File
-                and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))))
+            files.extend(self.folder_files(folder))
         return files
+
+    def footer(self, path: str) -> pq.FileMetaData:
+        """The Parquet footer of one file (a ranged read, no rows).
+
+        Raises:
+            OfflineStoreUnreadable: the file cannot be opened or is no Parquet file.
+        """
+        try:
+            return pq.read_metadata(path, filesystem=self.filesystem)
+        except (OSError, pa.ArrowException) as exc:
+            raise OfflineStoreUnreadable(
+                f"cannot read the footer of {path}: {_first_line(exc)}") from exc
+
+    def column_max(self, path: str, column: str) -> int | None:
+        """The largest value of an integer column of one file (for files without
+        statistics), None when the file has no such column or no non-null value."""
+        try:
+            table = pq.read_table(path, columns=[column], filesystem=self.filesystem)
+        except (OSError, pa.ArrowException) as exc:
+            raise OfflineStoreUnreadable(
+                f"cannot read {column} of {path}: {_first_line(exc)}") from exc
+        value = pc.max(table.column(0)).as_py() if table.num_rows else None
+        return None if value is None else int(value)
 
     # ---------------------------------------------------------------- reading
     def read(self, base: str, columns: Sequence[str], lo_ms: int | None, hi_ms: int, *,
@@ -349,17 +402,42 @@ def atomic_output(uri: str, settings: CommonSettings | None = None
         raise
 
 
+def rewrite_metadata(fs: pafs.FileSystem, path: str, metadata: Mapping[str, str]) -> None:
+    """Rewrite the Parquet file ``path`` on ``fs`` with ``metadata`` added to its schema
+    metadata (one streaming pass; the schema metadata is fixed when a writer opens)."""
+    src = pq.ParquetFile(fs.open_input_file(path))
+    schema = src.schema_arrow
+    schema = schema.with_metadata({**(schema.metadata or {}),
+                                   **{k.encode(): v.encode() for k, v in metadata.items()}})
+    parent, name = posixpath.split(path)
+    tmp = posixpath.join(parent, f".{name}.meta-{uuid.uuid4().hex[:12]}")
+    try:
+        with pq.ParquetWriter(tmp, schema, filesystem=fs, compression="zstd") as writer:
+            for batch in src.iter_batches(batch_size=1 << 16):
+                writer.write_batch(batch)
+        src.close()
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError, pa.ArrowException):
+            fs.delete_file(tmp)
+        raise
+
+
 def merge_by_row(parts: Sequence[str], row: str, fs: pafs.FileSystem, path: str, n: int,
-                 block: int = 1 << 20) -> None:
+                 block: int = 1 << 20, metadata: Mapping[str, str] | None = None) -> None:
     """Write the rows of local Parquet ``parts`` (each sorted by the int64 column ``row``,
     together holding rows ``0..n-1``) to ``path`` on ``fs`` in row order, without ``row``.
 
     One sequential pass: each output block of ``block`` rows takes a prefix of every
-    part, so memory holds about one block plus one read batch per part.
+    part, so memory holds about one block plus one read batch per part. ``metadata``
+    is added to the output's schema metadata.
     """
     readers = [pq.ParquetFile(p).iter_batches(batch_size=1 << 16) for p in parts]
     bufs = [pq.read_schema(p).empty_table() for p in parts]
     schema = bufs[0].drop_columns([row]).schema
+    if metadata:
+        schema = schema.with_metadata({**(schema.metadata or {}),
+                                       **{k.encode(): v.encode() for k, v in metadata.items()}})
     written = 0
     with pq.ParquetWriter(path, schema, filesystem=fs, compression="zstd") as writer:
         for lo in range(0, n, block):

@@ -10,6 +10,12 @@ only the offline data its time range needs, so the feature data held at once is 
 into time buckets on local disk, joined bucket by bucket, and merged back into the
 original row order (each bucket's result is sorted by row number, so one sequential
 pass over all buckets restores the order).
+
+Given a :class:`~offline.coverage.CoverageCheck`, :func:`write_training_set` first
+checks that the offline store holds every part of the sources and every views file the
+join reads (see :func:`coverage_scopes`), and stores the report in the output's schema
+metadata (:data:`offline.coverage.METADATA_KEY`; a labels file's own report moves to
+``headrace.labels_coverage``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from feature_defs.registry import Registry, registry_for
 from feature_defs.validate import STRING_FIELDS
 from headrace.core.errors import InputError
 from offline.asof import ViewRows, evaluate_view, is_int_output, read_bounds
+from offline.coverage import METADATA_KEY, CoverageCheck, EventScope, ViewScope
 from offline.labels import check_labels_schema, label_times
 from offline.store import OfflineStore, atomic_output, merge_by_row, resolve_uri
 
@@ -51,11 +58,13 @@ __all__ = [
     "resolve_features",
     "label_times",
     "build_training_set",
+    "coverage_scopes",
     "write_training_set",
 ]
 
 DEFAULT_CHUNK_ROWS = 2_000_000
 _ROW = "__headrace_row"
+_LABELS_COVERAGE = "headrace.labels_coverage"
 
 
 @dataclass(frozen=True)
@@ -336,20 +345,69 @@ def build_training_set(labels: pa.Table, features: str | Sequence[str],
     return labels
 
 
+def coverage_scopes(selection: Selection, registry: Registry, t_min: int, t_max: int
+                    ) -> tuple[list[EventScope], list[ViewScope]]:
+    """What the join of labels with ``t_min <= ts <= t_max`` reads, for the coverage
+    check: each view's rows ``[lo, hi)`` (:func:`offline.asof.read_bounds`) and the
+    events of its sources over the union of those ranges per kind.
+
+    A view that allows less lateness than another view of the same source is not held
+    to a views file per events file of that source (its rows may all have been late).
+    """
+    topo = registry.topology
+    views: list[ViewScope] = []
+    spans: dict[str, tuple[int | None, int]] = {}
+    for plan, outs in selection.views:
+        lo, hi = read_bounds(plan, outs, t_min, t_max)
+        if lo is not None and lo >= hi:
+            continue
+        vid = plan.view.id
+        sources = tuple(plan.feeds)
+        views.append(ViewScope(vid, plan.view.entity.key, tuple(
+            s for s in sources if s not in topo.mixed_lateness
+            or topo.view_lateness_ms[vid] >= topo.lateness_ms[s]), lo, hi))
+        for src in sources:
+            kind = topo.source_kinds[src]
+            have = spans.get(kind)
+            if have is None:
+                spans[kind] = (lo, hi)
+            else:
+                spans[kind] = (None if lo is None or have[0] is None else min(lo, have[0]),
+                               max(hi, have[1]))
+    return [EventScope(k, lo, hi) for k, (lo, hi) in spans.items()], views
+
+
+def _check_coverage(job: _Job, coverage: CoverageCheck, t_min: int, t_max: int,
+                    labels_meta: dict[bytes, bytes] | None) -> dict[str, str]:
+    """Run the check; returns the output's metadata (the report, the labels' report)."""
+    scopes, views = coverage_scopes(job.computed, job.registry, t_min, t_max)
+    meta = coverage.run(job.store, scopes, views).metadata()
+    previous = (labels_meta or {}).get(METADATA_KEY.encode())
+    if previous is not None:
+        meta[_LABELS_COVERAGE] = previous.decode()
+    return meta
+
+
 def write_training_set(labels_uri: str, out_uri: str, features: str | Sequence[str],
                        settings: OfflineSettings, *, as_of_known: bool = False,
                        cold_start: bool = False, priors: Priors | None = None,
                        registry: Registry | None = None, store: OfflineStore | None = None,
-                       chunk_rows: int = DEFAULT_CHUNK_ROWS, tmp_dir: str | None = None) -> int:
+                       chunk_rows: int = DEFAULT_CHUNK_ROWS, tmp_dir: str | None = None,
+                       coverage: CoverageCheck | None = None) -> int:
     """Read labels Parquet at ``labels_uri``, write the training set to ``out_uri``.
 
     Same semantics as :func:`build_training_set`; files with more than ``chunk_rows``
     rows never sit in memory at once (they are bucketed by time under ``tmp_dir``, the
     system temporary folder by default). The output (zstd Parquet) appears atomically:
-    on any failure nothing is left at ``out_uri``.
+    on any failure nothing is left at ``out_uri``. With ``coverage``, the store's
+    coverage of what the join reads is checked first (see the module docstring).
 
     Returns:
         The number of rows written (always the number of label rows).
+
+    Raises:
+        InputError: as :func:`build_training_set`, and
+            :class:`~offline.coverage.CoverageError` on a gap (unless allowed).
     """
     fs, path = resolve_uri(labels_uri, settings)
     try:
@@ -362,21 +420,31 @@ def write_training_set(labels_uri: str, out_uri: str, features: str | Sequence[s
                     registry, store, as_of_known, chunk_rows, n)
     try:
         labels = pf.read() if n <= job.chunk_rows else None
-        edges = _time_buckets(pf, job.chunk_rows) if labels is None else None
+        if labels is not None:
+            times = label_times(labels.column("ts"))
+            edges, t_min, t_max = None, int(times.min()), int(times.max())
+        else:
+            edges, t_max = _time_buckets(pf, job.chunk_rows)
+            t_min = int(edges[0])
+        meta = {} if coverage is None else _check_coverage(
+            job, coverage, t_min, t_max, pf.schema_arrow.metadata)
         if cold_start:
-            t_min = int(edges[0]) if edges is not None else int(
-                label_times(labels.column("ts")).min())  # type: ignore[union-attr]
             job.priors = _load_priors(settings, job.registry, priors, t_min)
         with atomic_output(out_uri, settings) as (out_fs, tmp):
             if labels is not None:
                 feats = job.features(labels)
                 for name in feats.column_names:
                     labels = labels.append_column(name, feats.column(name))
+                if meta:
+                    labels = labels.replace_schema_metadata({
+                        **(labels.schema.metadata or {}),
+                        **{k.encode(): v.encode() for k, v in meta.items()}})
                 pq.write_table(labels, tmp, filesystem=out_fs, compression="zstd")
             else:
                 assert edges is not None
                 with tempfile.TemporaryDirectory(prefix="headrace-ts-", dir=tmp_dir) as work:
-                    merge_by_row(_bucketed(pf, work, edges, job), _ROW, out_fs, tmp, n)
+                    merge_by_row(_bucketed(pf, work, edges, job), _ROW, out_fs, tmp, n,
+                                 metadata=meta)
     finally:
         job.progress.close()
     return n
@@ -386,9 +454,9 @@ def _keys(selection: Selection) -> list[str]:
     return list(dict.fromkeys(plan.view.entity.key for plan, _ in selection.views))
 
 
-def _time_buckets(pf: pq.ParquetFile, chunk_rows: int) -> np.ndarray:
+def _time_buckets(pf: pq.ParquetFile, chunk_rows: int) -> tuple[np.ndarray, int]:
     """Start times of time buckets holding about ``chunk_rows`` labels each (two passes
-    over the ``ts`` column: range, then a 65,536-bin histogram)."""
+    over the ``ts`` column: range, then a 65,536-bin histogram), and the latest ts."""
     lo, hi = np.iinfo(np.int64).max, np.iinfo(np.int64).min
     for batch in pf.iter_batches(batch_size=1 << 20, columns=["ts"]):
         t = label_times(batch.column(0))
@@ -404,7 +472,7 @@ def _time_buckets(pf: pq.ParquetFile, chunk_rows: int) -> np.ndarray:
             starts.append(i)
             filled = 0
         filled += count
-    return lo + np.array(starts, np.int64) * width
+    return lo + np.array(starts, np.int64) * width, hi
 
 
 def _bucketed(pf: pq.ParquetFile, work: str, edges: np.ndarray, job: _Job) -> list[str]:

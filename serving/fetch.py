@@ -15,6 +15,10 @@ reason               when (breaker report)
 ``NONE``             rows within budget (success)
 ===================  =================================================================
 
+A fifth reason is set by the services, not here: ``CORRUPT_STATE``, the rows came back
+but an entity's state cannot be decoded (:attr:`serving.reader.EntityRow.corrupt`); that
+entity is answered as its fallback row, the others from their states.
+
 Every completed round trip (within budget or not) is observed in
 ``headrace_serving_redis_seconds``; a failed one is not.
 """
@@ -37,13 +41,15 @@ Rows = list[list[bytes | None]]
 
 
 class FallbackReason(IntEnum):
-    """Why a request was answered without the online store (numbers equal the proto
-    ``FallbackReason`` values; the names are the metric label values)."""
+    """Why a request, or some of its entities, was answered without the online store's
+    values (numbers equal the proto ``FallbackReason`` values; the names are the metric
+    label values)."""
 
     NONE = 0
     REDIS_ERROR = 1
     BUDGET_EXCEEDED = 2
     BREAKER_OPEN = 3
+    CORRUPT_STATE = 4  # an entity's stored state cannot be decoded (set by the services)
 
 
 class HashReader(Protocol):

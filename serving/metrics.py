@@ -13,6 +13,7 @@ headrace_serving_request_seconds                histogram  method
 headrace_serving_redis_seconds                  histogram  -
 headrace_serving_fallbacks_total                counter    tier, reason
 headrace_serving_entities_total                 counter    entity, tier
+headrace_serving_corrupt_states_total           counter    view
 headrace_serving_breaker_state                  gauge      - (0 closed, 1 half-open, 2 open)
 headrace_serving_priors_age_seconds             gauge      - (since the priors' computation)
 headrace_serving_priors_refresh_errors_total    counter    -
@@ -62,14 +63,18 @@ class ServingMetrics:
         registry: the registry holding every metric below.
         request_seconds: gRPC request latency by method (seconds).
         redis_seconds: online store round-trip latency (seconds).
-        fallbacks: entities answered from the priors because the store could not answer.
+        fallbacks: entities answered from the priors because the store could not answer
+            (or held a state that cannot be decoded: reason ``CORRUPT_STATE``).
         entities: entities served, by entity and cold-start tier.
+        corrupt_states: stored states read that cannot be decoded, by view (each read:
+            one per entity and view of a request).
         breaker_state: the circuit breaker's state (:class:`~serving.breaker.BreakerState`).
         priors_age: age of the in-process priors, since their computation (seconds).
         priors_errors: failed refreshes of the in-process priors.
         score_seconds: ``Score`` latency in the server, validation to response (seconds).
         model_info: 1 for the model version being served.
-        score_fallbacks: ``Score`` requests answered without online features.
+        score_fallbacks: ``Score`` requests answered without (some of their) online
+            features, by reason and source.
         model_reloads: champion loads by outcome.
     """
 
@@ -89,11 +94,16 @@ class ServingMetrics:
             buckets=_SERVING_BUCKETS, registry=r)
         self.fallbacks = Counter(
             "headrace_serving_fallbacks_total",
-            "entities answered from priors because the online store could not answer",
+            "entities answered from priors because the online store could not answer "
+            "(or held an unreadable state: reason CORRUPT_STATE)",
             ["tier", "reason"], registry=r)
         self.entities = Counter(
             "headrace_serving_entities_total", "entities served by cold-start tier",
             ["entity", "tier"], registry=r)
+        self.corrupt_states = Counter(
+            "headrace_serving_corrupt_states_total",
+            "stored view states that cannot be decoded, answered as FALLBACK with reason "
+            "CORRUPT_STATE", ["view"], registry=r)
         self.breaker_state = Gauge(
             "headrace_serving_breaker_state",
             "online store circuit breaker: 0 closed, 1 half-open, 2 open", registry=r)

@@ -7,6 +7,11 @@ The services read every entity's views with one pipelined round trip
 (:class:`~serving.fetch.StoreFetch` over :meth:`OnlineStore.read_hashes`, keys from
 :meth:`OnlineReader.keys`); :class:`OnlineReader` rolls each state up as of the
 request time.
+
+A state whose bytes cannot be decoded (junk written over a field, a truncated value) is
+not a cold start: its row names the unreadable views in :attr:`EntityRow.corrupt`, and
+the services answer that entity as their fallback row with reason ``CORRUPT_STATE``
+(never ``NONE``), counted in ``headrace_serving_corrupt_states_total{view}``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ __all__ = ["ReadPlan", "EntityRow", "AsOfTooEarly", "compile_read_plan", "Online
 log = logging.getLogger(__name__)
 #: bad state bytes: StateFormatError (a ValueError), or marshal's errors (formats 1-2)
 _CORRUPT = (ValueError, EOFError, TypeError)
+_UNREADABLE = Freshness.UNREADABLE
 
 
 class AsOfTooEarly(Exception):
@@ -73,6 +79,9 @@ class EntityRow:
     freshness: Freshness  # OK if any view has data; else STALE if any is stale
     history: int | None  # the user's 7-day impressions (None for other entities)
     partial: tuple[Freshness, ...] | None = None  # per value, when views disagree
+    #: view ids whose stored state cannot be decoded; when any, ``values`` are the
+    #: defaults and the services answer the entity as their fallback row
+    corrupt: tuple[str, ...] = ()
 
 
 def compile_read_plan(registry: Registry, entity: str, names: Sequence[str]) -> ReadPlan:
@@ -153,6 +162,9 @@ class OnlineReader:
         When a state's latest event is after ``as_of_ms``: an ``explicit`` as-of raises
         :class:`AsOfTooEarly`; the server's own clock (not explicit) is behind the
         event times, so that entity is evaluated as of its latest event instead.
+
+        A state that cannot be decoded gives a row whose ``corrupt`` names its view
+        (``freshness`` NO_DATA, ``values`` the defaults); the others are unaffected.
         """
         out: list[EntityRow] = []
         if plan.direct:
@@ -161,6 +173,11 @@ class OnlineReader:
             hist = plan.history
             for i, row in enumerate(rows):
                 vals, fresh = self._run(prog, vplan, row[0], as_of_ms, explicit, i)
+                if fresh is _UNREADABLE:
+                    out.append(EntityRow(vals[: len(plan.names)], Freshness.NO_DATA,
+                                         None if hist is None else 0, None,
+                                         (vplan.view.id,)))
+                    continue
                 h = None if hist is None else (vals[hist[1]] if fresh is Freshness.OK else 0)
                 if len(vals) != len(plan.names):
                     vals = vals[: len(plan.names)]
@@ -173,6 +190,13 @@ class OnlineReader:
             ]
             vals = [results[f][0][o] for f, o in plan.positions]
             freshes = [r[1] for r in results]
+            if _UNREADABLE in freshes:
+                corrupt = tuple(p.plan.view.id for p, f in zip(plan.programs, freshes,
+                                                                strict=True)
+                                if f is _UNREADABLE)
+                out.append(EntityRow(vals, Freshness.NO_DATA,
+                                     None if plan.history is None else 0, None, corrupt))
+                continue
             fresh = min(freshes)  # OK < NO_DATA < STALE
             if fresh is not Freshness.OK and Freshness.STALE in freshes:
                 fresh = Freshness.STALE
@@ -208,7 +232,7 @@ class OnlineReader:
             max_ts, prev_ts, pending, rings, _fences = decode_fields(vplan, blob)
         except _CORRUPT as exc:
             log.warning("unreadable state of %s for ids[%d]: %s", vplan.view.id, index, exc)
-            return list(prog.defaults), Freshness.NO_DATA
+            return list(prog.defaults), _UNREADABLE
         if max_ts > as_of_ms:
             if explicit:
                 raise AsOfTooEarly(index, max_ts)

@@ -49,6 +49,9 @@ class Freshness(IntEnum):
     OK = 0
     NO_DATA = 1  # no applied event before T (or no state at all)
     STALE = 2  # the latest event before T is at least the view TTL old
+    #: the stored bytes cannot be decoded: never from a program, only from
+    #: :class:`~serving.reader.OnlineReader` (its rows say so in ``EntityRow.corrupt``)
+    UNREADABLE = 3
 
 
 class RollupProgram:

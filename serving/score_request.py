@@ -21,10 +21,14 @@ from feature_defs.layout import entity_id_problem
 from headrace.api.v1 import scoring_pb2 as spb
 from headrace.core.errors import InvalidArgument
 
-__all__ = ["MAX_CANDIDATES", "CONTEXT_FIELDS", "ScoreInput", "parse_score_request"]
+__all__ = ["MAX_CANDIDATES", "MAX_BID_CPM", "CONTEXT_FIELDS", "ScoreInput",
+           "parse_score_request"]
 
 #: the default limit of candidates per request
 MAX_CANDIDATES = 200
+#: the default highest accepted ``bid_cpm`` (CPM, the currency unit per 1,000
+#: impressions); ``HEADRACE_MAX_BID_CPM`` of :class:`~headrace.core.settings.ServeSettings`
+MAX_BID_CPM = 10_000.0
 #: the request context's categoricals, as the cold-start model reads them
 CONTEXT_FIELDS = ("country", "device_type", "placement", "creative_type", "publisher_id")
 
@@ -41,7 +45,7 @@ class ScoreInput:
         ad_index: per candidate, the position of its ad among ``ads``.
         campaigns: the distinct campaign ids, first-seen order.
         campaign_index: per candidate, the position of its campaign among ``campaigns``.
-        bids: per candidate, the bid in CPM (finite, >= 0).
+        bids: per candidate, the bid in CPM (finite, 0 <= bid <= the cap).
         as_of_ms: the request time (``context.ts_ms``, else the server clock), epoch ms.
         context: the cold-start model's row: ``ts`` plus the categoricals (None = unknown).
         segment: (country, device_type) when both are given, else None.
@@ -79,21 +83,24 @@ def _distinct(values: Sequence[str], field: str) -> tuple[list[str], np.ndarray]
 
 
 def parse_score_request(request: spb.ScoreRequest, *, max_candidates: int,
-                        clock_ms: Callable[[], int]) -> ScoreInput:
+                        clock_ms: Callable[[], int],
+                        max_bid_cpm: float = MAX_BID_CPM) -> ScoreInput:
     """Validate ``request``.
 
     Args:
         request: the request as received.
         max_candidates: most candidates allowed.
         clock_ms: epoch milliseconds, the request time when ``context.ts_ms`` is unset.
+        max_bid_cpm: highest accepted bid in CPM (a larger one is a client bug, and
+            eCPM = pCTR x bid x 1000 must stay finite).
 
     Returns:
         The validated input.
 
     Raises:
         InvalidArgument: naming the first bad field (no candidates or too many, a bad
-            id, a bid that is not a finite number >= 0, a negative ``context.ts_ms``,
-            an unknown field).
+            id, a bid that is not a finite number in [0, ``max_bid_cpm``], a negative
+            ``context.ts_ms``, an unknown field).
     """
     _unknown(request, "request")
     ctx = request.context
@@ -112,11 +119,12 @@ def parse_score_request(request: spb.ScoreRequest, *, max_candidates: int,
     distinct_campaigns, campaign_index = _distinct([c.campaign_id for c in cands],
                                                    "campaign_id")
     bids = np.array([c.bid_cpm for c in cands], dtype=np.float64)
-    bad = ~(np.isfinite(bids) & (bids >= 0.0))
+    bad = ~(np.isfinite(bids) & (bids >= 0.0) & (bids <= max_bid_cpm))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise InvalidArgument(f"candidates[{i}].bid_cpm",
-                              f"must be a finite number >= 0, got {float(bids[i])}")
+                              f"must be a finite number from 0 to {max_bid_cpm:g} (CPM), "
+                              f"got {float(bids[i])}")
     user = request.user_id or None
     if user is not None and (problem := entity_id_problem(user)) is not None:
         raise InvalidArgument("user_id", problem)

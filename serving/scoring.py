@@ -15,7 +15,10 @@ naming the field (``candidates[3].bid_cpm``); no servable model raises
 error: Redis errors, a read over ``redis_budget_ms`` and an open breaker (the breaker
 shared with ``GetOnlineFeatures``) are answered by the champion's cold-start model from
 the request context (source COLDSTART_MODEL), or, for a version without one, by the
-champion on the in-process priors (source MODEL).
+champion on the in-process priors (source MODEL). An entity whose stored state cannot
+be decoded gets its fallback values (priors) in the champion's rows, and the response
+says so: source MODEL, ``fallback_reason`` CORRUPT_STATE (counted in
+``headrace_serving_corrupt_states_total{view}``), never a silent cold start.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from serving.priors import PriorsCache
 from serving.reader import OnlineReader
 from serving.rollup import Freshness
 from serving.rules import RuleCache, fallback_row
-from serving.score_request import MAX_CANDIDATES, ScoreInput, parse_score_request
+from serving.score_request import MAX_BID_CPM, MAX_CANDIDATES, ScoreInput, parse_score_request
 
 __all__ = ["ModelUnavailable", "model_watcher", "ScoringService", "SCORING_SERVICE_NAME"]
 
@@ -97,6 +100,7 @@ class ScoringService:
         budget_ms: time budget of the store round trip in milliseconds (overrun →
             fallback).
         max_candidates: most candidates per request.
+        max_bid_cpm: the largest ``bid_cpm`` a candidate may carry (``HEADRACE_MAX_BID_CPM``).
         clock_ms: epoch milliseconds, the default request time.
         timer: monotonic seconds used to time the store and the request (tests pin it).
         metrics: the server's metrics (default: a new :class:`ServingMetrics` of its
@@ -113,6 +117,7 @@ class ScoringService:
         *,
         budget_ms: float = 10.0,
         max_candidates: int = MAX_CANDIDATES,
+        max_bid_cpm: float = MAX_BID_CPM,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         timer: Callable[[], float] = time.perf_counter,
         metrics: ServingMetrics | None = None,
@@ -123,6 +128,7 @@ class ScoringService:
         self.breaker = breaker
         self.models = models
         self.max_candidates = max_candidates
+        self.max_bid_cpm = max_bid_cpm
         self.metrics = ServingMetrics() if metrics is None else metrics
         self._clock_ms = clock_ms
         self._timer = timer
@@ -138,7 +144,7 @@ class ScoringService:
             InvalidArgument: naming the first bad field.
         """
         return parse_score_request(request, max_candidates=self.max_candidates,
-                                   clock_ms=self._clock_ms)
+                                   clock_ms=self._clock_ms, max_bid_cpm=self.max_bid_cpm)
 
     # ------------------------------------------------------------------ the method
     def score(self, request: spb.ScoreRequest) -> spb.ScoreResponse:
@@ -167,9 +173,13 @@ class ScoringService:
             tiers = np.full(n, _GLOBAL, dtype=np.int64)
             user_tier, source = _GLOBAL, spb.COLDSTART_MODEL
         else:
-            x, tiers, user_tier = self._matrix(model, inp, rows)
+            x, tiers, user_tier, corrupt = self._matrix(model, inp, rows)
             p = model.predict(x)
             source = spb.MODEL
+            if corrupt:
+                reason = FallbackReason.CORRUPT_STATE
+                for vid in corrupt:
+                    self.metrics.corrupt_states.labels(view=vid).inc()
         ecpm = p * inp.bids * 1000.0
         order = np.argsort(-ecpm, kind="stable")
         ads = inp.ad_ids
@@ -241,9 +251,10 @@ class ScoringService:
         one = inp.user_id if part.key == "user_id" else inp.publisher_id
         return [] if one is None else [one]
 
-    def _matrix(self, model: ScoringModel, inp: ScoreInput,
-                rows: list[Rows] | None) -> tuple[np.ndarray, np.ndarray, int]:
-        """Rows in the model's feature order, per-candidate tiers and the user's tier.
+    def _matrix(self, model: ScoringModel, inp: ScoreInput, rows: list[Rows] | None
+                ) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
+        """Rows in the model's feature order, per-candidate tiers, the user's tier and
+        the view ids of the unreadable states met (one per entity and view).
 
         ``rows`` None: the store could not answer; every entity gets its fallback values.
         """
@@ -252,11 +263,12 @@ class ScoringService:
         tiers = np.zeros(n, dtype=np.int64)
         user_tier = 0
         priors = self.priors.priors
+        corrupt: list[str] = []
         for k, part in enumerate(model.parts):
             if rows is None:
                 mat, part_tiers = self._fallback_values(part, priors, inp.segment)
             else:
-                mat, part_tiers = self._values(part, rows[k], priors, inp)
+                mat, part_tiers = self._values(part, rows[k], priors, inp, corrupt)
             if mat.shape[0] == 1:  # one entity for every candidate (or a fallback)
                 x[:, part.columns] = mat[0]
                 np.maximum(tiers, part_tiers[0], out=tiers)
@@ -268,11 +280,13 @@ class ScoringService:
                 user_tier = int(part_tiers[0])
         tiers[tiers == 0] = _GLOBAL  # a model without entity features: nothing personal
         self._context_columns(model, inp, x)
-        return x, tiers, user_tier
+        return x, tiers, user_tier, corrupt
 
-    def _values(self, part: EntityPart, rows: Rows, priors: Priors,
-                inp: ScoreInput) -> tuple[np.ndarray, np.ndarray]:
-        """Served values (one row per distinct id) and tiers of one part's entities."""
+    def _values(self, part: EntityPart, rows: Rows, priors: Priors, inp: ScoreInput,
+                corrupt: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Served values (one row per distinct id) and tiers of one part's entities; an
+        entity with an unreadable state gets its fallback values, its views are added
+        to ``corrupt``."""
         apply = self._rules.rule(part.plan, priors, inp.segment).apply
         if not rows:  # anonymous user / no publisher: the global priors
             vals, tier, _ = apply(list(part.plan.defaults), True, False, None)
@@ -280,6 +294,12 @@ class ScoringService:
         values, tiers = [], []
         ok, stale = Freshness.OK, Freshness.STALE
         for row in self.reader.rollup(part.plan, rows, inp.as_of_ms, False):
+            if row.corrupt:  # unreadable bytes: the fallback values, flagged
+                vals, tier = fallback_row(part.plan, priors, inp.segment)
+                values.append(vals)
+                tiers.append(int(tier))
+                corrupt.extend(row.corrupt)
+                continue
             fresh = row.freshness
             vals, tier, _ = apply(row.values, fresh is not ok, fresh is stale, row.history)
             values.append(vals)

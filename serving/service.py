@@ -4,7 +4,12 @@ Failure behaviour: a request that is malformed raises
 :class:`~headrace.core.errors.InvalidArgument` naming the field (the server interceptor
 turns it into INVALID_ARGUMENT). A failing online store is never an RPC error: Redis
 errors, a read slower than ``redis_budget_ms`` and an open circuit breaker all answer
-from the in-process priors with status FALLBACK (``fallback_reason`` says why).
+from the in-process priors with status FALLBACK (``fallback_reason`` says why). An
+entity whose stored state cannot be decoded is answered the same way, alone: its values
+are its fallback row (status FALLBACK), the response's ``fallback_reason`` is
+``CORRUPT_STATE``, the other entities are served from their states; counted in
+``headrace_serving_corrupt_states_total{view}`` and, per entity, in
+``headrace_serving_fallbacks_total{reason="CORRUPT_STATE"}``.
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ from serving.reader import AsOfTooEarly, EntityRow, OnlineReader, ReadPlan, comp
 from serving.rollup import Freshness
 from serving.rules import RuleCache, fallback_row
 
-__all__ = ["OnlineFeatureService", "ALL_FEATURES"]
+__all__ = ["OnlineFeatureService", "ALL_FEATURES", "MAX_FEATURE_NAMES"]
 
 ALL_FEATURES = "all"
+#: the default limit of names in ``feature_names`` (duplicates included); a server whose
+#: registry has more features raises it to that number
+MAX_FEATURE_NAMES = 1024
 _NAN = math.nan
 _PLAN_CACHE_MAX = 4096
 
@@ -45,6 +53,8 @@ class OnlineFeatureService:
         budget_ms: time budget of the store round trip in milliseconds (overrun →
             FALLBACK).
         max_ids: most ids per request.
+        max_feature_names: most names in ``feature_names`` (duplicates included), at
+            least the number of features in ``registry``.
         clock_ms: epoch milliseconds, the default as-of time.
         timer: monotonic seconds used to time the store (tests pin it).
         metrics: the server's metrics (default: a new :class:`ServingMetrics` of its
@@ -60,6 +70,7 @@ class OnlineFeatureService:
         *,
         budget_ms: float = 10.0,
         max_ids: int = 1000,
+        max_feature_names: int = MAX_FEATURE_NAMES,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         timer: Callable[[], float] = time.perf_counter,
         metrics: ServingMetrics | None = None,
@@ -69,6 +80,7 @@ class OnlineFeatureService:
         self.priors = priors
         self.breaker = breaker
         self.max_ids = max_ids
+        self.max_feature_names = max(max_feature_names, len(registry.by_feature))
         self.metrics = ServingMetrics() if metrics is None else metrics
         self._clock_ms = clock_ms
         self._fetch = StoreFetch(reader.store, breaker, self.metrics, budget_ms=budget_ms,
@@ -110,7 +122,8 @@ class OnlineFeatureService:
 
         Args:
             entity: a known entity name.
-            names: the requested feature names (request order), or None for a set.
+            names: the requested feature names (request order; a repeated name is
+                answered once, where it first appears), or None for a set.
             feature_set: a view id or name, or ``""``/``"all"`` for every feature of
                 ``entity``; used when ``names`` is None.
 
@@ -118,9 +131,12 @@ class OnlineFeatureService:
             The compiled plan, shared by every request of this shape.
 
         Raises:
-            InvalidArgument: an unknown feature or set, a feature of another entity, or
-                an empty ``names``.
+            InvalidArgument: an unknown feature or set, a feature of another entity, an
+                empty ``names`` or more than ``max_feature_names`` of them.
         """
+        if names is not None and len(names) > self.max_feature_names:
+            raise InvalidArgument("feature_names", f"{len(names)} names exceed the limit of "
+                                                   f"{self.max_feature_names}")
         key = (entity, feature_set, None if names is None else tuple(names))
         plan = self._plans.get(key)
         if plan is None:
@@ -138,7 +154,11 @@ class OnlineFeatureService:
     def _resolve_names(self, entity: str, names: Sequence[str]) -> list[str]:
         if not names:
             raise InvalidArgument("feature_names", "must not be empty (omit it for all features)")
+        first: dict[str, None] = {}  # first-seen order; a repeat is answered once
         for i, name in enumerate(names):
+            if name in first:
+                continue
+            first[name] = None
             found = self.registry.by_feature.get(name)
             if found is None:
                 raise InvalidArgument(f"feature_names[{i}]", f"unknown feature {name!r}")
@@ -147,7 +167,7 @@ class OnlineFeatureService:
                 raise InvalidArgument(
                     f"feature_names[{i}]", f"{name!r} is a feature of {owner!r}, not {entity!r}"
                 )
-        return list(names)
+        return list(first)
 
     def _resolve_set(self, entity: str, feature_set: str) -> list[str]:
         if feature_set in ("", ALL_FEATURES):
@@ -173,11 +193,13 @@ class OnlineFeatureService:
 
         Returns:
             Values, statuses and tiers per id in request order; status FALLBACK and a
-            ``fallback_reason`` when the store could not answer (see the module
-            docstring).
+            ``fallback_reason`` when the store could not answer, or for the entities
+            whose state cannot be decoded (``CORRUPT_STATE``; see the module docstring).
 
         Raises:
             InvalidArgument: naming the bad field (entity, ids, features, as-of).
+
+        A name repeated in ``feature_names`` is answered once, at its first position.
         """
         entity = self._entity(request.entity_type)
         ids = request.ids
@@ -254,7 +276,19 @@ class OnlineFeatureService:
         tiers: list[Any] = []
         ok = Freshness.OK
         stale = Freshness.STALE
+        corrupt: list[EntityRow] = []
+        fallback: tuple[list[Any], Tier] | None = None
         for row in rows:
+            if row.corrupt:  # unreadable bytes: the fallback row, flagged (no cold start)
+                if fallback is None:
+                    fallback = fallback_row(plan, priors, segment)
+                vals, tier = fallback
+                corrupt.append(row)
+                tiers.append(tier)
+                statuses.extend([Status.FALLBACK] * width)
+                values.extend([_NAN if v is None else v for v in vals])
+                nulls.extend([v is None for v in vals])
+                continue
             fresh = row.freshness
             vals, tier, sts = apply(row.values, fresh is not ok, fresh is stale, row.history)
             if row.partial is not None:  # several views, some without data: say so per value
@@ -272,6 +306,10 @@ class OnlineFeatureService:
             counts[t] = counts.get(t, 0) + 1
         for t, count in counts.items():
             self._served(plan.entity, t).inc(count)
+        reason = FallbackReason.NONE
+        if fallback is not None:
+            reason = FallbackReason.CORRUPT_STATE
+            self._count_corrupt(corrupt, fallback[1])
         return pb.GetOnlineFeaturesResponse(
             feature_names=plan.names,
             ids=ids,
@@ -280,7 +318,17 @@ class OnlineFeatureService:
             is_null=nulls,
             statuses=statuses,
             as_of_ms=as_of,
+            fallback_reason=reason,  # type: ignore[arg-type]  # proto takes the int
         )
+
+    def _count_corrupt(self, rows: list[EntityRow], tier: Tier) -> None:
+        """Count the entities answered as fallback rows for their unreadable states."""
+        m = self.metrics
+        m.fallbacks.labels(tier=tier.name, reason=FallbackReason.CORRUPT_STATE.name).inc(
+            len(rows))
+        for row in rows:
+            for vid in row.corrupt:
+                m.corrupt_states.labels(view=vid).inc()
 
 
 def _partial_statuses(sts: list[Status], partial: tuple[Freshness, ...]) -> list[Status]:

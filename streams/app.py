@@ -1,10 +1,9 @@
-"""The stream worker process: wiring and process-wide set-up around :class:`Worker`.
-
-:func:`run_worker` is the entry point of ``headrace worker``: it tunes the process
-(:func:`relax_gc`, :func:`warm_up`), serves metrics, builds the engine on the real
-Redis, offline store and Kafka side outputs (:func:`build_engine`), creates the topics
-it reads and writes (:func:`ensure_topics`), then runs a :class:`~streams.worker.Worker`
-(the Faust app and its run loop) and writes the run statistics.
+""":func:`run_worker` is the entry point of ``headrace worker``: it tunes the process
+(:func:`~streams.memory.limit_malloc_arenas`, :func:`relax_gc`, :func:`warm_up`), serves
+metrics, builds the engine on the real Redis, offline store and Kafka side outputs
+(:func:`build_engine`), creates the topics it reads and writes (:func:`ensure_topics`),
+then runs a :class:`~streams.worker.Worker` (the Faust app and its run loop) and writes
+the run statistics.
 """
 
 from __future__ import annotations
@@ -13,12 +12,15 @@ import gc
 import logging
 
 from feature_defs.registry import Registry
-from headrace.core.online_store import RedisOnlineStore
+from headrace.core.online_store import RedisOnlineStore, RetryingOnlineStore
+from headrace.core.retry import Backoff
 from headrace.core.settings import WorkerSettings
 from streams.engine import Engine
 from streams.faust_adapter import require_faust
+from streams.memory import limit_malloc_arenas
 from streams.metrics import StreamMetrics
 from streams.offline_writer import OfflineWriter, resolve_filesystem
+from streams.outages import Outages
 from streams.sides import KafkaSideOutputs
 from streams.worker import Worker
 
@@ -31,21 +33,31 @@ log = logging.getLogger(__name__)
 def build_engine(
     settings: WorkerSettings, registry: Registry, metrics: StreamMetrics | None = None
 ) -> Engine:
-    """Wire the engine to the real Redis, offline store and Kafka side outputs."""
-    fs, root = resolve_filesystem(settings.offline_uri, settings.pyarrow_s3())
+    """Wire the engine to the real Redis, offline store and Kafka side outputs, every
+    call of which waits out transient outages (:mod:`streams.outages`)."""
+    metrics = metrics or StreamMetrics()
+    outages = Outages.for_metrics(metrics)
+    backoff = Backoff(max_s=settings.retry_max_s)
+    fs, root = resolve_filesystem(settings.offline_uri,
+                                  settings.pyarrow_s3(settings.s3_timeout_ms / 1000))
     producer_conf = {**settings.confluent_producer(), "enable.idempotence": True}
+    store = RetryingOnlineStore(
+        RedisOnlineStore(settings.redis_url, timeout_ms=settings.redis_timeout_ms),
+        outages.redis, backoff)
     return Engine(
         registry=registry,
-        store=RedisOnlineStore(settings.redis_url),
+        store=store,
         background_writes=True,
-        writer=OfflineWriter(fs, root),
-        sides=KafkaSideOutputs(producer_conf, settings.topic, settings.partitions),
+        writer=OfflineWriter(fs, root, outage=outages.s3, backoff=backoff),
+        sides=KafkaSideOutputs(producer_conf, settings.topic, settings.partitions,
+                               outage=outages.kafka),
         topic=settings.topic,
         redis_prefix=settings.redis_prefix,
         group=settings.group_id,
         max_future_ms=settings.max_future_ms,
         metrics=metrics,
         state_cache_bytes=(settings.state_cache_mb << 20) or None,
+        outages=outages,
     )
 
 
@@ -125,6 +137,7 @@ def run_worker(
         BrokerError: Kafka cannot be reached, or a topic cannot be created.
     """
     require_faust()
+    limit_malloc_arenas()  # before the threads: each would keep an arena of its own
     relax_gc()  # process-wide: a worker process holds millions of long-lived tile cells
     warm_up()
     metrics = StreamMetrics()

@@ -31,6 +31,7 @@ from feature_defs.topology import UnknownSourceError
 from headrace.core.online_store import OnlineStore, StateWrite
 from streams.metrics import StreamMetrics
 from streams.rows import BEHIND, admitted_by, column_codes, concat, not_repeated, positions
+from streams.sides import SideOutputs
 from streams.state_cache import InFlight, StateCache
 
 __all__ = ["ViewApplier"]
@@ -47,10 +48,13 @@ class ViewApplier:
         cache_bytes: Budget of the state cache (:class:`~streams.state_cache.StateCache`:
             durable states are evicted, least recently used first, and reloaded on a
             miss); None: unbounded.
+        sides: Where the cache dead-letters a state it cannot decode before resetting
+            it (:mod:`streams.state_cache`); None: such a state raises.
     """
 
     def __init__(self, *, registry: Registry, store: OnlineStore, prefix: str,
-                 metrics: StreamMetrics, cache_bytes: int | None = None) -> None:
+                 metrics: StreamMetrics, cache_bytes: int | None = None,
+                 sides: SideOutputs | None = None) -> None:
         topo = registry.topology
         self.plans = registry.plans
         self.topology = topo
@@ -63,7 +67,7 @@ class ViewApplier:
             e: [self.plans[v] for v in vids] for e, vids in topo.repartitioned.items()
         }
         self.cache = StateCache(plans=self.plans, store=store, prefix=prefix,
-                                limit_bytes=cache_bytes, metrics=metrics)
+                                limit_bytes=cache_bytes, metrics=metrics, sides=sides)
         self.states: dict[str, dict[str, ViewState]] = self.cache.states
         self.dirty: dict[str, set[str]] = self.cache.dirty
         #: ``_apply`` calls queued by :meth:`batch` (None: apply at once)

@@ -47,6 +47,7 @@ from streams.flush import OfflineFlush, OfflinePart, OnlineFlush
 from streams.metrics import StreamMetrics
 from streams.offline_writer import OfflineWriter
 from streams.online import OnlineWrites
+from streams.outages import Outages
 from streams.rows import PartitionProgress, RawMessage, concat
 from streams.run_stats import RunStats
 from streams.sides import SideOutputs
@@ -75,6 +76,9 @@ class Engine:
         state_cache_bytes: Budget of the view-state cache in bytes (durable states
             beyond it are evicted, least recently used first, and reloaded from the
             store on their next touch: :mod:`streams.state_cache`); None: unbounded.
+        outages: The dependencies' outage trackers (the calls made through ``store``,
+            ``writer`` and ``sides`` retry on their own; the worker reads
+            ``outages.stalled``); None: a private set, never stalled.
     """
 
     def __init__(
@@ -92,12 +96,14 @@ class Engine:
         clock: Callable[[], float] = time.time,
         background_writes: bool = False,
         state_cache_bytes: int | None = None,
+        outages: Outages | None = None,
     ) -> None:
         topo = registry.topology
         self.registry = registry
         self.topic = topic
         self.max_future_ms = max_future_ms
         self.metrics = metrics or StreamMetrics()
+        self.outages = outages or Outages.for_metrics(self.metrics)
         self.clock = clock
         #: run statistics for benchmarks (``headrace worker --stats``)
         self.stats = RunStats()
@@ -113,7 +119,8 @@ class Engine:
             sides=sides, prefix=redis_prefix, group=group, metrics=self.metrics,
             stats=self.stats, clock=clock, mixed_lateness=topo.mixed_lateness)
         self.views = ViewApplier(registry=registry, store=store, prefix=redis_prefix,
-                                 metrics=self.metrics, cache_bytes=state_cache_bytes)
+                                 metrics=self.metrics, cache_bytes=state_cache_bytes,
+                                 sides=sides)  # unreadable states are dead-lettered
         self.sides = sides
         self.online = OnlineFlush(
             views=self.views, admission=self.admission, sides=sides,
@@ -296,6 +303,32 @@ class Engine:
         """(topic, partition, next offset, watermark ms or None) per assigned partition,
         for lag and watermark metrics."""
         return self.admission.positions()
+
+    def not_durable(self, highwater: Callable[[str, int], int | None]
+                    ) -> dict[str, str]:
+        """Partitions whose durable progress does not reach their log end
+        (``highwater(topic, partition)``: the next offset the log will take, None when
+        unknown) or whose processed events are not all durable, online and (source
+        partitions, with a writer) offline: ``topic/partition`` -> what is missing."""
+        out: dict[str, str] = {}
+        has_writer = self.offline.writer is not None
+        for (t, p), prog in self.admission.progress.items():
+            high = highwater(t, p)
+            want = max(prog.next, high or 0)
+            offline = prog.source is not None and has_writer
+            if prog.online_next < want or (offline and prog.offline_next < want):
+                out[f"{t}/{p}"] = (f"log end {high}, processed {prog.next}, online "
+                                   f"{prog.online_next}, offline "
+                                   f"{prog.offline_next if offline else '-'}")
+        return out
+
+    def stalled(self) -> bool:
+        """Whether a store call is waiting out an outage now (:mod:`streams.outages`)."""
+        return self.outages.stalled
+
+    def since_stall_s(self, now: float) -> float | None:
+        """Seconds (monotonic ``now``) since the latest outage ended, or None."""
+        return self.outages.since_stall_s(now)
 
     def mark_input(self) -> None:
         """Count now as the time of the last input (a fresh assignment, say)."""

@@ -159,18 +159,21 @@ class OfflineFlush:
         (of the source partitions in ``only``, when given)."""
         out = []
         for tp, p in self.admission.progress.items():
-            if p.source is None or not p.buffer or p.next <= p.offline_next:
+            if p.source is None or not p.buffer or p.next <= p.offline_next or p.offline_busy:
                 continue
             if only is not None and tp not in only:
                 continue
             table = pa.concat_tables(p.buffer)
             p.buffer = []
+            p.offline_busy = True  # until write() has recorded it (or failed)
             out.append((p, p.offline_next, p.next, p.max_ts, table))
         return out
 
     def write(self, batch: OfflinePart) -> None:
-        """Write one detached part, then record ``offline_next`` (thread-safe enough:
-        only touches the part and the progress fields it owns)."""
+        """Write one detached part (its files verified, named by its whole offset range),
+        then record ``offline_next`` (thread-safe enough: only touches the part and the
+        progress fields it owns). At most one part per partition is detached at a time
+        (:meth:`batches`), so no two parts ever share a start or a name."""
         prog, start, nxt, max_ts, table = batch
         assert self.writer is not None
         source = prog.source
@@ -184,16 +187,20 @@ class OfflineFlush:
         ]
         started = time.perf_counter()
         try:
-            self.writer.write_part(prog.topic, kind, source, prog.partition, start, table, views)
-        except Exception:
-            self.metrics.write_errors.labels("offline").inc()
-            raise
-        self.metrics.s3_write.observe(time.perf_counter() - started)
-        key = commit_key(self.prefix, self.group, prog.topic, prog.partition)
-        self.store.write([], {key: {"offline_next": nxt, "offline_wm": max_ts}})
-        prog.offline_next = nxt
-        prog.offline_wm = max_ts
-        self.stats.last_offline_commit = self.clock()
+            try:
+                self.writer.write_part(prog.topic, kind, source, prog.partition, start, table,
+                                       views, end=nxt)
+            except Exception:
+                self.metrics.write_errors.labels("offline").inc()
+                raise
+            self.metrics.s3_write.observe(time.perf_counter() - started)
+            key = commit_key(self.prefix, self.group, prog.topic, prog.partition)
+            self.store.write([], {key: {"offline_next": nxt, "offline_wm": max_ts}})
+            prog.offline_next = nxt
+            prog.offline_wm = max_ts
+            self.stats.last_offline_commit = self.clock()
+        finally:
+            prog.offline_busy = False
 
     def flush(self) -> int:
         """Synchronously write every buffered part. Returns the number of parts."""

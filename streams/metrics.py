@@ -36,6 +36,13 @@ class StreamMetrics:
             ["topic", "reason"],
             registry=r,
         )
+        self.corrupt_states = Counter(
+            "headrace_corrupt_states_total",
+            "unreadable view states in the online store: dead-lettered (corrupt_state) "
+            "and reset to empty",
+            ["view"],
+            registry=r,
+        )
         self.freshness = Histogram(
             "headrace_freshness_seconds",
             "wall time a value became visible in Redis minus the event time",

@@ -3,9 +3,13 @@
 A *part* is the accepted events of one source (topic, partition) over a contiguous
 offset range starting at the partition's durable ``offline_next``. It is written as
 one file per (kind, date) under ``events/`` and one per (view, date) under ``views/``
-(layout in :mod:`feature_defs.layout`), each named by the part's FIRST offset. A retry
-after a crash starts at the same offset and overwrites the same names; files a crashed
-attempt left beyond the durable offset are removed when the partition is assigned
+(layout in :mod:`feature_defs.layout`), each named by the part's offset range
+``[start, end)`` (:func:`~feature_defs.layout.chunk_file`). Each file is verified
+after it is stored (its stored size read back), and only then is the part's progress
+recorded (:class:`streams.flush.OfflineFlush`, which never has two parts of a
+partition in flight). A transient store failure is waited out and the part written
+again under the same names (:mod:`headrace.core.retry`). Files a crashed attempt left
+beyond the durable offset are removed when the partition is assigned
 (:meth:`OfflineWriter.remove_orphans`, which lists only the date partitions that can
 hold them).
 """
@@ -15,9 +19,11 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,9 +35,13 @@ from feature_defs.model import AggOp
 from feature_defs.plan import ViewPlan
 from feature_defs.windows import to_ms
 from headrace.core.errors import OfflineStoreError
+from headrace.core.retry import DEFAULT_BACKOFF, Backoff, Outage, with_retries
 from streams.rows import BEHIND, admitted_by
 
-__all__ = ["OfflineWriter", "resolve_filesystem", "VIEW_COLUMNS"]
+_T = TypeVar("_T")
+
+__all__ = ["OfflineWriter", "resolve_filesystem", "store_error", "PERMANENT_S3_ERRORS",
+           "VIEW_COLUMNS"]
 
 #: columns every views/ file carries besides the measure fields; ``event_id`` only where
 #: the view has a LAST measure (its tie-break): the events/ files keep every event's id,
@@ -48,7 +58,24 @@ VIEW_COLUMNS = (
 #: string columns unique per row: dictionary pages would only be abandoned half-way
 #: (Parquet falls back to plain once a dictionary grows), costing CPU and doubling size
 _UNIQUE_COLUMNS = frozenset({"event_id", "impression_id"})
-_PART = re.compile(r"^(?P<topic>.+)-p(?P<p>\d{3})-(?P<start>\d{12})\.parquet$")
+_PART = re.compile(
+    r"^(?P<topic>.+)-p(?P<p>\d{3,})-(?P<start>\d{12})(?:-(?P<end>\d{12}))?\.parquet$")
+
+
+#: S3 error codes that waiting cannot fix (anything else, refused or reset
+#: connections, timeouts, 5xx, throttling, is retried: :mod:`headrace.core.retry`)
+PERMANENT_S3_ERRORS = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId",
+                       "SignatureDoesNotMatch", "NoSuchBucket", "NO_SUCH_BUCKET",
+                       "InvalidBucketName", "Permission denied", "Read-only file system",
+                       "No space left")
+
+
+def store_error(what: str, exc: BaseException) -> OfflineStoreError:
+    """``exc`` of the offline store as an :class:`OfflineStoreError`, transient unless
+    it names one of :data:`PERMANENT_S3_ERRORS`."""
+    text = str(exc)
+    return OfflineStoreError(f"{what}: {text}",
+                             transient=not any(code in text for code in PERMANENT_S3_ERRORS))
 
 
 def resolve_filesystem(uri: str, s3: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
@@ -70,7 +97,17 @@ class OfflineWriter:
     #: files of one part written concurrently (S3 PUTs and Parquet encoding release
     #: the GIL); the part is complete only when all of them are, as before
     parallel: int = 8
+    #: where transient failures are waited out (:mod:`headrace.core.retry`); None:
+    #: raised at once
+    outage: Outage | None = None
+    backoff: Backoff = DEFAULT_BACKOFF
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+
+    def _retry(self, what: str, op: Callable[[], _T]) -> _T:
+        if self.outage is None:
+            return op()
+        return with_retries(op, what=what, outage=self.outage, backoff=self.backoff,
+                            transient=lambda e: isinstance(e, OfflineStoreError) and e.transient)
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -78,23 +115,42 @@ class OfflineWriter:
         return self._pool
 
     def _write(self, table: pa.Table, directory: str, name: str) -> None:
+        """Write one file: encoded in memory, stored whole (a temporary name renamed on
+        a local disk; one PUT, atomic, on S3), then verified: the stored size must be
+        the encoded size, or the write failed (transiently: it is written again)."""
         path = f"{directory}/{name}"
         dictionary = [f.name for f in table.schema
                       if pa.types.is_string(f.type) and f.name not in _UNIQUE_COLUMNS]
         try:
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression=self.compression, use_dictionary=dictionary)
+            data = sink.getvalue()
             if isinstance(self.fs, pafs.LocalFileSystem):
                 os.makedirs(directory, exist_ok=True)
                 tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
-                pq.write_table(table, tmp, filesystem=self.fs, compression=self.compression,
-                               use_dictionary=dictionary)
+                with self.fs.open_output_stream(tmp) as out:
+                    out.write(data)
                 os.replace(tmp, path)
-            else:  # an S3 PUT is atomic: readers see the old object or the new one
-                pq.write_table(table, path, filesystem=self.fs, compression=self.compression,
-                               use_dictionary=dictionary)
+            else:
+                with self.fs.open_output_stream(path) as out:
+                    out.write(data)
+            stored = self.fs.get_file_info(path).size
         except (OSError, pa.ArrowException) as exc:
-            raise OfflineStoreError(f"cannot write {path}: {exc}") from exc
+            raise store_error(f"cannot write {path}", exc) from exc
+        if stored != data.size:
+            raise OfflineStoreError(
+                f"cannot write {path}: {stored} bytes stored of {data.size}", transient=True)
 
-    def write_part(
+    def write_part(self, topic: str, kind: str, source: str, partition: int, start: int,
+                   events: pa.Table, views: list[tuple[ViewPlan, str, tuple[str, ...]]],
+                   end: int | None = None) -> int:
+        """Write one part (:meth:`write_part_once`), every file again after a transient
+        failure until all are written; returns the number of files."""
+        return self._retry(f"write part {topic}/{partition}@{start}",
+                           lambda: self.write_part_once(topic, kind, source, partition, start,
+                                                        events, views, end))
+
+    def write_part_once(
         self,
         topic: str,
         kind: str,
@@ -103,6 +159,7 @@ class OfflineWriter:
         start: int,
         events: pa.Table,
         views: list[tuple[ViewPlan, str, tuple[str, ...]]],
+        end: int | None = None,
     ) -> int:
         """Write one part; returns the number of files written.
 
@@ -116,10 +173,12 @@ class OfflineWriter:
                 source's views allow different lateness: a view's rows are those not
                 late for it; ``events/`` does not keep the column), in arrival order.
             views: (plan, key column, measure field columns) of the views fed by it.
+            end: the part's exclusive end offset (in every file name, so a name says
+                exactly which offsets the part covers); None: names carry ``start`` only.
         """
         if events.num_rows == 0:
             return 0
-        name = chunk_file(topic, partition, start)
+        name = chunk_file(topic, partition, start, end)
         dates = pc.strftime(events["ts"], format="%Y-%m-%d")
         jobs: list[tuple[pa.Table, str]] = []
         mixed = BEHIND in events.column_names
@@ -161,6 +220,13 @@ class OfflineWriter:
 
     def remove_orphans(self, topic: str, partition: int, durable_next: int,
                        since_ms: int | None = None) -> int:
+        """:meth:`remove_orphans_once`, again after a transient failure."""
+        return self._retry(f"remove orphans of {topic}/{partition}",
+                           lambda: self.remove_orphans_once(topic, partition, durable_next,
+                                                            since_ms))
+
+    def remove_orphans_once(self, topic: str, partition: int, durable_next: int,
+                            since_ms: int | None = None) -> int:
         """Delete parts of (topic, partition) starting at or beyond ``durable_next``.
 
         Only what can hold such parts is listed, never the whole store: the kinds and
@@ -196,8 +262,7 @@ class OfflineWriter:
                             try:
                                 self.fs.delete_file(info.path)
                             except (OSError, pa.ArrowException) as exc:
-                                raise OfflineStoreError(
-                                    f"cannot delete {info.path}: {exc}") from exc
+                                raise store_error(f"cannot delete {info.path}", exc) from exc
                             removed += 1
         return removed
 
@@ -207,7 +272,7 @@ class OfflineWriter:
         try:
             return list(self.fs.get_file_info(selector))
         except (OSError, pa.ArrowException) as exc:
-            raise OfflineStoreError(f"cannot list {path}: {exc}") from exc
+            raise store_error(f"cannot list {path}", exc) from exc
 
 
 def _utc_date(ms: int) -> str:

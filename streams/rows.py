@@ -48,6 +48,9 @@ class PartitionProgress:
     offline_wm: int = NO_TS
     buffer: list[pa.Table] = field(default_factory=list)
     gap_seeks: int = 0  # re-seeks requested for the current gap
+    #: a detached offline part of this partition is being written (no second part is
+    #: detached until it is durable and recorded: both would start at offline_next)
+    offline_busy: bool = False
 
     def buffered_rows(self) -> int:
         """Events buffered for the next offline part."""

@@ -18,6 +18,30 @@ so the states a batch loaded stay put until it is applied. Loads are batched: ev
 state a take misses, of every view, comes from one :meth:`~headrace.core.online_store.
 OnlineStore.load` call (:meth:`StateCache.prefetch`).
 
+**Unreadable states are quarantined, not fatal.** A stored state that
+:meth:`ViewState.decode` rejects (:class:`~headrace.core.errors.StateFormatError`: junk
+bytes, a truncated value, another view's layout) would otherwise stop the worker on the
+entity's next event, and again after every restart. Instead the load publishes a
+:class:`~streams.sides.CorruptState` dead letter (``headrace-dlq``, ``hr-reason:
+corrupt_state: ...``, with the Redis key, the view id and the stored bytes), counts it
+(``headrace_corrupt_states_total{view}``), logs a WARNING naming key and view, and
+**resets** the state to an empty :class:`ViewState`, marked dirty, so the stream keeps
+flowing and the next flush overwrites the junk.
+
+Reset, not rebuilt: rebuilding one entity from the offline store or the log means a
+scan of every part or offset that may hold it, on the hot path. The price: the entity's
+history before the reset is lost. The state then holds only the events applied from the
+batch that found the junk on (those a resumed worker replays included, once each: the
+reset state has no fences), so its features count only those until its windows have
+rolled past the reset (the longest, 7 days for the shipped user view).
+
+Never lost, maybe twice: the dead letter is made durable by the online flush before the
+reset state is written (:meth:`~streams.sides.SideOutputs.flush` comes first). A crash
+before that write leaves the junk in Redis for the replay to find again, so the record
+may be published twice, identical (key, view, bytes, ``hr-state-xxh64``: deduplicate on
+those). Without side outputs (``sides=None``) there is nowhere to keep the bytes and the
+error is raised as before.
+
 The size of a state is estimated from its encoded size (:func:`resident_bytes`, an
 affine fit of the measured Python memory of decoded states, their keys and this cache's
 bookkeeping); a state loaded absent counts :data:`RESIDENT_BASE` until it is encoded.
@@ -25,6 +49,7 @@ bookkeeping); a state loaded absent counts :data:`RESIDENT_BASE` until it is enc
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,11 +57,15 @@ from dataclasses import dataclass, field
 from feature_defs.layout import entity_key
 from feature_defs.plan import ViewPlan
 from feature_defs.state import ViewState
+from headrace.core.errors import StateFormatError
 from headrace.core.online_store import OnlineStore, StateWrite
 from streams.metrics import StreamMetrics
 from streams.run_stats import RunStats
+from streams.sides import CorruptState, SideOutputs
 
 __all__ = ["StateCache", "InFlight", "resident_bytes", "RESIDENT_BASE", "RESIDENT_FACTOR"]
+
+log = logging.getLogger(__name__)
 
 #: fixed memory per cached state (bytes): the ViewState and its rings, arrays and lists,
 #: the entity id, and the entries in the cache's dicts. Fitted to tracemalloc figures of
@@ -71,22 +100,28 @@ class StateCache:
         prefix: Redis key prefix.
         limit_bytes: The budget (estimated bytes, :func:`resident_bytes`); None: no
             bound (nothing is evicted).
-        metrics: Cache gauges (bytes, entries) and counters (hits, misses, evictions).
+        metrics: Cache gauges (bytes, entries) and counters (hits, misses, evictions,
+            corrupt states).
+        sides: Where an unreadable state is dead-lettered before it is reset (see the
+            module docstring); None: an unreadable state raises ``StateFormatError``.
 
     Attributes:
         states: View id -> entity id -> state (what is cached).
         dirty: View id -> entity ids changed since the last :meth:`take_dirty` (the
             apply paths add to it).
         hits, misses, evictions: Totals since the start (also Prometheus counters).
+        quarantined: Unreadable states dead-lettered and reset since the start.
     """
 
     def __init__(self, *, plans: Mapping[str, ViewPlan], store: OnlineStore, prefix: str,
-                 limit_bytes: int | None, metrics: StreamMetrics) -> None:
+                 limit_bytes: int | None, metrics: StreamMetrics,
+                 sides: SideOutputs | None = None) -> None:
         self.plans = plans
         self.store = store
         self.prefix = prefix
         self.limit_bytes = limit_bytes
         self.metrics = metrics
+        self.sides = sides
         self.states: dict[str, dict[str, ViewState]] = {vid: {} for vid in plans}
         self.dirty: dict[str, set[str]] = {vid: set() for vid in plans}
         #: every cached slot with its estimated bytes, least recently used first (an
@@ -98,6 +133,7 @@ class StateCache:
         self.bytes = 0
         self._loaded = 0  # bytes loaded since the last evict()
         self.hits = self.misses = self.evictions = 0
+        self.quarantined = 0
         if limit_bytes is not None:
             metrics.state_cache_limit.set(limit_bytes)
 
@@ -142,15 +178,19 @@ class StateCache:
         return [cache[k] for k in keys]
 
     def _load(self, slots: list[Slot]) -> None:
-        blobs = self.store.load([
-            (entity_key(self.prefix, self.plans[vid].view.entity.name, k), vid)
-            for vid, k in slots
-        ])
+        pairs = [(entity_key(self.prefix, self.plans[vid].view.entity.name, k), vid)
+                 for vid, k in slots]
+        blobs = self.store.load(pairs)
         lru, added = self._lru, 0
-        for (vid, k), blob in zip(slots, blobs, strict=True):
+        for (vid, k), blob, (key, _vid) in zip(slots, blobs, pairs, strict=True):
             plan = self.plans[vid]
             if blob:
-                state, size = ViewState.decode(plan, blob), resident_bytes(len(blob))
+                try:
+                    state, size = ViewState.decode(plan, blob), resident_bytes(len(blob))
+                except StateFormatError as exc:
+                    if self.sides is None:
+                        raise
+                    state, size = self._quarantine(plan, k, key, blob, exc), RESIDENT_BASE
             else:
                 state, size = ViewState(plan), RESIDENT_BASE
             self.states[vid][k] = state
@@ -160,6 +200,22 @@ class StateCache:
         self._loaded += added
         self.misses += len(slots)
         self.metrics.state_cache_misses.inc(len(slots))
+
+    def _quarantine(self, plan: ViewPlan, entity_id: str, key: str, blob: bytes,
+                    exc: StateFormatError) -> ViewState:
+        """Dead-letter an unreadable state and return its replacement: an empty state,
+        dirty, so the next flush overwrites the junk once the dead letter is durable."""
+        assert self.sides is not None
+        vid = plan.view.id
+        self.sides.dead_letter(CorruptState(key=key, view=vid, error=str(exc),
+                                            value=bytes(blob)))
+        self.metrics.corrupt_states.labels(vid).inc()
+        self.quarantined += 1
+        self.dirty[vid].add(entity_id)
+        log.warning("unreadable view state %s field %s (%d bytes: %s): dead-lettered "
+                    "(corrupt_state) and reset to empty; the entity's history before now "
+                    "is lost until its windows roll past it", key, vid, len(blob), exc)
+        return ViewState(plan)
 
     # ---------------------------------------------------------------- writes
     def take_dirty(self) -> tuple[list[StateWrite], InFlight]:

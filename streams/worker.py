@@ -33,17 +33,25 @@ from typing import Any
 from headrace.core.settings import WorkerSettings
 from streams import faust_adapter as fa
 from streams.engine import Engine
+from streams.memory import RELEASE_EVERY_S, release_memory
 from streams.metrics import StreamMetrics
 from streams.pacing import FlushPacer, OfflineSchedule, catching_up
 from streams.rows import RawMessage
 
-__all__ = ["Worker", "TAKE", "GATHER_BYTES", "OFFLINE_PARTS_IN_FLIGHT", "OFFLINE_NICE",
-           "background_priority"]
+__all__ = ["Worker", "TAKE", "GATHER_BYTES", "APPLY_BYTES", "OFFLINE_PARTS_IN_FLIGHT",
+           "OFFLINE_NICE", "apply_slices", "background_priority"]
 
 log = logging.getLogger(__name__)
 
 TAKE = 1024  #: messages per agent batch
 GATHER_BYTES = 8 << 20  #: most message bytes gathered into one batch while catching up
+#: most message bytes applied between two online flushes. Every state a batch touches
+#: and the cache lacks is loaded for it, and stays until its write is confirmed: a
+#: gathered backlog over millions of users (8 MB, ~100k events) loaded ~100k states
+#: (~400 MB) above the cache's budget. Larger batches are applied in slices of this
+#: size, each flushed (in the background) before the next is applied, so at most two
+#: slices' states (~25k events each) are outside the cache's bound
+APPLY_BYTES = 2 << 20
 
 #: parts (of different partitions) written at once: a part's files are uploaded in
 #: parallel already, but one part at a time left a small part (a few clicks spread over
@@ -67,6 +75,24 @@ def background_priority(increment: int = OFFLINE_NICE) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
     except (AttributeError, OSError):  # pragma: no cover - platform dependent
         log.debug("cannot lower the offline writer's priority", exc_info=True)
+
+
+def apply_slices(msgs: list[RawMessage], most_bytes: int) -> list[list[RawMessage]]:
+    """``msgs`` in order, cut into slices of at most ``most_bytes`` value bytes (a
+    message larger than that is a slice of its own)."""
+    slices: list[list[RawMessage]] = []
+    part: list[RawMessage] = []
+    size = 0
+    for m in msgs:
+        n = len(m.value or b"")
+        if part and size + n > most_bytes:
+            slices.append(part)
+            part, size = [], 0
+        part.append(m)
+        size += n
+    if part:
+        slices.append(part)
+    return slices
 
 
 @dataclass
@@ -99,6 +125,11 @@ class Worker:
         self.flush_s = settings.flush_interval_ms / 1000
         self.take_s = settings.take_window_ms / 1000
         self.pacer = FlushPacer(settings.flush_min_interval_ms / 1000, self.flush_s)
+        #: when freed memory was last handed back (:mod:`streams.memory`), and whether
+        #: a hand-back is running
+        self._released, self._releasing = time.monotonic(), False
+        #: when the worker first found itself idle but not durable up to the log end
+        self._behind_since: float | None = None
         self.offline_schedule = OfflineSchedule(settings.offline_flush_interval_ms / 1000,
                                                 settings.partitions,
                                                 settings.offline_part_rows)
@@ -200,9 +231,16 @@ class Worker:
         msgs, self._backlog.msgs = self._backlog.msgs, []
         if not msgs:
             return
-        self.engine.on_messages(msgs)
-        for (t, p), offset in self.engine.take_seek_requests().items():
-            await self.app.consumer.seek(fa.topic_partition(t, p), offset)
+        engine = self.engine
+        slices = apply_slices(msgs, APPLY_BYTES)
+        for i, part in enumerate(slices):
+            if i:  # bound the states outside the cache: write the previous slice's
+                started = time.monotonic()
+                engine.flush_online(wait=False)
+                self.pacer.flushed(started, time.monotonic())
+            engine.on_messages(part)
+            for (t, p), offset in engine.take_seek_requests().items():
+                await self.app.consumer.seek(fa.topic_partition(t, p), offset)
         self._active = time.monotonic()
         self.maybe_flush()
 
@@ -235,10 +273,17 @@ class Worker:
                     self._offline_pool, engine.write_offline, batch)
 
     async def drain_offline(self) -> None:
-        """Wait for every offline part in flight (re-raising a write error)."""
-        while self._offline_inflight:
-            _tp, fut = self._offline_inflight.popitem()
-            await fut
+        """Wait for every offline part in flight (re-raising a write error). A part
+        stays listed until it is done, so nothing detaches a second part of its
+        partition meanwhile (the engine refuses to as well)."""
+        inflight = self._offline_inflight
+        while inflight:
+            tp, fut = next(iter(inflight.items()))
+            try:
+                await asyncio.shield(fut)
+            finally:
+                if fut.done() and inflight.get(tp) is fut:
+                    del inflight[tp]
 
     async def _flusher(self) -> None:
         """Flushes what the last batch left once it is due (a timer would warn about
@@ -271,6 +316,17 @@ class Worker:
         log.info("assigned %d partitions; resuming at %s", len(seeks), seeks)
 
     # ---------------------------------------------------------------- the timer
+    def not_durable(self) -> dict[str, str]:
+        """Partitions not durable up to their log end (see :meth:`Engine.not_durable`):
+        empty when an idle worker may stop."""
+        consumer = self.app.consumer
+        return self.engine.not_durable(lambda t, p: fa.highwater(consumer, t, p))
+
+    def _release_done(self, fut: Any) -> None:
+        self._releasing = False
+        if fut.exception() is not None:
+            log.warning("returning freed memory failed: %s", fut.exception())
+
     def export_lag(self) -> None:
         """Lag and watermark gauges per partition, from the high watermark carried in
         fetch responses (:func:`~streams.faust_adapter.highwater`)."""
@@ -285,12 +341,39 @@ class Worker:
 
     async def _tick(self) -> None:
         self.export_lag()
+        if self.engine.stalled():
+            # waiting for a store is not idleness: --until-idle counts from its end
+            self.engine.mark_input()
+        now = time.monotonic()
+        if now - self._released >= RELEASE_EVERY_S and not self._releasing:
+            self._released, self._releasing = now, True
+            fut = asyncio.get_running_loop().run_in_executor(None, release_memory)
+            fut.add_done_callback(self._release_done)
         if self.until_idle is None or not self._assigned:
             return
-        if self.engine.idle_s() >= self.until_idle and not self._backlog.msgs:
+        idle = self.engine.idle_s()
+        since_stall = self.engine.since_stall_s(time.monotonic())
+        if since_stall is not None:  # a stall that blocked the loop was no idle time either
+            idle = min(idle, since_stall)
+        if idle >= self.until_idle and not self._backlog.msgs:
             await self.drain_offline()
             self.maybe_flush(force=True)
             await self.drain_offline()
+            self.maybe_flush(force=True)  # parts the first round could not detach
+            await self.drain_offline()
+            behind = self.not_durable()
+            if behind:
+                now = time.monotonic()
+                if self._behind_since is None:
+                    self._behind_since = now
+                # the log end can be out of reach (records a fetch never returns): wait
+                # a while for it, then stop with a warning rather than run forever
+                if now - self._behind_since < max(self.until_idle, 30.0):
+                    log.info("idle, but not yet durable up to the log end: %s", behind)
+                    self.engine.mark_input()
+                    return
+                log.warning("stopping idle although not durable up to the log end: %s",
+                            behind)
             log.info("idle for %.1fs: stopping", self.until_idle)
             # stop() alone ends execute_from_commandline (pinned in the adapter's tests)
             asyncio.ensure_future(self._faust_worker.stop())

@@ -7,16 +7,27 @@ views of ``HEADRACE_DEFINITIONS`` (or ``--definitions``). Labels come from the r
 impressions and clicks and carry every event key column, whatever the definitions.
 Outputs (local paths or ``s3://`` URIs) appear atomically: after a failure nothing is left
 at ``--out``. Bad input exits with status 2 and one sentence.
+
+Both first compare the offline store with the worker's commit records in Redis
+(``HEADRACE_REDIS_URL``, ``HEADRACE_REDIS_PREFIX``, the group ``--group`` or
+``HEADRACE_GROUP_ID``; :mod:`offline.coverage`): a gap, unreadable records, or labels with
+no positive although the range holds clicks exit 2 with one sentence; ``--allow-gaps``
+proceeds instead, prints a WARNING per finding and records them in the output's Parquet
+schema metadata (``headrace.coverage``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from feature_defs.coldstart import Priors
+    from feature_defs.topology import Topology
+    from headrace.core.online_store import OnlineStore
     from headrace.core.settings import OfflineSettings
+    from offline.coverage import CoverageCheck
 
 __all__ = ["register"]
 
@@ -34,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attribution", default="30m",
                    help="click attribution window after the impression (default 30m)")
     p.add_argument("--out", required=True, help="output Parquet file (path or s3:// URI)")
+    _coverage_flags(p)
     p.set_defaults(func=_labels)
 
     t = sub.add_parser(
@@ -59,7 +71,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--definitions", default=None, metavar="MODULE:ATTR",
                    help="feature definitions: module:ATTR or path/to/file.py:ATTR (default "
                         "HEADRACE_DEFINITIONS, else the shipped feature_defs.standard:VIEWS)")
+    _coverage_flags(t)
     t.set_defaults(func=_training_set)
+
+
+def _coverage_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-gaps", action="store_true",
+                   help="proceed when the offline store misses parts the commit records "
+                        "vouch for (or they cannot be read): print a WARNING and record the "
+                        "gaps in the output's metadata (headrace.coverage)")
+    p.add_argument("--group", default=None,
+                   help="the worker's consumer group whose commit records are compared "
+                        "(default HEADRACE_GROUP_ID)")
 
 
 def _settings() -> OfflineSettings:
@@ -76,7 +99,46 @@ def _settings() -> OfflineSettings:
         raise InputError(f"invalid setting HEADRACE_{where.upper()}: {problem['msg']}") from exc
 
 
+def _online_store(settings: OfflineSettings) -> OnlineStore:
+    """Where the commit records are read (short timeouts: a dead Redis fails fast)."""
+    from headrace.core.online_store import RedisOnlineStore
+
+    return RedisOnlineStore(settings.redis_url, timeout_ms=5000.0, connect_timeout_ms=2000.0)
+
+
+def _group(args: argparse.Namespace) -> str:
+    from pydantic import ValidationError
+
+    from headrace.core.errors import InputError
+    from headrace.core.settings import WorkerSettings
+
+    if args.group:
+        return str(args.group)
+    try:  # the worker's settings class owns HEADRACE_GROUP_ID
+        return WorkerSettings().group_id
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(x) for x in problem.get("loc", ())) or "settings"
+        raise InputError(f"invalid setting HEADRACE_{where.upper()}: {problem['msg']}") from exc
+
+
+def _coverage(args: argparse.Namespace, settings: OfflineSettings, topology: Topology,
+              online: OnlineStore) -> CoverageCheck:
+    from offline.coverage import CoverageCheck
+
+    command = args.command
+
+    def warn(message: str) -> None:
+        print(f"headrace {command}: WARNING: {message}", file=sys.stderr)
+
+    return CoverageCheck(online=online, prefix=settings.redis_prefix, group=_group(args),
+                         topic_prefix=settings.topic_prefix, partitions=settings.partitions,
+                         sources=dict(topology.source_kinds), allow_gaps=args.allow_gaps,
+                         warn=warn)
+
+
 def _labels(args: argparse.Namespace) -> int:
+    from feature_defs.registry import registry_for
     from headrace.core.timeparse import parse_duration, parse_time
     from offline.labels import write_labels
     from offline.store import OfflineStore
@@ -84,8 +146,13 @@ def _labels(args: argparse.Namespace) -> int:
     start, end = parse_time(args.start), parse_time(args.end)
     attribution = parse_duration(args.attribution)
     settings = _settings()
-    rows, positives = write_labels(OfflineStore.from_settings(settings), args.out, start, end,
-                                   attribution, settings)
+    online = _online_store(settings)
+    try:
+        check = _coverage(args, settings, registry_for(settings).topology, online)
+        rows, positives = write_labels(OfflineStore.from_settings(settings), args.out, start,
+                                       end, attribution, settings, coverage=check)
+    finally:
+        online.close()
     print(f"wrote {rows} labels ({positives} clicked) to {args.out}")
     return 0
 
@@ -104,10 +171,15 @@ def _training_set(args: argparse.Namespace) -> int:
         raise InputError("--chunk-rows must be at least 1")
     settings = _settings()
     registry = registry_for(settings, args.definitions)
-    rows = write_training_set(
-        args.labels, args.out, args.features, settings, as_of_known=args.as_of_known,
-        cold_start=args.cold_start, priors=priors, registry=registry,
-        chunk_rows=args.chunk_rows or DEFAULT_CHUNK_ROWS)
+    online = _online_store(settings)
+    try:
+        rows = write_training_set(
+            args.labels, args.out, args.features, settings, as_of_known=args.as_of_known,
+            cold_start=args.cold_start, priors=priors, registry=registry,
+            chunk_rows=args.chunk_rows or DEFAULT_CHUNK_ROWS,
+            coverage=_coverage(args, settings, registry.topology, online))
+    finally:
+        online.close()
     print(f"wrote {rows} rows to {args.out}")
     return 0
 

@@ -2,7 +2,9 @@
 
 Examples::
 
-    headrace stack up --dir .stack            # human summary + export lines
+    headrace stack up --dir .stack            # human summary + export lines; restarts
+                                              # only services that are down
+    headrace stack up --dir .stack --restart  # stop everything, start fresh (data lost)
     eval "$(headrace stack up --dir .stack | grep ^export)"
     headrace stack up --dir .stack --json     # one JSON object (endpoints, pids, env)
     headrace stack status --dir .stack
@@ -30,15 +32,22 @@ def _up(args: argparse.Namespace) -> int:
     from headrace.stack.local import LocalStack
 
     ports = {"kafka": args.kafka_port, "redis": args.redis_port, "s3": args.s3_port}
-    info = LocalStack.up(args.dir, ports=ports, progress=_progress)
+    info = LocalStack.up(args.dir, ports=ports, progress=_progress, restart=args.restart)
     if args.json:
         print(json.dumps(info.to_json(), sort_keys=True))
         return 0
-    state = "already running" if info.reused else "started"
+    if not info.reused:
+        state = "started"
+    elif info.started:
+        state = f"running again (restarted {', '.join(info.started)}, kept the rest)"
+    else:
+        state = "already running"
     print(f"Headrace local stack {state} in {info.dir}")
-    print(f"  kafka  {info.kafka_bootstrap:<28} pid {info.pids['kafka']}  (Tansu, in-memory)")
-    print(f"  redis  {info.redis_url:<28} pid {info.pids['redis']}")
-    print(f"  s3     {info.s3_endpoint:<28} pid {info.pids['s3']}  ({info.offline_uri})")
+    notes = {"kafka": "(Tansu, in-memory)", "redis": "", "s3": f"({info.offline_uri})"}
+    for name, url in (("kafka", info.kafka_bootstrap), ("redis", info.redis_url),
+                      ("s3", info.s3_endpoint)):
+        again = "  restarted" if info.reused and name in info.started else ""
+        print(f"  {name:<6} {url:<28} pid {info.pids[name]}  {notes[name]}{again}".rstrip())
     print(f"Stop it with: headrace stack down --dir {shlex.quote(info.dir)}")
     print("# environment for Headrace commands and S3 clients:")
     for key, value in info.env.items():
@@ -88,8 +97,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         )
         return action
 
-    up = add("up", "start the stack in DIR, or report the one already running there")
+    up = add("up", "start the stack in DIR; a stack already there is kept: services that "
+             "answer are never stopped, only those that are down are restarted")
     up.add_argument("--json", action="store_true", help="print one JSON object")
+    up.add_argument(
+        "--restart", action="store_true",
+        help="stop every service recorded in DIR, healthy or not, and start a fresh stack: "
+        "all topics, Redis keys and S3 objects are lost",
+    )
     for service, flag in (("kafka", "--kafka-port"), ("redis", "--redis-port"),
                           ("s3", "--s3-port")):
         up.add_argument(

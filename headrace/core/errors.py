@@ -76,7 +76,17 @@ class StackError(HeadraceError):
 
 
 class BackendError(HeadraceError):
-    """A storage or messaging backend failed."""
+    """A storage or messaging backend failed.
+
+    ``transient``: the failure may pass by itself (the backend unreachable, timing out,
+    loading or failing over), so waiting and retrying is right
+    (:mod:`headrace.core.retry`); False: retrying cannot help (a wrong key type, a
+    malformed reply, missing permissions).
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class OnlineStoreError(BackendError):

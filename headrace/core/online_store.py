@@ -22,20 +22,30 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from headrace.core.errors import OnlineStoreError, missing_extra
 from headrace.core.resp import PipelineConnections, pack, pack_hmget
+from headrace.core.retry import DEFAULT_BACKOFF, Backoff, Outage, with_retries
+
+_T = TypeVar("_T")
 
 __all__ = [
     "EXPIRE_REFRESH_S",
     "MemoryOnlineStore",
     "OnlineStore",
     "RedisOnlineStore",
+    "RetryingOnlineStore",
+    "TRANSIENT_REPLIES",
     "Rows",
     "StateWrite",
     "expire_due",
 ]
+
+#: error replies of a Redis that is starting, busy or failing over: retried, like a
+#: refused connection or a timeout
+TRANSIENT_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "READONLY",
+                     "NOREPLICAS", "MISCONF")
 
 #: one list per key: the value of each field asked for, None where absent
 Rows = list[list[bytes | None]]
@@ -141,6 +151,7 @@ class RedisOnlineStore:
     _EXPIRY_CACHE_MAX = 250_000
     # also a class default: the socket-level unit tests build stores without __init__
     _clock: Callable[[], float] = staticmethod(time.monotonic)
+    _unavailable: tuple[type[Exception], ...] = (OSError,)
 
     def __init__(self, url: str, timeout_ms: float = 30_000.0, *,
                  connect_timeout_ms: float | None = None, max_connections: int = 64,
@@ -174,15 +185,22 @@ class RedisOnlineStore:
         reply raises; the connection is then reopened by the next call)."""
         return self._pipelines.execute(b"".join(commands), len(commands))
 
+    def _error(self, what: str, exc: BaseException) -> OnlineStoreError:
+        """``exc`` as an :class:`OnlineStoreError`, transient when Redis is unreachable,
+        timing out, or answering one of :data:`TRANSIENT_REPLIES`."""
+        transient = isinstance(exc, self._unavailable) or str(exc).startswith(
+            TRANSIENT_REPLIES)
+        return OnlineStoreError(f"{what}: {exc}", transient=transient)
+
     def read_hashes(self, keys: Sequence[str], fields: Sequence[str]) -> Rows:
         if not keys:
             return []
         try:
             return self._pipelines.execute(pack_hmget(keys, fields), len(keys))
         except self._unavailable as exc:
-            raise OnlineStoreError(f"redis unavailable: {exc!r}") from exc
+            raise OnlineStoreError(f"redis unavailable: {exc!r}", transient=True) from exc
         except self._errors as exc:  # the rest of the replies were left unread
-            raise OnlineStoreError(f"redis error: {exc}") from exc
+            raise self._error("redis error", exc) from exc
 
     def load(self, pairs: Sequence[tuple[str, str]]) -> list[bytes | None]:
         out: list[bytes | None] = []
@@ -193,21 +211,21 @@ class RedisOnlineStore:
                      for key, fld in pairs[start : start + self._batch]]
                 ))
         except self._errors as exc:
-            raise OnlineStoreError(f"redis load failed: {exc}") from exc
+            raise self._error("redis load failed", exc) from exc
         return out
 
     def get(self, key: str) -> bytes | None:
         try:
             value = self._client.get(key)
         except self._errors as exc:
-            raise OnlineStoreError(f"redis error: {exc}") from exc
+            raise self._error("redis error", exc) from exc
         return value  # type: ignore[return-value]  # bytes: decode_responses is off
 
     def set(self, key: str, value: bytes) -> None:
         try:
             self._client.set(key, value)
         except self._errors as exc:
-            raise OnlineStoreError(f"redis error: {exc}") from exc
+            raise self._error("redis error", exc) from exc
 
     def write(self, states: Sequence[StateWrite], commits: Mapping[str, Mapping[str, int]]) -> None:
         expiry = self._expiry
@@ -237,7 +255,7 @@ class RedisOnlineStore:
                     commands.append(pack(*args))
                 self._execute(commands)
         except self._errors as exc:
-            raise OnlineStoreError(f"redis write failed: {exc}") from exc
+            raise self._error("redis write failed", exc) from exc
 
     def read_commits(self, keys: Sequence[str]) -> list[dict[str, int]]:
         out: list[dict[str, int]] = []
@@ -246,7 +264,7 @@ class RedisOnlineStore:
                 out.extend(_record(r) for r in self._execute(
                     [pack(b"HGETALL", k.encode()) for k in keys[start : start + self._batch]]))
         except self._errors as exc:
-            raise OnlineStoreError(f"redis read failed: {exc}") from exc
+            raise self._error("redis read failed", exc) from exc
         return out
 
     def close(self) -> None:
@@ -279,8 +297,8 @@ class MemoryOnlineStore:
         strings: key -> bytes; write with :meth:`set`.
         ttls: key -> the TTL (s) of the last EXPIRE the store issued for the key.
         commits: key -> commit record.
-        fail: when truthy, every call but :meth:`close` raises ``OnlineStoreError``
-            (with this message when it is a string).
+        fail: when truthy, every call but :meth:`close` raises a transient
+            ``OnlineStoreError`` (with this message when it is a string): Redis down.
         delay_s: sleep this long in every :meth:`read_hashes`.
         calls: number of :meth:`read_hashes` calls (the serving read's round trips).
     """
@@ -303,7 +321,7 @@ class MemoryOnlineStore:
     def _check(self) -> None:
         if self.fail:
             raise OnlineStoreError(self.fail if isinstance(self.fail, str)
-                                   else "fake redis is down")
+                                   else "fake redis is down", transient=True)
 
     def _hash(self, key: str) -> dict[str, bytes]:
         if key in self.strings:
@@ -375,3 +393,51 @@ class MemoryOnlineStore:
 
     def close(self) -> None:
         pass
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, OnlineStoreError) and exc.transient
+
+
+class RetryingOnlineStore:
+    """An :class:`OnlineStore` whose every call waits out a transient outage
+    (:func:`~headrace.core.retry.with_retries`: back-off with jitter, one WARNING when
+    Redis goes and one when it is back, ``outage`` counting retries and stall time).
+    Errors that are not transient are raised at once.
+
+    Every operation is safe to repeat: HSET and EXPIRE are idempotent, and a write
+    whose states went through but whose commit records did not is written again whole
+    (the commit records still come only after every state).
+    """
+
+    def __init__(self, store: OnlineStore, outage: Outage, backoff: Backoff = DEFAULT_BACKOFF,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.store = store
+        self.outage = outage
+        self.backoff = backoff
+        self._sleep = sleep
+
+    def _retry(self, what: str, op: Callable[[], _T]) -> _T:
+        return with_retries(op, what=what, outage=self.outage, transient=_transient,
+                            backoff=self.backoff, sleep=self._sleep)
+
+    def read_hashes(self, keys: Sequence[str], fields: Sequence[str]) -> Rows:
+        return self._retry("read", lambda: self.store.read_hashes(keys, fields))
+
+    def load(self, pairs: Sequence[tuple[str, str]]) -> list[bytes | None]:
+        return self._retry("load states", lambda: self.store.load(pairs))
+
+    def get(self, key: str) -> bytes | None:
+        return self._retry("get", lambda: self.store.get(key))
+
+    def set(self, key: str, value: bytes) -> None:
+        self._retry("set", lambda: self.store.set(key, value))
+
+    def write(self, states: Sequence[StateWrite], commits: Mapping[str, Mapping[str, int]]) -> None:
+        self._retry("write states", lambda: self.store.write(states, commits))
+
+    def read_commits(self, keys: Sequence[str]) -> list[dict[str, int]]:
+        return self._retry("read progress", lambda: self.store.read_commits(keys))
+
+    def close(self) -> None:
+        self.store.close()

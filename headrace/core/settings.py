@@ -264,8 +264,11 @@ class CommonSettings(BaseSettings):
             opts["client_kwargs"] = {"endpoint_url": self.s3_endpoint}
         return opts
 
-    def pyarrow_s3(self) -> pyarrow.fs.S3FileSystem | None:
-        """A ``pyarrow.fs.S3FileSystem`` for the offline store, or ``None`` if it is local."""
+    def pyarrow_s3(self, timeout_s: float | None = None) -> pyarrow.fs.S3FileSystem | None:
+        """A ``pyarrow.fs.S3FileSystem`` for the offline store, or ``None`` if it is local.
+
+        ``timeout_s``: the longest one request may take (connections: at most 5 s);
+        None: the AWS SDK's defaults."""
         if not self.offline_is_s3:
             return None
         from pyarrow import fs
@@ -275,6 +278,12 @@ class CommonSettings(BaseSettings):
         # endpoint. A bad bucket or credentials then fail at write or close, where the
         # callers handle errors anyway.
         kwargs: dict[str, Any] = {"allow_delayed_open": True}
+        if timeout_s is not None:
+            # one try per call: the caller retries with its own back-off, and says so
+            # (the SDK's three silent tries made a frozen endpoint a 30 s hang per call)
+            kwargs["request_timeout"] = timeout_s
+            kwargs["connect_timeout"] = min(5.0, timeout_s)
+            kwargs["retry_strategy"] = fs.AwsStandardS3RetryStrategy(max_attempts=1)
         if self.s3_key is not None and self.s3_secret is not None:
             kwargs["access_key"] = self.s3_key.get_secret_value()
             kwargs["secret_key"] = self.s3_secret.get_secret_value()
@@ -327,6 +336,14 @@ class WorkerSettings(CommonSettings):
             event. The default suits a 2 GB worker (the process itself, Kafka buffers
             and batches take a few hundred MB more); 0: unbounded (memory then grows
             with every entity the worker has seen since its assignment).
+        redis_timeout_ms: Longest one Redis call of the worker may take (connect, read,
+            write) before it counts as failed and is retried: a frozen Redis shows up
+            as an outage within this long, not after the client's 30 s default.
+        s3_timeout_ms: Longest one S3 request of the worker may take (connections:
+            at most 5 s) before it is retried.
+        retry_max_s: Longest sleep between two retries of a store call (the back-off
+            starts at 50 ms and doubles up to this, with jitter). Transient outages of
+            Redis, S3 and Kafka are waited out however long they last.
     """
 
     group_id: str = "headrace-worker"
@@ -340,6 +357,9 @@ class WorkerSettings(CommonSettings):
     data_dir: str = "./.headrace-worker"
     worker_id: str = "0"
     state_cache_mb: int = Field(default=512, ge=0)
+    redis_timeout_ms: int = Field(default=5000, ge=100)
+    s3_timeout_ms: int = Field(default=30_000, ge=100)
+    retry_max_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
 
 
 class ServeSettings(CommonSettings):
@@ -353,6 +373,8 @@ class ServeSettings(CommonSettings):
         priors_refresh_s: Seconds between refreshes of the fallback priors.
         max_ids: Most entity ids accepted in one GetOnlineFeatures request (Score takes
             up to 200 candidates, a fixed limit).
+        max_bid_cpm: Highest ``bid_cpm`` accepted in a Score candidate (CPM); a larger,
+            negative or non-finite bid is INVALID_ARGUMENT.
         models_dir: Directory of trained models.
     """
 
@@ -362,6 +384,7 @@ class ServeSettings(CommonSettings):
     breaker_reset_s: float = Field(default=2.0, gt=0)
     priors_refresh_s: float = Field(default=60, gt=0)
     max_ids: int = Field(default=1000, ge=1)
+    max_bid_cpm: float = Field(default=10_000.0, gt=0, allow_inf_nan=False)
     models_dir: str = "./models"
 
 

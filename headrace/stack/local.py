@@ -12,9 +12,15 @@ A process is only ever signalled after its identity is verified: pid, start time
 ``/proc/PID/stat``), executable and command line must all match what ``stack.json``
 recorded, so a recycled pid is never killed. This needs Linux ``/proc``.
 
+``up`` on a directory that already holds a stack never stops a service it finds
+answering: it restarts only the services that are down (on their recorded ports, so the
+exported environment stays valid), keeps the others and their data, and refuses to
+touch anything when a recorded process is alive but does not answer. Only
+``up(..., restart=True)`` (``headrace stack up --restart``) stops everything first.
+
 Python API::
 
-    info = LocalStack.up("/tmp/stack")   # or reuse the stack already running there
+    info = LocalStack.up("/tmp/stack")   # or reuse (and repair) the stack already there
     info.env                             # HEADRACE_* and AWS_* variables for clients
     LocalStack.down("/tmp/stack")
 
@@ -98,7 +104,10 @@ class StackInfo:
         s3_endpoint: ``http://127.0.0.1:PORT`` of the moto S3 server.
         offline_uri: ``s3://headrace-offline``.
         services: Process records by service name.
-        reused: True if ``up`` found this stack already running.
+        reused: True if ``up`` found (some of) this stack running and kept it; it then
+            belongs to whoever started it.
+        started: The services this ``up`` call started (empty when it found the whole
+            stack running).
     """
 
     dir: str
@@ -108,6 +117,7 @@ class StackInfo:
     offline_uri: str = f"s3://{OFFLINE_BUCKET}"
     services: dict[str, ServiceRecord] = field(default_factory=dict)
     reused: bool = False
+    started: list[str] = field(default_factory=list)
 
     @property
     def pids(self) -> dict[str, int]:
@@ -186,7 +196,8 @@ def _records(state: Mapping[str, Any]) -> dict[str, ServiceRecord]:
     return {name: ServiceRecord(**rec) for name, rec in state.get("services", {}).items()}
 
 
-def _info(root: Path, state: Mapping[str, Any], reused: bool) -> StackInfo:
+def _info(root: Path, state: Mapping[str, Any], reused: bool,
+          started: list[str] | None = None) -> StackInfo:
     return StackInfo(
         dir=str(root),
         kafka_bootstrap=state["kafka_bootstrap"],
@@ -195,6 +206,7 @@ def _info(root: Path, state: Mapping[str, Any], reused: bool) -> StackInfo:
         offline_uri=state["offline_uri"],
         services=_records(state),
         reused=reused,
+        started=list(started or []),
     )
 
 
@@ -202,6 +214,17 @@ def _clear(root: Path) -> None:
     for name in SERVICES:
         (root / f"{name}.pid").unlink(missing_ok=True)
     (root / STATE_FILE).unlink(missing_ok=True)
+
+
+def _restore(root: Path, records: Mapping[str, ServiceRecord], complete: bool) -> None:
+    """Put back the state ``up`` found (after a failed repair), or clear a fresh start."""
+    if not records:
+        _clear(root)
+        return
+    _write_state(root, records, complete=complete and set(records) == set(SERVICES))
+    for name in SERVICES:
+        if name not in records:
+            (root / f"{name}.pid").unlink(missing_ok=True)
 
 
 @contextmanager
@@ -231,55 +254,133 @@ class LocalStack:
         dir: str | Path,
         ports: Mapping[str, int] | None = None,
         progress: Progress | None = None,
+        restart: bool = False,
     ) -> StackInfo:
-        """Start the stack in ``dir``, or return the one already running there.
+        """Start the stack in ``dir``, or keep (and repair) the one recorded there.
+
+        A recorded service that answers is never stopped: only the services that are
+        down are started again, on their recorded port when it is free (so clients keep
+        their environment), the others keep running with their data. A recorded process
+        that is alive but does not answer is left alone and the call fails.
 
         Args:
             dir: Stack directory (created if missing).
             ports: Preferred port per service (``kafka``, ``redis``, ``s3``); a taken
-                port is skipped for a free one. Default: any free port.
+                port is skipped for a free one. Default: the port recorded in ``dir``
+                for a service restarted there, else any free port.
             progress: Called with one line per step (the CLI prints them to stderr).
+            restart: Stop every recorded service first, healthy or not, and start a
+                fresh stack (all data in the broker, Redis and S3 is lost).
 
         Returns:
-            The endpoints; ``reused`` tells whether the stack was already running.
+            The endpoints; ``reused`` tells whether services were found running and
+            kept, ``started`` which ones this call started.
 
         Raises:
             MissingDependencyError: A binary or package is missing (names what to install).
-            StackError: A service did not start or answer within 30 s; anything started
-                by this call has been stopped again.
+            StackError: A recorded process is alive but does not answer (nothing is
+                stopped or started), or a service did not start or answer within 30 s
+                (what this call started has been stopped again, the rest is untouched).
         """
         say = progress or _quiet
         root = Path(dir).expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
         with _locked(root):
             state = _read_state(root)
-            if state is not None:
-                records = _records(state)
-                if state.get("complete") and cls._healthy(records):
-                    say(f"stack already running in {root}")
-                    return _info(root, state, reused=True)
-                say(f"cleaning stale stack state in {root}")
-                proc.stop_all(list(records.values()), say)
-            _clear(root)
-            for name in SERVICES:  # fail on a missing dependency before starting anything
-                services.ARGV[name](0)
-            started: dict[str, ServiceRecord] = {}
-            try:
-                for name in SERVICES:
-                    preferred = (ports or {}).get(name, 0)
-                    started[name] = cls._start(root, name, preferred, started, say)
-                say(f"creating bucket {OFFLINE_BUCKET}")
-                services.create_bucket(started["s3"].port, OFFLINE_BUCKET)
-                _write_state(root, started, complete=True)
-            except BaseException:
-                say("start failed; stopping what was started")
-                proc.stop_all(list(started.values()), say)
+            if state is not None and restart:
+                for name in SERVICES:  # a missing dependency must not cost the running stack
+                    services.ARGV[name](0)
+                say(f"--restart: stopping every service of the stack in {root}; "
+                    "their data is lost")
+                proc.stop_all(list(_records(state).values()), say)
+                state = None
+            if state is None:
                 _clear(root)
-                raise
-            state = _read_state(root)
-            assert state is not None
-            say(f"stack running in {root}")
-            return _info(root, state, reused=False)
+                return cls._bring_up(root, {}, False, [], ports or {}, say)
+            records = _records(state)
+            complete = bool(state.get("complete"))
+            down = cls._triage(root, records, say)
+            if not down and complete:
+                say(f"stack already running in {root}")
+                return _info(root, state, reused=True)
+            return cls._bring_up(root, records, complete, down, ports or {}, say)
+
+    @classmethod
+    def _triage(cls, root: Path, records: Mapping[str, ServiceRecord],
+                say: Progress) -> list[str]:
+        """The services to start: recorded ones whose process is gone, and missing ones.
+
+        Raises:
+            StackError: A recorded process is alive but does not answer.
+        """
+        down: list[str] = []
+        for name in SERVICES:
+            rec = records.get(name)
+            if rec is None:
+                down.append(name)
+            elif not rec.is_ours():
+                say(f"{name} is down (pid {rec.pid} is no longer running)")
+                down.append(name)
+            elif not cls._answers(rec):
+                raise StackError(
+                    f"{name} (pid {rec.pid}) is running but does not answer on port "
+                    f"{rec.port}; nothing was stopped or started: wait for it, or run "
+                    f"headrace stack up --restart --dir {root} to stop everything and start "
+                    "a fresh stack")
+        return down
+
+    @classmethod
+    def _bring_up(
+        cls,
+        root: Path,
+        found: Mapping[str, ServiceRecord],
+        complete: bool,
+        down: list[str],
+        ports: Mapping[str, int],
+        say: Progress,
+    ) -> StackInfo:
+        """Start the services of ``found`` that are down (all of them on a fresh stack)."""
+        fresh = not found
+        to_start = list(SERVICES) if fresh else down
+        for name in to_start:  # fail on a missing dependency before starting anything
+            services.ARGV[name](0)
+        kept = [name for name in SERVICES if name in found and name not in to_start]
+        if kept and to_start:
+            say(f"restarting only {', '.join(to_start)}; "
+                f"{', '.join(kept)} keep running with their data")
+        elif kept:
+            say(f"every service answers; completing the stack record in {root}")
+        elif not fresh:
+            say(f"no service of the stack in {root} is running; starting all of them")
+        current = dict(found)
+        started: list[str] = []
+        try:
+            for name in to_start:
+                old = found.get(name)
+                preferred = ports.get(name) or (old.port if old is not None else 0)
+                rec = cls._start(root, name, preferred, current, say)
+                started.append(name)
+                if not fresh:
+                    say(f"{name} is back on 127.0.0.1:{rec.port} (pid {rec.pid}); "
+                        f"{services.DATA_NOTES[name]}")
+                    if old is not None and rec.port != old.port:
+                        say(f"{name} now listens on port {rec.port}, not {old.port}: "
+                            "export the environment again")
+            if fresh or "s3" in started or not complete:
+                say(f"creating bucket {OFFLINE_BUCKET}")
+                services.create_bucket(current["s3"].port, OFFLINE_BUCKET)
+            _write_state(root, current, complete=True)
+        except BaseException:
+            say("start failed; stopping what this call started"
+                + (f" ({', '.join(kept)} left running)" if kept else ""))
+            proc.stop_all([current[n] for n in to_start if n in current
+                           and current[n] is not found.get(n)], say)
+            _restore(root, found, complete)
+            raise
+        state = _read_state(root)
+        assert state is not None
+        say(f"stack running in {root}")
+        return _info(root, state, reused=bool(kept), started=started)
 
     @classmethod
     def down(cls, dir: str | Path, progress: Progress | None = None) -> dict[str, str]:
@@ -336,12 +437,6 @@ class LocalStack:
         except StackError:
             return False
         return True
-
-    @classmethod
-    def _healthy(cls, records: Mapping[str, ServiceRecord]) -> bool:
-        return set(records) == set(SERVICES) and all(
-            rec.is_ours() and cls._answers(rec) for rec in records.values()
-        )
 
     @staticmethod
     def _start(

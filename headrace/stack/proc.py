@@ -70,7 +70,13 @@ def free_port() -> int:
 
 
 def port_free(port: int) -> bool:
+    """True if a server could listen on loopback ``port`` now.
+
+    SO_REUSEADDR, as the three services set it: connections of a killed service linger
+    in TIME_WAIT on its port, which must not make ``up`` move its restart elsewhere.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -19,7 +19,7 @@ from typing import Any
 from headrace.core.errors import MissingDependencyError, StackError
 from headrace.stack.proc import is_executable
 
-__all__ = ["ARGV", "PROBES", "STOP_SIGNALS", "S3_CREDENTIAL", "create_bucket"]
+__all__ = ["ARGV", "PROBES", "STOP_SIGNALS", "DATA_NOTES", "S3_CREDENTIAL", "create_bucket"]
 
 #: moto accepts any credentials; clients still need some to sign requests.
 S3_CREDENTIAL = "testing"
@@ -160,6 +160,13 @@ PROBES: dict[str, Callable[[int, float], None]] = {
     "kafka": probe_kafka,
     "redis": probe_redis,
     "s3": probe_s3,
+}
+#: what a service that was restarted by ``up`` lost, in its own words (none of them keeps
+#: data on disk: Tansu runs on ``memory://``, redis without RDB/AOF, moto in memory)
+DATA_NOTES: dict[str, str] = {
+    "kafka": "the broker keeps topics in memory, so it starts with none",
+    "redis": "redis-server runs without persistence, so the online store starts empty",
+    "s3": "moto keeps objects in memory, so the bucket starts empty",
 }
 #: first signal ``down`` sends; Tansu waits 5 s for clients on SIGTERM but not on SIGINT.
 STOP_SIGNALS: dict[str, int] = {

@@ -8,12 +8,15 @@ the real online store alike.
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -136,6 +139,84 @@ def test_invalid_arguments_over_grpc(client: FeatureClient) -> None:
         )  # entity_type="planet", ids=["x"]
     assert rpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert rpc.value.details().startswith("entity_type: ")
+
+
+@pytest.mark.parametrize(
+    ("method", "raw", "cause"),
+    [
+        ("/headrace.v1.FeatureService/GetOnlineFeatures", b"\x0a\x04user\x12\x02\xff\xfe",
+         "UTF-8"),  # entity_type="user", ids=[b"\xff\xfe"]: an id that is not UTF-8
+        ("/headrace.v1.FeatureService/GetOnlineFeatures", b"garbage bytes!!", "corrupt"),
+        ("/headrace.v1.ScoringService/Score", b"\x0a\x02u\xc3", "UTF-8"),  # user_id
+        ("/headrace.v1.ScoringService/Score", b"\xff\xff\xff\xff", "corrupt"),
+    ],
+)
+def test_undecodable_requests_are_invalid_argument_over_grpc(
+    client: FeatureClient, server: FeatureServer, method: str, raw: bytes, cause: str
+) -> None:
+    with grpc.insecure_channel(client.address) as ch:
+        call = ch.unary_unary(method, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as rpc:
+            call(raw, timeout=5)
+    assert rpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT, rpc.value.details()
+    details = rpc.value.details()
+    assert details.startswith("request: cannot be decoded") and cause in details
+    name = method.rsplit("/", 1)[-1]
+    assert server.metrics.value("headrace_serving_request_seconds_count", method=name) == 1
+    # the server goes on answering
+    assert client.get("user", ["u0"], ["user__ctr_24h"], as_of_ms=T0 + 1).entities[0].id == "u0"
+
+
+def test_repeated_feature_names_over_grpc(client: FeatureClient) -> None:
+    names = ["user__clicks_1h", "user__ctr_24h"]
+    once = client.get("user", ["u0", "u1"], names, as_of_ms=T0 + 1)
+    twice = client.get("user", ["u0", "u1"], names + names[::-1] + names, as_of_ms=T0 + 1)
+    assert twice.feature_names == names
+    assert twice == once
+    with pytest.raises(InvalidArgument) as err:
+        client.get("user", ["u0"], ["user__ctr_24h"] * 100_000)
+    assert err.value.field == "feature_names" and "100000 names exceed" in str(err.value)
+
+
+def _bid_only_champion(models_dir: Path) -> str:
+    """A real LightGBM champion on ``bid_cpm`` alone (Score reads no entity for it)."""
+    import lightgbm as lgb
+    import numpy as np
+
+    from headrace.model.artifact import set_champion, write_artifact
+
+    rng = np.random.default_rng(1)
+    x = rng.random((400, 1)) * 20
+    y = (rng.random(400) < 0.02 + 0.01 * x[:, 0]).astype(float)
+    booster = lgb.train({"objective": "binary", "verbosity": -1, "num_threads": 1, "seed": 1},
+                        lgb.Dataset(x, y, feature_name=["bid_cpm"]), 5)
+
+    def fill(folder: Path, version: str) -> None:
+        booster.save_model(str(folder / "model.txt"))
+        (folder / "metadata.json").write_text(json.dumps({"features": ["bid_cpm"]}))
+
+    version = write_artifact(models_dir, datetime(2024, 5, 1, 13, tzinfo=UTC), fill)[0]
+    set_champion(models_dir, version)
+    return version
+
+
+def test_absurd_bids_are_invalid_argument_over_grpc(loaded: Any, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    _bid_only_champion(models)
+    # a cap of its own (HEADRACE_MAX_BID_CPM): twice it is still under the default cap
+    settings = loaded.settings(ServeSettings, models_dir=str(models), max_bid_cpm=500.0,
+                               **SLACK)
+    with build_server(settings, port=0, host="127.0.0.1") as srv, \
+            FeatureClient(f"127.0.0.1:{srv.port}", timeout_s=5.0) as client:
+        client.wait_ready()
+        cands = [{"ad_id": "a0", "campaign_id": "c0", "bid_cpm": 2.0},
+                 {"ad_id": "a1", "campaign_id": "c1", "bid_cpm": settings.max_bid_cpm}]
+        ranked = client.score("u0", cands)
+        assert all(math.isfinite(r["ecpm"]) for r in ranked) and ranked[0]["ad_id"] == "a1"
+        for bad in (1e308, settings.max_bid_cpm * 2, math.inf, math.nan, -1.0):
+            with pytest.raises(InvalidArgument) as err:
+                client.score("u0", [cands[0], {**cands[1], "bid_cpm": bad}])
+            assert err.value.field == "candidates[1].bid_cpm", str(err.value)
 
 
 def test_health_and_reflection(server: FeatureServer) -> None:

@@ -125,12 +125,154 @@ def test_down_leaves_no_process_alive(stack_dir: Path) -> None:
     assert "no Headrace stack recorded" in again.stderr
 
 
-def test_stale_dir_is_cleaned_and_restarted(stack_dir: Path) -> None:
+def _kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def _s3(info: dict[str, Any]) -> Any:
+    import boto3
+
+    env = info["env"]
+    return boto3.client(
+        "s3", endpoint_url=info["s3_endpoint"], region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
+def _write_data(info: dict[str, Any]) -> dict[bytes, bytes]:
+    """One record per key in a new topic ``kept``, an S3 object, a Redis key."""
+    import redis
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from headrace.core.settings import CommonSettings
+
+    settings = CommonSettings.from_env(info["env"])
+    admin = AdminClient(settings.confluent_admin())
+    admin.create_topics([NewTopic("kept", 1, 1)])["kept"].result(timeout=10)
+    producer = Producer(settings.confluent_producer())
+    sent = {b"k%d" % i: b"v%d" % i for i in range(5)}
+    for key, value in sent.items():
+        producer.produce("kept", key=key, value=value, partition=0)
+    assert producer.flush(10) == 0
+    _s3(info).put_object(Bucket=OFFLINE_BUCKET, Key="kept/part.txt", Body=b"offline rows")
+    client = redis.Redis.from_url(info["redis_url"])
+    client.set("hr:kept", b"1")
+    client.close()
+    return sent
+
+
+def _read_topic(info: dict[str, Any], want: int) -> dict[bytes, bytes]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from headrace.core.settings import CommonSettings
+
+    consumer = Consumer(CommonSettings.from_env(info["env"]).confluent_consumer("kept-reader"))
+    got: dict[bytes, bytes] = {}
+    try:
+        consumer.assign([TopicPartition("kept", 0, 0)])
+        deadline = time.monotonic() + 20
+        while len(got) < want and time.monotonic() < deadline:
+            for msg in consumer.consume(num_messages=want, timeout=0.5):
+                assert msg.error() is None, msg.error()
+                got[msg.key()] = msg.value()
+    finally:
+        consumer.close()
+    return got
+
+
+def test_up_restarts_only_the_service_that_is_down(stack_dir: Path) -> None:
+    """Redis died: ``up`` restarts redis alone; the broker and S3 keep pid and data."""
+    import redis
+
+    first = _up_json(stack_dir)
+    sent = _write_data(first)
+    _kill(first["pids"]["redis"])
+    assert _cli("stack", "status", "--dir", str(stack_dir), check=False).returncode == 1
+
+    up = _cli("stack", "up", "--dir", str(stack_dir), "--json")
+    second = json.loads(up.stdout)
+    assert second["pids"]["kafka"] == first["pids"]["kafka"]
+    assert second["pids"]["s3"] == first["pids"]["s3"]
+    assert second["pids"]["redis"] != first["pids"]["redis"] and _alive(second["pids"]["redis"])
+    assert second["reused"] is True
+    # same endpoints (redis is back on its recorded port), so exported variables stay valid
+    assert {k: v for k, v in second.items() if k not in ("pids", "reused")} == {
+        k: v for k, v in first.items() if k not in ("pids", "reused")}
+    assert f"redis is down (pid {first['pids']['redis']} is no longer running)" in up.stderr
+    assert "restarting only redis; kafka, s3 keep running with their data" in up.stderr
+    assert "stopping" not in up.stderr
+    for name, pid in second["pids"].items():
+        assert (stack_dir / f"{name}.pid").read_text().strip() == str(pid)
+
+    assert _read_topic(second, len(sent)) == sent  # the broker's data is intact
+    body = _s3(second).get_object(Bucket=OFFLINE_BUCKET, Key="kept/part.txt")["Body"].read()
+    assert body == b"offline rows"  # and S3's
+    client = redis.Redis.from_url(second["redis_url"])
+    assert client.ping() is True
+    assert client.get("hr:kept") is None  # redis-server runs without persistence
+    client.close()
+    _assert_answers(second)
+    status = json.loads(_cli("stack", "status", "--dir", str(stack_dir), "--json").stdout)
+    assert status["running"] is True
+    human = _cli("stack", "up", "--dir", str(stack_dir)).stdout
+    assert "already running" in human
+
+
+def test_up_never_stops_a_service_that_is_alive_but_silent(stack_dir: Path) -> None:
+    first = _up_json(stack_dir)
+    redis_pid = first["pids"]["redis"]
+    os.kill(redis_pid, signal.SIGSTOP)  # hung: alive, answers nothing
+    try:
+        up = _cli("stack", "up", "--dir", str(stack_dir), check=False)
+        assert up.returncode != 0
+        assert (f"redis (pid {redis_pid}) is running but does not answer on port "
+                f"{_port(first['redis_url'])}; nothing was stopped or started") in up.stderr
+        assert "--restart" in up.stderr
+        assert all(_alive(pid) for pid in first["pids"].values())
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
+    again = _up_json(stack_dir)
+    assert again["pids"] == first["pids"] and again["reused"] is True
+
+
+def test_a_failed_restart_leaves_the_healthy_services_alone(
+    stack_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from headrace.core.errors import StackError
+    from headrace.stack import services
+
+    first = LocalStack.up(stack_dir)
+    before = (stack_dir / "stack.json").read_text()
+    _kill(first.pids["redis"])
+    monkeypatch.setitem(services.ARGV, "redis", lambda port: ["/bin/false"])
+    notes: list[str] = []
+    with pytest.raises(StackError, match="exited with status 1"):
+        LocalStack.up(stack_dir, progress=notes.append)
+    assert "start failed; stopping what this call started (kafka, s3 left running)" in notes
+    assert _alive(first.pids["kafka"]) and _alive(first.pids["s3"])
+    assert (stack_dir / "stack.json").read_text() == before  # the record is put back
+    monkeypatch.undo()
+    second = LocalStack.up(stack_dir)
+    assert second.started == ["redis"] and second.reused
+    assert {n: p for n, p in second.pids.items() if n != "redis"} == {
+        n: p for n, p in first.pids.items() if n != "redis"}
+    _assert_answers(second.to_json())
+
+
+def test_restart_flag_stops_everything_and_starts_fresh(stack_dir: Path) -> None:
     first = _up_json(stack_dir)
     os.kill(first["pids"]["redis"], signal.SIGKILL)
     status = _cli("stack", "status", "--dir", str(stack_dir), check=False)
     assert status.returncode == 1
-    second = _up_json(stack_dir)
+    up = _cli("stack", "up", "--dir", str(stack_dir), "--json", "--restart")
+    second = json.loads(up.stdout)
+    assert "--restart: stopping every service" in up.stderr
     assert second["reused"] is False
     assert set(second["pids"].values()).isdisjoint(first["pids"].values())
     for pid in first["pids"].values():

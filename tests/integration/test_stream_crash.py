@@ -27,12 +27,12 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import runcompare as rcmp
 from tests import streamcheck as sc
 from tests import streamkit as sk
 from tests.adversarial import Stream, generate, probe_points
@@ -46,68 +46,6 @@ WORKER_TIMEOUT_S = 240
 PROGRESS_TIMEOUT_S = 120
 
 
-@dataclass
-class Snapshot:
-    """Everything one run left behind, as the tests compare it."""
-
-    exp: sc.Expected
-    features: dict[sk.Probe, Any]
-    offline: dict[str, list[tuple[Any, ...]]]
-    offline_problems: list[str]
-    late: list[sk.Record]
-    dead: list[sk.Record]
-
-
-def _snapshot(ns: Any, exp: sc.Expected, probes: list[sk.Probe]) -> Snapshot:
-    features, _calls = sk.online_features(ns.settings_env, probes)
-    settings = ns.settings()
-    tables = {k: sk.read_offline_events(settings, k) for k in ("impression", "click")}
-    bootstrap = ns.stack.kafka_bootstrap
-    return Snapshot(
-        exp=exp,
-        features=features,
-        offline=sc.offline_rows(tables),
-        offline_problems=sc.offline_problems(exp, tables),
-        late=sk.side_records(bootstrap, ns.topic_prefix, "headrace-late"),
-        dead=sk.side_records(bootstrap, ns.topic_prefix, "headrace-dlq"),
-    )
-
-
-def _compare(run: Snapshot, ref: Snapshot, label: str) -> tuple[list[str], dict[str, int]]:
-    """Problems of ``run`` against the reference run and the oracle; duplicate counts."""
-    problems = [f"{label}: {p}" for p in sc.feature_problems(run.exp, run.features)]
-    diff = [p for p in ref.features if run.features.get(p) != ref.features[p]]
-    if diff:
-        problems.append(f"{label}: {len(diff)} probes differ from the reference run, e.g. "
-                        + "; ".join(f"{p}: {run.features.get(p)} vs {ref.features[p]}"
-                                    for p in diff[:3]))
-    problems += [f"{label}: {p}" for p in run.offline_problems]
-    for kind in ("impression", "click"):
-        mine, theirs = set(run.offline[kind]), set(ref.offline[kind])
-        if mine != theirs or len(run.offline[kind]) != len(ref.offline[kind]):
-            problems.append(
-                f"{label}: offline {kind} rows differ from the reference: "
-                f"{len(run.offline[kind])} rows vs {len(ref.offline[kind])}, "
-                f"{len(mine - theirs)} only here e.g. {sorted(mine - theirs)[:1]}, "
-                f"{len(theirs - mine)} only in the reference e.g. {sorted(theirs - mine)[:1]}")
-    p_late, dup_late = sc.late_problems(run.exp, run.late, allow_duplicates=True)
-    # reason codes vs the generator are test_stream_e2e's business; here: vs the reference
-    p_dead, dup_dead = sc.dead_problems(run.exp, run.dead, allow_duplicates=True,
-                                        check_codes=False)
-    problems += [f"{label}: {p}" for p in p_late + p_dead]
-    # late reasons carry the watermark (deterministic); dead-letter reasons may carry the
-    # wall clock (ts_in_future), so those compare by code
-    dead_mine = [(c, sc.reason_code(r), v) for c, r, v in run.dead]
-    dead_theirs = [(c, sc.reason_code(r), v) for c, r, v in ref.dead]
-    for name, mine, theirs in (("late", run.late, ref.late), ("dlq", dead_mine, dead_theirs)):
-        if set(mine) != set(theirs):
-            only = sorted(set(mine) - set(theirs))[:3]
-            missing = sorted(set(theirs) - set(mine))[:3]
-            problems.append(f"{label}: {name} records differ from the reference: "
-                            f"only here {only}, only in the reference {missing}")
-    return problems, {"late_duplicates": dup_late, "dlq_duplicates": dup_dead}
-
-
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def stream() -> Stream:
@@ -118,7 +56,7 @@ def stream() -> Stream:
 
 @pytest.fixture(scope="module")
 def reference(stack: Any, stream: Stream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        Snapshot]:
+        rcmp.Snapshot]:
     """The uninterrupted single-worker run, in its own namespace."""
     import redis
 
@@ -138,7 +76,7 @@ def reference(stack: Any, stream: Stream, tmp_path_factory: pytest.TempPathFacto
         worker.kill()
     assert rc == 0, worker.log_tail()
     with sk.timer("reference: snapshot", timings):
-        snap = _snapshot(ns, exp, probe_points(exp.index, N_PROBES, seed=SEED))
+        snap = rcmp.snapshot(ns, exp, probe_points(exp.index, N_PROBES, seed=SEED))
     yield snap
     client = redis.Redis.from_url(stack.redis_url)
     keys = list(client.scan_iter(match=f"{ns.redis_prefix}*", count=1000))
@@ -147,7 +85,7 @@ def reference(stack: Any, stream: Stream, tmp_path_factory: pytest.TempPathFacto
     client.close()
 
 
-def _reference_agrees_with_oracle(ref: Snapshot) -> list[str]:
+def _reference_agrees_with_oracle(ref: rcmp.Snapshot) -> list[str]:
     problems = sc.feature_problems(ref.exp, ref.features) + ref.offline_problems
     problems += sc.late_problems(ref.exp, ref.late, allow_duplicates=False)[0]
     problems += sc.dead_problems(ref.exp, ref.dead, allow_duplicates=False,
@@ -210,7 +148,7 @@ def _wait_for(cond: Callable[[], bool], worker: sk.Worker, what: str,
 
 
 def test_sigkilled_worker_matches_uninterrupted_run(
-    ns: Any, stream: Stream, reference: Snapshot, tmp_path: Path, redis_client: Any
+    ns: Any, stream: Stream, reference: rcmp.Snapshot, tmp_path: Path, redis_client: Any
 ) -> None:
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -313,8 +251,8 @@ def test_sigkilled_worker_matches_uninterrupted_run(
 
     with sk.timer("crash run: snapshot + compare", timings):
         exp = sc.expectations(stream, produced)
-        run = _snapshot(ns, exp, list(reference.features))
-        problems, dups = _compare(run, reference, "crash run")
+        run = rcmp.snapshot(ns, exp, list(reference.features))
+        problems, dups = rcmp.compare(run, reference, "crash run")
     problems = _reference_agrees_with_oracle(reference) + problems
     timings["total"] = round(time.monotonic() - started, 2)
     print(f"[result] kills: {json.dumps(kills)}")
@@ -329,7 +267,7 @@ _ASSIGNED = re.compile(r"assigned (\d+) partitions; resuming at (\{.*\})")
 
 
 def test_two_workers_in_one_group_match_one(
-    ns: Any, stream: Stream, reference: Snapshot, tmp_path: Path, redis_client: Any
+    ns: Any, stream: Stream, reference: rcmp.Snapshot, tmp_path: Path, redis_client: Any
 ) -> None:
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -366,8 +304,8 @@ def test_two_workers_in_one_group_match_one(
 
     with sk.timer("pair run: snapshot + compare", timings):
         exp = sc.expectations(stream, produced)
-        run = _snapshot(ns, exp, list(reference.features))
-        problems, dups = _compare(run, reference, "two workers")
+        run = rcmp.snapshot(ns, exp, list(reference.features))
+        problems, dups = rcmp.compare(run, reference, "two workers")
     problems = _reference_agrees_with_oracle(reference) + problems
     timings["total"] = round(time.monotonic() - started, 2)
     print(f"[result] duplicates with two workers: {dups}")

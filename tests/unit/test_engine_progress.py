@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from feature_defs.registry import load_registry
 from headrace.core.online_store import MemoryOnlineStore
@@ -69,3 +70,34 @@ def test_restart_resumes_at_the_smaller_durable_offset_with_its_watermark() -> N
     st = ViewState.decode(plan, store.hashes[entity_key("hr", "user", "u1")]["user_activity@1"])
     assert st.rollup(T0 + 60_000)[0]["user__impressions_1h"] == 12
     assert again.resume_offsets() == {("impressions", 0): 12}
+
+
+def test_no_second_part_of_a_partition_while_one_is_in_flight(tmp_path: Path) -> None:
+    """Issue 13: a second part detached while the first was being written started at the
+    same durable offset, under the same file name, and overwrote it."""
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+
+    from feature_defs.layout import chunk_file
+    from streams.offline_writer import OfflineWriter
+
+    store = MemoryOnlineStore()
+    writer = OfflineWriter(pafs.LocalFileSystem(), str(tmp_path))
+    eng = Engine(registry=load_registry(), store=store, writer=writer,
+                 sides=MemorySideOutputs(), topic=lambda t: t, redis_prefix="hr", group="g",
+                 max_future_ms=10**13)
+    eng.assign([("impressions", 0)])
+    eng.on_source("impressions", [_imp(i) for i in range(5)])
+    (first,) = eng.offline_batches()  # being written (the store frozen, say)...
+    eng.on_source("impressions", [_imp(i) for i in range(5, 9)])
+    assert eng.offline_batches() == []  # ...so nothing else of the partition detaches
+    eng.write_offline(first)
+    (second,) = eng.offline_batches()
+    assert (first[1], first[2], second[1], second[2]) == (0, 5, 5, 9)
+    eng.write_offline(second)
+    assert store.commits["hr:commit:{g}:impressions:0"]["offline_next"] == 9
+    names = sorted(p.name for p in (tmp_path / "events").rglob("*.parquet"))
+    assert names == [chunk_file("impressions", 0, 0, 5), chunk_file("impressions", 0, 5, 9)]
+    offsets = ds.dataset(str(tmp_path / "events"), format="parquet").to_table(
+        columns=["_offset"])["_offset"].to_pylist()
+    assert sorted(offsets) == list(range(9))  # every offset exactly once

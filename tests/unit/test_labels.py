@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,9 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from feature_defs.layout import chunk_file, commit_key
 from headrace.cli import main
 from headrace.core.errors import InputError
+from headrace.core.online_store import MemoryOnlineStore
 from headrace.core.timeparse import parse_duration, parse_time
+from offline.coverage import METADATA_KEY
 from offline.labels import LABEL_SCHEMA, build_labels
 from offline.store import OfflineStore
 
@@ -94,6 +98,25 @@ def store(tmp_path: Path) -> tuple[OfflineStore, list[dict[str, Any]], list[dict
     return OfflineStore.from_uri(str(tmp_path / "store")), imps, clicks
 
 
+@pytest.fixture
+def commits(monkeypatch: pytest.MonkeyPatch) -> MemoryOnlineStore:
+    """The commit records of the ``store`` fixture's parts (both topics: offsets 0..399
+    in partition 0), served to the CLI by an in-memory online store."""
+    online = MemoryOnlineStore()
+    for name in ("GROUP_ID", "REDIS_PREFIX", "TOPIC_PREFIX", "PARTITIONS", "DEFINITIONS"):
+        monkeypatch.delenv(f"HEADRACE_{name}", raising=False)
+    for topic in ("impressions", "clicks"):
+        online.commits[commit_key("hr", "headrace-worker", topic, 0)] = {
+            "offline_next": 400, "offline_wm": T2 + ATTR, "online_next": 400}
+    monkeypatch.setattr("headrace.commands.offline._online_store", lambda settings: online)
+    return online
+
+
+def _coverage(path: Path) -> dict[str, Any]:
+    meta = pq.read_schema(path).metadata or {}
+    return dict(json.loads(meta[METADATA_KEY.encode()]))
+
+
 def test_labels_match_bruteforce(store: Any) -> None:
     st, imps, clicks = store
     table = build_labels(st, T1, T2, ATTR)
@@ -153,7 +176,8 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
     return code, out, err
 
 
-def test_cli_writes_labels(store: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_cli_writes_labels(store: Any, commits: MemoryOnlineStore, tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch,
                            capsys: pytest.CaptureFixture[str]) -> None:
     st, imps, clicks = store
     monkeypatch.setenv("HEADRACE_OFFLINE_URI", st.uri)
@@ -165,6 +189,93 @@ def test_cli_writes_labels(store: Any, tmp_path: Path, monkeypatch: pytest.Monke
     want = oracle(imps, clicks, T1, T2, ATTR)
     assert table.num_rows == len(want) and f"wrote {len(want)} labels" in stdout
     assert os.listdir(out.parent) == ["l.parquet"]
+    assert err == ""
+    report = _coverage(out)
+    assert report["checked"] and report["gaps"] == [] and report["problems"] == []
+    assert report["partitions"] == 2 and report["files"] > 0
+
+
+def test_cli_labels_fail_on_a_gap_unless_allowed(
+        store: Any, commits: MemoryOnlineStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    st = store[0]
+    monkeypatch.setenv("HEADRACE_OFFLINE_URI", st.uri)
+    key = commit_key("hr", "headrace-worker", "clicks", 0)
+    commits.commits[key]["offline_next"] = 1200  # recorded, but the store ends at 999 + 5
+    out = tmp_path / "l.parquet"
+    argv = ["labels", "--from", str(T1), "--to", str(T2), "--out", str(out)]
+    code, _, err = _cli(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "headrace labels: the offline store misses offsets 400-998 of clicks[0] in "
+        "events/click between two parts (and 1 more)"), err
+    assert "--allow-gaps" in lines[0] and not out.exists()
+    assert os.listdir(tmp_path) == ["store"]  # no temporary file left either
+
+    code, stdout, err = _cli([*argv, "--allow-gaps"], capsys)
+    assert code == 0, err
+    warnings = err.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("headrace labels: WARNING: the offline "
+                                                   "store misses offsets") for w in warnings)
+    gaps = _coverage(out)["gaps"]
+    assert [(g["topic"], g["partition"], g["start"], g["end"], g["reason"]) for g in gaps] == [
+        ("clicks", 0, 400, 999, "hole"), ("clicks", 0, 999, 1200, "tail")]
+    assert _coverage(out)["allow_gaps"] is True and "wrote" in stdout
+
+
+def test_cli_labels_without_commit_records(
+        store: Any, commits: MemoryOnlineStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HEADRACE_OFFLINE_URI", store[0].uri)
+    out = tmp_path / "l.parquet"
+    argv = ["labels", "--from", str(T1), "--to", str(T2), "--out", str(out)]
+    commits.fail = "Error 111 connecting to localhost:6379"
+    code, _, err = _cli(argv, capsys)
+    assert code == 2 and not out.exists()
+    assert err.strip().splitlines() == [
+        "headrace labels: cannot read the commit records in Redis (Error 111 connecting to "
+        "localhost:6379), so the offline store's coverage cannot be checked; set "
+        "HEADRACE_REDIS_URL, or pass --allow-gaps to proceed unchecked"]
+    code, _, err = _cli([*argv, "--allow-gaps"], capsys)
+    assert code == 0 and "WARNING: cannot read the commit records" in err
+    assert _coverage(out)["checked"] is False
+    commits.fail = None
+    code, _, err = _cli([*argv, "--group", "other"], capsys)
+    assert code == 2 and "holds no commit records of group other" in err
+
+
+def test_cli_labels_with_no_positive_despite_clicks_fail(
+        tmp_path: Path, commits: MemoryOnlineStore, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    imps, clicks = make_events(1)
+    for c in clicks:  # clicks whose impressions are not in the store
+        c["impression_id"] = "lost-" + c["impression_id"]
+    write_events(tmp_path / "store", "impression", imps)
+    write_events(tmp_path / "store", "click", clicks)
+    monkeypatch.setenv("HEADRACE_OFFLINE_URI", str(tmp_path / "store"))
+    out = tmp_path / "l.parquet"
+    argv = ["labels", "--from", str(T1), "--to", str(T2), "--out", str(out)]
+    code, _, err = _cli(argv, capsys)
+    assert code == 2 and os.listdir(tmp_path) == ["store"]  # no temporary file left
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and " labels have no positive although the offline store holds " \
+        in lines[0] and "--allow-gaps" in lines[0], err
+    code, stdout, err = _cli([*argv, "--allow-gaps"], capsys)
+    assert code == 0 and "(0 clicked)" in stdout and "WARNING: the " in err
+    assert "have no positive" in _coverage(out)["problems"][0]
+    # with a zero attribution window no click may count: not an error
+    code, _, err = _cli([*argv, "--attribution", "0s"], capsys)
+    assert code == 0, err
+
+
+def test_cli_labels_after_everything_ingested_fail(
+        store: Any, commits: MemoryOnlineStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HEADRACE_OFFLINE_URI", store[0].uri)
+    code, _, err = _cli(["labels", "--from", str(T2 + 2 * ATTR), "--to", str(T2 + 86_400_000),
+                         "--out", str(tmp_path / "l.parquet")], capsys)
+    assert code == 2 and "nothing of it was ingested yet" in err
 
 
 @pytest.mark.parametrize("argv", [
@@ -174,8 +285,8 @@ def test_cli_writes_labels(store: Any, tmp_path: Path, monkeypatch: pytest.Monke
     ["--from", str(T1), "--to", str(T2), "--attribution", "soon"],
     ["--from", str(T1), "--to", str(T2), "--store-missing"],
 ])
-def test_cli_bad_input_exits_2(argv: list[str], store: Any, tmp_path: Path,
-                               monkeypatch: pytest.MonkeyPatch,
+def test_cli_bad_input_exits_2(argv: list[str], store: Any, commits: MemoryOnlineStore,
+                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
     st = store[0]
     monkeypatch.setenv("HEADRACE_OFFLINE_URI", st.uri)
@@ -199,7 +310,8 @@ def test_empty_range_writes_an_empty_file(store: Any, tmp_path: Path) -> None:
     assert pq.read_table(tmp_path / "e.parquet").schema.equals(LABEL_SCHEMA)
 
 
-def test_labels_feed_training_set_with_cold_start(store: Any, tmp_path: Path,
+def test_labels_feed_training_set_with_cold_start(store: Any, commits: MemoryOnlineStore,
+                                                  tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     st = store[0]
@@ -208,9 +320,20 @@ def test_labels_feed_training_set_with_cold_start(store: Any, tmp_path: Path,
     labels, out = tmp_path / "l.parquet", tmp_path / "ts.parquet"
     assert _cli(["labels", "--from", str(T1), "--to", str(T2), "--out", str(labels)],
                 capsys)[0] == 0
-    code, _, err = _cli(["training-set", "--labels", str(labels), "--features", "all",
-                         "--cold-start", "--out", str(out)], capsys)
+    argv = ["training-set", "--labels", str(labels), "--features", "all", "--cold-start",
+            "--out", str(out)]
+    # this store holds events but no views/ files: the parts the records vouch for lack
+    # them, so the training set needs --allow-gaps
+    code, _, err = _cli(argv, capsys)
+    assert code == 2 and "views/user_activity@1 file of the part at offsets 0-399 of " \
+        "impressions[0]" in err and not out.exists()
+    code, _, err = _cli([*argv, "--allow-gaps"], capsys)
     assert code == 0, err
+    assert "WARNING: the offline store misses the views/" in err
+    meta = pq.read_schema(out).metadata or {}
+    report = json.loads(meta[METADATA_KEY.encode()])
+    assert report["allow_gaps"] and {g["reason"] for g in report["gaps"]} == {"view file"}
+    assert json.loads(meta[b"headrace.labels_coverage"])["gaps"] == []
     table = pq.read_table(out)
     base = pq.read_table(labels)
     assert table.select(base.column_names).equals(base)
@@ -219,3 +342,26 @@ def test_labels_feed_training_set_with_cold_start(store: Any, tmp_path: Path,
     assert all(table.column("user_activity__is_default").to_pylist())
     ctr = table.column("ad__ctr_24h").to_pylist()
     assert len(set(ctr)) == 1 and ctr[0] is not None and 0 < ctr[0] < 1
+
+
+def test_training_set_in_time_buckets_records_the_coverage(
+        store: Any, commits: MemoryOnlineStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HEADRACE_OFFLINE_URI", store[0].uri)
+    monkeypatch.setenv("HEADRACE_PROGRESS", "false")
+    labels, out = tmp_path / "l.parquet", tmp_path / "ts.parquet"
+    assert _cli(["labels", "--from", str(T1), "--to", str(T2), "--out", str(labels)],
+                capsys)[0] == 0
+    for path in Path(store[0].root).rglob(chunk_file("impressions", 0, 0)):
+        path.unlink()  # the impressions part lost after the labels were built
+    argv = ["training-set", "--labels", str(labels), "--features", "user__impressions_1h",
+            "--chunk-rows", "40", "--out", str(out)]
+    code, _, err = _cli(argv, capsys)
+    assert code == 2 and "offsets 0-399 of impressions[0] in events/impression (no part " \
+        "at all)" in err and not out.exists()
+    code, _, err = _cli([*argv, "--allow-gaps"], capsys)
+    assert code == 0, err
+    report = _coverage(out)
+    assert ("impressions", 0, 0, 400, "no part") in {
+        (g["topic"], g["partition"], g["start"], g["end"], g["reason"]) for g in report["gaps"]}
+    assert pq.read_table(out).num_rows == pq.read_table(labels).num_rows

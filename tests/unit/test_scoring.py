@@ -231,6 +231,7 @@ def _set_candidate(i: int, **kw: Any) -> Callable[[spb.ScoreRequest], None]:
     (_set_candidate(3, bid_cpm=-0.5), "candidates[3].bid_cpm"),
     (_set_candidate(0, bid_cpm=math.nan), "candidates[0].bid_cpm"),
     (_set_candidate(4, bid_cpm=math.inf), "candidates[4].bid_cpm"),
+    (_set_candidate(1, bid_cpm=1e308), "candidates[1].bid_cpm"),
     (lambda r: setattr(r, "user_id", "u\n1"), "user_id"),
     (lambda r: setattr(r.context, "publisher_id", "p 0"), "context.publisher_id"),
     (lambda r: setattr(r.context, "ts_ms", -1), "context.ts_ms"),
@@ -252,6 +253,17 @@ def test_bad_requests_name_the_field(tmp_path: Path, mutate: Callable[[spb.Score
     assert info.value.field == field
     assert str(info.value).startswith(f"{field}: ")
     assert len(booster.calls) == 2  # the warm-up and the good request: nothing more
+
+
+def test_the_service_applies_its_bid_cap(tmp_path: Path) -> None:
+    booster = FakeBooster(lambda x: np.full(x.shape[0], 0.01))
+    svc = service_for(MemoryOnlineStore(), {"v1": LoadedModel("v1", booster, ("bid_cpm",), {})},
+                      tmp_path)
+    svc.max_bid_cpm = 50.0
+    assert len(svc.score(request("u1", [("a0", "c0", 50.0)])).order) == 1
+    with pytest.raises(InvalidArgument) as info:
+        svc.score(request("u1", [("a0", "c0", 1.0), ("a1", "c0", 50.5)]))
+    assert info.value.field == "candidates[1].bid_cpm"
 
 
 def test_no_model_is_failed_precondition(tmp_path: Path) -> None:

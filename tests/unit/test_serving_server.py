@@ -130,3 +130,55 @@ def test_parse_time_ms(text: str, ms: int) -> None:
 def test_parse_time_ms_rejects_garbage() -> None:
     with pytest.raises(UsageError):
         parse_time_ms("yesterday")
+
+
+# ------------------------------------------------------------------ request decoding
+def _decoding_handler(seen: list[Any]) -> grpc.RpcMethodHandler:
+    def behavior(request: Any, context: Any) -> Any:
+        seen.append(request)
+        return pb.GetOnlineFeaturesResponse(ids=request.ids)
+
+    return grpc.unary_unary_rpc_method_handler(
+        behavior, request_deserializer=pb.GetOnlineFeaturesRequest.FromString,
+        response_serializer=pb.GetOnlineFeaturesResponse.SerializeToString)
+
+
+def test_interceptor_decodes_the_request_itself() -> None:
+    seen: list[Any] = []
+    metrics = ServingMetrics()
+    wrapped = ErrorInterceptor(metrics).intercept_service(lambda d: _decoding_handler(seen),
+                                                          Details())
+    assert wrapped is not None
+    assert wrapped.request_deserializer is None  # gRPC hands over the raw bytes
+    assert wrapped.response_serializer is pb.GetOnlineFeaturesResponse.SerializeToString
+    raw = pb.GetOnlineFeaturesRequest(entity_type="user", ids=["u1", "é"]).SerializeToString()
+    assert list(wrapped.unary_unary(raw, FakeContext()).ids) == ["u1", "é"]
+    assert seen == [pb.GetOnlineFeaturesRequest.FromString(raw)]
+    assert metrics.value("headrace_serving_request_seconds_count",
+                         method="GetOnlineFeatures") == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "cause"),
+    [
+        (b"\x0a\x04user\x12\x02\xff\xfe", "UTF-8"),  # ids=[b"\xff\xfe"]: not UTF-8
+        (b"\x0a\x04user\x12\x01\xc3", "UTF-8"),  # a truncated 2-byte sequence
+        (b"garbage bytes!!", "corrupt"),
+        (b"\xff\xff\xff\xff", "corrupt"),
+    ],
+)
+def test_undecodable_request_is_invalid_argument(raw: bytes, cause: str) -> None:
+    seen: list[Any] = []
+    metrics = ServingMetrics()
+    wrapped = ErrorInterceptor(metrics).intercept_service(lambda d: _decoding_handler(seen),
+                                                          Details())
+    assert wrapped is not None
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        wrapped.unary_unary(raw, ctx)
+    assert ctx.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert ctx.details.startswith("request: cannot be decoded")
+    assert "headrace.v1.GetOnlineFeaturesRequest" in ctx.details and cause in ctx.details
+    assert seen == []  # the service never saw it
+    assert metrics.value("headrace_serving_request_seconds_count",
+                         method="GetOnlineFeatures") == 1

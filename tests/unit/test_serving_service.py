@@ -3,6 +3,7 @@ TTL, cold start, bad requests naming the field, fallback, budget and breaker."""
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -13,15 +14,18 @@ from feature_defs.layout import entity_key, priors_key
 from feature_defs.registry import load_registry
 from feature_defs.state import ViewState
 from headrace.api.v1 import features_pb2 as pb
+from headrace.api.v1 import scoring_pb2 as spb
 from headrace.core.errors import InvalidArgument
 from headrace.core.online_store import MemoryOnlineStore
+from headrace.core.settings import ServeSettings
 from serving.breaker import BreakerState, CircuitBreaker
 from serving.client import OnlineFeatures, build_request
 from serving.fetch import FallbackReason
 from serving.metrics import ServingMetrics
 from serving.priors import PriorsCache
 from serving.reader import OnlineReader
-from serving.service import OnlineFeatureService
+from serving.score_request import MAX_BID_CPM, parse_score_request
+from serving.service import MAX_FEATURE_NAMES, OnlineFeatureService
 from tests import oracle
 
 PREFIX = "hr"
@@ -199,10 +203,12 @@ def test_server_clock_behind_event_times_is_not_an_error(store: MemoryOnlineStor
     assert set(ent.statuses.values()) == {"PRESENT"}
 
 
-def test_unreadable_state_is_served_as_no_data(store: MemoryOnlineStore) -> None:
+def test_unreadable_state_is_a_fallback_never_a_cold_start(store: MemoryOnlineStore) -> None:
+    # issue 13: it was served as a brand-new entity (DEFAULT, reason NONE)
     store.hset(entity_key(PREFIX, "ad", "bad"), VIEW_OF["ad"].view.id, b"\x01garbage")
-    ent = ask(make_service(store), "ad", ["bad"]).entities[0]
-    assert set(ent.statuses.values()) == {"DEFAULT"}
+    resp = ask(make_service(store), "ad", ["bad"])
+    assert set(resp.entities[0].statuses.values()) == {"FALLBACK"}
+    assert resp.fallback_reason == "CORRUPT_STATE"
 
 
 PRIORS = Priors({"user__ctr_24h": 0.03}, {("US", "mobile"): {"user__ctr_24h": 0.07}})
@@ -382,3 +388,96 @@ def test_several_views_of_one_entity_in_one_round_trip() -> None:
     assert one.values == {**{n: want[n] for n in names}, "user__bid_sum_1h": 0.0}
     assert one.statuses == {"user__bid_sum_1h": "DEFAULT", "user__ctr_24h": "PRESENT",
                             "user__impressions_7d": "PRESENT"}
+
+
+# ------------------------------------------------------------------ feature names
+def test_repeated_feature_names_are_answered_once_in_first_seen_order(
+    store: MemoryOnlineStore,
+) -> None:
+    service = make_service(store)
+    once = ["user__clicks_1h", "user__ctr_24h", "user__impressions_7d"]
+    repeated = ["user__clicks_1h", "user__ctr_24h", "user__clicks_1h", "user__impressions_7d",
+                "user__ctr_24h", "user__clicks_1h"]
+    want = service.get_online_features(build_request("user", ["u0", "u1"], once, as_of_ms=T0 + 1))
+    got = service.get_online_features(build_request("user", ["u0", "u1"], repeated,
+                                                    as_of_ms=T0 + 1))
+    assert list(got.feature_names) == once
+    assert got == want  # the same answer, value for value
+    assert len(got.values) == 2 * len(once)
+
+
+def test_a_bad_name_after_repeats_is_named_at_its_own_index(store: MemoryOnlineStore) -> None:
+    service = make_service(store)
+    names = ["user__ctr_24h", "user__ctr_24h", "user__ctr_24h", "nope"]
+    with pytest.raises(InvalidArgument) as err:
+        service.get_online_features(build_request("user", ["u1"], names))
+    assert err.value.field == "feature_names[3]"
+
+
+def test_feature_names_are_capped(store: MemoryOnlineStore) -> None:
+    service = make_service(store)
+    assert service.max_feature_names == MAX_FEATURE_NAMES == 1024  # > the known features
+    at_cap = ["user__ctr_24h"] * MAX_FEATURE_NAMES
+    resp = service.get_online_features(build_request("user", ["u1"], at_cap))
+    assert list(resp.feature_names) == ["user__ctr_24h"]
+    for n in (MAX_FEATURE_NAMES + 1, 100_000):
+        with pytest.raises(InvalidArgument) as err:
+            service.get_online_features(build_request("user", ["u1"], ["user__ctr_24h"] * n))
+        assert err.value.field == "feature_names"
+        assert str(err.value) == f"feature_names: {n} names exceed the limit of 1024"
+    assert len(service._plans) == 1  # a rejected request leaves no cached plan
+
+
+def test_the_name_cap_never_rejects_every_known_feature_once(store: MemoryOnlineStore) -> None:
+    reader = OnlineReader(store, PREFIX)
+    service = OnlineFeatureService(REG, reader, PriorsCache(store, PREFIX),
+                                   CircuitBreaker(clock=Timer()), max_feature_names=1,
+                                   clock_ms=lambda: T0 + 1)
+    names = REG.feature_names("user")
+    assert service.max_feature_names == len(REG.by_feature)
+    assert list(service.get_online_features(build_request("user", ["u1"], names))
+                .feature_names) == names
+    with pytest.raises(InvalidArgument, match="^feature_names: "):
+        service.get_online_features(
+            build_request("user", ["u1"], names * (len(REG.by_feature) // len(names) + 1)))
+
+
+# ------------------------------------------------------------------ Score bids
+def _score_request(*bids: float) -> spb.ScoreRequest:
+    req = spb.ScoreRequest(user_id="u1")
+    for i, bid in enumerate(bids):
+        req.candidates.add(ad_id=f"a{i}", campaign_id="c0", bid_cpm=bid)
+    return req
+
+
+def _parse(req: spb.ScoreRequest, **kw: Any) -> Any:
+    return parse_score_request(req, max_candidates=200, clock_ms=lambda: T0, **kw)
+
+
+@pytest.mark.parametrize(
+    ("bad", "shown"),
+    [(1e308, "1e+308"), (MAX_BID_CPM * (1 + 1e-12), "10000.0000"), (math.inf, "inf"),
+     (-math.inf, "-inf"), (math.nan, "nan"), (-0.01, "-0.01")],
+)
+def test_bid_cpm_must_be_finite_and_within_the_cap(bad: float, shown: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        _parse(_score_request(1.0, 2.5, bad, 3.0))
+    assert err.value.field == "candidates[2].bid_cpm"
+    assert str(err.value).startswith(
+        "candidates[2].bid_cpm: must be a finite number from 0 to 10000 (CPM), got " + shown)
+
+
+def test_bids_up_to_the_cap_are_accepted_and_the_cap_is_configurable() -> None:
+    inp = _parse(_score_request(0.0, MAX_BID_CPM, 7.5))
+    assert inp.bids.tolist() == [0.0, MAX_BID_CPM, 7.5]
+    assert _parse(_score_request(50.0), max_bid_cpm=50.0).bids.tolist() == [50.0]
+    with pytest.raises(InvalidArgument, match=r"^candidates\[1\]\.bid_cpm: .* from 0 to 50 "):
+        _parse(_score_request(50.0, 50.5), max_bid_cpm=50.0)
+
+
+def test_max_bid_cpm_setting() -> None:
+    assert ServeSettings.from_env({}).max_bid_cpm == MAX_BID_CPM
+    assert ServeSettings.from_env({"HEADRACE_MAX_BID_CPM": "250.5"}).max_bid_cpm == 250.5
+    for bad in ("0", "-1", "inf", "nan"):
+        with pytest.raises(ValueError, match="max_bid_cpm"):
+            ServeSettings.from_env({"HEADRACE_MAX_BID_CPM": bad})

@@ -14,13 +14,14 @@ import pytest
 from feature_defs.layout import commit_key, entity_key, repartition_topic
 from feature_defs.registry import load_registry
 from feature_defs.state import ViewState, fence_key
+from headrace.core.errors import StateFormatError
 from headrace.core.online_store import MemoryOnlineStore
 from streams.admission import ORPHAN_SLACK_MS
 from streams.encode import encode_arrow as encode_events
 from streams.engine import Engine, RawMessage
 from streams.metrics import StreamMetrics
 from streams.offline_writer import OfflineWriter
-from streams.sides import MemorySideOutputs, encode_arrow
+from streams.sides import CorruptState, MemorySideOutputs, encode_arrow
 from streams.state_cache import RESIDENT_BASE, StateCache, resident_bytes
 from streams.synthetic import generate
 
@@ -363,6 +364,28 @@ def test_assignment_scopes_orphans_from_the_durable_watermark() -> None:
         ("impressions", 0, 30, T0 + 5_000 - lateness - ORPHAN_SLACK_MS),
         ("impressions", 1, 0, None),  # nothing durable: every date
     ]
+
+
+def test_an_unreadable_state_of_any_view_is_quarantined_only_with_side_outputs() -> None:
+    ad = REGISTRY.plans["ad_activity@1"]
+    store = MemoryOnlineStore()
+    store.hset(entity_key("hr", "ad", "a1"), ad.view.id, b"\x03junk")
+    _put(store, "u1", _state(3))
+    with pytest.raises(StateFormatError, match="malformed view state"):
+        _cache(store, None).get(ad, ["a1"])  # nowhere to keep the bytes: as before
+    sides = MemorySideOutputs()
+    cache = StateCache(plans=REGISTRY.plans, store=store, prefix="hr", limit_bytes=None,
+                       metrics=StreamMetrics(), sides=sides)
+    cache.prefetch({ad.view.id: ["a1"], VID: ["u1"]})
+    [dl] = sides.dead
+    assert isinstance(dl, CorruptState)
+    assert (dl.key, dl.view, dl.value) == (entity_key("hr", "ad", "a1"), ad.view.id, b"\x03junk")
+    assert cache.states[ad.view.id]["a1"].encode() == ViewState(ad).encode()  # reset
+    assert cache.dirty == {**{v: set() for v in REGISTRY.plans}, ad.view.id: {"a1"}}
+    assert cache.states[VID]["u1"].encode() == _state(3)  # the readable one as stored
+    assert cache.quarantined == 1 and cache.misses == 2
+    assert cache.metrics.registry.get_sample_value(
+        "headrace_corrupt_states_total", {"view": ad.view.id}) == 1
 
 
 def test_resident_estimate_grows_with_the_encoding() -> None:

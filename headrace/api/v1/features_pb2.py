@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eheadrace/api/v1/features.proto\x12\x0bheadrace.v1\"6\n\x0eRequestContext\x12\x0f\n\x07\x63ountry\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x02 \x01(\t\"\x1d\n\x0c\x46\x65\x61tureNames\x12\r\n\x05names\x18\x01 \x03(\t\"\xe6\x01\n\x18GetOnlineFeaturesRequest\x12\x13\n\x0b\x65ntity_type\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x32\n\rfeature_names\x18\x03 \x01(\x0b\x32\x19.headrace.v1.FeatureNamesH\x00\x12\x15\n\x0b\x66\x65\x61ture_set\x18\x04 \x01(\tH\x00\x12\x15\n\x08\x61s_of_ms\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12,\n\x07\x63ontext\x18\x06 \x01(\x0b\x32\x1b.headrace.v1.RequestContextB\x0b\n\tselectionB\x0b\n\t_as_of_ms\"\x81\x02\n\x19GetOnlineFeaturesResponse\x12\x15\n\rfeature_names\x18\x01 \x03(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12)\n\x05tiers\x18\x03 \x03(\x0e\x32\x1a.headrace.v1.ColdStartTier\x12\x0e\n\x06values\x18\x04 \x03(\x01\x12\x0f\n\x07is_null\x18\x05 \x03(\x08\x12,\n\x08statuses\x18\x06 \x03(\x0e\x32\x1a.headrace.v1.FeatureStatus\x12\x10\n\x08\x61s_of_ms\x18\x07 \x01(\x03\x12\x34\n\x0f\x66\x61llback_reason\x18\x08 \x01(\x0e\x32\x1b.headrace.v1.FallbackReason*b\n\rFeatureStatus\x12\x1e\n\x1a\x46\x45\x41TURE_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07PRESENT\x10\x01\x12\x0b\n\x07\x44\x45\x46\x41ULT\x10\x02\x12\t\n\x05STALE\x10\x03\x12\x0c\n\x08\x46\x41LLBACK\x10\x04*h\n\rColdStartTier\x12\x1f\n\x1b\x43OLD_START_TIER_UNSPECIFIED\x10\x00\x12\x10\n\x0cPERSONALIZED\x10\x01\x12\x0b\n\x07\x42LENDED\x10\x02\x12\x0b\n\x07SEGMENT\x10\x03\x12\n\n\x06GLOBAL\x10\x04*R\n\x0e\x46\x61llbackReason\x12\x08\n\x04NONE\x10\x00\x12\x0f\n\x0bREDIS_ERROR\x10\x01\x12\x13\n\x0f\x42UDGET_EXCEEDED\x10\x02\x12\x10\n\x0c\x42REAKER_OPEN\x10\x03\x32t\n\x0e\x46\x65\x61tureService\x12\x62\n\x11GetOnlineFeatures\x12%.headrace.v1.GetOnlineFeaturesRequest\x1a&.headrace.v1.GetOnlineFeaturesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eheadrace/api/v1/features.proto\x12\x0bheadrace.v1\"6\n\x0eRequestContext\x12\x0f\n\x07\x63ountry\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x02 \x01(\t\"\x1d\n\x0c\x46\x65\x61tureNames\x12\r\n\x05names\x18\x01 \x03(\t\"\xe6\x01\n\x18GetOnlineFeaturesRequest\x12\x13\n\x0b\x65ntity_type\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x32\n\rfeature_names\x18\x03 \x01(\x0b\x32\x19.headrace.v1.FeatureNamesH\x00\x12\x15\n\x0b\x66\x65\x61ture_set\x18\x04 \x01(\tH\x00\x12\x15\n\x08\x61s_of_ms\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12,\n\x07\x63ontext\x18\x06 \x01(\x0b\x32\x1b.headrace.v1.RequestContextB\x0b\n\tselectionB\x0b\n\t_as_of_ms\"\x81\x02\n\x19GetOnlineFeaturesResponse\x12\x15\n\rfeature_names\x18\x01 \x03(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12)\n\x05tiers\x18\x03 \x03(\x0e\x32\x1a.headrace.v1.ColdStartTier\x12\x0e\n\x06values\x18\x04 \x03(\x01\x12\x0f\n\x07is_null\x18\x05 \x03(\x08\x12,\n\x08statuses\x18\x06 \x03(\x0e\x32\x1a.headrace.v1.FeatureStatus\x12\x10\n\x08\x61s_of_ms\x18\x07 \x01(\x03\x12\x34\n\x0f\x66\x61llback_reason\x18\x08 \x01(\x0e\x32\x1b.headrace.v1.FallbackReason*b\n\rFeatureStatus\x12\x1e\n\x1a\x46\x45\x41TURE_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07PRESENT\x10\x01\x12\x0b\n\x07\x44\x45\x46\x41ULT\x10\x02\x12\t\n\x05STALE\x10\x03\x12\x0c\n\x08\x46\x41LLBACK\x10\x04*h\n\rColdStartTier\x12\x1f\n\x1b\x43OLD_START_TIER_UNSPECIFIED\x10\x00\x12\x10\n\x0cPERSONALIZED\x10\x01\x12\x0b\n\x07\x42LENDED\x10\x02\x12\x0b\n\x07SEGMENT\x10\x03\x12\n\n\x06GLOBAL\x10\x04*e\n\x0e\x46\x61llbackReason\x12\x08\n\x04NONE\x10\x00\x12\x0f\n\x0bREDIS_ERROR\x10\x01\x12\x13\n\x0f\x42UDGET_EXCEEDED\x10\x02\x12\x10\n\x0c\x42REAKER_OPEN\x10\x03\x12\x11\n\rCORRUPT_STATE\x10\x04\x32t\n\x0e\x46\x65\x61tureService\x12\x62\n\x11GetOnlineFeatures\x12%.headrace.v1.GetOnlineFeaturesRequest\x1a&.headrace.v1.GetOnlineFeaturesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COLDSTARTTIER']._serialized_start=727
   _globals['_COLDSTARTTIER']._serialized_end=831
   _globals['_FALLBACKREASON']._serialized_start=833
-  _globals['_FALLBACKREASON']._serialized_end=915
+  _globals['_FALLBACKREASON']._serialized_end=934
   _globals['_REQUESTCONTEXT']._serialized_start=47
   _globals['_REQUESTCONTEXT']._serialized_end=101
   _globals['_FEATURENAMES']._serialized_start=103
@@ -45,6 +45,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETONLINEFEATURESREQUEST']._serialized_end=365
   _globals['_GETONLINEFEATURESRESPONSE']._serialized_start=368
   _globals['_GETONLINEFEATURESRESPONSE']._serialized_end=625
-  _globals['_FEATURESERVICE']._serialized_start=917
-  _globals['_FEATURESERVICE']._serialized_end=1033
+  _globals['_FEATURESERVICE']._serialized_start=936
+  _globals['_FEATURESERVICE']._serialized_end=1052
 # @@protoc_insertion_point(module_scope)

@@ -29,6 +29,7 @@ class FallbackReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REDIS_ERROR: _ClassVar[FallbackReason]
     BUDGET_EXCEEDED: _ClassVar[FallbackReason]
     BREAKER_OPEN: _ClassVar[FallbackReason]
+    CORRUPT_STATE: _ClassVar[FallbackReason]
 FEATURE_STATUS_UNSPECIFIED: FeatureStatus
 PRESENT: FeatureStatus
 DEFAULT: FeatureStatus
@@ -43,6 +44,7 @@ NONE: FallbackReason
 REDIS_ERROR: FallbackReason
 BUDGET_EXCEEDED: FallbackReason
 BREAKER_OPEN: FallbackReason
+CORRUPT_STATE: FallbackReason
 
 class RequestContext(_message.Message):
     __slots__ = ("country", "device_type")
