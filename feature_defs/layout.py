@@ -39,6 +39,7 @@ __all__ = [
     "repartition_topic",
     "entity_key",
     "commit_key",
+    "epoch_key",
     "priors_key",
     "partition_for",
     "entity_id_problem",
@@ -67,6 +68,13 @@ def entity_key(prefix: str, entity: str, entity_id: str) -> str:
 
 def commit_key(prefix: str, group: str, topic: str, partition: int) -> str:
     return f"{prefix}:commit:{{{group}}}:{topic}:{partition}"
+
+
+def epoch_key(prefix: str, group: str) -> str:
+    """The consumer group's epoch marker: a token the workers write when the group's
+    progress starts (or is rebuilt) and check while they run; gone, Redis lost its data
+    (:mod:`streams.progress_guard`)."""
+    return f"{prefix}:epoch:{{{group}}}"
 
 
 def priors_key(prefix: str) -> str:

@@ -21,6 +21,7 @@ decides lateness) and the durable positions loaded from the partition's commit r
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: re-seeks tried before a gap in offsets is accepted as real (e.g. transaction markers)
 MAX_GAP_SEEKS = 3
+#: seconds after a rebuild's seek during which messages fetched before it are dropped
+STALE_FOR_S = 30.0
 
 #: extra event time (ms) searched for orphan offline parts before the earliest time they
 #: can hold (:meth:`Admission.orphan_since`): one more date partition at most
@@ -96,12 +99,25 @@ class Admission:
         self.metrics = metrics
         self.stats = stats
         self.clock = clock
+        #: called with a source topic whose progress Redis lost (a metric)
+        self.on_lost: Callable[[str], None] | None = None
         self.progress: dict[TopicPartition, PartitionProgress] = {}
         self._seek_requests: dict[TopicPartition, int] = {}
 
     # ---------------------------------------------------------------- assignment
-    def assign(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        """Load durable progress for newly assigned partitions; returns seek offsets."""
+    def assign(self, tps: Sequence[TopicPartition],
+               log_starts: Mapping[TopicPartition, int] | None = None
+               ) -> dict[TopicPartition, int]:
+        """Load durable progress for newly assigned partitions; returns seek offsets.
+
+        ``log_starts``: each partition's first retained offset, where known. A source
+        partition whose progress record lacks ``offline_next`` while the offline store
+        holds its parts lost its progress (:mod:`streams.progress_guard`): its offline
+        progress is recovered from the parts (nothing is deleted) and it resumes at the
+        log's start. Orphan parts (at or past the durable offline progress) are removed
+        only when the log still holds what will rewrite them.
+        """
+        starts = log_starts or {}
         new = [tp for tp in tps if tp not in self.progress]
         keys = [commit_key(self.prefix, self.group, t, p) for t, p in new]
         records = self.store.read_commits(keys) if keys else []
@@ -110,8 +126,12 @@ class Admission:
             source = self.sources.get(t)
             prog = PartitionProgress(t, p, source)
             prog.online_next = rec.get("online_next", 0)
+            start = starts.get((t, p), 0)
             if source is None:
-                prog.next = prog.online_next
+                prog.next = max(prog.online_next, start) if not rec else prog.online_next
+            elif "offline_next" not in rec and self.writer is not None and (
+                    found := self.writer.durable_end(t, p)) is not None:
+                self._recover(prog, found, start, bool(rec))
             else:
                 prog.offline_next = rec.get("offline_next", 0)
                 prog.offline_wm = rec.get("offline_wm", NO_TS)
@@ -120,12 +140,67 @@ class Admission:
                 else:
                     prog.next, prog.max_ts = prog.online_next, rec.get("online_wm", NO_TS)
                 if self.writer is not None:
-                    removed = self.writer.remove_orphans(
-                        t, p, prog.offline_next, since_ms=self.orphan_since(source, prog))
-                    if removed:
-                        log.info("removed %d orphan offline files of %s[%d]", removed, t, p)
+                    self._remove_orphans(prog, source, start)
+            prog.sides_next = prog.online_next
             self.progress[(t, p)] = prog
             seeks[(t, p)] = prog.next
+        return seeks
+
+    def _recover(self, prog: PartitionProgress, found: tuple[int, int], start: int,
+                 partial: bool) -> None:
+        """Progress records lost, parts in the store up to ``found[0]``: keep them, replay
+        the online state from the log's ``start``, and record the offline progress."""
+        end, newest = found
+        t, p = prog.topic, prog.partition
+        log.warning(
+            "%s[%d]: the progress record is %s in Redis although the offline store holds "
+            "parts up to offset %d: Redis lost its data. Rebuilding the online state from "
+            "the log (offset %d on); the offline store is kept", t, p,
+            "incomplete" if partial else "missing", end, start)
+        if start > 0:
+            log.warning("%s[%d]: the log starts at offset %d: rebuilt values lack the events "
+                        "before it (the offline store holds them)", t, p, start)
+        if start > end:
+            log.error("%s[%d]: offsets %d..%d are neither in the offline store nor in the "
+                      "log", t, p, end, start - 1)
+        if self.on_lost is not None:
+            self.on_lost(t)
+        prog.offline_next, prog.offline_wm = end, newest
+        prog.online_next = prog.next = start
+        prog.max_ts = NO_TS
+        # recorded at once: a crash before the next part must not read offline_next 0
+        # (and delete every part as an orphan)
+        self.store.write([], {commit_key(self.prefix, self.group, t, p): {
+            "offline_next": end, "offline_wm": newest}})
+
+    def _remove_orphans(self, prog: PartitionProgress, source: str, start: int) -> None:
+        t, p = prog.topic, prog.partition
+        assert self.writer is not None
+        if start > prog.offline_next:
+            log.warning("%s[%d]: the log starts at %d, past the durable offline progress %d: "
+                        "parts past it are kept (the log could not rewrite them)", t, p,
+                        start, prog.offline_next)
+            return
+        removed = self.writer.remove_orphans(
+            t, p, prog.offline_next, since_ms=self.orphan_since(source, prog))
+        if removed:
+            log.info("removed %d orphan offline files of %s[%d]", removed, t, p)
+
+    def rebuild(self, log_starts: Mapping[TopicPartition, int], now: float
+                ) -> dict[TopicPartition, int]:
+        """Replay every assigned partition from its log start (an online rebuild):
+        online progress reset, offline progress kept, buffers dropped (re-read), side
+        outputs not published again. Returns the seeks."""
+        seeks = {}
+        for tp, prog in self.progress.items():
+            start = log_starts.get(tp, 0)
+            prog.sides_next = max(prog.sides_next, prog.next)
+            prog.stale_from, prog.stale_since = prog.next, now
+            prog.next = prog.online_next = start
+            prog.max_ts = NO_TS
+            prog.buffer = []
+            prog.gap_seeks = 0
+            seeks[tp] = start
         return seeks
 
     def orphan_since(self, source: str, prog: PartitionProgress) -> int | None:
@@ -162,6 +237,17 @@ class Admission:
         expected offset is never skipped silently: the partition is re-sought to it
         (bounded retries, then the gap is accepted as real and logged)."""
         fresh = [m for m in msgs if m.offset >= prog.next]
+        if prog.stale_from is not None and fresh:
+            if fresh[0].offset == prog.next:
+                prog.stale_from = None  # the seek took effect
+            elif (fresh[0].offset >= prog.stale_from
+                  and time.monotonic() - prog.stale_since < STALE_FOR_S):
+                # fetched before the rebuild's seek: no gap. Seek again: Faust's consumer
+                # raised its read offset past them, and would drop the re-fetched ones
+                self._seek_requests[(prog.topic, prog.partition)] = prog.next
+                return []
+            else:
+                prog.stale_from = None
         if not fresh or fresh[0].offset == prog.next:
             prog.gap_seeks = 0
             return fresh
@@ -204,7 +290,7 @@ class Admission:
             self.metrics.late.labels(prog.topic).inc(late_rows.num_rows)
             wm = before[late] - self.lateness_ms[source]
             for row, w in zip(late_rows.to_pylist(), wm.tolist(), strict=True):
-                if row["_offset"] >= prog.online_next:
+                if row["_offset"] >= max(prog.online_next, prog.sides_next):
                     self.sides.late(prog.topic, row, int(w))
             keep = ~late
             table, ts, offsets = table.filter(pa.array(keep)), ts[keep], offsets[keep]

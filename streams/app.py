@@ -125,8 +125,12 @@ def run_worker(
     *,
     until_idle: float | None = None,
     stats_path: str | None = None,
+    rebuild_online: bool = False,
 ) -> int:
     """Run a worker until stopped (or idle for ``until_idle`` seconds). Returns 0.
+
+    ``rebuild_online``: rebuild the online state from the log once assigned
+    (:mod:`streams.progress_guard`).
 
     ``stats_path`` receives a JSON summary at exit (events, first input and last durable
     commit wall times, freshness samples: :class:`~streams.run_stats.RunStats`) for
@@ -145,7 +149,8 @@ def run_worker(
         metrics.serve(settings.metrics_port)
     engine = build_engine(settings, registry, metrics)
     ensure_topics(settings, engine.input_topics() + engine.side_topics())
-    code = Worker(settings, engine, metrics, until_idle=until_idle).run()
+    code = Worker(settings, engine, metrics, until_idle=until_idle,
+                  rebuild_online=rebuild_online).run()
     if stats_path:
         engine.run_stats().write_json(stats_path)
     return code

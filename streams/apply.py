@@ -126,6 +126,10 @@ class ViewApplier:
         """Forget every cached state (after a revocation another worker owns some keys)."""
         self.cache.clear()
 
+    def reset(self) -> None:
+        """Forget every cached state and every change not written (an online rebuild)."""
+        self.cache.reset()
+
     # ---------------------------------------------------------------- apply
     def _apply(self, plan: ViewPlan, table: pa.Table, keys: list[str], codes: np.ndarray,
                ts: np.ndarray, sources: str | np.ndarray, fkeys: np.ndarray,

@@ -32,13 +32,14 @@ registry's compiled topology (:class:`~feature_defs.topology.Topology`).
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from feature_defs.layout import TOPIC_DLQ, TOPIC_LATE, repartition_topic
+from feature_defs.layout import TOPIC_DLQ, TOPIC_LATE, commit_key, repartition_topic
 from feature_defs.registry import Registry
 from headrace.core.online_store import OnlineStore
 from streams.admission import MAX_GAP_SEEKS, Admission
@@ -48,6 +49,7 @@ from streams.metrics import StreamMetrics
 from streams.offline_writer import OfflineWriter
 from streams.online import OnlineWrites
 from streams.outages import Outages
+from streams.progress_guard import ProgressGuard
 from streams.rows import PartitionProgress, RawMessage, concat
 from streams.run_stats import RunStats
 from streams.sides import SideOutputs
@@ -55,6 +57,8 @@ from streams.sides import SideOutputs
 __all__ = ["Engine", "RawMessage", "PartitionProgress", "RunStats", "MAX_GAP_SEEKS"]
 
 TopicPartition = tuple[str, int]
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -100,6 +104,9 @@ class Engine:
     ) -> None:
         topo = registry.topology
         self.registry = registry
+        self.store = store
+        self.redis_prefix = redis_prefix
+        self.group = group
         self.topic = topic
         self.max_future_ms = max_future_ms
         self.metrics = metrics or StreamMetrics()
@@ -118,6 +125,8 @@ class Engine:
             sources=self.sources, lateness_ms=topo.lateness_ms, store=store, writer=writer,
             sides=sides, prefix=redis_prefix, group=group, metrics=self.metrics,
             stats=self.stats, clock=clock, mixed_lateness=topo.mixed_lateness)
+        self.guard = ProgressGuard(store, redis_prefix, group, self.metrics)
+        self.admission.on_lost = lambda t: self.guard.lost.labels(t).inc()
         self.views = ViewApplier(registry=registry, store=store, prefix=redis_prefix,
                                  metrics=self.metrics, cache_bytes=state_cache_bytes,
                                  sides=sides)  # unreadable states are dead-lettered
@@ -128,6 +137,7 @@ class Engine:
                                 observe=self.metrics.redis_write.observe,
                                 failed=self.metrics.write_errors.labels("redis").inc),
             prefix=redis_prefix, group=group, metrics=self.metrics, stats=self.stats)
+        self.online.guard = self.guard
         self.offline = OfflineFlush(
             registry=registry, admission=self.admission, writer=writer, store=store,
             prefix=redis_prefix, group=group, metrics=self.metrics, stats=self.stats,
@@ -158,9 +168,56 @@ class Engine:
         self.online.writes = writes
 
     # ---------------------------------------------------------------- assignment
-    def assign(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        """Load durable progress for newly assigned partitions; returns seek offsets."""
-        return self.admission.assign(tps)
+    def assign(self, tps: Sequence[TopicPartition],
+               log_starts: Mapping[TopicPartition, int] | None = None
+               ) -> dict[TopicPartition, int]:
+        """Load durable progress for newly assigned partitions (recovering partitions
+        whose progress Redis lost: :meth:`Admission.assign`); returns seek offsets.
+        Adopts the group's epoch marker (:mod:`streams.progress_guard`)."""
+        seeks = self.admission.assign(tps, log_starts)
+        self.guard.adopt()
+        return seeks
+
+    def progress_intact(self) -> bool:
+        """Whether Redis still holds the group's epoch marker (False: it lost its data
+        under this worker; :meth:`rebuild_online` recovers). Waits for the write in
+        flight first, so what it wrote is covered by the answer."""
+        self.online.writes.finish()
+        return self.guard.intact()
+
+    def rebuild_online(self, log_starts: Mapping[TopicPartition, int], reason: str
+                       ) -> dict[TopicPartition, int]:
+        """Rebuild the online state from the log (:mod:`streams.progress_guard`): delete
+        the states written since the epoch marker was last seen and the partitions'
+        online progress, forget every cached state, replay every assigned partition
+        from ``log_starts`` (offline progress kept: no part is deleted or rewritten).
+        Call with no offline part in flight. Returns the seeks."""
+        self.online.writes.finish()
+        self.sides.flush()  # side outputs so far are out: the replay publishes none again
+        stale = sorted(self.guard.written)
+        commits = [commit_key(self.redis_prefix, self.group, t, p)
+                   for t, p in self.admission.progress]
+        self.store.delete(stale + commits)
+        forget = getattr(self.store, "forget_expiries", None)
+        if forget is not None:
+            forget()
+        self.views.reset()
+        self.online.discard_pending()
+        seeks = self.admission.rebuild(log_starts, time.monotonic())
+        # the offline progress, recorded again (a crash must not read offline_next 0)
+        self.store.write([], {
+            commit_key(self.redis_prefix, self.group, p.topic, p.partition):
+                {"offline_next": p.offline_next, "offline_wm": p.offline_wm}
+            for p in self.admission.progress.values() if p.source is not None})
+        self.guard.adopt()
+        self.guard.rebuilds.inc()
+        for t, _p in self.admission.progress:
+            self.guard.lost.labels(t).inc()
+        starts = {f"{t}/{p}": o for (t, p), o in seeks.items() if o}
+        log.warning("%s: rebuilding the online state from the log (%d partitions, %d stale "
+                    "keys deleted%s); the offline store is kept", reason, len(seeks),
+                    len(stale), f"; log starts {starts}" if starts else "")
+        return seeks
 
     def revoke(self, tps: Sequence[TopicPartition]) -> None:
         """Flush what was processed, then forget the partitions."""
@@ -217,7 +274,7 @@ class Engine:
             decoded = decode_batch(kind, msgs, now_ms=now_ms, max_future_ms=self.max_future_ms)
             for dl in decoded.dead:
                 self.metrics.dead.labels(topic, dl.reason.split(":", 1)[0]).inc()
-                if dl.offset >= prog.online_next:
+                if dl.offset >= max(prog.online_next, prog.sides_next):
                     self.sides.dead_letter(dl)
             table = decoded.table
             if table.num_rows:

@@ -24,6 +24,7 @@ from streams.apply import ViewApplier
 from streams.metrics import StreamMetrics
 from streams.offline_writer import OfflineWriter
 from streams.online import OnlineWrites
+from streams.progress_guard import ProgressGuard
 from streams.rows import PartitionProgress
 from streams.run_stats import RunStats
 from streams.sides import SideOutputs
@@ -65,6 +66,8 @@ class OnlineFlush:
         self.metrics = metrics
         self.stats = stats
         self._pending: list[np.ndarray] = []  # event times applied since the last flush
+        #: told the keys of every completed write (:mod:`streams.progress_guard`)
+        self.guard: ProgressGuard | None = None
         self._freshness_seen = 0
 
     def applied(self, ts: np.ndarray) -> None:
@@ -94,8 +97,12 @@ class OnlineFlush:
             return 0
         fresh, self._pending = self._pending, []
 
+        keys = [w.key for w in writes]
+
         def done(at: float) -> None:
             self.views.written(flight)
+            if self.guard is not None:
+                self.guard.note_written(keys)
             for p, nxt in covered:
                 p.online_next = max(p.online_next, nxt)
             self.stats.last_online_commit = at
@@ -106,6 +113,10 @@ class OnlineFlush:
         if wait:
             self.writes.finish()
         return len(writes)
+
+    def discard_pending(self) -> None:
+        """Forget the event times applied since the last flush (a rebuild replays them)."""
+        self._pending = []
 
     def _observe_freshness(self, pending: list[np.ndarray], at: float) -> None:
         """Record freshness (``at``, when the write completed, - event time) of what was

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,7 +36,7 @@ from feature_defs.plan import ViewPlan
 from feature_defs.windows import to_ms
 from headrace.core.errors import OfflineStoreError
 from headrace.core.retry import DEFAULT_BACKOFF, Backoff, Outage, with_retries
-from streams.rows import BEHIND, admitted_by
+from streams.rows import BEHIND, NO_TS, admitted_by
 
 _T = TypeVar("_T")
 
@@ -239,9 +239,26 @@ class OfflineWriter:
         Raises:
             OfflineStoreError: a listing or a deletion failed.
         """
-        first = _utc_date(since_ms) if since_ms is not None and since_ms >= 0 else None
         removed = 0
-        for sub in ("events", "views"):
+        for info, start, _end in self.part_files(topic, partition, since_ms,
+                                                 subs=("events", "views")):
+            if start >= durable_next:
+                try:
+                    self.fs.delete_file(info.path)
+                except (OSError, pa.ArrowException) as exc:
+                    raise store_error(f"cannot delete {info.path}", exc) from exc
+                removed += 1
+        return removed
+
+    def part_files(self, topic: str, partition: int, since_ms: int | None = None, *,
+                   subs: tuple[str, ...] = ("events",)
+                   ) -> list[tuple[pafs.FileInfo, int, int | None]]:
+        """The part files of (topic, partition) under ``subs`` in the date partitions
+        from ``since_ms`` on (None: every date): (file, start, end from the name or
+        None). Lists directories only, reads no file."""
+        first = _utc_date(since_ms) if since_ms is not None and since_ms >= 0 else None
+        out: list[tuple[pafs.FileInfo, int, int | None]] = []
+        for sub in subs:
             for top in self._list(f"{self.root}/{sub}"):
                 if top.type != pafs.FileType.Directory:
                     continue
@@ -253,18 +270,68 @@ class OfflineWriter:
                         continue
                     for info in self._list(date_dir.path):
                         m = _PART.match(info.base_name)
-                        if (
-                            m
-                            and m["topic"] == topic
-                            and int(m["p"]) == partition
-                            and int(m["start"]) >= durable_next
-                        ):
-                            try:
-                                self.fs.delete_file(info.path)
-                            except (OSError, pa.ArrowException) as exc:
-                                raise store_error(f"cannot delete {info.path}", exc) from exc
-                            removed += 1
-        return removed
+                        if m and m["topic"] == topic and int(m["p"]) == partition:
+                            end = int(m["end"]) if m["end"] is not None else None
+                            out.append((info, int(m["start"]), end))
+        return out
+
+    def durable_end(self, topic: str, partition: int) -> tuple[int, int] | None:
+        """(end offset, newest event time ms) of the parts of (topic, partition) in the
+        store, every date listed (a recovery path: progress records were lost), or None
+        without any. A name without its end (written by earlier workers) costs one
+        footer read (the largest ``_offset`` + 1).
+
+        Raises:
+            OfflineStoreError: a listing or a footer read failed.
+        """
+        return self._retry(f"find the offline progress of {topic}/{partition}",
+                           lambda: self._durable_end_once(topic, partition))
+
+    def _durable_end_once(self, topic: str, partition: int) -> tuple[int, int] | None:
+        files = self.part_files(topic, partition)
+        if not files:
+            return None
+        end, newest = 0, NO_TS
+        for info, _start, named_end in files:
+            stats = self._footer_max(info.path, ("_offset", "ts"))
+            got = named_end if named_end is not None else int(stats.get("_offset", -1)) + 1
+            end = max(end, got)
+            if "ts" in stats:
+                newest = max(newest, int(stats["ts"]))
+        return end, newest
+
+    def _footer_max(self, path: str, columns: tuple[str, ...]) -> dict[str, Any]:
+        """The largest value of each of ``columns`` per the file's footer statistics
+        (epoch ms for timestamps), reading the column where statistics lack."""
+        try:
+            with self.fs.open_input_file(path) as fh:
+                pf = pq.ParquetFile(fh)
+                md = pf.metadata
+                names = md.schema.names
+                out: dict[str, Any] = {}
+                for col in columns:
+                    if col not in names:
+                        continue
+                    idx = names.index(col)
+                    best = None
+                    for rg in range(md.num_row_groups):
+                        st = md.row_group(rg).column(idx).statistics
+                        if st is None or not st.has_min_max:
+                            best = None
+                            break
+                        v = st.max
+                        v = int(v.timestamp() * 1000) if isinstance(v, datetime) else v
+                        best = v if best is None else max(best, v)
+                    if best is None:
+                        arr = pf.read(columns=[col])[col]
+                        if pa.types.is_timestamp(arr.type):
+                            arr = pc.cast(arr, pa.int64())
+                        best = pc.max(arr).as_py()
+                    if best is not None:
+                        out[col] = best
+                return out
+        except (OSError, pa.ArrowException) as exc:
+            raise store_error(f"cannot read {path}", exc) from exc
 
     def _list(self, path: str) -> list[pafs.FileInfo]:
         """The entries directly under ``path`` (none when it does not exist)."""

@@ -51,6 +51,13 @@ class PartitionProgress:
     #: a detached offline part of this partition is being written (no second part is
     #: detached until it is durable and recorded: both would start at offline_next)
     offline_busy: bool = False
+    #: side outputs (late, dead letters) below this offset were published already (an
+    #: online rebuild replays them: not again)
+    sides_next: int = 0
+    #: after a rebuild's seek: messages the consumer had fetched before it, at or past
+    #: this offset, are dropped until the first one at ``next`` arrives (not a gap)
+    stale_from: int | None = None
+    stale_since: float = 0.0  # monotonic
 
     def buffered_rows(self) -> int:
         """Events buffered for the next offline part."""

@@ -306,6 +306,15 @@ class StateCache:
     def __len__(self) -> int:
         return len(self._lru)
 
+    def reset(self) -> None:
+        """Forget everything, changes not written included (an online rebuild replays
+        them: :mod:`streams.progress_guard`)."""
+        for dirty in self.dirty.values():
+            dirty.clear()
+        self._pinned.clear()
+        self._loaded = 0
+        self.clear()
+
     def clear(self) -> None:
         """Forget every cached state (a revocation: another worker owns some keys now).
         Dirty sets and pins are kept: the caller flushed first."""

@@ -36,6 +36,7 @@ from streams.engine import Engine
 from streams.memory import RELEASE_EVERY_S, release_memory
 from streams.metrics import StreamMetrics
 from streams.pacing import FlushPacer, OfflineSchedule, catching_up
+from streams.progress_guard import CHECK_EVERY_S
 from streams.rows import RawMessage
 
 __all__ = ["Worker", "TAKE", "GATHER_BYTES", "APPLY_BYTES", "OFFLINE_PARTS_IN_FLIGHT",
@@ -117,7 +118,7 @@ class Worker:
     """
 
     def __init__(self, settings: WorkerSettings, engine: Engine, metrics: StreamMetrics,
-                 *, until_idle: float | None = None) -> None:
+                 *, until_idle: float | None = None, rebuild_online: bool = False) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
@@ -128,6 +129,9 @@ class Worker:
         #: when freed memory was last handed back (:mod:`streams.memory`), and whether
         #: a hand-back is running
         self._released, self._releasing = time.monotonic(), False
+        #: ``--rebuild-online``: rebuild once the partitions are assigned
+        self._rebuild_requested = rebuild_online
+        self._epoch_checked = time.monotonic()  # when the epoch marker was last read
         #: when the worker first found itself idle but not durable up to the log end
         self._behind_since: float | None = None
         self.offline_schedule = OfflineSchedule(settings.offline_flush_interval_ms / 1000,
@@ -304,9 +308,35 @@ class Worker:
             await self.drain_offline()
             self.engine.revoke(tps)
 
+    async def log_starts(self, tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The first retained offset of each partition ({} where the broker will not
+        say: then 0 is assumed)."""
+        if not tps:
+            return {}
+        try:
+            got = await self.app.consumer.earliest_offsets(
+                *(fa.topic_partition(t, p) for t, p in tps))
+        except Exception as exc:  # noqa: BLE001 - a broker that cannot tell: assume 0
+            log.warning("cannot read the log start offsets: %s", exc)
+            return {}
+        return {(tp.topic, tp.partition): int(off) for tp, off in got.items()
+                if off is not None and off >= 0}
+
+    async def rebuild_online(self, reason: str) -> None:
+        """Rebuild the online state from the log (:meth:`Engine.rebuild_online`): the
+        gathered batch is dropped (re-read), offline parts in flight finish first."""
+        self._backlog.msgs = []
+        await self.drain_offline()
+        tps = list(self.engine.resume_offsets())
+        seeks = self.engine.rebuild_online(await self.log_starts(tps), reason)
+        consumer = self.app.consumer
+        for (t, p), offset in seeks.items():
+            await consumer.seek(fa.topic_partition(t, p), offset)
+        self.engine.mark_input()
+
     async def _on_assigned(self, _sender: Any, assigned: Any, **_kw: Any) -> None:
         tps = [(tp.topic, tp.partition) for tp in assigned if tp.topic in self.inputs]
-        seeks = self.engine.assign(tps)
+        seeks = self.engine.assign(tps, await self.log_starts(tps))
         consumer = self.app.consumer
         for (t, p), offset in seeks.items():
             await consumer.seek(fa.topic_partition(t, p), offset)
@@ -314,6 +344,9 @@ class Worker:
         self.engine.mark_input()
         self._assigned = True
         log.info("assigned %d partitions; resuming at %s", len(seeks), seeks)
+        if self._rebuild_requested and seeks:
+            self._rebuild_requested = False
+            await self.rebuild_online("--rebuild-online")
 
     # ---------------------------------------------------------------- the timer
     def not_durable(self) -> dict[str, str]:
@@ -344,6 +377,11 @@ class Worker:
         if self.engine.stalled():
             # waiting for a store is not idleness: --until-idle counts from its end
             self.engine.mark_input()
+        elif self._assigned and time.monotonic() - self._epoch_checked >= CHECK_EVERY_S:
+            self._epoch_checked = time.monotonic()
+            if not self.engine.progress_intact():
+                await self.rebuild_online("Redis lost the group's progress (its epoch "
+                                          "marker is gone)")
         now = time.monotonic()
         if now - self._released >= RELEASE_EVERY_S and not self._releasing:
             self._released, self._releasing = now, True

@@ -20,6 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stats", default=None, metavar="FILE",
                    help="write a JSON run summary here at exit (benchmarks)")
     p.add_argument("--worker-id", default=None, help="replica id (state directory name)")
+    p.add_argument("--rebuild-online", action="store_true",
+                   help="rebuild the online state (view states and online progress) of the "
+                        "assigned partitions from the log's first retained offset, keeping "
+                        "the offline store (a worker also does this by itself when Redis "
+                        "lost its data)")
     p.set_defaults(func=_run)
 
 
@@ -37,4 +42,4 @@ def _run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = registry_for(settings, args.definitions)
     return run_worker(settings, registry, until_idle=args.until_idle,
-                      stats_path=args.stats)
+                      stats_path=args.stats, rebuild_online=args.rebuild_online)

@@ -106,6 +106,10 @@ class OnlineStore(Protocol):
         Raises OnlineStoreError; a failed state write leaves the commit records unwritten."""
         ...
 
+    def delete(self, keys: Sequence[str]) -> None:
+        """Delete ``keys`` (absent ones are no error). Raises OnlineStoreError."""
+        ...
+
     def read_commits(self, keys: Sequence[str]) -> list[dict[str, int]]:
         """The commit record of each key (an empty dict where absent). Raises
         OnlineStoreError."""
@@ -257,6 +261,20 @@ class RedisOnlineStore:
         except self._errors as exc:
             raise self._error("redis write failed", exc) from exc
 
+    def delete(self, keys: Sequence[str]) -> None:
+        try:
+            for start in range(0, len(keys), self._batch):
+                self._execute([pack(b"DEL", k.encode()) for k in keys[start : start + self._batch]])
+        except self._errors as exc:
+            raise self._error("redis delete failed", exc) from exc
+        for k in keys:
+            self._expiry.pop(k, None)
+
+    def forget_expiries(self) -> None:
+        """Forget which keys had their expiry set (a Redis that lost its data lost them:
+        every key's next write issues its EXPIRE again)."""
+        self._expiry.clear()
+
     def read_commits(self, keys: Sequence[str]) -> list[dict[str, int]]:
         out: list[dict[str, int]] = []
         try:
@@ -386,6 +404,27 @@ class MemoryOnlineStore:
             for key, mapping in commits.items():
                 self.commits.setdefault(key, {}).update({k: int(v) for k, v in mapping.items()})
 
+    def delete(self, keys: Sequence[str]) -> None:
+        self._check()
+        with self._lock:
+            for k in keys:
+                self.hashes.pop(k, None)
+                self.strings.pop(k, None)
+                self.commits.pop(k, None)
+                self.ttls.pop(k, None)
+                self._expiry.pop(k, None)
+
+    def forget_expiries(self) -> None:
+        self._expiry.clear()
+
+    def flushall(self) -> None:
+        """Lose every key, as a Redis restarted without persistence (tests)."""
+        with self._lock:
+            self.hashes.clear()
+            self.strings.clear()
+            self.commits.clear()
+            self.ttls.clear()
+
     def read_commits(self, keys: Sequence[str]) -> list[dict[str, int]]:
         self._check()
         with self._lock:
@@ -438,6 +477,14 @@ class RetryingOnlineStore:
 
     def read_commits(self, keys: Sequence[str]) -> list[dict[str, int]]:
         return self._retry("read progress", lambda: self.store.read_commits(keys))
+
+    def delete(self, keys: Sequence[str]) -> None:
+        self._retry("delete", lambda: self.store.delete(keys))
+
+    def forget_expiries(self) -> None:
+        forget = getattr(self.store, "forget_expiries", None)
+        if forget is not None:
+            forget()
 
     def close(self) -> None:
         self.store.close()

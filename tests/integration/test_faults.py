@@ -10,7 +10,9 @@ than the fault:
 * the S3 endpoint frozen past the worker's S3 timeout;
 * the broker frozen;
 * Redis killed (connections refused) and restarted on its port with its data (an
-  append-only file fsynced on every write: the restarted server holds what was acked).
+  append-only file fsynced on every write: the restarted server holds what was acked),
+  and restarted empty (no persistence): the worker notices the loss (the group's epoch
+  marker is gone) and rebuilds the online state from the log, offline store kept.
 
 Each run must end on its own (exit 0, never a crash), after the fault, with the
 reference's online features for every probe (and the oracle's), the same offline rows
@@ -93,8 +95,7 @@ def _run(stack: Any, stream: Stream, tmp: Path, *, fault: Callable[[], None] | N
     producer.start()
     try:
         if fault is not None:
-            time.sleep(2.0)  # the worker is up and the live tail is arriving
-            assert worker.alive(), worker.log_tail()
+            _wait_for_progress(redis_url or stack.redis_url, ns, worker)
             fault()
             timings["fault_ended_s"] = time.monotonic() - started
         producer.join(WORKER_TIMEOUT_S)
@@ -106,6 +107,26 @@ def _run(stack: Any, stream: Stream, tmp: Path, *, fault: Callable[[], None] | N
     assert rc_ == 0, worker.log_tail()
     exp = sc.expectations(stream, produced["p"])
     return rcmp.snapshot(ns, exp, probe_points(exp.index, N_PROBES, seed=SEED)), worker, timings
+
+
+def _wait_for_progress(redis_url: str, ns: Any, worker: sk.Worker) -> None:
+    """Until the worker has durable progress online and offline (so the fault hits a
+    worker mid-stream, not one still starting)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    try:
+        while True:
+            recs = sk.commit_records(client, ns.redis_prefix, f"g{ns.id}").values()
+            if (sum(r.get("online_next", 0) for r in recs) >= LIVE_FROM // 2
+                    and any(r.get("offline_next", 0) for r in recs)):
+                return
+            assert worker.alive(), worker.log_tail()
+            assert time.monotonic() < deadline, "no progress: " + worker.log_tail()
+            time.sleep(0.05)
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +182,12 @@ def test_broker_frozen(fault_stack: Any, stream: Stream, reference: rcmp.Snapsho
     assert not problems, "\n".join(problems[:10])
 
 
-def test_redis_killed_and_restarted_with_its_data(fault_stack: Any, stream: Stream,
-                                                  reference: rcmp.Snapshot,
-                                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize("persistent", [True, False], ids=["with-its-data", "empty"])
+def test_redis_killed_and_restarted(fault_stack: Any, stream: Stream, reference: rcmp.Snapshot,
+                                    tmp_path: Path, persistent: bool) -> None:
+    """Killed mid-stream (connections refused for a while), then restarted on its port:
+    with its data (an append-only file), or empty (no persistence: the states and the
+    progress are gone, and the worker rebuilds them from the log)."""
     import redis
 
     from headrace.stack.proc import free_port
@@ -172,7 +196,9 @@ def test_redis_killed_and_restarted_with_its_data(fault_stack: Any, stream: Stre
     port, data = free_port(), tmp_path / "redis-data"
     data.mkdir()
     argv = [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data)]
+            "--dir", str(data)]
+    argv += (["--appendonly", "yes", "--appendfsync", "always"] if persistent
+             else ["--appendonly", "no"])
 
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -200,3 +226,6 @@ def test_redis_killed_and_restarted_with_its_data(fault_stack: Any, stream: Stre
         procs[0].kill()
         procs[0].wait()
     _check(run, reference, worker, "redis", timings)
+    rebuilt = "rebuilding the online state from the log" in worker.log_path.read_text(
+        errors="replace")
+    assert rebuilt is not persistent, worker.log_tail()

@@ -85,6 +85,9 @@ class _Parts:
     def remove_orphans(self, *_args: Any, **_kw: Any) -> int:
         return 0
 
+    def durable_end(self, *_args: Any) -> None:
+        return None  # no part kept: nothing to recover
+
 
 def _engine(store: MemoryOnlineStore, sides: MemorySideOutputs,
             background: bool = False) -> Engine:

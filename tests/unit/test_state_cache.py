@@ -348,6 +348,9 @@ class RecordingWriter:
         self.calls.append((topic, partition, durable_next, since_ms))
         return 0
 
+    def durable_end(self, topic: str, partition: int) -> None:
+        return None
+
 
 def test_assignment_scopes_orphans_from_the_durable_watermark() -> None:
     store = MemoryOnlineStore()
