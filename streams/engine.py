@@ -379,6 +379,10 @@ class Engine:
                                    f"{prog.offline_next if offline else '-'}")
         return out
 
+    def cache_misses(self) -> int:
+        """States loaded from the store since the start (the state cache's misses)."""
+        return self.views.cache.misses
+
     def stalled(self) -> bool:
         """Whether a store call is waiting out an outage now (:mod:`streams.outages`)."""
         return self.outages.stalled

@@ -39,20 +39,24 @@ from streams.pacing import FlushPacer, OfflineSchedule, catching_up
 from streams.progress_guard import CHECK_EVERY_S
 from streams.rows import RawMessage
 
-__all__ = ["Worker", "TAKE", "GATHER_BYTES", "APPLY_BYTES", "OFFLINE_PARTS_IN_FLIGHT",
-           "OFFLINE_NICE", "apply_slices", "background_priority"]
+__all__ = ["Worker", "TAKE", "GATHER_BYTES", "APPLY_BYTES", "SLICE_LOADS",
+           "OFFLINE_PARTS_IN_FLIGHT", "OFFLINE_NICE", "apply_slices", "background_priority"]
 
 log = logging.getLogger(__name__)
 
 TAKE = 1024  #: messages per agent batch
 GATHER_BYTES = 8 << 20  #: most message bytes gathered into one batch while catching up
-#: most message bytes applied between two online flushes. Every state a batch touches
-#: and the cache lacks is loaded for it, and stays until its write is confirmed: a
-#: gathered backlog over millions of users (8 MB, ~100k events) loaded ~100k states
-#: (~400 MB) above the cache's budget. Larger batches are applied in slices of this
-#: size, each flushed (in the background) before the next is applied, so at most two
-#: slices' states (~25k events each) are outside the cache's bound
-APPLY_BYTES = 2 << 20
+#: states a slice of a batch may load (cache misses) before the worker applies batches
+#: in smaller slices. Every state a batch touches and the cache lacks is loaded for it,
+#: and stays until its write is confirmed: a gathered backlog over millions of users
+#: (8 MB, ~100k events) loaded ~100k states (~400 MB) above the cache's budget. After
+#: a slice that loaded more than this, the next batches are applied in slices sized to
+#: load about this many (each flushed, in the background, before the next is applied);
+#: after slices that load less, the slices grow back to whole batches. A stream with
+#: locality (states cached) never slices: it would write each state once per slice
+SLICE_LOADS = 20_000
+#: the smallest slice (message bytes)
+APPLY_BYTES = 256 << 10
 
 #: parts (of different partitions) written at once: a part's files are uploaded in
 #: parallel already, but one part at a time left a small part (a few clicks spread over
@@ -129,6 +133,8 @@ class Worker:
         #: when freed memory was last handed back (:mod:`streams.memory`), and whether
         #: a hand-back is running
         self._released, self._releasing = time.monotonic(), False
+        #: message bytes of the slices a batch is applied in (:data:`SLICE_LOADS`)
+        self._slice_bytes = GATHER_BYTES
         #: ``--rebuild-online``: rebuild once the partitions are assigned
         self._rebuild_requested = rebuild_online
         self._epoch_checked = time.monotonic()  # when the epoch marker was last read
@@ -236,17 +242,28 @@ class Worker:
         if not msgs:
             return
         engine = self.engine
-        slices = apply_slices(msgs, APPLY_BYTES)
+        slices = apply_slices(msgs, self._slice_bytes)
         for i, part in enumerate(slices):
             if i:  # bound the states outside the cache: write the previous slice's
                 started = time.monotonic()
                 engine.flush_online(wait=False)
                 self.pacer.flushed(started, time.monotonic())
+            misses = engine.cache_misses()
             engine.on_messages(part)
+            self._fit_slices(sum(len(m.value or b"") for m in part),
+                             engine.cache_misses() - misses)
             for (t, p), offset in engine.take_seek_requests().items():
                 await self.app.consumer.seek(fa.topic_partition(t, p), offset)
         self._active = time.monotonic()
         self.maybe_flush()
+
+    def _fit_slices(self, size: int, loads: int) -> None:
+        """Size the next slices from the last one: ``size`` message bytes that loaded
+        ``loads`` states (:data:`SLICE_LOADS`)."""
+        if loads > SLICE_LOADS:
+            self._slice_bytes = max(APPLY_BYTES, int(size * SLICE_LOADS / loads))
+        elif loads < SLICE_LOADS // 2:
+            self._slice_bytes = min(GATHER_BYTES, self._slice_bytes * 2)
 
     # ---------------------------------------------------------------- flushes
     def maybe_flush(self, force: bool = False) -> None:

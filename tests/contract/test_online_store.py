@@ -246,6 +246,21 @@ def test_commit_records_are_written_only_after_every_state(backend: Backend) -> 
     assert backend.hgetall(k("s2499")) == {b"v@1": b"x"}
 
 
+def test_delete_removes_hashes_strings_and_records(backend: Backend) -> None:
+    store, k = backend.store, backend.key
+    backend.hset(k("h"), "v@1", b"x")
+    store.set(k("s"), b"y")
+    store.write([], {k("commit:g:t:0"): {"online_next": 3}})
+    keys = [k("h"), k("s"), k("commit:g:t:0"), k("absent")]
+    store.delete(keys)
+    assert store.load([(k("h"), "v@1")]) == [None] and store.get(k("s")) is None
+    assert store.read_commits([k("commit:g:t:0")]) == [{}]
+    store.delete([])
+    # a key deleted then written again gets its EXPIRE again (the memo forgets it)
+    store.write([StateWrite(k("h"), "v@1", b"z", DAY)], {})
+    assert backend.ttl(k("h")) == DAY
+
+
 # ------------------------------------------------------------------ failures
 def test_every_call_fails_with_online_store_error_when_unreachable(down: OnlineStore) -> None:
     calls: list[Callable[[], object]] = [
@@ -256,10 +271,12 @@ def test_every_call_fails_with_online_store_error_when_unreachable(down: OnlineS
         lambda: down.write([StateWrite("k", "f", b"v", 60)], {"c": {"n": 1}}),
         lambda: down.write([], {"c": {"n": 1}}),
         lambda: down.read_commits(["c"]),
+        lambda: down.delete(["k"]),
     ]
     for call in calls:
-        with pytest.raises(OnlineStoreError):
+        with pytest.raises(OnlineStoreError) as err:
             call()
+        assert err.value.transient, err.value  # unreachable: worth waiting for
     down.close()
 
 

@@ -54,3 +54,19 @@ def test_apply_slices_keep_order_and_bound_bytes() -> None:
     assert [[m.offset for m in s] for s in slices] == [[0, 1], [2], [3], [4, 5, 6, 7]]
     assert apply_slices(msgs, 10**9) == [msgs]
     assert apply_slices([], 8) == []
+
+
+def test_slices_shrink_for_batches_that_load_many_states_and_grow_back() -> None:
+    from streams.worker import APPLY_BYTES, GATHER_BYTES, SLICE_LOADS, Worker
+
+    w = Worker.__new__(Worker)
+    w._slice_bytes = GATHER_BYTES
+    w._fit_slices(8 << 20, SLICE_LOADS // 4)  # locality: whole batches
+    assert w._slice_bytes == GATHER_BYTES
+    w._fit_slices(8 << 20, 5 * SLICE_LOADS)  # a batch that loaded 100k states
+    assert w._slice_bytes == (8 << 20) // 5
+    w._fit_slices(1 << 20, 10**9)
+    assert w._slice_bytes == APPLY_BYTES  # never below the smallest slice
+    for _ in range(20):
+        w._fit_slices(w._slice_bytes, 0)
+    assert w._slice_bytes == GATHER_BYTES
