@@ -379,6 +379,10 @@ class Engine:
                                    f"{prog.offline_next if offline else '-'}")
         return out
 
+    def cache_evictions(self) -> int:
+        """States evicted from the state cache since the start."""
+        return self.views.cache.evictions
+
     def cache_misses(self) -> int:
         """States loaded from the store since the start (the state cache's misses)."""
         return self.views.cache.misses

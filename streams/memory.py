@@ -10,8 +10,9 @@ but its allocators keep what was freed: measured on ``bench memory`` (300k users
   ``MALLOC_ARENA_MAX`` setting, applied at start-up before those threads exist);
 * freed chunks inside an arena are returned by ``malloc_trim``, and Arrow's pool
   (mimalloc or jemalloc: the Parquet parts, the decoded batches) keeps its freed pages
-  until asked: :func:`release_memory` does both, every :data:`RELEASE_EVERY_S` from the
-  worker's timer, on a thread of its own (``malloc_trim`` runs without the GIL).
+  until asked: :func:`release_memory` does both, at most every :data:`RELEASE_EVERY_S`
+  from the worker's timer and only after :data:`RELEASE_AFTER_EVICTIONS` evictions, on
+  a thread of its own (``malloc_trim`` runs without the GIL).
 
 Elsewhere than glibc both glibc calls are skipped; nothing here changes a result.
 """
@@ -24,7 +25,8 @@ import logging
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["MALLOC_ARENAS", "RELEASE_EVERY_S", "limit_malloc_arenas", "release_memory"]
+__all__ = ["MALLOC_ARENAS", "RELEASE_AFTER_EVICTIONS", "RELEASE_EVERY_S", "limit_malloc_arenas",
+           "release_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,11 @@ log = logging.getLogger(__name__)
 MALLOC_ARENAS = 2
 #: seconds between two :func:`release_memory` calls in a running worker
 RELEASE_EVERY_S = 10.0
+#: state-cache evictions since the last call that make the next one worth it: freed
+#: memory piles up where states are evicted. Without evictions (a stream whose states
+#: fit the cache) nothing is trimmed: ``malloc_trim`` holds each arena's lock while it
+#: walks the heap, a pause for the loop's allocations that showed in freshness p99
+RELEASE_AFTER_EVICTIONS = 10_000
 _M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
 
 

@@ -33,7 +33,7 @@ from typing import Any
 from headrace.core.settings import WorkerSettings
 from streams import faust_adapter as fa
 from streams.engine import Engine
-from streams.memory import RELEASE_EVERY_S, release_memory
+from streams.memory import RELEASE_AFTER_EVICTIONS, RELEASE_EVERY_S, release_memory
 from streams.metrics import StreamMetrics
 from streams.pacing import FlushPacer, OfflineSchedule, catching_up
 from streams.progress_guard import CHECK_EVERY_S
@@ -133,8 +133,11 @@ class Worker:
         #: when freed memory was last handed back (:mod:`streams.memory`), and whether
         #: a hand-back is running
         self._released, self._releasing = time.monotonic(), False
-        #: message bytes of the slices a batch is applied in (:data:`SLICE_LOADS`)
-        self._slice_bytes = GATHER_BYTES
+        self._evicted = 0  # the state cache's evictions at the last hand-back
+        #: message bytes of the slices a batch is applied in (:data:`SLICE_LOADS`): small
+        #: at first (the first batch of a backlog over millions of users would load a
+        #: whole batch's states), doubling while slices load few states
+        self._slice_bytes = 4 * APPLY_BYTES
         #: ``--rebuild-online``: rebuild once the partitions are assigned
         self._rebuild_requested = rebuild_online
         self._epoch_checked = time.monotonic()  # when the epoch marker was last read
@@ -400,8 +403,10 @@ class Worker:
                 await self.rebuild_online("Redis lost the group's progress (its epoch "
                                           "marker is gone)")
         now = time.monotonic()
-        if now - self._released >= RELEASE_EVERY_S and not self._releasing:
-            self._released, self._releasing = now, True
+        evicted = self.engine.cache_evictions()
+        if (now - self._released >= RELEASE_EVERY_S and not self._releasing
+                and evicted - self._evicted >= RELEASE_AFTER_EVICTIONS):
+            self._released, self._releasing, self._evicted = now, True, evicted
             fut = asyncio.get_running_loop().run_in_executor(None, release_memory)
             fut.add_done_callback(self._release_done)
         if self.until_idle is None or not self._assigned:
