@@ -106,13 +106,16 @@ class Admission:
 
     # ---------------------------------------------------------------- assignment
     def assign(self, tps: Sequence[TopicPartition],
-               log_starts: Mapping[TopicPartition, int] | None = None
-               ) -> dict[TopicPartition, int]:
+               log_starts: Mapping[TopicPartition, int] | None = None,
+               redis_intact: bool = True) -> dict[TopicPartition, int]:
         """Load durable progress for newly assigned partitions; returns seek offsets.
 
-        ``log_starts``: each partition's first retained offset, where known. A source
-        partition whose progress record lacks ``offline_next`` while the offline store
-        holds its parts lost its progress (:mod:`streams.progress_guard`): its offline
+        ``log_starts``: each partition's first retained offset, where known.
+        ``redis_intact``: the group's epoch marker is in Redis (then a record without
+        ``offline_next`` is a crash before the first part was recorded, and parts found
+        are a crashed attempt's orphans). Without it, a source partition whose progress
+        record lacks ``offline_next`` while the offline store holds its parts lost its
+        progress (:mod:`streams.progress_guard`): its offline
         progress is recovered from the parts (nothing is deleted) and it resumes at the
         log's start. Orphan parts (at or past the durable offline progress) are removed
         only when the log still holds what will rewrite them.
@@ -129,8 +132,8 @@ class Admission:
             start = starts.get((t, p), 0)
             if source is None:
                 prog.next = max(prog.online_next, start) if not rec else prog.online_next
-            elif "offline_next" not in rec and self.writer is not None and (
-                    found := self.writer.durable_end(t, p)) is not None:
+            elif not redis_intact and "offline_next" not in rec and self.writer is not None \
+                    and (found := self.writer.durable_end(t, p)) is not None:
                 self._recover(prog, found, start, bool(rec))
             else:
                 prog.offline_next = rec.get("offline_next", 0)

@@ -174,7 +174,7 @@ class Engine:
         """Load durable progress for newly assigned partitions (recovering partitions
         whose progress Redis lost: :meth:`Admission.assign`); returns seek offsets.
         Adopts the group's epoch marker (:mod:`streams.progress_guard`)."""
-        seeks = self.admission.assign(tps, log_starts)
+        seeks = self.admission.assign(tps, log_starts, redis_intact=self.guard.present())
         self.guard.adopt()
         return seeks
 

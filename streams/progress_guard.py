@@ -7,8 +7,10 @@ orphans, every offline part, and history the log no longer holds would be gone.
 
 :class:`ProgressGuard` tells a loss from a first start:
 
-* **at assignment** (:meth:`streams.admission.Admission.assign`): a source partition
-  without a progress record whose parts are in the offline store lost its progress.
+* **at assignment** (:meth:`streams.admission.Admission.assign`): with the group's
+  epoch marker gone from Redis, a source partition without offline progress whose
+  parts are in the offline store lost its progress (with the marker in place, it is a
+  crash before the first part was recorded, and the parts are orphans, removed).
   Its offline progress is recovered from the parts (:meth:`~streams.offline_writer.
   OfflineWriter.durable_end`), nothing is deleted, and its online state is rebuilt
   from the log's first retained offset;
@@ -86,6 +88,11 @@ class ProgressGuard:
         self.token = current
         self.written.clear()
         return missing
+
+    def present(self) -> bool:
+        """Whether Redis holds a marker of the group (False: a first start, or Redis
+        lost its data)."""
+        return self.store.get(self.key) is not None
 
     def intact(self) -> bool:
         """Whether the marker this worker adopted is still in Redis (if so, what was

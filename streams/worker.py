@@ -134,6 +134,7 @@ class Worker:
         #: a hand-back is running
         self._released, self._releasing = time.monotonic(), False
         self._evicted = 0  # the state cache's evictions at the last hand-back
+        self._offsets_client: Any = None  # asks the log start offsets (log_starts)
         #: message bytes of the slices a batch is applied in (:data:`SLICE_LOADS`): small
         #: at first (the first batch of a backlog over millions of users would load a
         #: whole batch's states), doubling while slices load few states
@@ -198,6 +199,8 @@ class Worker:
         finally:
             self._offline_pool.shutdown(wait=True)
             self.engine.close()
+            if self._offsets_client is not None:
+                self._offsets_client.close()
         return code
 
     def _wire(self, app: Any) -> None:
@@ -328,19 +331,34 @@ class Worker:
             await self.drain_offline()
             self.engine.revoke(tps)
 
-    async def log_starts(self, tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
-        """The first retained offset of each partition ({} where the broker will not
-        say: then 0 is assumed)."""
+    def log_starts(self, tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The first retained offset of each partition, asked synchronously of a
+        consumer of its own that joins no group ({} where the broker will not say:
+        then 0 is assumed). Synchronous on purpose: awaiting Faust here let its recovery
+        seek run before the engine knew the partitions, and the worker resumed at the
+        group's Kafka commit, past what is durable."""
         if not tps:
             return {}
+        from confluent_kafka import Consumer, KafkaException, TopicPartition
+
         try:
-            got = await self.app.consumer.earliest_offsets(
-                *(fa.topic_partition(t, p) for t, p in tps))
-        except Exception as exc:  # noqa: BLE001 - a broker that cannot tell: assume 0
-            log.warning("cannot read the log start offsets: %s", exc)
+            if self._offsets_client is None:
+                conf = {**self.settings.confluent_common(),
+                        "group.id": f"{self.settings.group_id}.log-starts",
+                        "enable.auto.commit": False}
+                conf.pop("session.timeout.ms", None)
+                conf.pop("heartbeat.interval.ms", None)
+                self._offsets_client = Consumer(conf)
+            out = {}
+            for t, p in tps:
+                low, _high = self._offsets_client.get_watermark_offsets(
+                    TopicPartition(t, p), timeout=5, cached=False)
+                if low is not None and low >= 0:
+                    out[(t, p)] = int(low)
+            return out
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("cannot read the log start offsets (0 assumed): %s", exc)
             return {}
-        return {(tp.topic, tp.partition): int(off) for tp, off in got.items()
-                if off is not None and off >= 0}
 
     async def rebuild_online(self, reason: str) -> None:
         """Rebuild the online state from the log (:meth:`Engine.rebuild_online`): the
@@ -348,7 +366,7 @@ class Worker:
         self._backlog.msgs = []
         await self.drain_offline()
         tps = list(self.engine.resume_offsets())
-        seeks = self.engine.rebuild_online(await self.log_starts(tps), reason)
+        seeks = self.engine.rebuild_online(self.log_starts(tps), reason)
         consumer = self.app.consumer
         for (t, p), offset in seeks.items():
             await consumer.seek(fa.topic_partition(t, p), offset)
@@ -356,7 +374,7 @@ class Worker:
 
     async def _on_assigned(self, _sender: Any, assigned: Any, **_kw: Any) -> None:
         tps = [(tp.topic, tp.partition) for tp in assigned if tp.topic in self.inputs]
-        seeks = self.engine.assign(tps, await self.log_starts(tps))
+        seeks = self.engine.assign(tps, self.log_starts(tps))
         consumer = self.app.consumer
         for (t, p), offset in seeks.items():
             await consumer.seek(fa.topic_partition(t, p), offset)

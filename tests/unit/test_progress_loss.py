@@ -122,3 +122,21 @@ def test_orphans_are_kept_when_the_log_could_not_rewrite_them(tmp_path: Path) ->
     assert _offsets(tmp_path) == list(range(10))  # kept: offsets 5..7 exist nowhere else
     _engine(store, tmp_path).assign([TP], {TP: 0})  # the log holds them: removed
     assert _offsets(tmp_path) == list(range(5))
+
+
+def test_a_crash_before_the_first_recorded_part_is_no_progress_loss(tmp_path: Path) -> None:
+    """With the group's epoch marker in place, a record without offline_next is a crash
+    before the first part was recorded: the parts found are orphans, not progress."""
+    store = MemoryOnlineStore()
+    eng = _engine(store, tmp_path)
+    eng.assign([TP])
+    eng.on_source("impressions", [_imp(i) for i in range(6)])
+    eng.flush_online()  # online progress recorded...
+    (part,) = eng.offline_batches()
+    eng.offline.writer.write_part("impressions", "impression", "impressions", 0, 0, part[4], [],
+                                  end=6)  # ...a part written, never recorded: SIGKILL
+    again = _engine(store, tmp_path)
+    assert again.assign([TP], {TP: 0}) == {TP: 0}
+    assert again.progress[TP].offline_next == 0
+    assert not list(tmp_path.rglob("*.parquet"))  # the orphan is gone
+    assert again.guard.lost.labels("impressions")._value.get() == 0
