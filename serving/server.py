@@ -112,26 +112,15 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         observe = self._hist.labels(method=name).observe
         clock = time.perf_counter
 
-        if decode is None:  # a handler that takes raw bytes itself (benchmarks' echo)
-            def raw(request: Any, context: grpc.ServicerContext) -> Any:
-                start = clock()
-                try:
-                    return behavior(request, context)
-                except HeadraceError as exc:
-                    context.abort(status_of(exc), str(exc))
-                finally:
-                    observe(clock() - start)
-
-            return raw
-
-        def unary(request: bytes, context: grpc.ServicerContext) -> Any:
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
             start = clock()
             try:
-                try:
-                    message = decode(request)
-                except DecodeError as exc:
-                    raise _undecodable(exc) from exc
-                return behavior(message, context)
+                if decode is not None:  # None: the handler takes raw bytes (benchmarks' echo)
+                    try:
+                        request = decode(request)
+                    except DecodeError as exc:
+                        raise _undecodable(exc) from exc
+                return behavior(request, context)
             except HeadraceError as exc:
                 context.abort(status_of(exc), str(exc))
             finally:

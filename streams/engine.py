@@ -198,9 +198,7 @@ class Engine:
         commits = [commit_key(self.redis_prefix, self.group, t, p)
                    for t, p in self.admission.progress]
         self.store.delete(stale + commits)
-        forget = getattr(self.store, "forget_expiries", None)
-        if forget is not None:
-            forget()
+        self.store.forget_expiries()
         self.views.reset()
         self.online.discard_pending()
         seeks = self.admission.rebuild(log_starts, time.monotonic())

@@ -110,6 +110,11 @@ class OnlineStore(Protocol):
         """Delete ``keys`` (absent ones are no error). Raises OnlineStoreError."""
         ...
 
+    def forget_expiries(self) -> None:
+        """Forget which keys had their expiry set (a Redis that lost its data lost them:
+        every key's next write issues its EXPIRE again)."""
+        ...
+
     def read_commits(self, keys: Sequence[str]) -> list[dict[str, int]]:
         """The commit record of each key (an empty dict where absent). Raises
         OnlineStoreError."""
@@ -482,9 +487,7 @@ class RetryingOnlineStore:
         self._retry("delete", lambda: self.store.delete(keys))
 
     def forget_expiries(self) -> None:
-        forget = getattr(self.store, "forget_expiries", None)
-        if forget is not None:
-            forget()
+        self.store.forget_expiries()
 
     def close(self) -> None:
         self.store.close()
