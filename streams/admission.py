@@ -41,10 +41,12 @@ __all__ = ["Admission", "MAX_GAP_SEEKS", "ORPHAN_SLACK_MS"]
 
 log = logging.getLogger(__name__)
 
-#: re-seeks tried before a gap in offsets is accepted as real (e.g. transaction markers)
+#: re-seeks tried before a gap in offsets the log could not be asked about is accepted
+#: as real (e.g. transaction markers); with a :attr:`Admission.log_probe` the log says
 MAX_GAP_SEEKS = 3
-#: seconds after a rebuild's seek during which messages fetched before it are dropped
-STALE_FOR_S = 30.0
+#: seconds between two re-seeks of a partition: the messages the consumer fetched
+#: before a seek keep arriving for a while after it, and are dropped meanwhile
+RESEEK_S = 1.0
 
 #: extra event time (ms) searched for orphan offline parts before the earliest time they
 #: can hold (:meth:`Admission.orphan_since`): one more date partition at most
@@ -101,6 +103,10 @@ class Admission:
         self.clock = clock
         #: called with a source topic whose progress Redis lost (a metric)
         self.on_lost: Callable[[str], None] | None = None
+        #: (topic, partition, offset) -> the first offset at or after ``offset`` that the
+        #: log holds, asked of the broker (None: it could not say): a gap in delivered
+        #: offsets is accepted only when the log has nothing in it
+        self.log_probe: Callable[[str, int, int], int | None] | None = None
         self.progress: dict[TopicPartition, PartitionProgress] = {}
         self._seek_requests: dict[TopicPartition, int] = {}
 
@@ -198,11 +204,11 @@ class Admission:
         for tp, prog in self.progress.items():
             start = log_starts.get(tp, 0)
             prog.sides_next = max(prog.sides_next, prog.next)
-            prog.stale_from, prog.stale_since = prog.next, now
             prog.next = prog.online_next = start
             prog.max_ts = NO_TS
             prog.buffer = []
-            prog.gap_seeks = 0
+            # the messages fetched before the seek arrive first: dropped, not a gap
+            prog.gap_seeks, prog.seek_at, prog.probed = 0, now, None
             seeks[tp] = start
         return seeks
 
@@ -237,34 +243,48 @@ class Admission:
     # ---------------------------------------------------------------- admission
     def admit(self, prog: PartitionProgress, msgs: Sequence[RawMessage]) -> list[RawMessage]:
         """Messages to process: already-processed ones are skipped; a jump past the next
-        expected offset is never skipped silently: the partition is re-sought to it
-        (bounded retries, then the gap is accepted as real and logged)."""
+        expected offset is never skipped on the consumer's word.
+
+        A jump has two causes: the consumer skipped messages (fetched before a seek of
+        ours took effect, or dropped around one), or the log has nothing there (a
+        transaction marker, a retention or compaction hole). The log is asked
+        (:attr:`log_probe`): when it holds an offset before the jump, the partition is
+        re-sought (at most every :data:`RESEEK_S`) and the messages dropped until the
+        expected one arrives; when it does not, the gap is real, logged and accepted.
+        A log that cannot be asked gets :data:`MAX_GAP_SEEKS` spaced re-seeks first."""
         fresh = [m for m in msgs if m.offset >= prog.next]
-        if prog.stale_from is not None and fresh:
-            if fresh[0].offset == prog.next:
-                prog.stale_from = None  # the seek took effect
-            elif (fresh[0].offset >= prog.stale_from
-                  and time.monotonic() - prog.stale_since < STALE_FOR_S):
-                # fetched before the rebuild's seek: no gap. Seek again: Faust's consumer
-                # raised its read offset past them, and would drop the re-fetched ones
-                self._seek_requests[(prog.topic, prog.partition)] = prog.next
-                return []
-            else:
-                prog.stale_from = None
         if not fresh or fresh[0].offset == prog.next:
-            prog.gap_seeks = 0
+            if fresh:
+                prog.gap_seeks, prog.probed = 0, None
             return fresh
-        tp = (prog.topic, prog.partition)
-        if prog.gap_seeks < MAX_GAP_SEEKS:
+        first, now = fresh[0].offset, time.monotonic()
+        if prog.probed is None or prog.probed[0] != prog.next:
+            held = self.log_probe(prog.topic, prog.partition, prog.next) \
+                if self.log_probe is not None else None
+            prog.probed = (prog.next, held)
+        held = prog.probed[1]
+        if held is not None and held >= first:
+            return self._accept_gap(prog, fresh, first)
+        if now - prog.seek_at < RESEEK_S:
+            return []  # still the messages fetched before the last seek
+        if held is None:
+            if prog.gap_seeks >= MAX_GAP_SEEKS:
+                return self._accept_gap(prog, fresh, first)
             prog.gap_seeks += 1
-            self._seek_requests[tp] = prog.next
-            self.metrics.gaps.labels(prog.topic).inc()
-            log.warning("%s[%d]: got offset %d, expected %d: seeking back", prog.topic,
-                        prog.partition, fresh[0].offset, prog.next)
-            return []
-        log.error("%s[%d]: offsets %d..%d are missing from the log; continuing", prog.topic,
-                  prog.partition, prog.next, fresh[0].offset - 1)
-        prog.gap_seeks = 0
+        prog.seek_at = now
+        self._seek_requests[(prog.topic, prog.partition)] = prog.next
+        self.metrics.gaps.labels(prog.topic).inc()
+        log.warning("%s[%d]: got offset %d, expected %d: seeking back", prog.topic,
+                    prog.partition, first, prog.next)
+        return []
+
+    def _accept_gap(self, prog: PartitionProgress, fresh: list[RawMessage], first: int
+                    ) -> list[RawMessage]:
+        log.error("%s[%d]: offsets %d..%d are missing from the log%s; continuing",
+                  prog.topic, prog.partition, prog.next, first - 1,
+                  "" if prog.probed and prog.probed[1] is not None
+                  else f" (the broker could not be asked; re-sought {prog.gap_seeks} times)")
+        prog.gap_seeks, prog.probed = 0, None
         return fresh
 
     def accept(

@@ -178,6 +178,11 @@ class Engine:
         self.guard.adopt()
         return seeks
 
+    def use_log_probe(self, probe: Callable[[str, int, int], int | None]) -> None:
+        """Ask the log with ``probe`` before accepting a gap in delivered offsets
+        (:attr:`streams.admission.Admission.log_probe`)."""
+        self.admission.log_probe = probe
+
     def progress_intact(self) -> bool:
         """Whether Redis still holds the group's epoch marker (False: it lost its data
         under this worker; :meth:`rebuild_online` recovers). Waits for the write in

@@ -122,6 +122,33 @@ def resume_at_durable_offsets(
     consumer._headrace_seek_wrapped = True
 
 
+class _NoReadOffsets(dict[Any, Any]):
+    """Faust's per-partition read offsets, always unknown (see
+    :func:`deliver_every_message`)."""
+
+    def __getitem__(self, _tp: Any) -> None:
+        return None
+
+
+def deliver_every_message(consumer: Any) -> None:
+    """Make Faust's consumer hand every fetched message to the agents.
+
+    Limitation worked around: Faust drops a fetched message whose offset is below the
+    partition's "read offset", which its fetch loop raises message by message while it
+    hands a fetched batch over, and which a seek sets. A seek made while a batch is
+    being handed over is undone by the rest of that batch, and the re-fetched messages
+    are then dropped: the worker sees a jump in offsets that is not in the log (and
+    after a few re-seeks took it for a real gap). The worker's admission decides what
+    to skip (replays by offset, gaps only when the log confirms them), so Faust's
+    read offsets are replaced by a mapping that never knows one. Faust reads them only
+    to drop messages and to record gaps for its own commits, which the worker does not
+    resume from. Must run before Faust's fetch loop starts (it binds the mapping
+    once); idempotent.
+    """
+    if not isinstance(consumer._read_offset, _NoReadOffsets):
+        consumer._read_offset = _NoReadOffsets()
+
+
 def raw_message(event: Any) -> RawMessage:
     """The engine's record of a Faust event (headers as a list of pairs, the Kafka
     timestamp in epoch ms, 0 when absent)."""

@@ -30,8 +30,8 @@ same rebuild on purpose.
 Limits: the rebuild replays what the log retains; where retention is shorter than a
 view's longest window, the rebuilt values lack the events before the log's start (a
 WARNING says so; the offline store still holds them, and training sets are unaffected).
-Late and dead-letter records of the replayed range are published again (identical
-duplicates).
+Late and dead-letter records of the replayed range are not published again (each
+partition's ``sides_next``: what the worker had processed before the rebuild).
 """
 
 from __future__ import annotations

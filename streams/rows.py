@@ -48,16 +48,15 @@ class PartitionProgress:
     offline_wm: int = NO_TS
     buffer: list[pa.Table] = field(default_factory=list)
     gap_seeks: int = 0  # re-seeks requested for the current gap
+    seek_at: float = float("-inf")  # monotonic time of the last seek requested or made
+    #: (next, the first offset at or after it that the log holds, None: unknown)
+    probed: tuple[int, int | None] | None = None
     #: a detached offline part of this partition is being written (no second part is
     #: detached until it is durable and recorded: both would start at offline_next)
     offline_busy: bool = False
     #: side outputs (late, dead letters) below this offset were published already (an
     #: online rebuild replays them: not again)
     sides_next: int = 0
-    #: after a rebuild's seek: messages the consumer had fetched before it, at or past
-    #: this offset, are dropped until the first one at ``next`` arrives (not a gap)
-    stale_from: int | None = None
-    stale_since: float = 0.0  # monotonic
 
     def buffered_rows(self) -> int:
         """Events buffered for the next offline part."""

@@ -63,6 +63,8 @@ APPLY_BYTES = 256 << 10
 #: many dates: many tiny files) holding up the next partition's, and a partition whose
 #: part was due waited for every other partition's part to finish
 OFFLINE_PARTS_IN_FLIGHT = 4
+#: seconds a gap check waits for the log's answer (:meth:`Worker.first_offset_at`)
+PROBE_S = 5.0
 
 #: nice increment of the offline writer threads (Linux niceness is per thread, and the
 #: threads a thread starts inherit it: the writer's own upload pool included)
@@ -134,7 +136,9 @@ class Worker:
         #: a hand-back is running
         self._released, self._releasing = time.monotonic(), False
         self._evicted = 0  # the state cache's evictions at the last hand-back
-        self._offsets_client: Any = None  # asks the log start offsets (log_starts)
+        self._offsets_client: Any = None  # asks the log directly (_log_client)
+        self._offline_paused = False  # no offline part starts (a rebuild is waiting)
+        engine.use_log_probe(self.first_offset_at)
         #: message bytes of the slices a batch is applied in (:data:`SLICE_LOADS`): small
         #: at first (the first batch of a backlog over millions of users would load a
         #: whole batch's states), doubling while slices load few states
@@ -288,6 +292,8 @@ class Worker:
         # loop is no pause, and a misfire writes tiny parts that cost the loop as much
         # as full ones
         paused = time.monotonic() - self._active >= self.flush_s
+        if self._offline_paused:
+            return  # a rebuild waits for the parts in flight
         sources = [tp for tp in engine.source_partitions() if tp not in inflight]
         due = sources if force or paused else self.offline_schedule.due(
             sources, now, engine.buffered_rows)
@@ -331,6 +337,52 @@ class Worker:
             await self.drain_offline()
             self.engine.revoke(tps)
 
+    def _log_client(self) -> Any:
+        """A consumer of the worker's own that joins no group: asks the log directly
+        (:meth:`log_starts`, :meth:`first_offset_at`)."""
+        if self._offsets_client is None:
+            from confluent_kafka import Consumer
+
+            conf = {**self.settings.confluent_common(),
+                    "group.id": f"{self.settings.group_id}.log-starts",
+                    "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                    "isolation.level": "read_uncommitted",  # as Faust's consumer reads
+                    "enable.partition.eof": True}
+            conf.pop("session.timeout.ms", None)
+            conf.pop("heartbeat.interval.ms", None)
+            self._offsets_client = Consumer(conf)
+        return self._offsets_client
+
+    def first_offset_at(self, topic: str, partition: int, offset: int) -> int | None:
+        """The first offset at or after ``offset`` that the log of ``topic[partition]``
+        holds (its start when ``offset`` is before it), read with a fetch; None when the
+        broker does not answer within :data:`PROBE_S` or holds nothing there."""
+        from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+        try:
+            client = self._log_client()
+            client.assign([TopicPartition(topic, partition, offset)])
+            try:
+                deadline = time.monotonic() + PROBE_S
+                while (left := deadline - time.monotonic()) > 0:
+                    msg = client.poll(min(left, 0.5))
+                    if msg is None:
+                        continue
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            return None
+                        continue
+                    if msg.topic() == topic and msg.partition() == partition:
+                        return int(msg.offset())
+                return None
+            finally:
+                client.unassign()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("cannot ask the log of %s[%d] (gap unverified): %s", topic,
+                        partition, exc)
+            return None
+
     def log_starts(self, tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """The first retained offset of each partition, asked synchronously of a
         consumer of its own that joins no group ({} where the broker will not say:
@@ -339,19 +391,13 @@ class Worker:
         group's Kafka commit, past what is durable."""
         if not tps:
             return {}
-        from confluent_kafka import Consumer, KafkaException, TopicPartition
+        from confluent_kafka import KafkaException, TopicPartition
 
         try:
-            if self._offsets_client is None:
-                conf = {**self.settings.confluent_common(),
-                        "group.id": f"{self.settings.group_id}.log-starts",
-                        "enable.auto.commit": False}
-                conf.pop("session.timeout.ms", None)
-                conf.pop("heartbeat.interval.ms", None)
-                self._offsets_client = Consumer(conf)
+            client = self._log_client()
             out = {}
             for t, p in tps:
-                low, _high = self._offsets_client.get_watermark_offsets(
+                low, _high = client.get_watermark_offsets(
                     TopicPartition(t, p), timeout=5, cached=False)
                 if low is not None and low >= 0:
                     out[(t, p)] = int(low)
@@ -361,10 +407,17 @@ class Worker:
             return {}
 
     async def rebuild_online(self, reason: str) -> None:
-        """Rebuild the online state from the log (:meth:`Engine.rebuild_online`): the
-        gathered batch is dropped (re-read), offline parts in flight finish first."""
+        """Rebuild the online state from the log (:meth:`Engine.rebuild_online`):
+        offline parts in flight finish first (no new one starts meanwhile), then, with
+        no await in between, the gathered batch is dropped (re-read) and the engine
+        rebuilt: messages gathered while waiting would otherwise be lost, or applied
+        after the rebuild as if they followed the log's start."""
+        self._offline_paused = True
+        try:
+            await self.drain_offline()
+        finally:
+            self._offline_paused = False
         self._backlog.msgs = []
-        await self.drain_offline()
         tps = list(self.engine.resume_offsets())
         seeks = self.engine.rebuild_online(self.log_starts(tps), reason)
         consumer = self.app.consumer
@@ -379,6 +432,7 @@ class Worker:
         for (t, p), offset in seeks.items():
             await consumer.seek(fa.topic_partition(t, p), offset)
         fa.resume_at_durable_offsets(consumer, self.engine.resume_offsets)
+        fa.deliver_every_message(consumer)
         self.engine.mark_input()
         self._assigned = True
         log.info("assigned %d partitions; resuming at %s", len(seeks), seeks)

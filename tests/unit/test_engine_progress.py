@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from feature_defs.registry import load_registry
 from headrace.core.online_store import MemoryOnlineStore
+from streams.admission import RESEEK_S
 from streams.engine import MAX_GAP_SEEKS, Engine, RawMessage
 from streams.sides import MemorySideOutputs
 
@@ -38,15 +41,87 @@ def test_a_jump_past_the_next_offset_is_re_sought_not_skipped() -> None:
     assert eng.stats["events_in"] == 6
 
 
-def test_a_real_gap_is_accepted_after_bounded_re_seeks() -> None:
+class _Clock:
+    """Stands in for ``time.monotonic`` in :mod:`streams.admission`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import streams.admission as adm
+
+        self.now = 1000.0
+        monkeypatch.setattr(adm.time, "monotonic", lambda: self.now)
+
+
+def test_an_unverifiable_gap_is_accepted_after_spaced_re_seeks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No way to ask the log: MAX_GAP_SEEKS re-seeks, RESEEK_S apart (what arrives in
+    between was fetched before the last seek: dropped, no new seek), then accepted."""
+    clock = _Clock(monkeypatch)
     eng = _engine(MemoryOnlineStore())
     eng.assign([("impressions", 0)])
     for _ in range(MAX_GAP_SEEKS):
         eng.on_source("impressions", [_imp(3)])
         assert eng.take_seek_requests() == {("impressions", 0): 0}
+        clock.now += RESEEK_S / 2
+        eng.on_source("impressions", [_imp(4)])  # too soon: no seek, not accepted
+        assert eng.take_seek_requests() == {}
+        assert eng.progress[("impressions", 0)].next == 0
+        clock.now += RESEEK_S / 2
     eng.on_source("impressions", [_imp(3)])
     assert eng.take_seek_requests() == {}
     assert eng.progress[("impressions", 0)].next == 4
+
+
+def test_a_gap_the_log_confirms_is_accepted_at_once() -> None:
+    eng = _engine(MemoryOnlineStore())
+    asked: list[tuple[str, int, int]] = []
+    eng.admission.log_probe = lambda t, p, o: asked.append((t, p, o)) or 3
+    eng.assign([("impressions", 0)])
+    eng.on_source("impressions", [_imp(3), _imp(4)])
+    assert eng.take_seek_requests() == {}
+    assert eng.progress[("impressions", 0)].next == 5
+    assert asked == [("impressions", 0, 0)]
+
+
+def test_a_gap_the_log_does_not_have_is_never_accepted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CI failure of 2026-12-02: after a stall, the consumer delivered batch after
+    batch past the next offset (fetched before the seek, or dropped by Faust around
+    it) and three quick re-seeks accepted 0..1161 as a gap. With the log holding the
+    next offset, no number of jumps or seconds accepts it; re-seeks stay spaced."""
+    clock = _Clock(monkeypatch)
+    eng = _engine(MemoryOnlineStore())
+    asked: list[int] = []
+    eng.admission.log_probe = lambda t, p, o: asked.append(o) or o
+    eng.assign([("impressions", 0)])
+    eng.on_source("impressions", [_imp(0)])
+    seeks = 0
+    for i in range(40):
+        eng.on_source("impressions", [_imp(10 + i)])
+        seeks += len(eng.take_seek_requests())
+        clock.now += 0.25
+    assert eng.progress[("impressions", 0)].next == 1
+    assert seeks == 10  # one at the first jump, then one per RESEEK_S
+    assert asked == [1]  # asked once per expected offset
+    eng.on_source("impressions", [_imp(i) for i in range(1, 12)])
+    assert eng.progress[("impressions", 0)].next == 12
+    assert eng.stats["events_in"] == 12
+
+
+def test_after_a_rebuild_what_was_fetched_before_its_seek_is_dropped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock(monkeypatch)
+    eng = _engine(MemoryOnlineStore())
+    eng.admission.log_probe = lambda t, p, o: o
+    eng.assign([("impressions", 0)])
+    eng.on_source("impressions", [_imp(i) for i in range(5)])
+    assert eng.rebuild_online({("impressions", 0): 0}, "test") == {("impressions", 0): 0}
+    eng.on_source("impressions", [_imp(5), _imp(6)])  # fetched before the seek
+    assert eng.take_seek_requests() == {}  # the rebuild's seek is recent: no new one
+    clock.now += RESEEK_S
+    eng.on_source("impressions", [_imp(7)])  # still arriving a second later: re-seek
+    assert eng.take_seek_requests() == {("impressions", 0): 0}
+    eng.on_source("impressions", [_imp(i) for i in range(8)])
+    assert eng.progress[("impressions", 0)].next == 8
 
 
 def test_restart_resumes_at_the_smaller_durable_offset_with_its_watermark() -> None:
