@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "headrace.commands.lag",
     "headrace.commands.offline",
     "headrace.commands.train",
+    "headrace.commands.models",
     "headrace.commands.serve",
     "headrace.commands.score",
     "headrace.commands.example",

@@ -17,7 +17,9 @@ The pipeline, each step a small function:
 4. The cold-start model (:mod:`offline.coldstart_model`) on the same split.
 5. Under the registry lock: compare with the champion (re-scored on the *same*
    validation rows when it can be, see :func:`champion_ref`), apply the gates
-   (:func:`offline.models.decide`), write ``MODELS_DIR/<version>/`` and promote.
+   (:func:`offline.models.decide`), write ``MODELS_DIR/<version>/`` and record it in
+   the history (:mod:`headrace.model.registry`): ``failed`` when a gate fails, else
+   ``champion`` — or ``candidate`` (for a rollout, or while another version is in one).
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ from headrace.model.artifact import (
     champion_version,
     load_model,
     registry_lock,
-    set_champion,
     write_artifact,
 )
 from headrace.model.booster import lightgbm
 from headrace.model.coldstart import ColdStartModel, save_coldstart
+from headrace.model.registry import ModelRegistry, Role
 from offline.coldstart_model import train_coldstart
 from offline.evaluation import (
     CalibrationBin,
@@ -78,7 +80,7 @@ def _utcnow() -> datetime:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What :func:`train` produced."""
+    """What :func:`train` produced; ``role``: the version's role in the registry."""
 
     version: str
     path: Path
@@ -87,12 +89,14 @@ class TrainResult:
     coldstart: Metrics | None
     metadata: Mapping[str, Any]
     seconds: float
+    role: Role
 
     def summary(self) -> dict[str, Any]:
         """The ``--json`` output of ``headrace train``."""
         return {"version": self.version, "path": str(self.path),
-                "promoted": self.decision.promote, "reasons": list(self.decision.reasons),
-                "auc": self.metrics.auc, "logloss": self.metrics.logloss,
+                "promoted": self.role is Role.CHAMPION, "role": self.role.value,
+                "reasons": list(self.decision.reasons), "auc": self.metrics.auc,
+                "logloss": self.metrics.logloss,
                 "coldstart_auc": self.coldstart.auc if self.coldstart else None,
                 "features": len(self.metadata["features"]),
                 "rows": self.metadata["data"]["rows"],
@@ -270,7 +274,7 @@ def train(table: pa.Table, out_dir: Path | str, *, policy: GatePolicy = DEFAULT_
           seed: int = 0, clock: Callable[[], datetime] = _utcnow,
           grid: Sequence[Mapping[str, Any]] = SEARCH_GRID, num_threads: int = 1,
           valid_fraction: float = 0.2, registry: Registry,
-          source: str | None = None) -> TrainResult:
+          source: str | None = None, candidate: bool = False) -> TrainResult:
     """Train, evaluate, gate and save a model from a training-set table.
 
     Args:
@@ -279,6 +283,7 @@ def train(table: pa.Table, out_dir: Path | str, *, policy: GatePolicy = DEFAULT_
         policy: gate thresholds. seed: LightGBM seed. clock: UTC time of the version name.
         grid: hyperparameter combinations. num_threads: LightGBM threads.
         valid_fraction: share of the latest rows held out. source: recorded in metadata.
+        candidate: a model that passes the gates stays ``candidate`` (for a rollout).
         registry: the definitions served (the model's inputs are their feature names);
             the command passes ``registry_for(settings, --definitions)``.
 
@@ -355,10 +360,25 @@ def train(table: pa.Table, out_dir: Path | str, *, policy: GatePolicy = DEFAULT_
                 save_coldstart(cold, folder / "coldstart")
 
         version, path = write_artifact(out, clock(), fill)
-        if decision.promote:
-            set_champion(out, version)
+        role = _record(ModelRegistry(out, clock=lambda: int(clock().timestamp() * 1000)),
+                       version, decision, metrics, candidate)
     return TrainResult(version, path, decision, metrics, cold_metrics, metadata,
-                       time.monotonic() - started)
+                       time.monotonic() - started, role)
+
+
+def _record(models: ModelRegistry, version: str, decision: GateDecision, metrics: Metrics,
+            candidate: bool) -> Role:
+    """Record the gate decision in the history (actor ``train``); returns the role."""
+    hold = "--candidate" if candidate else models.challenger() and "a rollout is running"
+    if not decision.promote:
+        role, why = Role.FAILED, "failed the offline gates"
+    else:
+        role = Role.CANDIDATE if hold else Role.CHAMPION
+        why = f"passed the offline gates{f', not promoted ({hold})' if hold else ''}"
+    gates = {**decision.to_dict(), "auc": metrics.auc, "logloss": metrics.logloss}
+    models.transition(version, role, f"{why}: {'; '.join(decision.reasons)}", gates,
+                      actor="train")
+    return role
 
 
 def read_training_set(uri: str, settings: CommonSettings | None = None) -> pa.Table:

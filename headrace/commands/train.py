@@ -3,9 +3,12 @@
 Reads a training-set Parquet file (local or ``s3://``, as written by the training-set
 builder), trains the LightGBM model and the cold-start model (:mod:`offline.train`),
 writes ``MODELS_DIR/<version>/`` and moves ``MODELS_DIR/CHAMPION`` to it only when every
-gate passes (:mod:`offline.models`). The decision and its reasons are printed and stored
-in the version's ``metadata.json``. A rejected model is a normal outcome (exit 0; the
-``--json`` summary says ``"promoted": false``); bad input exits 2 with one sentence.
+gate passes (:mod:`offline.models`); ``--candidate`` registers a passing model as a
+candidate for a rollout instead. The decision and its reasons are printed, stored in the
+version's ``metadata.json`` and recorded in ``MODELS_DIR/HISTORY.jsonl``
+(:mod:`headrace.model.registry`; a rejected model is ``failed``). A rejected model is a
+normal outcome (exit 0; the ``--json`` summary says ``"promoted": false``); bad input
+exits 2 with one sentence.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ def register(subparsers: Any) -> None:
                    help="AUC improvement over the champion needed to promote (default 0.005)")
     p.add_argument("--min-bin-positives", type=int, default=400,
                    help="positives a calibration bin needs to be checked (default 400)")
+    p.add_argument("--candidate", action="store_true",
+                   help="register a model that passes the gates as a candidate (for "
+                        "headrace rollout) instead of promoting it to champion")
     p.add_argument("--seed", type=int, default=0, help="LightGBM seed (default 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="LightGBM threads (default 1; more can be slower on a busy machine)")
@@ -87,11 +93,14 @@ def handler(
                         min_bin_positives=args.min_bin_positives)
     kwargs: dict[str, Any] = {} if clock is None else {"clock": clock}
     result = train(table, args.out, policy=policy, seed=args.seed, num_threads=args.threads,
-                   registry=registry, source=args.training_set, **kwargs)
+                   registry=registry, source=args.training_set, candidate=args.candidate,
+                   **kwargs)
     if args.json:
         print(json.dumps(result.summary()))
         return 0
-    verdict = "PROMOTED to champion" if result.decision.promote else "REJECTED (champion unchanged)"
+    verdict = {"champion": "PROMOTED to champion",
+               "candidate": "PASSED, registered as candidate (champion unchanged)"}.get(
+        result.role.value, "REJECTED, recorded as failed (champion unchanged)")
     cold = f", cold-start AUC {result.coldstart.auc:.4f}" if result.coldstart else ""
     print(f"model {result.version}: validation AUC {result.metrics.auc:.4f}, log loss "
           f"{result.metrics.logloss:.4f}{cold} ({result.metadata['data']['rows']:,} rows, "
