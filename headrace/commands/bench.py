@@ -20,6 +20,8 @@ BENCHMARKS = {
     "score": ("bench.score", "Score RPC p99 for 100 candidates vs LightGBM predict alone"),
     "memory": ("bench.memory", "worker RSS and events/s over 2M+ distinct users (bounded "
                                "state cache) vs the unbounded cache on a smaller stream"),
+    "rollout": ("bench.rollout", "rollout decision engine over simulated schedules: promote "
+                                 "and false-rollback rates at +5 %, -2 % and equal CTR"),
 }
 
 

@@ -20,6 +20,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "api": ("headrace.api",),
     "defs": ("feature_defs",),
     "model": ("headrace.model",),
+    "rollout": ("headrace.rollout",),
     "streams": ("streams",),
     "offline": ("offline",),
     "serving": ("serving",),
@@ -37,14 +38,16 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "package": frozenset(),
     "defs": frozenset({"core"}),
     "model": frozenset({"core"}),
+    # the rollout's shared formats and pure decisions: serving and the roof use them
+    "rollout": frozenset({"core", "model"}),
     "streams": frozenset({"core", "defs"}),
     "offline": frozenset({"core", "defs", "model"}),
-    "serving": frozenset({"core", "api", "defs", "model"}),
-    "roof": frozenset({"core", "api", "defs", "model", "streams", "offline", "serving",
-                       "package"}),
+    "serving": frozenset({"core", "api", "defs", "model", "rollout"}),
+    "roof": frozenset({"core", "api", "defs", "model", "rollout", "streams", "offline",
+                       "serving", "package"}),
     # benchmarks run the product on a local stack; nothing imports them
-    "bench": frozenset({"core", "api", "defs", "model", "streams", "offline", "serving",
-                        "roof", "package"}),
+    "bench": frozenset({"core", "api", "defs", "model", "rollout", "streams", "offline",
+                        "serving", "roof", "package"}),
 }
 
 #: the one deliberate dynamic import of a higher layer: ``headrace bench NAME`` loads the
