@@ -16,7 +16,19 @@ publisher: 1 + 100 + ≤50 + 1 keys in one Redis round trip, one LightGBM call.
 
 * ``p50_ms`` / ``p99_ms``: roll-up memo OFF (every state decoded and rolled up per call);
   ``*_memo``: the default 8192-entry memo (the states never change here, so it answers
-  nearly every read; production sits in between).
+  nearly every read; production sits in between). These servers run today's
+  configuration: no traffic split (``HEADRACE_SPLIT_ENABLED=false``), no prediction log.
+* ``p50_ms_split_log`` / ``p99_ms_split_log`` (and ``*_memo``): a second server child,
+  same data and memo setting, with a traffic split in Redis (:data:`SPLIT_SHARE` of
+  the users to a second LightGBM version of the same shape) and the prediction log
+  sending every answer to a Kafka-protocol broker (the local stack's Tansu). Each
+  request goes to both servers, in rotating order; ``overhead_p99_ms`` is
+  ``p99_ms_split_log - p99_ms`` of the same run (target <= 0.5 ms),
+  ``challenger_share`` the fraction of its answers the challenger gave and
+  ``prediction_records`` the records read back from the topic.
+* ``aa_p50_diff_ms`` / ``aa_p99_diff_ms`` (and ``*_memo``): the same difference between
+  a third child in today's configuration and the first one: the noise floor of
+  ``overhead_*`` in this run (two identical servers differ by this much).
 
 Floors measured in the same run, interleaved call by call with the figure they belong to:
 
@@ -46,6 +58,9 @@ __all__ = ["run", "main", "train_bench_model"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 _PREFIX = "hrbench"  # bench.lookup.populate writes under this prefix
+#: the challenger's share of users in the split variant
+SPLIT_SHARE = 0.10
+_TOPIC_PREFIX = "bench-score."
 
 
 def train_bench_model(models_dir: Path, *, trees: int = 100, leaves: int = 31,
@@ -105,8 +120,12 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
     from bench.lookup import populate, start_redis
     from feature_defs.layout import entity_key
     from feature_defs.registry import registry_for
+    from headrace.api.v1 import scoring_pb2 as spb
     from headrace.core.online_store import RedisOnlineStore
     from headrace.core.settings import ServeSettings
+    from headrace.model.artifact import set_champion
+    from headrace.rollout.split import SplitState, split_key
+    from headrace.stack.local import local_stack
     from serving.breaker import CircuitBreaker
     from serving.client import build_score_request
     from serving.priors import PriorsCache
@@ -115,7 +134,8 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
 
     rng = random.Random(seed + 1)
     fig: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="headrace-bench-score-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="headrace-bench-score-") as workdir, \
+            local_stack(os.path.join(workdir, "stack")) as stack:
         rproc, rport = start_redis(workdir)
         children: list[ServerChild] = []
         try:
@@ -127,15 +147,26 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
             models = Path(workdir) / "models"
             version, features = train_bench_model(models, trees=trees, leaves=leaves,
                                                   seed=seed)
+            challenger, _ = train_bench_model(models, trees=trees, leaves=leaves,
+                                              seed=seed + 7)
+            set_champion(models, version)
             setup_s = time.perf_counter() - t0
             env = {**os.environ, "HEADRACE_REDIS_URL": url, "HEADRACE_REDIS_PREFIX": _PREFIX,
                    "HEADRACE_MODELS_DIR": str(models), "PYTHONPATH": str(_ROOT)}
+            today = {**env, "HEADRACE_SPLIT_ENABLED": "false", "HEADRACE_PREDICTION_LOG": "false"}
+            split_env = {**env, "HEADRACE_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+                         "HEADRACE_BROKER_PROFILE": "embedded", "HEADRACE_PREDICTION_LOG": "true",
+                         "HEADRACE_TOPIC_PREFIX": _TOPIC_PREFIX, "HEADRACE_SPLIT_ENABLED": "true",
+                         "HEADRACE_SERVER_ID": "bench-split"}
             settings = ServeSettings.from_env(env)
             store = RedisOnlineStore(url, timeout_ms=settings.redis_budget_ms)
             reg = registry_for(settings)
             watcher = model_watcher(models, reg)
             watcher.refresh()
             raw = redis.Redis(port=rport)
+            raw.set(split_key(_PREFIX), SplitState(
+                1, "bench", version, challenger, SPLIT_SHARE, False, 2,
+                time.time_ns() // 1_000_000).to_json())
 
             def shape(local: ScoringService) -> tuple[Any, Any, list[str]]:
                 user, pub = f"u{rng.randrange(users)}", f"p{rng.randrange(publishers)}"
@@ -152,17 +183,24 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
                 return req, local.feature_matrix(req), keys
 
             fields = [f"{e}_activity@1" for e in ("user", "ad", "campaign", "publisher")]
+            served = {version: 0, challenger: 0}
             for memo, tag in ((0, ""), (8192, "_memo")):
-                children.append(child := ServerChild(env, memo, timeout_s=2.0))
+                children.append(child := ServerChild(today, memo, timeout_s=2.0))
+                children.append(variant := ServerChild(split_env, memo, timeout_s=2.0))
+                children.append(twin := ServerChild(today, memo, timeout_s=2.0))
                 local = ScoringService(reg, OnlineReader(store, _PREFIX, memo_entries=memo),
                                        PriorsCache(store, _PREFIX), CircuitBreaker(), watcher,
                                        budget_ms=1000.0)
-                rpc, model_t, echo, floor, work = [], [], [], [], []
+                rpc, split_rpc, twin_rpc, model_t, echo, floor, work = [], [], [], [], [], [], []
+                calls = [child.client.score_call, variant.client.score_call,
+                         twin.client.score_call]
                 for i in range(rounds + rounds // 10):  # the first 10% warm up
                     req, (model, x), keys = shape(local)
-                    s = time.perf_counter()
-                    resp = child.client.score_call(req, timeout=2.0)
-                    t_rpc = time.perf_counter() - s
+                    timed: list[tuple[float, Any]] = [(0.0, None)] * 3
+                    for k in range(3):  # rotate which server answers first
+                        j = (i + k) % 3
+                        timed[j] = _timed(calls[j], req)
+                    (t_rpc, resp), (t_split, sresp), (t_twin, _) = timed
                     s = time.perf_counter()
                     local.score(req)
                     t_work = time.perf_counter() - s
@@ -180,13 +218,27 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
                     t_redis = time.perf_counter() - s
                     if resp.model_version != version or len(resp.order) != candidates:
                         raise RuntimeError(f"unexpected answer: {resp.model_version}")
+                    want = challenger if sresp.arm == spb.CHALLENGER else version
+                    if sresp.model_version != want or len(sresp.order) != candidates:
+                        raise RuntimeError(f"unexpected split answer: {sresp.model_version}")
                     if i >= rounds // 10:
                         rpc.append(t_rpc)
+                        split_rpc.append(t_split)
+                        twin_rpc.append(t_twin)
                         model_t.append(t_model)
                         echo.append(t_echo)
                         floor.append(t_redis)
                         work.append(t_work)
+                        served[sresp.model_version] += 1
                 fig[f"p50_ms{tag}"], fig[f"p99_ms{tag}"] = pct(rpc, 0.5), pct(rpc, 0.99)
+                fig[f"p50_ms_split_log{tag}"] = pct(split_rpc, 0.5)
+                fig[f"p99_ms_split_log{tag}"] = pct(split_rpc, 0.99)
+                fig[f"overhead_p50_ms{tag}"] = round(
+                    fig[f"p50_ms_split_log{tag}"] - fig[f"p50_ms{tag}"], 3)
+                fig[f"overhead_p99_ms{tag}"] = round(
+                    fig[f"p99_ms_split_log{tag}"] - fig[f"p99_ms{tag}"], 3)
+                fig[f"aa_p50_diff_ms{tag}"] = round(pct(twin_rpc, 0.5) - fig[f"p50_ms{tag}"], 3)
+                fig[f"aa_p99_diff_ms{tag}"] = round(pct(twin_rpc, 0.99) - fig[f"p99_ms{tag}"], 3)
                 fig[f"model_only_p50_ms{tag}"] = pct(model_t, 0.5)
                 fig[f"model_only_p99_ms{tag}"] = pct(model_t, 0.99)
                 fig[f"echo_p50_ms{tag}"], fig[f"echo_p99_ms{tag}"] = (
@@ -196,24 +248,69 @@ def run(users: int = 1000, ads: int = 500, campaigns: int = 50, publishers: int 
                 fig[f"redis_p50_ms{tag}"], fig[f"redis_p99_ms{tag}"] = (
                     pct(floor, 0.5), pct(floor, 0.99))
             store.close()
+            for child in children:
+                child.stop()  # the split children flush their prediction logs
+            children = []
+            records = _count_records(stack.kafka_bootstrap, _TOPIC_PREFIX, 2 * rounds * 1.1)
         finally:
             for child in children:
                 child.stop()
             if rproc.poll() is None:
                 rproc.kill()
             rproc.wait()
+    overhead_ok = fig["overhead_p99_ms"] <= 0.5
     return {"benchmark": "score", "candidates": candidates,
             **{k: fig[k] for k in ("p50_ms", "p99_ms", "model_only_p50_ms",
                                    "model_only_p99_ms", "inprocess_p50_ms", "inprocess_p99_ms",
-                                   "echo_p50_ms", "echo_p99_ms", "redis_p99_ms")},
+                                   "echo_p50_ms", "echo_p99_ms", "redis_p99_ms",
+                                   "p50_ms_split_log", "p99_ms_split_log", "overhead_p50_ms",
+                                   "overhead_p99_ms", "aa_p50_diff_ms", "aa_p99_diff_ms")},
             **{k: v for k, v in sorted(fig.items()) if k.endswith("_memo")},
+            "split": {"share": SPLIT_SHARE, "challenger_share": round(
+                served[challenger] / max(1, sum(served.values())), 4),
+                "prediction_records": records, "answers": 2 * rounds + 2 * (rounds // 10)},
             "targets": {"p99_ms_max": 5.0, "met": fig["p99_ms"] <= 5.0,
-                        "met_memo": fig["p99_ms_memo"] <= 5.0},
-            "model": {"version": version, "features": len(features), "trees": trees,
-                      "leaves": leaves},
+                        "met_memo": fig["p99_ms_memo"] <= 5.0,
+                        "overhead_p99_ms_max": 0.5, "overhead_met": overhead_ok,
+                        "overhead_met_memo": fig["overhead_p99_ms_memo"] <= 0.5},
+            "model": {"version": version, "challenger": challenger,
+                      "features": len(features), "trees": trees, "leaves": leaves},
             "params": {"users": users, "ads": ads, "campaigns": campaigns,
                        "publishers": publishers, "rounds": rounds},
             "data": counts, "setup_seconds": round(setup_s, 1), "cpu_count": os.cpu_count()}
+
+
+def _timed(call: Any, req: Any) -> tuple[float, Any]:
+    s = time.perf_counter()
+    resp = call(req, timeout=2.0)
+    return time.perf_counter() - s, resp
+
+
+def _count_records(bootstrap: str, topic_prefix: str, most: float, within_s: float = 20.0
+                   ) -> int:
+    """How many decodable prediction records the split children left on their topic."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from feature_defs.layout import TOPIC_PREDICTIONS
+    from feature_defs.predictions import decode_prediction
+
+    topic = f"{topic_prefix}{TOPIC_PREDICTIONS}"
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-score",
+                         "enable.auto.commit": False})
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        n, idle, deadline = 0, 0, time.monotonic() + within_s
+        while n < most and idle < 4 and time.monotonic() < deadline:
+            batch = consumer.consume(1000, timeout=0.5)
+            idle = 0 if batch else idle + 1
+            for msg in batch:
+                if msg.error() is None:
+                    decode_prediction(msg.value())
+                    n += 1
+        return n
+    finally:
+        consumer.close()
 
 
 def main(argv: list[str] | None = None) -> None:

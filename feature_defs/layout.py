@@ -36,6 +36,7 @@ __all__ = [
     "TOPIC_CLICKS",
     "TOPIC_DLQ",
     "TOPIC_LATE",
+    "TOPIC_PREDICTIONS",
     "repartition_topic",
     "entity_key",
     "commit_key",
@@ -53,6 +54,8 @@ TOPIC_IMPRESSIONS = "impressions"
 TOPIC_CLICKS = "clicks"
 TOPIC_DLQ = "headrace-dlq"
 TOPIC_LATE = "headrace-late"
+#: every Score answer and shadow prediction (:mod:`feature_defs.predictions`)
+TOPIC_PREDICTIONS = "headrace-predictions"
 MAX_ID_LEN = 256
 _BAD_ID = re.compile(r"[{}\s\x00-\x1f\x7f]")
 

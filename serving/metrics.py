@@ -21,6 +21,15 @@ headrace_scoring_seconds                        histogram  source
 headrace_scoring_model_info                     gauge      version (1 for the served one)
 headrace_scoring_fallbacks_total                counter    reason, source
 headrace_scoring_model_reloads_total            counter    outcome (ok, error)
+headrace_scoring_arm_total                      counter    arm (CHAMPION, CHALLENGER)
+headrace_scoring_predict_errors_total           counter    arm
+headrace_scoring_shadow_total                   counter    outcome (scored, dropped, error)
+headrace_rollout_split_share                    gauge      - (challenger share served)
+headrace_rollout_split_seq                      gauge      - (seq applied; -1: none)
+headrace_rollout_split_redis_available          gauge      - (1 up, 0: 100 % champion)
+headrace_rollout_split_errors_total             counter    reason
+headrace_prediction_log_total                   counter    outcome
+headrace_prediction_log_available               gauge      - (1: Kafka delivers)
 ==============================================  =========  ==========================
 """
 
@@ -76,6 +85,19 @@ class ServingMetrics:
         score_fallbacks: ``Score`` requests answered without (some of their) online
             features, by reason and source.
         model_reloads: champion loads by outcome.
+        score_arms: ``Score`` answers by split arm.
+        predict_errors: model predictions that raised, by arm (a challenger's is
+            answered by the champion).
+        shadow: shadow predictions by outcome (``dropped``: the shadow queue was full).
+        split_share: the challenger share this server serves (0: 100 % champion).
+        split_seq: the ``seq`` of the split applied (-1: none in Redis).
+        split_redis_available: 1 while the split is readable, 0 during an outage.
+        split_errors: split polls that fell back to 100 % champion, by reason
+            (``redis``, ``invalid``, ``challenger_load``).
+        prediction_log: prediction records by outcome (``sent``, ``dropped_buffer``,
+            ``dropped_queue``, ``failed``: delivery failed).
+        prediction_log_available: 1 while Kafka accepts the prediction log, 0 during an
+            outage.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = False
@@ -126,6 +148,35 @@ class ServingMetrics:
         self.model_reloads = Counter(
             "headrace_scoring_model_reloads_total", "champion loads by outcome (ok, error)",
             ["outcome"], registry=r)
+
+        self.score_arms = Counter(
+            "headrace_scoring_arm_total", "Score answers by split arm", ["arm"], registry=r)
+        self.predict_errors = Counter(
+            "headrace_scoring_predict_errors_total",
+            "model predictions that raised, by arm (the champion answers a challenger's)",
+            ["arm"], registry=r)
+        self.shadow = Counter(
+            "headrace_scoring_shadow_total", "shadow predictions by outcome (scored, dropped, "
+            "error)", ["outcome"], registry=r)
+        self.split_share = Gauge(
+            "headrace_rollout_split_share", "challenger share of traffic served", registry=r)
+        self.split_seq = Gauge(
+            "headrace_rollout_split_seq", "seq of the split applied (-1: none)", registry=r)
+        self.split_redis_available = Gauge(
+            "headrace_rollout_split_redis_available",
+            "1 while the split is readable; 0: Redis unavailable, 100 % champion", registry=r)
+        self.split_errors = Counter(
+            "headrace_rollout_split_errors_total",
+            "split polls answered with 100 % champion, by reason", ["reason"], registry=r)
+        self.prediction_log = Counter(
+            "headrace_prediction_log_total", "prediction records by outcome (sent, "
+            "dropped_buffer, dropped_queue, failed)", ["outcome"], registry=r)
+        self.prediction_log_available = Gauge(
+            "headrace_prediction_log_available", "1 while Kafka accepts the prediction log",
+            registry=r)
+        self.split_seq.set(-1)
+        self.split_redis_available.set(1)
+        self.prediction_log_available.set(1)
 
     def value(self, name: str, **labels: str) -> float:
         """The current value of one sample (0.0 when it was never set or incremented).

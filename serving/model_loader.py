@@ -221,6 +221,16 @@ class ModelWatcher(Generic[T]):
         """The model to use; read it ONCE per request and keep the object."""
         return self._current
 
+    def load(self, version: str) -> T:
+        """Load and prepare any version of ``models_dir`` the way the champion is (the
+        split's challenger uses it); the current model is not touched.
+
+        Raises:
+            InputError: the version is missing, unreadable or cannot be served
+                (:class:`~headrace.model.artifact.ModelLoadError` included).
+        """
+        return self._prepare(self._load(self.models_dir, version))
+
     def refresh(self) -> bool:
         """Load the champion if it changed. Returns True when a new model was swapped in;
         never raises for a missing, unreadable or unservable model (see ``problem``)."""
@@ -239,7 +249,7 @@ class ModelWatcher(Generic[T]):
             if (current is not None and current.version == version) or version == self._failed:
                 return False
             try:
-                prepared = self._prepare(self._load(self.models_dir, version))
+                prepared = self.load(version)
             except InputError as exc:  # ModelLoadError included
                 return self._fail(f"champion {version} could not be loaded: {exc}", version)
             self._current = prepared  # the swap: one reference, atomic for readers

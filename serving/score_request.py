@@ -43,12 +43,14 @@ class ScoreInput:
         ad_ids: every candidate's ad id, in request order.
         ads: the distinct ad ids, first-seen order.
         ad_index: per candidate, the position of its ad among ``ads``.
+        campaign_ids: every candidate's campaign id, in request order.
         campaigns: the distinct campaign ids, first-seen order.
         campaign_index: per candidate, the position of its campaign among ``campaigns``.
         bids: per candidate, the bid in CPM (finite, 0 <= bid <= the cap).
         as_of_ms: the request time (``context.ts_ms``, else the server clock), epoch ms.
         context: the cold-start model's row: ``ts`` plus the categoricals (None = unknown).
         segment: (country, device_type) when both are given, else None.
+        request_id: the caller's request id, None when unset.
     """
 
     user_id: str | None
@@ -56,12 +58,14 @@ class ScoreInput:
     ad_ids: list[str]
     ads: list[str]
     ad_index: np.ndarray
+    campaign_ids: list[str]
     campaigns: list[str]
     campaign_index: np.ndarray
     bids: np.ndarray
     as_of_ms: int
     context: dict[str, Any]
     segment: Segment | None
+    request_id: str | None = None
 
 
 def _unknown(msg: Any, where: str) -> None:
@@ -99,8 +103,8 @@ def parse_score_request(request: spb.ScoreRequest, *, max_candidates: int,
 
     Raises:
         InvalidArgument: naming the first bad field (no candidates or too many, a bad
-            id, a bid that is not a finite number in [0, ``max_bid_cpm``], a negative
-            ``context.ts_ms``, an unknown field).
+            id or ``request_id``, a bid that is not a finite number in [0,
+            ``max_bid_cpm``], a negative ``context.ts_ms``, an unknown field).
     """
     _unknown(request, "request")
     ctx = request.context
@@ -116,8 +120,8 @@ def parse_score_request(request: spb.ScoreRequest, *, max_candidates: int,
         _unknown(cand, f"candidates[{i}]")
     ads = [c.ad_id for c in cands]
     distinct_ads, ad_index = _distinct(ads, "ad_id")
-    distinct_campaigns, campaign_index = _distinct([c.campaign_id for c in cands],
-                                                   "campaign_id")
+    campaign_ids = [c.campaign_id for c in cands]
+    distinct_campaigns, campaign_index = _distinct(campaign_ids, "campaign_id")
     bids = np.array([c.bid_cpm for c in cands], dtype=np.float64)
     bad = ~(np.isfinite(bids) & (bids >= 0.0) & (bids <= max_bid_cpm))
     if bad.any():
@@ -131,6 +135,11 @@ def parse_score_request(request: spb.ScoreRequest, *, max_candidates: int,
     publisher = ctx.publisher_id or None
     if publisher is not None and (problem := entity_id_problem(publisher)) is not None:
         raise InvalidArgument("context.publisher_id", problem)
+    request_id = None
+    if request.HasField("request_id"):
+        request_id = request.request_id
+        if (problem := entity_id_problem(request_id)) is not None:
+            raise InvalidArgument("request_id", problem)
     if ctx.HasField("ts_ms"):
         if ctx.ts_ms < 0:
             raise InvalidArgument("context.ts_ms", "must be >= 0 (epoch milliseconds)")
@@ -139,5 +148,6 @@ def parse_score_request(request: spb.ScoreRequest, *, max_candidates: int,
         as_of = clock_ms()
     row: dict[str, Any] = {name: getattr(ctx, name) or None for name in CONTEXT_FIELDS}
     segment = (ctx.country, ctx.device_type) if ctx.country and ctx.device_type else None
-    return ScoreInput(user, publisher, ads, distinct_ads, ad_index, distinct_campaigns,
-                      campaign_index, bids, as_of, {**row, "ts": as_of}, segment)
+    return ScoreInput(user, publisher, ads, distinct_ads, ad_index, campaign_ids,
+                      distinct_campaigns, campaign_index, bids, as_of, {**row, "ts": as_of},
+                      segment, request_id)

@@ -1,63 +1,85 @@
-"""``ScoringService.Score``: validate, read every entity once, cold start, predict once, rank.
+"""``ScoringService.Score``: validate, pick the split arm, read every entity once, cold
+start, predict once, rank, log.
 
 One request: the user (optional), every candidate's ad and campaign (deduplicated) and
-the context's publisher are read with ONE pipelined round trip (every key asks for the
-union of the views the model reads; a view an entity does not have answers nil), rolled
-up with the shared :class:`~serving.reader.OnlineReader` (its memo included) and passed
-through the same cold-start rule as ``GetOnlineFeatures``. Each candidate's row is laid
-out in the booster's feature order and ALL rows are scored by ONE single-threaded
-LightGBM call; candidates are ranked by eCPM = pCTR × bid_cpm × 1000 (ties keep request
-order).
+the context's publisher are read with ONE pipelined round trip and laid out in the
+booster's feature order (:class:`~serving.score_features.ScoreFeatures`); ALL rows are
+scored by ONE single-threaded LightGBM call; candidates are ranked by eCPM = pCTR ×
+bid_cpm × 1000 (ties keep request order).
+
+Traffic split (:mod:`serving.split`): the champion is the server's ``CHAMPION`` model;
+a loaded challenger answers iff :func:`~headrace.rollout.split.assign` puts the unit
+(user id, else request id, else the generated prediction id) in its share; ``arm`` and
+``model_version`` say which did. In shadow mode the challenger also scores the
+champion's requests off the response path (:class:`~serving.offpath.OffPath`: a full
+queue drops, ``headrace_scoring_shadow_total{outcome="dropped"}``). Every answer and
+shadow prediction goes to the prediction log (:mod:`serving.prediction_log`).
 
 Failure behaviour: a malformed request raises :class:`~headrace.core.errors.InvalidArgument`
-naming the field (``candidates[3].bid_cpm``); no servable model raises
-:class:`ModelUnavailable` (FAILED_PRECONDITION). A failing online store is never an RPC
-error: Redis errors, a read over ``redis_budget_ms`` and an open breaker (the breaker
-shared with ``GetOnlineFeatures``) are answered by the champion's cold-start model from
-the request context (source COLDSTART_MODEL), or, for a version without one, by the
-champion on the in-process priors (source MODEL). An entity whose stored state cannot
-be decoded gets its fallback values (priors) in the champion's rows, and the response
-says so: source MODEL, ``fallback_reason`` CORRUPT_STATE (counted in
+naming the field (``candidates[3].bid_cpm``, ``request_id``); no servable model raises
+:class:`ModelUnavailable` (FAILED_PRECONDITION); a prediction that raises is
+:class:`ModelPredictError` (INTERNAL) for the champion, while a challenger's is logged
+(with its error, arm CHALLENGER) and the champion answers. A failing online store is
+never an RPC error: Redis errors, a read over ``redis_budget_ms`` and an open breaker
+(the breaker shared with ``GetOnlineFeatures``) are answered by the model's cold-start
+model from the request context (source COLDSTART_MODEL), or, for a version without
+one, by the model on the in-process priors (source MODEL). An entity whose stored state
+cannot be decoded gets its fallback values (priors) in the rows, and the response says
+so: source MODEL, ``fallback_reason`` CORRUPT_STATE (counted in
 ``headrace_serving_corrupt_states_total{view}``), never a silent cold start.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import itertools
+import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from feature_defs.coldstart import Priors, Segment, Tier
+from feature_defs.coldstart import Tier
+from feature_defs.predictions import Arm, PredictionRecord
 from feature_defs.registry import Registry
 from headrace.api.v1 import scoring_pb2 as spb
 from headrace.core.errors import HeadraceError
-from headrace.model.coldstart import context_time
+from headrace.model.booster import lightgbm
+from headrace.rollout.split import assign
 from serving.breaker import CircuitBreaker
 from serving.fetch import FallbackReason, Rows, StoreFetch
 from serving.metrics import ServingMetrics
-from serving.model_loader import EntityPart, ModelWatcher, ScoringModel
+from serving.model_loader import ModelWatcher, ScoringModel
+from serving.offpath import OffPath
+from serving.prediction_log import PredictionSink
 from serving.priors import PriorsCache
 from serving.reader import OnlineReader
-from serving.rollup import Freshness
-from serving.rules import RuleCache, fallback_row
+from serving.score_features import Ranked, ScoreFeatures, same_layout
 from serving.score_request import MAX_BID_CPM, MAX_CANDIDATES, ScoreInput, parse_score_request
+from serving.split import SplitSource, StaticSplit
 
-__all__ = ["ModelUnavailable", "model_watcher", "ScoringService", "SCORING_SERVICE_NAME"]
+__all__ = ["ModelUnavailable", "ModelPredictError", "model_watcher", "ScoringService",
+           "SCORING_SERVICE_NAME"]
 
 SCORING_SERVICE_NAME = spb.DESCRIPTOR.services_by_name["ScoringService"].full_name
 
 _GLOBAL = int(Tier.GLOBAL)
 _NO_FALLBACK = FallbackReason.NONE
+_ARM_PB = {Arm.CHAMPION: spb.CHAMPION, Arm.CHALLENGER: spb.CHALLENGER}
 
 
 class ModelUnavailable(HeadraceError):
     """No model can score (none trained yet, or the champion cannot be loaded)."""
 
     grpc_status = "FAILED_PRECONDITION"
+
+
+class ModelPredictError(HeadraceError):
+    """A loaded model raised while predicting (LightGBM, or rows it cannot take)."""
+
+    grpc_status = "INTERNAL"
 
 
 def model_watcher(models_dir: Path | str, registry: Registry, poll_s: float = 2.0,
@@ -72,7 +94,8 @@ def model_watcher(models_dir: Path | str, registry: Registry, poll_s: float = 2.
             new :class:`ServingMetrics` of its own).
 
     Returns:
-        The watcher, not started.
+        The watcher, not started; its :meth:`~serving.model_loader.ModelWatcher.load`
+        loads the split's challenger the same way.
     """
     m = ServingMetrics() if metrics is None else metrics
 
@@ -86,6 +109,17 @@ def model_watcher(models_dir: Path | str, registry: Registry, poll_s: float = 2.
     return ModelWatcher(models_dir, lambda loaded: ScoringModel.compile(loaded, registry),
                         poll_s=poll_s, on_swap=swapped,
                         on_error=lambda _msg: m.model_reloads.labels(outcome="error").inc())
+
+
+@dataclass(frozen=True, slots=True)
+class _ShadowJob:
+    challenger: ScoringModel
+    served: ScoringModel
+    inp: ScoreInput
+    rows: list[Rows] | None
+    reason: FallbackReason
+    prediction_id: str
+    top: int  # request index of the served answer's first candidate
 
 
 class ScoringService:
@@ -105,6 +139,10 @@ class ScoringService:
         timer: monotonic seconds used to time the store and the request (tests pin it).
         metrics: the server's metrics (default: a new :class:`ServingMetrics` of its
             own).
+        split: the applied traffic split (default: none, 100 % champion; a server
+            passes its :class:`~serving.split.SplitWatcher`).
+        predictions: the prediction log (default: none).
+        shadow_queue: most shadow predictions waiting (more are dropped, counted).
     """
 
     def __init__(
@@ -121,6 +159,9 @@ class ScoringService:
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         timer: Callable[[], float] = time.perf_counter,
         metrics: ServingMetrics | None = None,
+        split: SplitSource | None = None,
+        predictions: PredictionSink | None = None,
+        shadow_queue: int = 256,
     ) -> None:
         self.registry = registry
         self.reader = reader
@@ -129,12 +170,38 @@ class ScoringService:
         self.models = models
         self.max_candidates = max_candidates
         self.max_bid_cpm = max_bid_cpm
-        self.metrics = ServingMetrics() if metrics is None else metrics
+        self.metrics = m = ServingMetrics() if metrics is None else metrics
+        self.split: SplitSource = StaticSplit() if split is None else split
+        self.predictions = predictions
         self._clock_ms = clock_ms
         self._timer = timer
-        self._fetch = StoreFetch(reader.store, breaker, self.metrics, budget_ms=budget_ms,
-                                 timer=timer)
-        self._rules = RuleCache()
+        self.features = ScoreFeatures(reader, priors, StoreFetch(
+            reader.store, breaker, m, budget_ms=budget_ms, timer=timer))
+        self._predict_errors = (ValueError, TypeError, lightgbm().basic.LightGBMError)
+        self._arms = {a: m.score_arms.labels(arm=a.value) for a in Arm}
+        self._id_prefix = secrets.token_hex(6)  # this process's prediction ids
+        self._ids = itertools.count()
+        self.shadow: OffPath[_ShadowJob] = OffPath(
+            "shadow-score", self._shadow_score, maxsize=shadow_queue,
+            on_drop=m.shadow.labels(outcome="dropped").inc)
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        """Load the champion, then the split (and its challenger), then start the
+        prediction log and the shadow thread."""
+        self.models.start()
+        self.split.start()
+        if self.predictions is not None:
+            self.predictions.start()
+        self.shadow.start()
+
+    def stop(self) -> None:
+        """Stop polling, finish (briefly) the shadow queue and the log, stop the watcher."""
+        self.split.stop()
+        self.shadow.stop(1.0)
+        if self.predictions is not None:
+            self.predictions.stop()
+        self.models.stop()
 
     # ------------------------------------------------------------------ validation
     def parse(self, request: spb.ScoreRequest) -> ScoreInput:
@@ -155,45 +222,102 @@ class ScoringService:
 
         Returns:
             Candidates ranked by eCPM (ties keep request order) with pCTR, eCPM and
-            tiers; ``source`` and ``fallback_reason`` say how the store answered (see
-            the module docstring).
+            tiers; ``source`` and ``fallback_reason`` say how the store answered,
+            ``arm``/``model_version`` which model did, ``prediction_id`` the answer's
+            key in the prediction log (see the module docstring).
 
         Raises:
             ModelUnavailable: no servable champion.
+            ModelPredictError: the champion raised while predicting.
             InvalidArgument: naming the first bad field.
         """
         start = self._timer()
-        model = self._model()
+        champion = self._model()
         inp = self.parse(request)
-        n = len(inp.ad_ids)
-        user_tier = 0
-        rows, reason = self._read(model, inp)
-        if rows is None and model.coldstart is not None:
-            p = np.full(n, model.coldstart.predict_context([inp.context])[0])
-            tiers = np.full(n, _GLOBAL, dtype=np.int64)
-            user_tier, source = _GLOBAL, spb.COLDSTART_MODEL
-        else:
-            x, tiers, user_tier, corrupt = self._matrix(model, inp, rows)
-            p = model.predict(x)
-            source = spb.MODEL
-            if corrupt:
-                reason = FallbackReason.CORRUPT_STATE
-                for vid in corrupt:
-                    self.metrics.corrupt_states.labels(view=vid).inc()
-        ecpm = p * inp.bids * 1000.0
-        order = np.argsort(-ecpm, kind="stable")
+        split = self.split.current  # read ONCE per request, like the champion
+        pid = inp.request_id or f"{self._id_prefix}-{next(self._ids):x}"
+        model, arm = champion, Arm.CHAMPION
+        challenger = split.challenger
+        if challenger is not None and split.share > 0.0 and assign(
+                split.rollout_id, inp.user_id or pid, split.share):
+            model, arm = challenger, Arm.CHALLENGER
+        rows, reason = self.features.read(model, inp)
+        try:
+            ranked = self.rank(model, inp, rows, reason)
+        except ModelPredictError as exc:
+            self.metrics.predict_errors.labels(arm=arm.value).inc()
+            self._log_error(model, arm, inp, pid, start, exc)
+            if arm is Arm.CHAMPION:
+                raise
+            if not same_layout(champion, model):
+                rows, reason = self.features.read(champion, inp)
+            model, arm = champion, Arm.CHAMPION  # the challenger failed: the champion answers
+            ranked = self.rank(model, inp, rows, reason)
+            challenger = None  # and is not asked again as a shadow
+        order = ranked.order
         ads = inp.ad_ids
         resp = spb.ScoreResponse(
             order=order.tolist(), ad_ids=[ads[i] for i in order.tolist()],
-            p_ctr=p[order].tolist(), ecpm=ecpm[order].tolist(),
-            tiers=tiers[order].tolist(), model_version=model.version, source=source,
-            fallback_reason=reason, user_tier=user_tier,  # type: ignore[arg-type]
-            as_of_ms=inp.as_of_ms)
-        label = spb.ScoreSource.Name(source)
-        if reason is not _NO_FALLBACK:
-            self.metrics.score_fallbacks.labels(reason=reason.name, source=label).inc()
-        self.metrics.score_seconds.labels(source=label).observe(self._timer() - start)
+            p_ctr=ranked.p[order].tolist(), ecpm=ranked.ecpm[order].tolist(),
+            tiers=ranked.tiers[order].tolist(), model_version=model.version,
+            source=ranked.source,  # type: ignore[arg-type]  # proto enums take ints
+            fallback_reason=ranked.reason,  # type: ignore[arg-type]
+            user_tier=ranked.user_tier,  # type: ignore[arg-type]
+            as_of_ms=inp.as_of_ms, arm=_ARM_PB[arm], prediction_id=pid)
+        label = spb.ScoreSource.Name(ranked.source)
+        if ranked.reason is not _NO_FALLBACK:
+            self.metrics.score_fallbacks.labels(reason=ranked.reason.name, source=label).inc()
+        self._arms[arm].inc()
+        elapsed = self._timer() - start
+        self.metrics.score_seconds.labels(source=label).observe(elapsed)
+        if self.predictions is not None:
+            self.predictions.log(self._record(pid, inp, model, arm, ranked, elapsed, 0))
+        if split.shadow and challenger is not None and arm is Arm.CHAMPION:
+            self.shadow.offer(_ShadowJob(challenger, model, inp, rows, reason, pid,
+                                         int(order[0])))
         return resp
+
+    def rank(self, model: ScoringModel, inp: ScoreInput, rows: list[Rows] | None,
+             reason: FallbackReason, *, count: bool = True) -> Ranked:
+        """``model``'s answer on ``rows`` (:meth:`ScoreFeatures.read`'s result).
+
+        Args:
+            model: the model to predict with.
+            inp: the validated request.
+            rows: the raw states, None when the store could not answer.
+            reason: the read's fallback reason.
+            count: count unreadable states in the metrics (False for a shadow
+                prediction, whose rows the served one counted).
+
+        Raises:
+            ModelPredictError: the model raised.
+        """
+        n = len(inp.ad_ids)
+        user_tier = 0
+        if rows is None and model.coldstart is not None:
+            try:
+                value = model.coldstart.predict_context([inp.context])[0]
+            except self._predict_errors as exc:
+                raise ModelPredictError(f"cold-start model of {model.version} cannot "
+                                        f"predict: {exc}") from exc
+            p = np.full(n, value)
+            tiers = np.full(n, _GLOBAL, dtype=np.int64)
+            user_tier, source = _GLOBAL, spb.COLDSTART_MODEL
+        else:
+            x, tiers, user_tier, corrupt = self.features.matrix(model, inp, rows)
+            try:
+                p = model.predict(x)
+            except self._predict_errors as exc:
+                raise ModelPredictError(f"model {model.version} cannot predict: {exc}") from exc
+            source = spb.MODEL
+            if corrupt:
+                reason = FallbackReason.CORRUPT_STATE
+                if count:
+                    for vid in corrupt:
+                        self.metrics.corrupt_states.labels(view=vid).inc()
+        ecpm = p * inp.bids * 1000.0
+        return Ranked(p, ecpm, np.argsort(-ecpm, kind="stable"), tiers, user_tier, source,
+                      reason)
 
     def feature_matrix(self, request: spb.ScoreRequest) -> tuple[ScoringModel, np.ndarray]:
         """The champion and the rows it would score for ``request``. For benchmarks and tests.
@@ -212,7 +336,7 @@ class ScoringService:
         """
         model = self._model()
         inp = self.parse(request)
-        return model, self._matrix(model, inp, self._read(model, inp)[0])[0]
+        return model, self.features.matrix(model, inp, self.features.read(model, inp)[0])[0]
 
     def _model(self) -> ScoringModel:
         model = self.models.current  # read ONCE per request: a swap later is not seen
@@ -220,110 +344,50 @@ class ScoringService:
             raise ModelUnavailable(f"no model to score with: {self.models.problem}")
         return model
 
-    def _read(self, model: ScoringModel, inp: ScoreInput
-              ) -> tuple[list[Rows] | None, FallbackReason]:
-        """Raw states per part (one round trip), or None and the fallback reason."""
-        ids = [self._ids(part, inp) for part in model.parts]
-        keys = [k for part, pid in zip(model.parts, ids, strict=True)
-                for k in self.reader.keys(part.entity, pid)]
-        if not keys:
-            return [[] for _ in model.parts], _NO_FALLBACK
-        rows, reason = self._fetch.read(keys, model.fields)
-        if rows is None:
-            return None, reason
-        out: list[Rows] = []
-        lo, full = 0, tuple(range(len(model.fields)))
-        for part, pid in zip(model.parts, ids, strict=True):
-            chunk = rows[lo : lo + len(pid)]
-            lo += len(pid)
-            if part.field_index != full:
-                chunk = [[row[j] for j in part.field_index] for row in chunk]
-            out.append(chunk)
-        return out, reason
+    # ------------------------------------------------------------------ shadow and log
+    def _shadow_score(self, job: _ShadowJob) -> None:
+        """The challenger's prediction of a request the champion served (shadow thread)."""
+        start = self._timer()
+        rows, reason = job.rows, job.reason
+        if not same_layout(job.served, job.challenger):
+            rows, reason = self.features.read(job.challenger, job.inp)
+        try:
+            ranked = self.rank(job.challenger, job.inp, rows, reason, count=False)
+        except ModelPredictError as exc:
+            self.metrics.shadow.labels(outcome="error").inc()
+            self.metrics.predict_errors.labels(arm=Arm.CHALLENGER.value).inc()
+            self._log_error(job.challenger, Arm.CHALLENGER, job.inp, job.prediction_id,
+                            start, exc, shadow=True)
+            return
+        self.metrics.shadow.labels(outcome="scored").inc()
+        if self.predictions is not None:
+            record = self._record(job.prediction_id, job.inp, job.challenger, Arm.CHALLENGER,
+                                  ranked, self._timer() - start, None, shadow=True, top=job.top)
+            self.predictions.log(record)
 
-    @staticmethod
-    def _ids(part: EntityPart, inp: ScoreInput) -> list[str]:
-        """The distinct ids of ``part`` to read, in first-seen order."""
-        if part.key == "ad_id":
-            return inp.ads
-        if part.key == "campaign_id":
-            return inp.campaigns
-        one = inp.user_id if part.key == "user_id" else inp.publisher_id
-        return [] if one is None else [one]
+    def _record(self, pid: str, inp: ScoreInput, model: ScoringModel, arm: Arm,
+                ranked: Ranked | None, elapsed_s: float, chosen: int | None, *,
+                shadow: bool = False, top: int = 0, error: str | None = None
+                ) -> PredictionRecord:
+        """The log record of one prediction (``ranked`` None: it failed with ``error``;
+        ``chosen`` None: this model's rank of the request's candidate ``top``)."""
+        ranks: np.ndarray | tuple[()] = ()
+        if ranked is not None:
+            n = len(inp.ad_ids)
+            ranks = np.empty(n, dtype=np.int64)
+            ranks[ranked.order] = np.arange(n)
+            if chosen is None:
+                chosen = int(ranks[top])
+        ctx = inp.context
+        return PredictionRecord(
+            pid, inp.as_of_ms, inp.user_id, inp.publisher_id, ctx["country"],
+            ctx["device_type"], ctx["placement"], ctx["creative_type"], inp.ad_ids,
+            inp.campaign_ids, () if ranked is None else ranked.p, ranks, chosen, arm,
+            model.version, shadow, elapsed_s * 1000.0, error)
 
-    def _matrix(self, model: ScoringModel, inp: ScoreInput, rows: list[Rows] | None
-                ) -> tuple[np.ndarray, np.ndarray, int, list[str]]:
-        """Rows in the model's feature order, per-candidate tiers, the user's tier and
-        the view ids of the unreadable states met (one per entity and view).
-
-        ``rows`` None: the store could not answer; every entity gets its fallback values.
-        """
-        n = len(inp.ad_ids)
-        x = np.full((n, len(model.features)), np.nan)
-        tiers = np.zeros(n, dtype=np.int64)
-        user_tier = 0
-        priors = self.priors.priors
-        corrupt: list[str] = []
-        for k, part in enumerate(model.parts):
-            if rows is None:
-                mat, part_tiers = self._fallback_values(part, priors, inp.segment)
-            else:
-                mat, part_tiers = self._values(part, rows[k], priors, inp, corrupt)
-            if mat.shape[0] == 1:  # one entity for every candidate (or a fallback)
-                x[:, part.columns] = mat[0]
-                np.maximum(tiers, part_tiers[0], out=tiers)
-            else:
-                index = inp.ad_index if part.key == "ad_id" else inp.campaign_index
-                x[:, part.columns] = mat[index]
-                np.maximum(tiers, part_tiers[index], out=tiers)
-            if part.key == "user_id":
-                user_tier = int(part_tiers[0])
-        tiers[tiers == 0] = _GLOBAL  # a model without entity features: nothing personal
-        self._context_columns(model, inp, x)
-        return x, tiers, user_tier, corrupt
-
-    def _values(self, part: EntityPart, rows: Rows, priors: Priors, inp: ScoreInput,
-                corrupt: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Served values (one row per distinct id) and tiers of one part's entities; an
-        entity with an unreadable state gets its fallback values, its views are added
-        to ``corrupt``."""
-        apply = self._rules.rule(part.plan, priors, inp.segment).apply
-        if not rows:  # anonymous user / no publisher: the global priors
-            vals, tier, _ = apply(list(part.plan.defaults), True, False, None)
-            return np.array([vals], dtype=np.float64), np.array([int(tier)])
-        values, tiers = [], []
-        ok, stale = Freshness.OK, Freshness.STALE
-        for row in self.reader.rollup(part.plan, rows, inp.as_of_ms, False):
-            if row.corrupt:  # unreadable bytes: the fallback values, flagged
-                vals, tier = fallback_row(part.plan, priors, inp.segment)
-                values.append(vals)
-                tiers.append(int(tier))
-                corrupt.extend(row.corrupt)
-                continue
-            fresh = row.freshness
-            vals, tier, _ = apply(row.values, fresh is not ok, fresh is stale, row.history)
-            values.append(vals)
-            tiers.append(int(tier))
-        return np.array(values, dtype=np.float64), np.array(tiers)
-
-    @staticmethod
-    def _fallback_values(part: EntityPart, priors: Priors, segment: Segment | None
-                         ) -> tuple[np.ndarray, np.ndarray]:
-        row, tier = fallback_row(part.plan, priors, segment)
-        return np.array([row], dtype=np.float64), np.array([int(tier)])
-
-    @staticmethod
-    def _context_columns(model: ScoringModel, inp: ScoreInput, x: np.ndarray) -> None:
-        hour_col, dow_col = model.time_columns
-        if hour_col is not None or dow_col is not None:
-            hour, dow = context_time(np.array([inp.as_of_ms], dtype=np.int64))
-            if hour_col is not None:
-                x[:, hour_col] = float(hour[0])
-            if dow_col is not None:
-                x[:, dow_col] = float(dow[0])
-        if model.bid_column is not None:
-            x[:, model.bid_column] = inp.bids
-        for col, name, codes in model.categorical:
-            code = codes.get(inp.context.get(name) or "")
-            x[:, col] = math.nan if code is None else float(code)
-
+    def _log_error(self, model: ScoringModel, arm: Arm, inp: ScoreInput, pid: str,
+                   start: float, exc: ModelPredictError, *, shadow: bool = False) -> None:
+        if self.predictions is not None:
+            self.predictions.log(self._record(pid, inp, model, arm, None,
+                                              self._timer() - start, None, shadow=shadow,
+                                              error=str(exc)))

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from feature_defs.layout import TOPIC_PREDICTIONS
 from feature_defs.registry import Registry, registry_for
 from headrace.api.v1 import features_pb2 as pb
 from headrace.api.v1 import features_pb2_grpc as pb_grpc
@@ -33,13 +34,16 @@ from headrace.core.online_store import OnlineStore, RedisOnlineStore
 from headrace.core.settings import ServeSettings
 from serving.breaker import CircuitBreaker
 from serving.metrics import ServingMetrics
+from serving.model_loader import ModelWatcher, ScoringModel
+from serving.prediction_log import KafkaPredictionLog
 from serving.priors import PriorsCache
 from serving.reader import OnlineReader
 from serving.scoring import SCORING_SERVICE_NAME, ScoringService, model_watcher
 from serving.service import OnlineFeatureService
+from serving.split import SplitWatcher, default_server_id
 
 __all__ = ["ErrorInterceptor", "FeatureServicer", "ScoringServicer", "FeatureServer",
-           "build_server", "SERVICE_NAME"]
+           "build_server", "split_watcher", "prediction_log", "SERVICE_NAME"]
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
@@ -169,7 +173,8 @@ class FeatureServer:
         port: the bound port (useful with port 0).
         service: the request logic.
         priors: the priors cache.
-        scoring: the ``ScoringService`` (its champion watcher starts and stops here).
+        scoring: the ``ScoringService`` (its champion watcher, split watcher, shadow
+            thread and prediction log start and stop here).
         metrics: this server's metrics; ``metrics.serve(port)`` exports its registry.
     """
 
@@ -200,7 +205,7 @@ class FeatureServer:
         """
         self.priors.start()
         if self.scoring is not None:
-            self.scoring.models.start()  # loads the champion (if any) before serving
+            self.scoring.start()  # the champion, the split and its challenger, the log
         self.grpc_server.start()
         log.info("feature server listening on port %d", self.port)
         return self
@@ -211,7 +216,7 @@ class FeatureServer:
         self.grpc_server.stop(grace_s).wait()
         self.priors.stop()
         if self.scoring is not None:
-            self.scoring.models.stop()
+            self.scoring.stop()
         self.store.close()
 
     def wait(self) -> None:
@@ -223,6 +228,41 @@ class FeatureServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(0)
+
+
+def split_watcher(settings: ServeSettings, champion: ModelWatcher[ScoringModel],
+                  metrics: ServingMetrics) -> SplitWatcher:
+    """The server's split watcher: ``settings.redis_url``, a read timeout of
+    ``split_timeout_ms``, polled every ``split_poll_ms``, acknowledged as
+    ``settings.server_id`` (default ``{hostname}-{pid}``); challengers load like the
+    champion (``champion.load``)."""
+    import redis
+
+    timeout = settings.split_timeout_ms / 1000.0
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout,
+                                  socket_connect_timeout=timeout, retry=None)
+    return SplitWatcher(client, settings.redis_prefix, settings.server_id or default_server_id(),
+                        champion.load, poll_s=settings.split_poll_ms / 1000.0, metrics=metrics)
+
+
+def prediction_log(settings: ServeSettings, metrics: ServingMetrics
+                   ) -> KafkaPredictionLog | None:
+    """The server's prediction log, or None when it is off.
+
+    ``settings.prediction_log`` decides; unset, it is on exactly when
+    ``HEADRACE_KAFKA_BOOTSTRAP`` was given (a server deployed without Kafka answers as
+    before instead of counting every record as dropped).
+    """
+    enabled = settings.prediction_log
+    if enabled is None:
+        enabled = "kafka_bootstrap" in settings.model_fields_set
+    if not enabled:
+        return None
+    return KafkaPredictionLog(
+        settings.confluent_producer(), settings.confluent_admin(),
+        settings.topic(TOPIC_PREDICTIONS), partitions=settings.partitions,
+        buffer=settings.prediction_log_buffer, queue_kb=settings.prediction_log_queue_kb,
+        timeout_ms=settings.prediction_log_timeout_ms, metrics=metrics)
 
 
 def build_server(
@@ -260,7 +300,9 @@ def build_server(
             builds counts there and nowhere else.
 
     Returns:
-        The server, not started; ``server.metrics`` holds its metrics.
+        The server, not started; ``server.metrics`` holds its metrics. Its Score applies
+        the traffic split in Redis (:func:`split_watcher`) and, when enabled, logs its
+        predictions (:func:`prediction_log`).
 
     Raises:
         InputError: the port cannot be bound.
@@ -292,10 +334,13 @@ def build_server(
         max_ids=settings.max_ids,
         **kwargs,
     )
+    champion = model_watcher(settings.models_dir, registry, model_poll_s, metrics=m)
     scoring = ScoringService(
-        registry, reader, priors, breaker,
-        model_watcher(settings.models_dir, registry, model_poll_s, metrics=m),
-        budget_ms=settings.redis_budget_ms, max_bid_cpm=settings.max_bid_cpm, **kwargs,
+        registry, reader, priors, breaker, champion,
+        budget_ms=settings.redis_budget_ms, max_bid_cpm=settings.max_bid_cpm,
+        split=split_watcher(settings, champion, m) if settings.split_enabled else None,
+        predictions=prediction_log(settings, m),
+        shadow_queue=settings.shadow_queue, **kwargs,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),

@@ -376,6 +376,26 @@ class ServeSettings(CommonSettings):
         max_bid_cpm: Highest ``bid_cpm`` accepted in a Score candidate (CPM); a larger,
             negative or non-finite bid is INVALID_ARGUMENT.
         models_dir: Directory of trained models.
+        split_enabled: Apply the traffic split in Redis (progressive rollout); false:
+            always 100 % champion, no polling.
+        server_id: This server's name in the rollout acknowledgements
+            (``{prefix}:rollout:ack:{server_id}``); empty: ``{hostname}-{pid}``.
+        split_poll_ms: Milliseconds between two reads of the traffic split in Redis
+            (a change reaches the server within this plus one read).
+        split_timeout_ms: Longest one split read may take before the server serves
+            100 % champion, in milliseconds.
+        shadow_queue: Most shadow predictions waiting to be scored; more are dropped
+            (counted), never waited for.
+        prediction_log: Send every Score answer to the ``headrace-predictions`` topic.
+            Unset: on when ``HEADRACE_KAFKA_BOOTSTRAP`` is set, off otherwise (a server
+            without Kafka answers as before).
+        prediction_log_buffer: Most prediction records waiting in memory to be encoded
+            and handed to the Kafka client; more are dropped (counted).
+        prediction_log_queue_kb: Most KiB of encoded records the Kafka client queues
+            while the broker is slow or away; beyond it records are dropped (counted).
+        prediction_log_timeout_ms: How long the Kafka client keeps retrying one record
+            before it counts as failed, in milliseconds (>= 200: more than the
+            client's 100 ms batching delay).
     """
 
     port: int = Field(default=50051, ge=0, le=65535)
@@ -386,6 +406,21 @@ class ServeSettings(CommonSettings):
     max_ids: int = Field(default=1000, ge=1)
     max_bid_cpm: float = Field(default=10_000.0, gt=0, allow_inf_nan=False)
     models_dir: str = "./models"
+    split_enabled: bool = True
+    server_id: str = ""
+    split_poll_ms: int = Field(default=250, ge=10, le=500)
+    split_timeout_ms: int = Field(default=500, ge=10, le=5000)
+    shadow_queue: int = Field(default=256, ge=1)
+    prediction_log: bool | None = None
+    prediction_log_buffer: int = Field(default=10_000, ge=1)
+    prediction_log_queue_kb: int = Field(default=32_768, ge=1)
+    prediction_log_timeout_ms: int = Field(default=30_000, ge=200)
+
+    @field_validator("prediction_log", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # HEADRACE_PREDICTION_LOG="" (compose files) means "not set": the default rule
+        return None if value == "" else value
 
 
 class OfflineSettings(CommonSettings):

@@ -25,23 +25,25 @@ _sym_db = _symbol_database.Default()
 from headrace.api.v1 import features_pb2 as headrace_dot_api_dot_v1_dot_features__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dheadrace/api/v1/scoring.proto\x12\x0bheadrace.v1\x1a\x1eheadrace/api/v1/features.proto\"@\n\tCandidate\x12\r\n\x05\x61\x64_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\x0f\n\x07\x62id_cpm\x18\x03 \x01(\x01\"\x92\x01\n\x0cScoreContext\x12\x0f\n\x07\x63ountry\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x02 \x01(\t\x12\x11\n\tplacement\x18\x03 \x01(\t\x12\x15\n\rcreative_type\x18\x04 \x01(\t\x12\x14\n\x0cpublisher_id\x18\x05 \x01(\t\x12\x12\n\x05ts_ms\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_ts_ms\"w\n\x0cScoreRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12*\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x19.headrace.v1.ScoreContext\x12*\n\ncandidates\x18\x03 \x03(\x0b\x32\x16.headrace.v1.Candidate\"\xae\x02\n\rScoreResponse\x12\r\n\x05order\x18\x01 \x03(\r\x12\x0e\n\x06\x61\x64_ids\x18\x02 \x03(\t\x12\r\n\x05p_ctr\x18\x03 \x03(\x01\x12\x0c\n\x04\x65\x63pm\x18\x04 \x03(\x01\x12)\n\x05tiers\x18\x05 \x03(\x0e\x32\x1a.headrace.v1.ColdStartTier\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12(\n\x06source\x18\x07 \x01(\x0e\x32\x18.headrace.v1.ScoreSource\x12\x34\n\x0f\x66\x61llback_reason\x18\x08 \x01(\x0e\x32\x1b.headrace.v1.FallbackReason\x12-\n\tuser_tier\x18\t \x01(\x0e\x32\x1a.headrace.v1.ColdStartTier\x12\x10\n\x08\x61s_of_ms\x18\n \x01(\x03*K\n\x0bScoreSource\x12\x1c\n\x18SCORE_SOURCE_UNSPECIFIED\x10\x00\x12\t\n\x05MODEL\x10\x01\x12\x13\n\x0f\x43OLDSTART_MODEL\x10\x02\x32P\n\x0eScoringService\x12>\n\x05Score\x12\x19.headrace.v1.ScoreRequest\x1a\x1a.headrace.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dheadrace/api/v1/scoring.proto\x12\x0bheadrace.v1\x1a\x1eheadrace/api/v1/features.proto\"@\n\tCandidate\x12\r\n\x05\x61\x64_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\x0f\n\x07\x62id_cpm\x18\x03 \x01(\x01\"\x92\x01\n\x0cScoreContext\x12\x0f\n\x07\x63ountry\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x02 \x01(\t\x12\x11\n\tplacement\x18\x03 \x01(\t\x12\x15\n\rcreative_type\x18\x04 \x01(\t\x12\x14\n\x0cpublisher_id\x18\x05 \x01(\t\x12\x12\n\x05ts_ms\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_ts_ms\"\x9f\x01\n\x0cScoreRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12*\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x19.headrace.v1.ScoreContext\x12*\n\ncandidates\x18\x03 \x03(\x0b\x32\x16.headrace.v1.Candidate\x12\x17\n\nrequest_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_request_id\"\xe4\x02\n\rScoreResponse\x12\r\n\x05order\x18\x01 \x03(\r\x12\x0e\n\x06\x61\x64_ids\x18\x02 \x03(\t\x12\r\n\x05p_ctr\x18\x03 \x03(\x01\x12\x0c\n\x04\x65\x63pm\x18\x04 \x03(\x01\x12)\n\x05tiers\x18\x05 \x03(\x0e\x32\x1a.headrace.v1.ColdStartTier\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12(\n\x06source\x18\x07 \x01(\x0e\x32\x18.headrace.v1.ScoreSource\x12\x34\n\x0f\x66\x61llback_reason\x18\x08 \x01(\x0e\x32\x1b.headrace.v1.FallbackReason\x12-\n\tuser_tier\x18\t \x01(\x0e\x32\x1a.headrace.v1.ColdStartTier\x12\x10\n\x08\x61s_of_ms\x18\n \x01(\x03\x12\x1d\n\x03\x61rm\x18\x0b \x01(\x0e\x32\x10.headrace.v1.Arm\x12\x15\n\rprediction_id\x18\x0c \x01(\t*8\n\x03\x41rm\x12\x13\n\x0f\x41RM_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43HAMPION\x10\x01\x12\x0e\n\nCHALLENGER\x10\x02*K\n\x0bScoreSource\x12\x1c\n\x18SCORE_SOURCE_UNSPECIFIED\x10\x00\x12\t\n\x05MODEL\x10\x01\x12\x13\n\x0f\x43OLDSTART_MODEL\x10\x02\x32P\n\x0eScoringService\x12>\n\x05Score\x12\x19.headrace.v1.ScoreRequest\x1a\x1a.headrace.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'headrace.api.v1.scoring_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCORESOURCE']._serialized_start=719
-  _globals['_SCORESOURCE']._serialized_end=794
+  _globals['_ARM']._serialized_start=814
+  _globals['_ARM']._serialized_end=870
+  _globals['_SCORESOURCE']._serialized_start=872
+  _globals['_SCORESOURCE']._serialized_end=947
   _globals['_CANDIDATE']._serialized_start=78
   _globals['_CANDIDATE']._serialized_end=142
   _globals['_SCORECONTEXT']._serialized_start=145
   _globals['_SCORECONTEXT']._serialized_end=291
-  _globals['_SCOREREQUEST']._serialized_start=293
-  _globals['_SCOREREQUEST']._serialized_end=412
-  _globals['_SCORERESPONSE']._serialized_start=415
-  _globals['_SCORERESPONSE']._serialized_end=717
-  _globals['_SCORINGSERVICE']._serialized_start=796
-  _globals['_SCORINGSERVICE']._serialized_end=876
+  _globals['_SCOREREQUEST']._serialized_start=294
+  _globals['_SCOREREQUEST']._serialized_end=453
+  _globals['_SCORERESPONSE']._serialized_start=456
+  _globals['_SCORERESPONSE']._serialized_end=812
+  _globals['_SCORINGSERVICE']._serialized_start=949
+  _globals['_SCORINGSERVICE']._serialized_end=1029
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,206 @@
+"""The prediction log record, as data: what every ``Score`` answer (and every shadow
+prediction) writes to the ``headrace-predictions`` topic, and its wire format.
+
+One record per model per request: the served answer (``shadow`` false) and, in shadow
+mode, the challenger's prediction of the same request (``shadow`` true, same
+``prediction_id``). An ad server links its impression and click to the served record
+by ``prediction_id`` (+ ``model_version``); the stream worker joins them per arm.
+
+Wire format (one record per Kafka message)::
+
+    byte 0      0x00                     magic (the Confluent wire format's)
+    bytes 1-4   schema id, big-endian    :data:`SCHEMA_ID` (1 = :data:`PREDICTION_SCHEMA`)
+    bytes 5..   schemaless Avro body     of the schema with that id
+
+A new schema version gets a new id (added to :data:`SCHEMAS`, never edited) and keeps
+old fields readable: :func:`decode_prediction` resolves an older writer schema against
+the current one (Avro resolution: a field added later needs a default).
+
+Candidates are columns in request order: candidate ``i`` is ``ad_ids[i]``,
+``campaign_ids[i]``, ``p_ctr[i]`` and ``ranks[i]`` (its position in the model's
+ranking, 0 = best eCPM). Columns, not an array of ``{ad_id, campaign_id, p_ctr, rank}``
+records: fastavro encodes a 100-candidate record ~4x faster that way (measured ~0.1 ms
+vs ~0.43 ms here), and the encoding runs in the serving process, beside the RPCs.
+Building a record on the RPC path only stores references; encoding happens off it.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+import fastavro
+import numpy as np
+
+__all__ = ["Arm", "PredictionRecord", "PREDICTION_SCHEMA", "SCHEMA_ID", "SCHEMAS",
+           "PredictionFormatError", "encode_prediction", "decode_prediction"]
+
+
+class Arm(StrEnum):
+    """Which side of the split served (or shadow-scored) a request."""
+
+    CHAMPION = "CHAMPION"
+    CHALLENGER = "CHALLENGER"
+
+
+class PredictionFormatError(ValueError):
+    """Bytes that are not a prediction record of a known schema."""
+
+
+_OPT_STR: Final = ["null", "string"]
+
+#: schema id 1 (``headrace.v1.Prediction``)
+PREDICTION_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "record", "name": "Prediction", "namespace": "headrace.v1",
+    "doc": "One model's prediction for one Score request (feature_defs/predictions.py)",
+    "fields": [
+        {"name": "prediction_id", "type": "string"},
+        {"name": "ts", "type": "long", "doc": "request time, epoch ms UTC"},
+        {"name": "user_id", "type": _OPT_STR, "default": None},
+        {"name": "publisher_id", "type": _OPT_STR, "default": None},
+        {"name": "country", "type": _OPT_STR, "default": None},
+        {"name": "device_type", "type": _OPT_STR, "default": None},
+        {"name": "placement", "type": _OPT_STR, "default": None},
+        {"name": "creative_type", "type": _OPT_STR, "default": None},
+        {"name": "ad_ids", "type": {"type": "array", "items": "string"}},
+        {"name": "campaign_ids", "type": {"type": "array", "items": "string"}},
+        {"name": "p_ctr", "type": {"type": "array", "items": "double"}},
+        {"name": "ranks", "type": {"type": "array", "items": "int"},
+         "doc": "per candidate, its position in this model's ranking (0 = best eCPM)"},
+        {"name": "chosen_rank", "type": ["null", "int"], "default": None,
+         "doc": "rank, in this model's ranking, of the candidate the answer put first "
+                "(0 for the served record); null on error"},
+        {"name": "arm", "type": {"type": "enum", "name": "Arm",
+                                 "symbols": ["CHAMPION", "CHALLENGER"],
+                                 "default": "CHAMPION"}},
+        {"name": "model_version", "type": "string"},
+        {"name": "shadow", "type": "boolean", "default": False},
+        {"name": "latency_ms", "type": "float", "doc": "in the server, ms"},
+        {"name": "error", "type": _OPT_STR, "default": None},
+    ],
+}
+SCHEMA_ID: Final = 1
+_MAGIC: Final = 0
+_HEADER = struct.Struct(">BI")
+#: every schema id ever written (never edit one: add an id)
+SCHEMAS: Final[Mapping[int, Any]] = {1: fastavro.parse_schema(dict(PREDICTION_SCHEMA))}
+_CURRENT = SCHEMAS[SCHEMA_ID]
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionRecord:
+    """One prediction (see the module docstring).
+
+    Attributes:
+        prediction_id: the request id given, else the server's generated id.
+        ts: request time (``context.ts_ms``, else the server clock), epoch ms UTC.
+        user_id: None when anonymous. publisher_id: None when absent.
+        country, device_type, placement, creative_type: the request context (None =
+            unknown).
+        ad_ids, campaign_ids, p_ctr, ranks: per candidate, request order.
+        chosen_rank: this model's rank of the candidate the served answer put first (0
+            for the served record); None on error.
+        arm: the split arm of this prediction's model.
+        model_version: the model that produced ``p_ctr``.
+        shadow: a challenger's shadow prediction (not served).
+        latency_ms: the prediction's time in the server, milliseconds.
+        error: why it failed (``p_ctr`` then empty), or None.
+    """
+
+    prediction_id: str
+    ts: int
+    user_id: str | None
+    publisher_id: str | None
+    country: str | None
+    device_type: str | None
+    placement: str | None
+    creative_type: str | None
+    ad_ids: Sequence[str]
+    campaign_ids: Sequence[str]
+    p_ctr: Sequence[float] | np.ndarray
+    ranks: Sequence[int] | np.ndarray
+    chosen_rank: int | None
+    arm: Arm
+    model_version: str
+    shadow: bool
+    latency_ms: float
+    error: str | None = None
+
+    def to_avro(self) -> dict[str, Any]:
+        """The record as the Avro schema's dict.
+
+        Raises:
+            ValueError: the candidate columns differ in length (an error record may
+                leave ``p_ctr`` and ``ranks`` empty).
+        """
+        p = self.p_ctr.tolist() if isinstance(self.p_ctr, np.ndarray) else list(self.p_ctr)
+        r = self.ranks.tolist() if isinstance(self.ranks, np.ndarray) else list(self.ranks)
+        n = len(self.ad_ids)
+        scored = len(p) == len(r) == n or (self.error is not None and not p and not r)
+        if len(self.campaign_ids) != n or not scored:
+            raise ValueError(f"prediction {self.prediction_id}: candidate columns differ "
+                             "in length")
+        return {"prediction_id": self.prediction_id, "ts": self.ts, "user_id": self.user_id,
+                "publisher_id": self.publisher_id, "country": self.country,
+                "device_type": self.device_type, "placement": self.placement,
+                "creative_type": self.creative_type, "ad_ids": self.ad_ids,
+                "campaign_ids": self.campaign_ids, "p_ctr": p, "ranks": r,
+                "chosen_rank": self.chosen_rank, "arm": self.arm.value,
+                "model_version": self.model_version, "shadow": self.shadow,
+                "latency_ms": self.latency_ms, "error": self.error}
+
+    @classmethod
+    def from_avro(cls, doc: Mapping[str, Any]) -> PredictionRecord:
+        """The record of a decoded Avro dict (of the current schema)."""
+        return cls(doc["prediction_id"], doc["ts"], doc["user_id"], doc["publisher_id"],
+                   doc["country"], doc["device_type"], doc["placement"], doc["creative_type"],
+                   tuple(doc["ad_ids"]), tuple(doc["campaign_ids"]), tuple(doc["p_ctr"]),
+                   tuple(doc["ranks"]), doc["chosen_rank"], Arm(doc["arm"]),
+                   doc["model_version"], doc["shadow"], doc["latency_ms"], doc["error"])
+
+
+def encode_prediction(record: PredictionRecord) -> bytes:
+    """The record's message value: header (magic, :data:`SCHEMA_ID`) + Avro body.
+
+    Raises:
+        ValueError: a field does not fit the schema (candidate columns of different
+            lengths, a wrong type).
+    """
+    buf = io.BytesIO()
+    buf.write(_HEADER.pack(_MAGIC, SCHEMA_ID))
+    fastavro.schemaless_writer(buf, _CURRENT, record.to_avro())
+    return buf.getvalue()
+
+
+def decode_prediction(value: bytes) -> PredictionRecord:
+    """Decode a message value written by :func:`encode_prediction` (this or an earlier
+    schema id: resolved to the current schema).
+
+    Raises:
+        PredictionFormatError: no header, an unknown schema id, or a malformed body.
+    """
+    if len(value) < _HEADER.size:
+        raise PredictionFormatError(f"{len(value)} bytes: shorter than the header")
+    magic, schema_id = _HEADER.unpack_from(value)
+    if magic != _MAGIC:
+        raise PredictionFormatError(f"magic byte {magic:#04x}, expected 0x00")
+    writer = SCHEMAS.get(schema_id)
+    if writer is None:
+        raise PredictionFormatError(f"unknown schema id {schema_id} (known: "
+                                    f"{', '.join(map(str, SCHEMAS))}); a newer writer?")
+    buf = io.BytesIO(value)
+    buf.seek(_HEADER.size)
+    try:
+        doc = fastavro.schemaless_reader(
+            buf, writer, None if schema_id == SCHEMA_ID else _CURRENT)
+    except (EOFError, ValueError, TypeError, IndexError, UnicodeDecodeError) as exc:
+        raise PredictionFormatError(f"malformed prediction body: {exc!r}") from exc
+    if buf.tell() != len(value):
+        raise PredictionFormatError(f"{len(value) - buf.tell()} trailing bytes")
+    if not isinstance(doc, dict):
+        raise PredictionFormatError("body is not a record")
+    return PredictionRecord.from_avro(doc)
