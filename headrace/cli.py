@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "headrace.commands.offline",
     "headrace.commands.train",
     "headrace.commands.models",
+    "headrace.commands.rollout",
     "headrace.commands.serve",
     "headrace.commands.score",
     "headrace.commands.example",

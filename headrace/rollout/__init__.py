@@ -11,6 +11,12 @@ Layer: imports :mod:`headrace.core` and :mod:`headrace.model` only (numpy allowe
 * :mod:`headrace.rollout.policy` — the five phases, their durations and thresholds.
 * :mod:`headrace.rollout.gates` — guardrails and phase-end gates: a pure function from
   per-arm counts (:class:`~headrace.rollout.gates.ArmStats`) to a decision.
+* :mod:`headrace.rollout.controller` — the controller's pure step: state, counts and
+  the clock in, the next state and the actions (split writes, registry moves, alerts)
+  out; :mod:`headrace.rollout.runner` — the loop that reads and applies them, with
+  :mod:`headrace.rollout.store` (its Redis keys and lock), :mod:`headrace.rollout.alerts`
+  (webhook, metrics), :mod:`headrace.rollout.source` (where per-arm counts come from)
+  and :mod:`headrace.rollout.settings`.
 
 The split state (one Redis string, JSON, at :func:`~headrace.rollout.split.split_key`
 ``f"{prefix}:rollout:split"``), written only by the controller::
