@@ -29,7 +29,10 @@ __all__ = [
     "NUMERIC_TYPES",
     "FIELD_TYPES",
     "NULLABLE_FIELDS",
+    "NULLABLE_IN",
+    "ADDED_FIELDS",
     "ID_FIELDS",
+    "PROBABILITY_FIELDS",
     "KIND_TOPICS",
     "ROUTING_KEY",
     "ROUTING_KEYS",
@@ -56,17 +59,40 @@ FIELD_TYPES: Final[Mapping[EventKind, Mapping[str, str]]] = MappingProxyType({
         "campaign_id": STRING, "publisher_id": STRING, "placement": STRING,
         "creative_type": STRING, "device_type": STRING, "country": STRING,
         "bid_cpm": DOUBLE,
+        "prediction_id": STRING, "model_version": STRING, "p_ctr": DOUBLE,
     }),
     "click": MappingProxyType({
         "event_id": STRING, "ts": TS, "impression_id": STRING, "user_id": STRING,
         "ad_id": STRING, "campaign_id": STRING, "publisher_id": STRING,
+        "prediction_id": STRING, "model_version": STRING, "p_ctr": DOUBLE,
+        "device_type": STRING, "country": STRING,
     }),
 })
-#: the only fields that may be absent or null (an anonymous user)
-NULLABLE_FIELDS: Final = frozenset({"user_id"})
+#: per kind, the optional fields added after the first schema version, in schema order.
+#: They close the schema (old records are a prefix of new ones: see
+#: :mod:`streams.codec`), are nullable, and an absent one is null: producers that never
+#: heard of them keep working unchanged. ``prediction_id``/``model_version``/``p_ctr``
+#: name the Score answer that chose the ad (online evaluation per arm); a click's
+#: ``p_ctr``, ``device_type`` and ``country`` repeat its impression's, so that a click
+#: is counted in the same evaluation bucket and segments as its impression
+#: (:mod:`feature_defs.evaluation`).
+ADDED_FIELDS: Final[Mapping[EventKind, tuple[str, ...]]] = MappingProxyType({
+    "impression": ("prediction_id", "model_version", "p_ctr"),
+    "click": ("prediction_id", "model_version", "p_ctr", "device_type", "country"),
+})
+#: the fields that may be absent or null in every kind: an anonymous user, and the
+#: added fields every kind has
+NULLABLE_FIELDS: Final = frozenset({"user_id", "prediction_id", "model_version", "p_ctr"})
+#: per kind, the fields that may be absent or null (an absent one is null)
+NULLABLE_IN: Final[Mapping[EventKind, frozenset[str]]] = MappingProxyType({
+    "impression": NULLABLE_FIELDS,
+    "click": NULLABLE_FIELDS | {"device_type", "country"},
+})
 #: fields holding ids (checked with :func:`feature_defs.layout.entity_id_problem`)
 ID_FIELDS: Final = ("event_id", "impression_id", "user_id", "ad_id", "campaign_id",
-                    "publisher_id")
+                    "publisher_id", "prediction_id", "model_version")
+#: fields that are probabilities: finite and in [0, 1] when present
+PROBABILITY_FIELDS: Final = frozenset({"p_ctr"})
 #: the topic (before the deployment prefix) each kind arrives on by default
 KIND_TOPICS: Final[Mapping[EventKind, str]] = MappingProxyType(
     {"impression": TOPIC_IMPRESSIONS, "click": TOPIC_CLICKS})

@@ -48,10 +48,16 @@ class FeatureType(Enum):
 
 @dataclass(frozen=True)
 class Entity:
-    """A keyed thing features describe: ``user`` keyed by ``user_id``."""
+    """A keyed thing features describe: ``user`` keyed by ``user_id``.
+
+    ``key`` is one event field, or a tuple of several (a composite key, e.g.
+    ``("model_version", "publisher_id")``; its id is the parts joined by
+    :data:`feature_defs.keys.SEPARATOR`, null when any part is null). A part may be a
+    derived field (:data:`feature_defs.keys.DERIVED_FIELDS`, e.g. ``p_ctr_bucket``).
+    """
 
     name: str
-    key: str
+    key: str | tuple[str, ...]
     description: str = ""
 
 

@@ -66,7 +66,8 @@ class Topology:
         local_views: Ids of the views keyed by the routing key, in definition order.
         repartitioned: Entity -> ids of its views, for every entity *not* keyed by the
             routing key, in definition order (these get a repartition topic).
-        entity_keys: Entity -> its key field.
+        entity_keys: Entity -> its key field (a tuple for a composite key,
+            :mod:`feature_defs.keys`).
         lateness_ms: Source -> the largest allowed lateness (ms) of the views it feeds: an
             event further behind the watermark is late for every one of them (the late
             topic, the ``late`` counter, the watermark metric).
@@ -91,7 +92,7 @@ class Topology:
     field_types: Mapping[EventKind, Mapping[str, str]]
     local_views: tuple[str, ...]
     repartitioned: Mapping[str, tuple[str, ...]]
-    entity_keys: Mapping[str, str]
+    entity_keys: Mapping[str, str | tuple[str, ...]]
     lateness_ms: Mapping[str, int]
     view_lateness_ms: Mapping[str, int]
     mixed_lateness: frozenset[str]

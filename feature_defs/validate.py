@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 
 from feature_defs.contract import FIELD_TYPES, KINDS, numeric_fields, string_fields
+from feature_defs.keys import DERIVED_FIELDS
 from feature_defs.model import AggOp, Feature, FeatureView, feature_name
 from feature_defs.windows import WindowKind, to_ms
 
@@ -81,6 +82,38 @@ def _feature_problems(view: FeatureView, i: int, feat: Feature) -> list[str]:
     return out
 
 
+def _key_problems(view: FeatureView, where: str) -> list[str]:
+    """A key is a field name, or a tuple of at least two distinct ones (composite); each
+    part of a composite key must be a string field of every source kind of the view, or
+    a derived field whose base field is (:mod:`feature_defs.keys`)."""
+    key = view.entity.key
+    if isinstance(key, str):
+        return [] if _NAME.match(key) else [f"{where}.entity.key: must match {_NAME.pattern}"]
+    if not isinstance(key, tuple) or not all(isinstance(k, str) for k in key):
+        return [f"{where}.entity.key: a field name or a tuple of field names, not {key!r}"]
+    if len(key) < 2:
+        return [f"{where}.entity.key: a composite key needs at least two fields "
+                "(name one field as a plain string)"]
+    out: list[str] = []
+    if len(set(key)) != len(key):
+        out.append(f"{where}.entity.key: a field appears twice in {key!r}")
+    kinds = [s.kind for s in view.sources if s.kind in FIELD_TYPES]
+    for part in key:
+        if not _NAME.match(part):
+            out.append(f"{where}.entity.key: {part!r} must match {_NAME.pattern}")
+            continue
+        for kind in dict.fromkeys(kinds):
+            base = DERIVED_FIELDS.get(part)
+            if base is not None:
+                if base not in NUMERIC_FIELDS.get(kind, frozenset()):
+                    out.append(f"{where}.entity.key: derived {part!r} needs field {base!r}, "
+                               f"which {kind} events do not have")
+            elif part not in STRING_FIELDS.get(kind, frozenset()):
+                out.append(f"{where}.entity.key: {part!r} is not a string field of {kind} "
+                           "events")
+    return out
+
+
 def validate_views(views: Iterable[FeatureView]) -> list[str]:
     """Return every problem found in ``views`` (empty list when they are valid)."""
     problems: list[str] = []
@@ -99,8 +132,7 @@ def validate_views(views: Iterable[FeatureView]) -> list[str]:
         seen_views.add(view.id)
         if not _NAME.match(str(view.entity.name)):
             problems.append(f"{where}.entity.name: must match {_NAME.pattern}")
-        if not _NAME.match(str(view.entity.key)):
-            problems.append(f"{where}.entity.key: must match {_NAME.pattern}")
+        problems.extend(_key_problems(view, where))
         if view.version < 1:
             problems.append(f"{where}.version: must be >= 1")
         if not view.sources:

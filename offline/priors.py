@@ -175,6 +175,8 @@ def compute_priors(
     per_seg: dict[Segment, dict[str, float]] = {}
     for plan in registry.plans.values():
         view = plan.view
+        if not isinstance(view.entity.key, str):
+            continue  # composite keys (the evaluation views): online-only, no model priors
         data = _ViewData(view, tables)
         with_segments = view.entity.name == _USER
         seg_of, seg_list = _segment_index(data, segments) if with_segments else (None, [])

@@ -98,11 +98,28 @@ def resolve_features(registry: Registry, features: str | Sequence[str]) -> Selec
         raise InputError("no features requested (use --features all or a list of names)")
     views = tuple((plan, tuple(o for o in plan.outputs if o.name in wanted))
                   for plan in registry.plans.values())
+    composite = sorted({p.view.entity.name for p, outs in views
+                        if outs and not isinstance(p.view.entity.key, str)})
+    if composite:
+        # The join reads one labels column per entity; a composite key would need the
+        # labels to carry every part (and derived ones such as p_ctr_bucket). These are
+        # online evaluation views (feature_defs.evaluation): not model features.
+        raise InputError(f"features of entities with a composite key ({', '.join(composite)})"
+                         " cannot be joined to labels: the point-in-time join supports "
+                         "single-field entity keys only")
     return Selection(tuple((p, outs) for p, outs in views if outs))
 
 
+def _key(plan: ViewPlan) -> str:
+    """The labels column of ``plan``'s entity (single keys only: see resolve_features)."""
+    key = plan.view.entity.key
+    if not isinstance(key, str):
+        raise InputError(f"entity {plan.view.entity.name} has a composite key")
+    return key
+
+
 def _check_schema(schema: pa.Schema, selection: Selection, where: str) -> None:
-    required = {plan.view.entity.key: f"the requested {plan.view.entity.name} features "
+    required = {_key(plan): f"the requested {plan.view.entity.name} features "
                 f"(e.g. {outs[0].name})" for plan, outs in selection.views}
     check_labels_schema(schema, required, selection.names + selection.masks + [_ROW], where)
 
@@ -363,7 +380,7 @@ def coverage_scopes(selection: Selection, registry: Registry, t_min: int, t_max:
             continue
         vid = plan.view.id
         sources = tuple(plan.feeds)
-        views.append(ViewScope(vid, plan.view.entity.key, tuple(
+        views.append(ViewScope(vid, _key(plan), tuple(
             s for s in sources if s not in topo.mixed_lateness
             or topo.view_lateness_ms[vid] >= topo.lateness_ms[s]), lo, hi))
         for src in sources:
@@ -451,7 +468,7 @@ def write_training_set(labels_uri: str, out_uri: str, features: str | Sequence[s
 
 
 def _keys(selection: Selection) -> list[str]:
-    return list(dict.fromkeys(plan.view.entity.key for plan, _ in selection.views))
+    return list(dict.fromkeys(_key(plan) for plan, _ in selection.views))
 
 
 def _time_buckets(pf: pq.ParquetFile, chunk_rows: int) -> tuple[np.ndarray, int]:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from feature_defs.coldstart import Priors, Segment, Status, Tier
+from feature_defs.keys import id_problem
 from feature_defs.layout import entity_id_problem
 from feature_defs.registry import Registry
 from headrace.api.v1 import features_pb2 as pb
@@ -86,6 +87,7 @@ class OnlineFeatureService:
         self._fetch = StoreFetch(reader.store, breaker, self.metrics, budget_ms=budget_ms,
                                  timer=timer)
         self._entities = {e: registry.feature_names(e) for e in sorted(registry.entities)}
+        self._entity_defs = registry.entities
         self._plans: dict[tuple[str, str, tuple[str, ...] | None], ReadPlan] = {}
         self._rules = RuleCache()
         self._children: dict[tuple[str, int], Any] = {}
@@ -105,13 +107,16 @@ class OnlineFeatureService:
             raise InvalidArgument("entity_type", f"unknown entity {entity!r} (known: {known})")
         return entity
 
-    def _check_ids(self, ids: Sequence[str]) -> None:
+    def _check_ids(self, ids: Sequence[str], entity: str | None = None) -> None:
         if not ids:
             raise InvalidArgument("ids", "must not be empty")
         if len(ids) > self.max_ids:
             raise InvalidArgument("ids", f"{len(ids)} ids exceed the limit of {self.max_ids}")
+        definition = self._entity_defs.get(entity) if entity is not None else None
         for i, value in enumerate(ids):
-            problem = entity_id_problem(value)
+            # a composite key's id is its parts joined (feature_defs.keys)
+            problem = (entity_id_problem(value) if definition is None
+                       else id_problem(definition, value))
             if problem is not None:
                 raise InvalidArgument(f"ids[{i}]", problem)
 
@@ -203,7 +208,7 @@ class OnlineFeatureService:
         """
         entity = self._entity(request.entity_type)
         ids = request.ids
-        self._check_ids(ids)
+        self._check_ids(ids, entity)
         which = request.WhichOneof("selection")
         if which == "feature_names":
             plan = self.plan_for(entity, request.feature_names.names)

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from feature_defs.batch import apply_batch
+from feature_defs.keys import entity_ids
 from feature_defs.measures import last_tiebreaks
 from feature_defs.plan import ViewPlan
 from feature_defs.registry import Registry
@@ -192,11 +193,11 @@ class ViewApplier:
                 forwards only :attr:`~feature_defs.topology.Topology.forward_sources`).
         """
         topo = self.topology
-        key = topo.entity_keys[entity]
         plans = [p for p in self.remote[entity] if source in p.feeds]
         if not plans:
             raise UnknownSourceError(self.remote[entity][0].view.id, source)
-        valid = pc.is_valid(rows[key])
+        ids = entity_ids(plans[0].view.entity, rows)  # a composite key: its joined parts
+        valid = pc.is_valid(ids)
         lateness = {topo.view_lateness_ms[p.view.id] for p in plans}
         ok = admitted_by(rows, max(lateness))
         if ok is not None:
@@ -204,7 +205,7 @@ class ViewApplier:
         rows = rows.filter(valid)
         fields = sorted({f for p in plans for f in topo.fields_of(p.view.id, source)})
         cols: dict[str, Any] = {
-            "entity_id": rows[key],
+            "entity_id": ids.filter(valid),
             "ts": pc.cast(rows["ts"], pa.int64()),
             "source": pa.repeat(pa.scalar(source, pa.string()), rows.num_rows),
             "src_partition": rows["_partition"],

@@ -216,14 +216,20 @@ class _Rows:
     def __init__(self, kind: EventKind) -> None:
         self.kind = kind
         self.fields = EVENT_SPECS[kind].fields
-        self.doubles = frozenset(f for f, t in EVENT_SPECS[kind].field_types.items() if t == DOUBLE)
+        self.doubles = frozenset(f for f, t in EVENT_SPECS[kind].field_types.items()
+                                 if t == DOUBLE and f not in EVENT_SPECS[kind].nullable)
+        #: nullable doubles (``p_ctr``): converted only when present
+        self.opt_doubles = frozenset(f for f, t in EVENT_SPECS[kind].field_types.items()
+                                     if t == DOUBLE and f in EVENT_SPECS[kind].nullable)
         self.cols: dict[str, list[Any]] = {f: [] for f in (*self.fields, "_p", "_o", "_i")}
 
     def add(self, event: Mapping[str, Any], partition: int, offset: int, index: int) -> None:
         """Append a valid event (an int ``bid_cpm`` becomes a float: Arrow refuses big ints)."""
         for f in self.fields:
             value: Any = event.get(f)
-            self.cols[f].append(float(value) if f in self.doubles else value)
+            if f in self.doubles or (value is not None and f in self.opt_doubles):
+                value = float(value)
+            self.cols[f].append(value)
         self.cols["_p"].append(partition)
         self.cols["_o"].append(offset)
         self.cols["_i"].append(index)
@@ -280,7 +286,14 @@ class _Decoder:
         elif enc == "avro":
             buf = io.BytesIO(value)
             try:
-                event = fastavro.schemaless_reader(buf, self.spec.avro_raw_schema)
+                # Schemaless: no writer schema travels. A v1 record is a prefix of a v2
+                # one (the added fields close the schema), so read v1, then the added
+                # fields from whatever is left: old producers' bytes decode unchanged.
+                event = cast(dict[str, Any],
+                             fastavro.schemaless_reader(buf, self.spec.avro_v1_raw_schema))
+                if buf.tell() != len(value):
+                    event.update(cast(dict[str, Any], fastavro.schemaless_reader(
+                        buf, self.spec.avro_tail_raw_schema)))
             except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure is the input's
                 if declared is None and _is_text(value):  # unframed text: a broken JSON producer
                     return die("bad_json: not a JSON object", "json", 0)
@@ -298,7 +311,11 @@ class _Decoder:
     def avro_batch(self, value: bytes, topic: str, partition: int, offset: int, die: _Die) -> None:
         try:
             reader = fastavro.reader(io.BytesIO(value))
-            if _canonical(reader.writer_schema) != _canonical(self.spec.avro_schema):
+            writer = _canonical(reader.writer_schema)
+            # The v1 schema (old producers) is a subset: its records lack the added
+            # fields, which from_pylist fills with nulls, so it needs no resolution.
+            if writer not in (_canonical(self.spec.avro_schema),
+                              _canonical(self.spec.avro_v1_schema)):
                 # Another writer schema: let fastavro resolve it (slower, rare).
                 reader = fastavro.reader(io.BytesIO(value), reader_schema=self.spec.avro_schema)
             records = cast(list[dict[str, Any]], list(reader))

@@ -17,7 +17,7 @@ from typing import Any, Final, Literal, NamedTuple
 import fastavro
 import pyarrow as pa
 
-from streams.events import EVENT_SPECS, NULLABLE_FIELDS, STRING, TS, EventKind
+from streams.events import EVENT_SPECS, STRING, TS, EventKind
 
 __all__ = [
     "ENCODING_HEADER",
@@ -99,10 +99,11 @@ def wire_conforms(kind: EventKind, event: Mapping[str, Any], *, nulls_allowed: b
     ``nulls_allowed`` is True for Arrow (its wire schema is all-nullable). An event that
     does not conform is sent as JSON instead, so the consumer dead-letters it with a reason.
     """
-    for name, ftype in EVENT_SPECS[kind].field_types.items():
+    spec = EVENT_SPECS[kind]
+    for name, ftype in spec.field_types.items():
         value = event.get(name)
         if value is None:
-            if nulls_allowed or name in NULLABLE_FIELDS:
+            if nulls_allowed or name in spec.nullable:
                 continue
             return False
         if ftype == STRING:

@@ -9,6 +9,10 @@ prefix, from :mod:`feature_defs.layout`); their fields and types are the contrac
   ``device_type``, ``country`` (strings) and ``bid_cpm`` (double).
 * ``click`` on ``clicks``: ``event_id``, ``ts``, ``impression_id``, ``user_id`` (nullable),
   ``ad_id``, ``campaign_id``, ``publisher_id``.
+* then, on both, the optional fields added in schema v2
+  (:data:`feature_defs.contract.ADDED_FIELDS`; absent = null): ``prediction_id``,
+  ``model_version`` (ids) and ``p_ctr`` (double); on clicks also ``device_type`` and
+  ``country`` (those of the impression clicked).
 
 ``ts`` is the event time in integer epoch milliseconds, UTC (Avro ``long`` with logical
 type ``timestamp-millis``; Arrow ``timestamp("ms", tz="UTC")``).
@@ -17,12 +21,14 @@ Validation rules (one reason per event, the first problem in schema field order,
 value rules), written once here and applied by both the per-event path
 (:func:`event_problem`) and the vectorized path (:func:`table_problems`):
 
-* every field present and non-null, except ``user_id`` (absent means null);
+* every field present and non-null, except ``user_id`` and the added fields (absent
+  means null);
 * the right type: strings are ``str``, ``ts`` an ``int`` (not ``bool``/``float``), ``bid_cpm``
   an ``int`` or ``float``; strings must be encodable as UTF-8;
 * id fields (``event_id``, ``impression_id``, ``user_id``, ``ad_id``, ``campaign_id``,
-  ``publisher_id``) pass :func:`feature_defs.layout.entity_id_problem`;
-* ``bid_cpm`` finite and >= 0;
+  ``publisher_id``, ``prediction_id``, ``model_version``) pass
+  :func:`feature_defs.layout.entity_id_problem`;
+* ``bid_cpm`` finite and >= 0; ``p_ctr``, when present, finite and in [0, 1];
 * ``MIN_TS_MS <= ts <= now_ms + max_future_ms`` (the caller injects ``now_ms``).
 
 Reasons are ``"code: detail"``; the codes are listed in :data:`REASON_CODES`. Fields that are
@@ -44,12 +50,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from feature_defs.contract import (
+    ADDED_FIELDS,
     DOUBLE,
     FIELD_TYPES,
     ID_FIELDS,
     KIND_TOPICS,
     KINDS,
     NULLABLE_FIELDS,
+    NULLABLE_IN,
+    PROBABILITY_FIELDS,
     ROUTING_FALLBACK,
     ROUTING_KEY,
     STRING,
@@ -95,7 +104,7 @@ REASON_CODES: Final[tuple[str, ...]] = (
     "missing_field",
     "null_field",
     "bad_type",
-    "bad_value",  # bid_cpm negative or not finite; a string not encodable as UTF-8
+    "bad_value",  # bid_cpm negative or not finite, p_ctr outside [0, 1]; bad UTF-8
     "bad_id",
     "ts_too_old",
     "ts_in_future",
@@ -107,6 +116,8 @@ REASON_CODES: Final[tuple[str, ...]] = (
 _UNCACHED_ID_FIELDS: Final = frozenset({"event_id", "impression_id"})
 #: ASCII characters an id must not contain (RE2 syntax; see entity_id_problem)
 _ASCII_BAD_ID: Final = r"[{} \x00-\x1f\x7f]"
+#: probability fields every kind has (checked in this order)
+_PROBABILITIES: Final = tuple(sorted(PROBABILITY_FIELDS))
 _ARROW_TYPES: Final[dict[str, pa.DataType]] = {
     STRING: pa.string(),
     TS: TS_TYPE,
@@ -123,10 +134,17 @@ class EventSpec:
         topic: Topic name before the deployment prefix.
         fields: Field names in schema order.
         field_types: Field name -> type code (:data:`STRING`, :data:`TS`, :data:`DOUBLE`).
-        required: Fields that must be present and non-null (all but ``user_id``).
+        required: Fields that must be present and non-null (all but :attr:`nullable`).
+        nullable: Fields that may be absent or null (``user_id``, the added fields).
         id_fields: Fields checked with ``entity_id_problem``.
         avro_schema: Parsed Avro schema (``ts`` has logical type timestamp-millis).
         avro_raw_schema: The same without logical types, so ``ts`` reads as an ``int``.
+        avro_v1_schema: The first schema version (without the added fields), as old
+            producers wrote it.
+        avro_v1_raw_schema: That without logical types: a single Avro event is read
+            with it first; bytes left over are the added fields
+            (``avro_tail_raw_schema``, :mod:`streams.codec`).
+        avro_tail_raw_schema: A record of just the added fields.
         arrow_schema: Arrow schema of accepted events (required fields non-nullable).
         wire_arrow_schema: Arrow schema of envelopes on the wire (every field nullable, so a
             bad event still travels and is dead-lettered by the consumer).
@@ -137,9 +155,13 @@ class EventSpec:
     fields: tuple[str, ...]
     field_types: Mapping[str, str]
     required: tuple[str, ...]
+    nullable: frozenset[str]
     id_fields: tuple[str, ...]
     avro_schema: dict[str, Any]
     avro_raw_schema: dict[str, Any]
+    avro_v1_schema: dict[str, Any]
+    avro_v1_raw_schema: dict[str, Any]
+    avro_tail_raw_schema: dict[str, Any]
     arrow_schema: pa.Schema
     wire_arrow_schema: pa.Schema
 
@@ -153,6 +175,19 @@ def _strip_logical_types(schema: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def _versions(schema: dict[str, Any], kind: EventKind) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the v1 schema, a record of the added fields): the schema split where the added
+    fields begin (they must close it, else old records are not a prefix of new ones)."""
+    added = ADDED_FIELDS[kind]
+    n = len(schema["fields"]) - len(added)
+    if tuple(f["name"] for f in schema["fields"][n:]) != added:
+        raise RuntimeError(f"the {kind} schema must end with the added fields {added}")
+    v1 = {**schema, "fields": schema["fields"][:n]}
+    tail = {"type": "record", "name": schema["name"] + "V2Tail",
+            "namespace": schema.get("namespace", ""), "fields": schema["fields"][n:]}
+    return v1, tail
+
+
 def _load_spec(kind: EventKind, topic: str, avsc: str) -> EventSpec:
     text = (Path(__file__).parent / "schemas" / avsc).read_text("utf-8")
     schema = json.loads(text)
@@ -161,10 +196,12 @@ def _load_spec(kind: EventKind, topic: str, avsc: str) -> EventSpec:
     if fields != tuple(types):  # the Avro file and the contract must not drift
         raise RuntimeError(f"streams/schemas/{avsc} has fields {fields}; the contract "
                            f"(feature_defs.contract) has {tuple(types)}")
-    required = tuple(f for f in fields if f not in NULLABLE_FIELDS)
+    nullable = NULLABLE_IN[kind]
+    required = tuple(f for f in fields if f not in nullable)
     arrow = pa.schema(
-        [pa.field(f, _ARROW_TYPES[types[f]], nullable=f in NULLABLE_FIELDS) for f in fields]
+        [pa.field(f, _ARROW_TYPES[types[f]], nullable=f in nullable) for f in fields]
     )
+    v1, tail = _versions(schema, kind)
     wire = pa.schema([pa.field(f.name, f.type) for f in arrow], metadata={"hr-kind": kind})
     return EventSpec(
         kind=kind,
@@ -172,9 +209,13 @@ def _load_spec(kind: EventKind, topic: str, avsc: str) -> EventSpec:
         fields=fields,
         field_types=dict(types),
         required=required,
+        nullable=nullable,
         id_fields=tuple(f for f in fields if f in ID_FIELDS),
         avro_schema=cast(dict[str, Any], fastavro.parse_schema(schema)),
         avro_raw_schema=cast(dict[str, Any], fastavro.parse_schema(_strip_logical_types(schema))),
+        avro_v1_schema=cast(dict[str, Any], fastavro.parse_schema(v1)),
+        avro_v1_raw_schema=cast(dict[str, Any], fastavro.parse_schema(_strip_logical_types(v1))),
+        avro_tail_raw_schema=cast(dict[str, Any], fastavro.parse_schema(tail)),
         arrow_schema=arrow,
         wire_arrow_schema=wire,
     )
@@ -236,7 +277,7 @@ def event_problem(
     for name, ftype in spec.field_types.items():
         value = event.get(name)
         if value is None:
-            if name in NULLABLE_FIELDS:
+            if name in spec.nullable:
                 continue
             return f"null_field: {name}" if name in event else f"missing_field: {name}"
         if ftype == STRING:
@@ -273,6 +314,16 @@ def event_problem(
             return f"bad_value: bid_cpm is not finite ({bid})"
         if bid < 0:
             return f"bad_value: bid_cpm is negative ({bid})"
+    for name in _PROBABILITIES:
+        p = event.get(name)
+        if p is None:
+            continue
+        try:
+            prob = float(p)
+        except OverflowError:
+            prob = math.inf
+        if not 0.0 <= prob <= 1.0:  # NaN fails both comparisons
+            return f"bad_value: {name} is not in [0, 1] ({prob})"
     ts: int = event["ts"]
     if ts < MIN_TS_MS:
         return f"ts_too_old: ts {ts} is before 2000-01-01 ({MIN_TS_MS})"
@@ -323,7 +374,7 @@ def conform_table(kind: EventKind, table: pa.Table) -> tuple[pa.Table | None, st
     columns: list[pa.ChunkedArray | pa.Array] = []
     for field in spec.wire_arrow_schema:
         if field.name not in names:
-            if field.name in NULLABLE_FIELDS:
+            if field.name in spec.nullable:
                 columns.append(pa.nulls(table.num_rows, field.type))
                 continue
             return None, f"missing_field: {field.name}"
@@ -415,6 +466,12 @@ def table_problems(
         ok = pc.and_(pc.is_finite(bid), pc.greater_equal(bid, 0.0))
         if not pc.all(ok, skip_nulls=True).as_py():
             masks.append(pc.invert(ok))
+    for name in _PROBABILITIES:
+        col = table.column(name)
+        if col.null_count < len(col):  # old producers: all null, nothing to check
+            ok = pc.and_(pc.greater_equal(col, 0.0), pc.less_equal(col, 1.0))  # NaN: false
+            if not pc.all(ok, skip_nulls=True).as_py():
+                masks.append(pc.invert(ok))
     ts = table.column("ts").cast(pa.int64())
     bounds = pc.min_max(ts).as_py()
     if bounds["min"] is not None and (

@@ -192,7 +192,7 @@ class OfflineFlush:
         topo = self.registry.topology
         kind = topo.source_kinds[source]
         views = [
-            (p, p.view.entity.key, topo.fields_of(p.view.id, source))
+            (p, p.view.entity, topo.fields_of(p.view.id, source))
             for p in self.registry.plans.values()
             if source in p.feeds
         ]

@@ -30,8 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from feature_defs.keys import entity_ids
 from feature_defs.layout import chunk_file, events_dir, view_dir
-from feature_defs.model import AggOp
+from feature_defs.model import AggOp, Entity
 from feature_defs.plan import ViewPlan
 from feature_defs.windows import to_ms
 from headrace.core.errors import OfflineStoreError
@@ -152,7 +153,7 @@ class OfflineWriter:
             raise store_error(f"cannot write {path}", exc) from exc
 
     def write_part(self, topic: str, kind: str, source: str, partition: int, start: int,
-                   events: pa.Table, views: list[tuple[ViewPlan, str, tuple[str, ...]]],
+                   events: pa.Table, views: list[tuple[ViewPlan, Entity, tuple[str, ...]]],
                    end: int | None = None) -> int:
         """Write one part (:meth:`write_part_once`), every file again after a transient
         failure until all are written; returns the number of files."""
@@ -168,7 +169,7 @@ class OfflineWriter:
         partition: int,
         start: int,
         events: pa.Table,
-        views: list[tuple[ViewPlan, str, tuple[str, ...]]],
+        views: list[tuple[ViewPlan, Entity, tuple[str, ...]]],
         end: int | None = None,
     ) -> int:
         """Write one part; returns the number of files written.
@@ -182,7 +183,8 @@ class OfflineWriter:
                 ``_index``, ``_ingest_ms``, and :data:`~streams.rows.BEHIND` where the
                 source's views allow different lateness: a view's rows are those not
                 late for it; ``events/`` does not keep the column), in arrival order.
-            views: (plan, key column, measure field columns) of the views fed by it.
+            views: (plan, entity, measure field columns) of the views fed by it (the
+                entity's ids: :func:`feature_defs.keys.entity_ids`).
             end: the part's exclusive end offset (in every file name, so a name says
                 exactly which offsets the part covers); None: names carry ``start`` only.
         """
@@ -197,8 +199,9 @@ class OfflineWriter:
             day = events.filter(mask)
             jobs.append((day.drop_columns([BEHIND]) if mixed else day,
                          f"{events_dir(self.root, kind)}/date={date}"))
-            for plan, key, fields in views:
-                applied = pc.is_valid(day[key])
+            for plan, entity, fields in views:
+                ids = entity_ids(entity, day)
+                applied = pc.is_valid(ids)
                 ok = admitted_by(day, to_ms(plan.view.allowed_lateness))
                 if ok is not None:  # the rows late for this view are not its rows
                     applied = pc.and_(applied, pa.array(ok))
@@ -206,7 +209,7 @@ class OfflineWriter:
                 if rows.num_rows == 0:
                     continue
                 cols = {
-                    "entity_id": rows[key],
+                    "entity_id": ids.filter(applied),
                     "ts": rows["ts"],
                     "source": pa.repeat(pa.scalar(source, pa.string()), rows.num_rows),
                 }

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         required=True,
         metavar="ID",
-        help="entity id (repeat for several)",
+        help="entity id (repeat for several); a composite key's parts joined by '}{' "
+        "(e.g. 'v4}{p01' for arm_publisher)",
     )
     p.add_argument(
         "--features",
@@ -79,14 +80,14 @@ def _features(args: argparse.Namespace) -> list[str] | None:
 
 
 def _check(registry: Registry, entity: str, ids: list[str], names: list[str] | None) -> list[str]:
-    from feature_defs.layout import entity_id_problem
+    from feature_defs.keys import id_problem
     from headrace.core.errors import UsageError
 
     if entity not in registry.entities:
         raise UsageError(f"--entity: unknown entity {entity!r} "
                          f"(known: {', '.join(sorted(registry.entities))})")
     for i, value in enumerate(ids):
-        problem = entity_id_problem(value)
+        problem = id_problem(registry.entities[entity], value)  # composite: parts joined
         if problem:
             raise UsageError(f"--id {value!r} (ids[{i}]): {problem}")
     known = registry.feature_names(entity)

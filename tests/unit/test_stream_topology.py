@@ -46,8 +46,10 @@ def test_the_contract_is_the_one_the_codecs_and_the_validator_use() -> None:
         assert EVENT_SPECS[kind].field_types == dict(FIELD_TYPES[kind])
         assert EVENT_SPECS[kind].fields == tuple(FIELD_TYPES[kind])  # the Avro file agrees
     assert STRING_FIELDS["click"] == {"event_id", "impression_id", "user_id", "ad_id",
-                                      "campaign_id", "publisher_id"}
-    assert NUMERIC_FIELDS == {"impression": {"bid_cpm", "ts"}, "click": {"ts"}}
+                                      "campaign_id", "publisher_id", "prediction_id",
+                                      "model_version", "device_type", "country"}
+    assert NUMERIC_FIELDS == {"impression": {"bid_cpm", "ts", "p_ctr"},
+                              "click": {"ts", "p_ctr"}}
 
 
 def _view(name: str, entity: Entity, sources: tuple[Source, ...], op: AggOp = AggOp.COUNT,
