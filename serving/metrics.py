@@ -28,6 +28,7 @@ headrace_rollout_split_share                    gauge      - (challenger share s
 headrace_rollout_split_seq                      gauge      - (seq applied; -1: none)
 headrace_rollout_split_redis_available          gauge      - (1 up, 0: 100 % champion)
 headrace_rollout_split_errors_total             counter    reason
+headrace_rollout_counts_flush_failures_total    counter    - (kept, resent next poll)
 headrace_prediction_log_total                   counter    outcome
 headrace_prediction_log_available               gauge      - (1: Kafka delivers)
 ==============================================  =========  ==========================
@@ -94,6 +95,8 @@ class ServingMetrics:
         split_redis_available: 1 while the split is readable, 0 during an outage.
         split_errors: split polls that fell back to 100 % champion, by reason
             (``redis``, ``invalid``, ``challenger_load``).
+        counts_flush_failures: flushes of the per-arm serving counts that Redis did not
+            confirm (the batch is kept and resent at the next poll).
         prediction_log: prediction records by outcome (``sent``, ``dropped_buffer``,
             ``dropped_queue``, ``failed``: delivery failed).
         prediction_log_available: 1 while Kafka accepts the prediction log, 0 during an
@@ -168,6 +171,10 @@ class ServingMetrics:
         self.split_errors = Counter(
             "headrace_rollout_split_errors_total",
             "split polls answered with 100 % champion, by reason", ["reason"], registry=r)
+        self.counts_flush_failures = Counter(
+            "headrace_rollout_counts_flush_failures_total",
+            "flushes of the rollout's per-arm serving counts Redis did not confirm (kept "
+            "and resent)", registry=r)
         self.prediction_log = Counter(
             "headrace_prediction_log_total", "prediction records by outcome (sent, "
             "dropped_buffer, dropped_queue, failed)", ["outcome"], registry=r)

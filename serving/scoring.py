@@ -13,7 +13,8 @@ a loaded challenger answers iff :func:`~headrace.rollout.split.assign` puts the 
 ``model_version`` say which did. In shadow mode the challenger also scores the
 champion's requests off the response path (:class:`~serving.offpath.OffPath`: a full
 queue drops, ``headrace_scoring_shadow_total{outcome="dropped"}``). Every answer and
-shadow prediction goes to the prediction log (:mod:`serving.prediction_log`).
+shadow prediction goes to the prediction log (:mod:`serving.prediction_log`), and, in a
+rollout, is counted per arm (:mod:`serving.rollout_counts`; shadows are not).
 
 Failure behaviour: a malformed request raises :class:`~headrace.core.errors.InvalidArgument`
 naming the field (``candidates[3].bid_cpm``, ``request_id``); no servable model raises
@@ -56,6 +57,7 @@ from serving.offpath import OffPath
 from serving.prediction_log import PredictionSink
 from serving.priors import PriorsCache
 from serving.reader import OnlineReader
+from serving.rollout_counts import CountsAccumulator
 from serving.score_features import Ranked, ScoreFeatures, same_layout
 from serving.score_request import MAX_BID_CPM, MAX_CANDIDATES, ScoreInput, parse_score_request
 from serving.split import SplitSource, StaticSplit
@@ -143,6 +145,7 @@ class ScoringService:
             passes its :class:`~serving.split.SplitWatcher`).
         predictions: the prediction log (default: none).
         shadow_queue: most shadow predictions waiting (more are dropped, counted).
+        counts: the rollout's per-arm counts, flushed by the split watcher (default: none).
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class ScoringService:
         split: SplitSource | None = None,
         predictions: PredictionSink | None = None,
         shadow_queue: int = 256,
+        counts: CountsAccumulator | None = None,
     ) -> None:
         self.registry = registry
         self.reader = reader
@@ -173,6 +177,7 @@ class ScoringService:
         self.metrics = m = ServingMetrics() if metrics is None else metrics
         self.split: SplitSource = StaticSplit() if split is None else split
         self.predictions = predictions
+        self.counts = counts
         self._clock_ms = clock_ms
         self._timer = timer
         self.features = ScoreFeatures(reader, priors, StoreFetch(
@@ -241,12 +246,15 @@ class ScoringService:
         if challenger is not None and split.share > 0.0 and assign(
                 split.rollout_id, inp.user_id or pid, split.share):
             model, arm = challenger, Arm.CHALLENGER
+        counts = self.counts if split.state is not None and split.state.challenger else None
         rows, reason = self.features.read(model, inp)
         try:
             ranked = self.rank(model, inp, rows, reason)
         except ModelPredictError as exc:
             self.metrics.predict_errors.labels(arm=arm.value).inc()
             self._log_error(model, arm, inp, pid, start, exc)
+            if counts is not None:  # the challenger's error; the champion's answer below
+                counts.record(split.rollout_id, model.version, inp.publisher_id, error=True)
             if arm is Arm.CHAMPION:
                 raise
             if not same_layout(champion, model):
@@ -270,6 +278,9 @@ class ScoringService:
         self._arms[arm].inc()
         elapsed = self._timer() - start
         self.metrics.score_seconds.labels(source=label).observe(elapsed)
+        if counts is not None:
+            counts.record(split.rollout_id, model.version, inp.publisher_id,
+                          elapsed * 1000.0, ranked.p)
         if self.predictions is not None:
             self.predictions.log(self._record(pid, inp, model, arm, ranked, elapsed, 0))
         if split.shadow and challenger is not None and arm is Arm.CHAMPION:

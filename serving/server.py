@@ -38,6 +38,7 @@ from serving.model_loader import ModelWatcher, ScoringModel
 from serving.prediction_log import KafkaPredictionLog
 from serving.priors import PriorsCache
 from serving.reader import OnlineReader
+from serving.rollout_counts import CountsAccumulator
 from serving.scoring import SCORING_SERVICE_NAME, ScoringService, model_watcher
 from serving.service import OnlineFeatureService
 from serving.split import SplitWatcher, default_server_id
@@ -235,14 +236,19 @@ def split_watcher(settings: ServeSettings, champion: ModelWatcher[ScoringModel],
     """The server's split watcher: ``settings.redis_url``, a read timeout of
     ``split_timeout_ms``, polled every ``split_poll_ms``, acknowledged as
     ``settings.server_id`` (default ``{hostname}-{pid}``); challengers load like the
-    champion (``champion.load``)."""
+    champion (``champion.load``). Its ``counts`` (a
+    :class:`~serving.rollout_counts.CountsAccumulator`) are flushed at every poll."""
     import redis
 
     timeout = settings.split_timeout_ms / 1000.0
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout,
                                   socket_connect_timeout=timeout, retry=None)
-    return SplitWatcher(client, settings.redis_prefix, settings.server_id or default_server_id(),
-                        champion.load, poll_s=settings.split_poll_ms / 1000.0, metrics=metrics)
+    server_id = settings.server_id or default_server_id()
+    counts = CountsAccumulator(settings.redis_prefix, server_id,
+                               on_failure=metrics.counts_flush_failures.inc)
+    return SplitWatcher(client, settings.redis_prefix, server_id, champion.load,
+                        poll_s=settings.split_poll_ms / 1000.0, metrics=metrics,
+                        counts=counts)
 
 
 def prediction_log(settings: ServeSettings, metrics: ServingMetrics
@@ -335,12 +341,13 @@ def build_server(
         **kwargs,
     )
     champion = model_watcher(settings.models_dir, registry, model_poll_s, metrics=m)
+    split = split_watcher(settings, champion, m) if settings.split_enabled else None
     scoring = ScoringService(
         registry, reader, priors, breaker, champion,
         budget_ms=settings.redis_budget_ms, max_bid_cpm=settings.max_bid_cpm,
-        split=split_watcher(settings, champion, m) if settings.split_enabled else None,
-        predictions=prediction_log(settings, m),
-        shadow_queue=settings.shadow_queue, **kwargs,
+        split=split, predictions=prediction_log(settings, m),
+        shadow_queue=settings.shadow_queue, counts=None if split is None else split.counts,
+        **kwargs,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),

@@ -18,6 +18,11 @@ immediately and until the cause is gone:
 * an invalid split document: ``reason="invalid"`` and one ERROR per distinct document;
 * a challenger that cannot be loaded: ``reason="challenger_load"`` and one ERROR; the
   load is retried every :data:`RETRY_LOAD_S` seconds (a version copied late).
+
+With a :class:`~serving.rollout_counts.CountsAccumulator`, each poll that reached
+Redis ends with one flush of the per-arm serving counts (a poll that could not read the
+split skips it: Redis is away, and the poll must not wait a second timeout), and
+:meth:`SplitWatcher.stop` flushes once more.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from headrace.core.errors import InputError, OnlineStoreError
 from headrace.rollout.split import Ack, SplitState, SplitStateError, read_split, write_ack
 from serving.metrics import ServingMetrics
 from serving.model_loader import ScoringModel
+from serving.rollout_counts import CountsAccumulator
 
 __all__ = ["AppliedSplit", "CHAMPION_ONLY", "SplitSource", "StaticSplit", "SplitWatcher",
            "RETRY_LOAD_S", "default_server_id"]
@@ -113,14 +119,18 @@ class SplitWatcher:
         metrics: the server's metrics.
         clock_ms: epoch milliseconds (``applied_ms``).
         clock: monotonic seconds (outage length, load retries).
+        counts: the server's per-arm serving counts, flushed after each poll (None:
+            not counted).
     """
 
     def __init__(self, client: Any, prefix: str, server_id: str,
                  load: Callable[[str], ScoringModel], *, poll_s: float = 0.25,
                  metrics: ServingMetrics | None = None,
                  clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 counts: CountsAccumulator | None = None) -> None:
         self.client = client
+        self.counts = counts
         self.prefix = prefix
         self.server_id = server_id
         self.poll_s = poll_s
@@ -164,6 +174,8 @@ class SplitWatcher:
             self._invalid = None
             self._apply(state)
         self._ack()
+        if self.counts is not None and self._down_since is None:
+            self.counts.flush(self.client)
         return self.current
 
     def _apply(self, state: SplitState | None) -> None:
@@ -254,11 +266,16 @@ class SplitWatcher:
             self._thread.start()
 
     def stop(self) -> None:
-        """Stop polling (the acknowledgement then expires by itself)."""
+        """Stop polling (the acknowledgement then expires by itself) and flush the
+        serving counts one last time (a failure there loses what it held)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        if self.counts is not None:
+            for _ in range(2):  # the batch in flight, then what is still in memory
+                if not self.counts.flush(self.client):
+                    break
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):

@@ -15,8 +15,10 @@
 * ``abort [--reason TEXT]``: a running controller rolls back within a tick (guardrail
   ``aborted``); with none running, this command rolls back itself.
 
-The counts come from ``--stats-file`` (:class:`~headrace.rollout.source.
-JsonFileStatsSource`): the stream-computed per-arm evaluation views are not built yet.
+The counts come from :func:`stats_source`: ``--stats-file`` (:class:`~headrace.rollout.
+source.JsonFileStatsSource`) when given, else the servers' per-arm counts in Redis
+(:class:`~headrace.rollout.serving_counts.ServingStatsSource`) merged with the
+stream-computed per-arm views when the definitions run them (:func:`_stream_source`).
 Settings: :class:`~headrace.rollout.settings.RolloutSettings` (``HEADRACE_*``).
 """
 
@@ -42,7 +44,9 @@ if TYPE_CHECKING:
     from headrace.rollout.source import StatsSource
     from headrace.rollout.store import RolloutStore, Stored
 
-__all__ = ["register", "handler"]
+__all__ = ["register", "handler", "stats_source"]
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:
@@ -72,7 +76,8 @@ def register(subparsers: Any) -> None:
     for q in (start, run):
         q.add_argument("--stats-file", default=None, metavar="PATH",
                        help="per-arm cumulative counts, JSON (default "
-                            "HEADRACE_ROLLOUT_STATS_FILE; run: the one it started with)")
+                            "HEADRACE_ROLLOUT_STATS_FILE; run: the one it started with; "
+                            "none: the servers' per-arm counts in Redis)")
     status = sub.add_parser("status", help="the rollout, its lock, the split and the acks")
     abort = sub.add_parser("abort", help="roll the running rollout back now")
     abort.add_argument("--reason", default="aborted by an operator", help="why (recorded)")
@@ -120,16 +125,54 @@ def _registry(args: argparse.Namespace, settings: RolloutSettings) -> ModelRegis
     return ModelRegistry(folder)
 
 
-def _stats_source(path: str | None) -> StatsSource:
-    from headrace.rollout.source import JsonFileStatsSource
+def _stream_source(settings: RolloutSettings, rollout_id: str) -> StatsSource | None:
+    """The stream-computed per-arm counts (impressions, clicks, Σ pCTR, pCTR buckets,
+    segments: :class:`serving.arm_stats.ViewStatsSource`), or None when the deployment's
+    definitions (``HEADRACE_DEFINITIONS``) do not run the evaluation views
+    (``feature_defs.evaluation``): then only the servers' counts are judged, and the
+    gates that need impressions and clicks hold the rollout in phase 1."""
+    from feature_defs.evaluation import EVALUATION_VIEWS
+    from feature_defs.registry import load_registry
+    from headrace.core.online_store import RedisOnlineStore
+    from serving.arm_stats import ViewStatsSource
+    from serving.reader import OnlineReader
 
-    if not path:
-        raise InputError("no per-arm counts: pass --stats-file (or set "
-                         "HEADRACE_ROLLOUT_STATS_FILE); the stream-computed per-arm "
-                         "evaluation is not built yet")
-    if not Path(path).is_file():
-        raise InputError(f"the stats file {path} does not exist")
-    return JsonFileStatsSource(path)
+    registry = load_registry(settings.definitions)
+    if any(v.id not in registry.plans for v in EVALUATION_VIEWS):
+        log.warning("the definitions %s do not run the evaluation views "
+                    "(feature_defs.evaluation): impressions, clicks and calibration are "
+                    "not counted, so the rollout cannot pass phase 1", settings.definitions)
+        return None
+    # no retries here: a failed read is StatsUnavailable, and the controller skips the tick
+    store = RedisOnlineStore(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
+    return ViewStatsSource(registry, OnlineReader(store, settings.redis_prefix),
+                           segments=settings.rollout_segments)
+
+
+def stats_source(settings: RolloutSettings, rollout_id: str, args: argparse.Namespace,
+                 *, stats_file: str | None = None) -> StatsSource:
+    """Where the controller of ``rollout_id`` reads each arm's counts.
+
+    ``stats_file`` (the caller resolves ``--stats-file``, the stored rollout's file and
+    ``HEADRACE_ROLLOUT_STATS_FILE``) when given; else
+    :class:`~headrace.rollout.source.MergedStatsSource` of the servers' counts in Redis
+    (:class:`~headrace.rollout.serving_counts.ServingStatsSource`: requests, errors,
+    latency, pCTR range, publisher errors) and the stream source
+    (:func:`_stream_source`), when there is one.
+
+    Raises:
+        InputError: ``stats_file`` names no file.
+    """
+    from headrace.rollout.serving_counts import ServingStatsSource
+    from headrace.rollout.source import JsonFileStatsSource, MergedStatsSource
+
+    if stats_file:
+        if not Path(stats_file).is_file():
+            raise InputError(f"the stats file {stats_file} does not exist")
+        return JsonFileStatsSource(stats_file)
+    serving = ServingStatsSource(_store(settings).client, settings.redis_prefix, rollout_id)
+    stream = _stream_source(settings, rollout_id)
+    return serving if stream is None else MergedStatsSource(serving, stream)
 
 
 def _printer(as_json: bool) -> Any:
@@ -221,7 +264,8 @@ def _start(args: argparse.Namespace, settings: RolloutSettings) -> int:
     time_scale = args.time_scale if args.time_scale is not None else settings.rollout_time_scale
     policy = _policy(args.policy or settings.rollout_policy_file, time_scale)
     stats_file = args.stats_file or settings.rollout_stats_file
-    source = _stats_source(stats_file)
+    rid = args.rollout_id or f"r-{secrets.token_hex(4)}"
+    source = stats_source(settings, rid, args, stats_file=stats_file)
     registry = _registry(args, settings)
     store = _store(settings)
     current = store.load()
@@ -245,7 +289,6 @@ def _start(args: argparse.Namespace, settings: RolloutSettings) -> int:
     if registry.gate_passed(version) is False:
         raise InputError(f"model {version} failed its offline gates and cannot be rolled out")
     champ, chall = source.read(champion, version)
-    rid = args.rollout_id or f"r-{secrets.token_hex(4)}"
     shadow_s = args.shadow_seconds if args.shadow_seconds is not None else (
         settings.rollout_shadow_s if args.shadow else 0.0)
     state, _ = begin(rid, champion, version, time.time_ns() // 1_000_000, policy,
@@ -273,7 +316,7 @@ def _run(args: argparse.Namespace, settings: RolloutSettings) -> int:
                          f"{settings.redis_prefix}; start one with headrace rollout start")
     assert stored is not None
     stats_file = args.stats_file or stored.stats_file or settings.rollout_stats_file
-    source = _stats_source(stats_file)
+    source = stats_source(settings, stored.state.rollout_id, args, stats_file=stats_file)
     runner = _runner(args, settings, store, _registry(args, settings), source,
                      replace(stored, stats_file=stats_file))
     runner.acquire()

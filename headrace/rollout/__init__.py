@@ -17,6 +17,9 @@ Layer: imports :mod:`headrace.core` and :mod:`headrace.model` only (numpy allowe
   :mod:`headrace.rollout.store` (its Redis keys and lock), :mod:`headrace.rollout.alerts`
   (webhook, metrics), :mod:`headrace.rollout.source` (where per-arm counts come from)
   and :mod:`headrace.rollout.settings`.
+* :mod:`headrace.rollout.serving_counts` — the servers' per-arm counts (requests,
+  errors, latency, pCTR range, publisher errors), summed in Redis by one atomic,
+  idempotent Lua flush per poll, and their stats source.
 
 The split state (one Redis string, JSON, at :func:`~headrace.rollout.split.split_key`
 ``f"{prefix}:rollout:split"``), written only by the controller::

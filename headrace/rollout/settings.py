@@ -46,6 +46,12 @@ class RolloutSettings(CommonSettings):
             Must exceed ``rollout_tick_ms``.
         rollout_stats_file: The per-arm counts file (:class:`~headrace.rollout.source.
             JsonFileStatsSource`) when ``--stats-file`` is not given.
+        rollout_segments: The segments the per-segment gates judge, read from the
+            stream's evaluation views: dimension (``publisher``, ``device_type``,
+            ``country``) -> values, as JSON (``{"publisher": ["p01", "p02"]}``); the
+            views cannot be listed without a scan, and a rollout judges a few known
+            segments. Empty: no per-segment impressions and clicks (the servers'
+            per-publisher errors are still judged).
         rollout_policy_file: A JSON policy (``Policy.to_dict`` shape, durations in
             seconds) when ``--policy`` is not given; unset: the default policy.
         redis_timeout_ms: Longest one Redis call of the controller may take.
@@ -61,6 +67,7 @@ class RolloutSettings(CommonSettings):
     rollout_lock_ttl_ms: int = Field(default=10_000, ge=200)
     rollout_stats_file: str | None = None
     rollout_policy_file: str | None = None
+    rollout_segments: dict[str, list[str]] = Field(default_factory=dict)
     redis_timeout_ms: int = Field(default=2000, ge=50)
 
     @field_validator("rollout_webhook_url", "rollout_stats_file", "rollout_policy_file",

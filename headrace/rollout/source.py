@@ -7,15 +7,21 @@ snapshot of them at each phase's start and judges the difference
 (:mod:`headrace.rollout.policy` says why), and cumulative counts survive a controller
 restart where a running tally would not.
 
-Two sources exist today:
+Sources:
 
+* :class:`~headrace.rollout.serving_counts.ServingStatsSource` — what every server
+  counted of its answers (requests, errors, latency, pCTR range, publisher errors),
+  summed in Redis.
+* ``serving.arm_stats.ViewStatsSource`` — the stream worker's per-arm evaluation views
+  (``feature_defs.evaluation``: impressions, clicks, Σ pCTR, the pCTR buckets,
+  per-segment impressions and clicks), exact on replay like every view.
+* :class:`MergedStatsSource` — several sources combined field by field
+  (:func:`merge`): what ``headrace rollout start`` reads, the servers' counts with the
+  stream's views.
 * :class:`MemoryStatsSource` — set by hand (unit tests, simulations).
-* :class:`JsonFileStatsSource` — a JSON file, re-read at every tick. **This is a
-  bridge**: issue 14 wants the stream worker to compute per-arm (and per-segment)
-  evaluation views from impressions, clicks and the prediction log, exactly once like
-  every other view. That part is **not built yet**; until it is, whatever produces
-  the per-arm counts (a batch job over the prediction log, a simulation) writes this
-  file, atomically (write a temporary file, then rename it over the old one).
+* :class:`JsonFileStatsSource` — a JSON file, re-read at every tick, replacing both
+  (counts produced elsewhere: a batch job, a replay); write it atomically (a
+  temporary file, then a rename over the old one).
 
 The file::
 
@@ -37,7 +43,8 @@ from headrace.core.errors import InputError
 from headrace.rollout.gates import ArmStats, PctrBucket, SegmentStats
 
 __all__ = ["StatsSource", "StatsUnavailable", "MemoryStatsSource", "JsonFileStatsSource",
-           "arm_stats_to_dict", "arm_stats_from_dict", "subtract"]
+           "MergedStatsSource", "arm_stats_to_dict", "arm_stats_from_dict", "merge",
+           "subtract"]
 
 
 class StatsUnavailable(InputError):
@@ -188,8 +195,7 @@ class MemoryStatsSource:
 class JsonFileStatsSource:
     """Cumulative counts per arm from a JSON file, re-read at every :meth:`read`.
 
-    The bridge until the stream worker computes per-arm evaluation views (not built
-    yet; see the module docstring for the file's shape).
+    Counts produced elsewhere (see the module docstring for the file's shape).
 
     Args:
         path: the stats file; writers replace it atomically (temp file + rename).
@@ -219,3 +225,80 @@ class JsonFileStatsSource:
         except InputError as exc:
             raise StatsUnavailable(str(exc)) from exc
         return got[0], got[1]
+
+
+def _opt(f: Any, a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else f(a, b)
+
+
+def merge(a: ArmStats, b: ArmStats) -> ArmStats:
+    """The counts of two sources of one arm, field by field.
+
+    Counters sum (impressions, clicks, Σ pCTR, requests, errors; latency histograms of
+    equal bounds, or the one that has one; pCTR buckets matched by bounds; segments by
+    dimension and value, each field). ``min_pctr`` is the min of the mins,
+    ``max_pctr`` the max of the maxes, ``latency_p99_ms`` the larger (a quantile cannot
+    be combined; the larger is the conservative one). A field should be counted by
+    ONE source: two sources counting the same requests would double them.
+
+    Raises:
+        StatsUnavailable: both have a latency histogram, with different bounds.
+    """
+    if a.latency_counts and b.latency_counts:
+        if a.latency_bounds_ms != b.latency_bounds_ms:
+            raise StatsUnavailable("cannot merge latency histograms of different bounds: "
+                                   f"{a.latency_bounds_ms} and {b.latency_bounds_ms}")
+        bounds = a.latency_bounds_ms
+        lat = tuple(x + y for x, y in zip(a.latency_counts, b.latency_counts, strict=True))
+    else:
+        bounds, lat = ((a.latency_bounds_ms, a.latency_counts) if a.latency_counts
+                       else (b.latency_bounds_ms, b.latency_counts))
+    buckets: dict[tuple[float, float], PctrBucket] = {}
+    for k in (*a.buckets, *b.buckets):
+        ob = buckets.get((k.low, k.high), PctrBucket(k.low, k.high))
+        buckets[(k.low, k.high)] = PctrBucket(k.low, k.high, ob.impressions + k.impressions,
+                                              ob.clicks + k.clicks, ob.sum_pctr + k.sum_pctr)
+    segments: dict[str, dict[str, SegmentStats]] = {}
+    for side in (a.segments, b.segments):
+        for dim, values in side.items():
+            out = segments.setdefault(dim, {})
+            for v, g in values.items():
+                o = out.get(v, SegmentStats())
+                out[v] = SegmentStats(o.impressions + g.impressions, o.clicks + g.clicks,
+                                      o.errors + g.errors, o.requests + g.requests)
+    return ArmStats(impressions=a.impressions + b.impressions, clicks=a.clicks + b.clicks,
+                    sum_pctr=a.sum_pctr + b.sum_pctr, requests=a.requests + b.requests,
+                    errors=a.errors + b.errors,
+                    latency_p99_ms=_opt(max, a.latency_p99_ms, b.latency_p99_ms),
+                    latency_bounds_ms=bounds, latency_counts=lat,
+                    buckets=tuple(sorted(buckets.values(), key=lambda k: (k.low, k.high))),
+                    min_pctr=_opt(min, a.min_pctr, b.min_pctr),
+                    max_pctr=_opt(max, a.max_pctr, b.max_pctr), segments=segments)
+
+
+class MergedStatsSource:
+    """Several :class:`StatsSource` read together and combined by :func:`merge` (e.g.
+    the servers' requests, errors and latency with the streams' impressions and clicks).
+
+    Args:
+        *sources: read in order at every :meth:`read`.
+    """
+
+    def __init__(self, *sources: StatsSource) -> None:
+        if not sources:
+            raise InputError("MergedStatsSource needs at least one source")
+        self.sources = sources
+
+    def read(self, champion: str, challenger: str) -> tuple[ArmStats, ArmStats]:
+        """(champion's, challenger's) counts of every source, merged.
+
+        Raises:
+            StatsUnavailable: any source cannot answer (no partial counts: a guardrail
+                judged on half the fields could pass what it should not), or two
+                latency histograms disagree on their bounds.
+        """
+        champ, chall = self.sources[0].read(champion, challenger)
+        for source in self.sources[1:]:
+            c1, c2 = source.read(champion, challenger)
+            champ, chall = merge(champ, c1), merge(chall, c2)
+        return champ, chall
