@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from feature_defs.registry import Registry
 from headrace.core.errors import InputError
+from headrace.core.jsonsafe import json_safe
 from headrace.model.artifact import (
     ModelLoadError,
     champion_version,
@@ -211,17 +212,6 @@ def _span(ts: np.ndarray, y: np.ndarray) -> dict[str, Any]:
             "min_ts": iso(lo), "max_ts": iso(hi)}
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf → null so metadata.json is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _plot_calibration(bins: Sequence[CalibrationBin], policy: GatePolicy, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -331,7 +321,7 @@ def train(table: pa.Table, out_dir: Path | str, *, policy: GatePolicy = DEFAULT_
         metadata: dict[str, Any] = {}
 
         def fill(folder: Path, version: str) -> None:
-            metadata.update(_json_safe({
+            metadata.update(json_safe({
                 "version": version, "created_at": clock().astimezone(UTC).isoformat(),
                 "model": "lightgbm-binary", "lightgbm_version": lightgbm().__version__,
                 "features": features, "label": "label",

@@ -176,7 +176,7 @@ def stats_source(settings: RolloutSettings, rollout_id: str, args: argparse.Name
 
 
 def _printer(as_json: bool) -> Any:
-    from headrace.rollout.store import json_safe
+    from headrace.core.jsonsafe import json_safe
 
     def show(event: dict[str, Any]) -> None:
         if as_json:
@@ -324,8 +324,8 @@ def _run(args: argparse.Namespace, settings: RolloutSettings) -> int:
 
 
 def _status(args: argparse.Namespace, settings: RolloutSettings) -> int:
+    from headrace.core.jsonsafe import json_safe
     from headrace.rollout.split import read_split
-    from headrace.rollout.store import json_safe
 
     store = _store(settings)
     stored = store.load()

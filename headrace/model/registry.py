@@ -31,7 +31,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from headrace.core.errors import InputError
+from headrace.core.jsonsafe import json_safe
 from headrace.model.artifact import (
     CHAMPION_FILE,
     champion_version,
@@ -140,15 +140,6 @@ def _parse(obj: Any) -> HistoryEvent:
     if obj["kind"] == "split":
         return SplitEvent(shares={str(k): float(v) for k, v in obj["shares"].items()}, **common)
     raise ValueError(f"unknown kind {obj['kind']!r}")
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf -> null, tuples -> lists, so every line is strict JSON."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _replay(events: Sequence[HistoryEvent]) -> dict[str, Role]:
@@ -278,7 +269,7 @@ class ModelRegistry:
             self._check_move(version, current, target, state)
             seq = events[-1].seq + 1 if events else 1
             new = [RoleEvent(seq, now, version, target, current, reason,
-                             _json_safe(dict(gates or {})), actor, rollout_id, phase)]
+                             json_safe(dict(gates or {})), actor, rollout_id, phase)]
             old = _holder(state, Role.CHAMPION)
             if target is Role.CHAMPION:
                 new += [RoleEvent(seq + 1, now, old, Role.RETIRED, Role.CHAMPION,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import secrets
 import socket
@@ -29,11 +28,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from headrace.core.errors import InputError, OnlineStoreError
+from headrace.core.jsonsafe import json_safe
 from headrace.rollout.controller import RolloutState
 from headrace.rollout.policy import Policy
 from headrace.rollout.split import Ack, SplitState, split_key
 
-__all__ = ["Stored", "RolloutStore", "new_token", "json_safe"]
+__all__ = ["Stored", "RolloutStore", "new_token"]
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,6 @@ _RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
           "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
 _RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
             "return redis.call('del', KEYS[1]) else return 0 end")
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` as strict JSON data: non-finite floats → None, tuples → lists."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def new_token() -> str:

@@ -188,28 +188,14 @@ def test_redis_killed_and_restarted(fault_stack: Any, stream: Stream, reference:
     """Killed mid-stream (connections refused for a while), then restarted on its port:
     with its data (an append-only file), or empty (no persistence: the states and the
     progress are gone, and the worker rebuilds them from the log)."""
-    import redis
-
     from headrace.stack.proc import free_port
-    from headrace.stack.services import _redis_binary
+    from tests.localredis import start_redis
 
     port, data = free_port(), tmp_path / "redis-data"
     data.mkdir()
-    argv = [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--dir", str(data)]
-    argv += (["--appendonly", "yes", "--appendfsync", "always"] if persistent
-             else ["--appendonly", "no"])
 
     def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=port)
-        for _ in range(500):
-            try:
-                client.ping()
-                return proc
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.02)
-        raise AssertionError("redis-server did not start")
+        return start_redis(port, data, persistent=persistent)
 
     procs = [start()]
 

@@ -91,24 +91,12 @@ class Traffic(threading.Thread):
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private redis-server on a free port."""
-    import redis
-
     from headrace.stack.proc import free_port
-    from headrace.stack.services import _redis_binary
+    from tests.localredis import start_redis
 
     port = free_port()
-    data = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([_redis_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(data)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
+    proc = start_redis(port, tmp_path_factory.mktemp("redis"))
     try:
-        for _ in range(500):
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.02)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.kill()

@@ -45,23 +45,12 @@ FAIL_BID = 13.0  # a request carrying this bid makes the (patched) challenger ra
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """A private redis-server on a free port: (process, port)."""
-    import redis
-
     from headrace.stack.proc import free_port
-    from headrace.stack.services import _redis_binary
+    from tests.localredis import start_redis
 
     port = free_port()
-    proc = subprocess.Popen([_redis_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
+    proc = start_redis(port, tmp_path)
     try:
-        for _ in range(500):
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.02)
         yield proc, port
     finally:
         if proc.poll() is None:
