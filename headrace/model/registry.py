@@ -17,6 +17,7 @@ the history does not mention), ``challenger`` (in rollout; at most one), ``champ
 on ``.history.lock`` around "read, validate, append" and write the lines of one decision
 (a promotion and the retirement it causes) in one ``O_APPEND`` write, then fsync. A torn
 last line (a crash mid-write) is skipped with a warning; the next append starts a line.
+The file's I/O (reading, the lock, the append) is :mod:`headrace.model.history`.
 
 ``CHAMPION`` is what serves, so it wins: promotion moves it *before* the append, and a
 pointer naming another version than the history's champion (a models dir from before
@@ -28,14 +29,9 @@ write.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import logging
-import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from enum import StrEnum
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,26 +44,20 @@ from headrace.model.artifact import (
     set_champion,
     version_key,
 )
+from headrace.model.history import (
+    HISTORY_FILE,
+    HistoryEvent,
+    HistoryFile,
+    Role,
+    RoleEvent,
+    SplitEvent,
+)
 
 __all__ = ["HISTORY_FILE", "ACTORS", "Role", "ALLOWED", "RoleEvent", "SplitEvent",
            "HistoryEvent", "ModelRegistry"]
 
-log = logging.getLogger(__name__)
-
-HISTORY_FILE = "HISTORY.jsonl"
-_LOCK_FILE = ".history.lock"
 #: who made a change; "migration" marks events read from the CHAMPION pointer
 ACTORS = ("train", "rollout", "cli", "migration")
-
-
-class Role(StrEnum):
-    """The role of a model version."""
-
-    CANDIDATE = "candidate"
-    CHALLENGER = "challenger"
-    CHAMPION = "champion"
-    RETIRED = "retired"
-    FAILED = "failed"
 
 
 #: role -> roles it may move to. champion -> retired happens only as the side effect of
@@ -79,67 +69,6 @@ ALLOWED: Mapping[Role, frozenset[Role]] = {
     Role.RETIRED: frozenset({Role.CHALLENGER, Role.CHAMPION, Role.FAILED}),
     Role.FAILED: frozenset(),
 }
-
-
-@dataclass(frozen=True)
-class RoleEvent:
-    """A version moved to ``role`` (``previous`` None: its first event)."""
-
-    seq: int
-    at_ms: int
-    version: str
-    role: Role
-    previous: Role | None
-    reason: str
-    gates: Mapping[str, Any] = field(default_factory=dict)
-    actor: str = "cli"
-    rollout_id: str | None = None
-    phase: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The history line's object."""
-        return _line(self, "role")
-
-
-@dataclass(frozen=True)
-class SplitEvent:
-    """Traffic shares (version -> share of requests, summing to 1) from ``at_ms`` on."""
-
-    seq: int
-    at_ms: int
-    shares: Mapping[str, float]
-    reason: str
-    actor: str = "rollout"
-    rollout_id: str | None = None
-    phase: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The history line's object."""
-        return _line(self, "split")
-
-
-HistoryEvent = RoleEvent | SplitEvent
-
-
-def _line(event: HistoryEvent, kind: str) -> dict[str, Any]:
-    values = {f.name: getattr(event, f.name) for f in fields(event)}
-    plain = {k: dict(v) if isinstance(v, Mapping) else v for k, v in values.items()}
-    return {"seq": plain.pop("seq"), "at_ms": plain.pop("at_ms"), "kind": kind, **plain}
-
-
-def _parse(obj: Any) -> HistoryEvent:
-    """One history line's object as an event. Raises KeyError/TypeError/ValueError."""
-    common = {"seq": int(obj["seq"]), "at_ms": int(obj["at_ms"]), "reason": str(obj["reason"]),
-              "actor": str(obj["actor"]), "rollout_id": obj.get("rollout_id"),
-              "phase": obj.get("phase")}
-    if obj["kind"] == "role":
-        prev = obj.get("previous")
-        return RoleEvent(version=str(obj["version"]), role=Role(obj["role"]),
-                         previous=None if prev is None else Role(prev),
-                         gates=dict(obj.get("gates") or {}), **common)
-    if obj["kind"] == "split":
-        return SplitEvent(shares={str(k): float(v) for k, v in obj["shares"].items()}, **common)
-    raise ValueError(f"unknown kind {obj['kind']!r}")
 
 
 def _replay(events: Sequence[HistoryEvent]) -> dict[str, Role]:
@@ -170,7 +99,8 @@ class ModelRegistry:
 
     def __init__(self, models_dir: Path | str, clock: Callable[[], int] = _wall_ms) -> None:
         self.models_dir = Path(models_dir)
-        self.path = self.models_dir / HISTORY_FILE
+        self._file = HistoryFile(self.models_dir)
+        self.path = self._file.path
         self._clock = clock
 
     def history(self, version: str | None = None) -> list[HistoryEvent]:
@@ -261,7 +191,7 @@ class ModelRegistry:
             raise InputError(f"unknown role '{role}'; roles are {', '.join(Role)}")
         _check_actor(actor)
         target = Role(role)
-        with self._lock(exclusive=True):
+        with self._file.lock(exclusive=True):
             events, now, sync = self._read_synced()
             state = _replay(events)
             self._check_known(version, state)
@@ -276,7 +206,7 @@ class ModelRegistry:
                                   f"replaced by {version}", {}, actor, rollout_id, phase)
                         ] if old is not None else []
                 set_champion(self.models_dir, version)  # the pointer first: it is what serves
-            self._append([*sync, *new])
+            self._file.append([*sync, *new])
         return new
 
     def record_split(self, shares: Mapping[str, float], reason: str,
@@ -286,7 +216,7 @@ class ModelRegistry:
         challenger may have one, each in [0, 1], adding up to 1 (±1e-6); else InputError
         and nothing written."""
         _check_actor(actor)
-        with self._lock(exclusive=True):
+        with self._file.lock(exclusive=True):
             events, now, sync = self._read_synced()
             state = _replay(events)
             serving = (_holder(state, Role.CHAMPION), _holder(state, Role.CHALLENGER))
@@ -302,7 +232,7 @@ class ModelRegistry:
                 raise InputError(f"traffic shares must add up to 1, not {sum(clean.values())}")
             event = SplitEvent(events[-1].seq + 1 if events else 1, now, clean, reason, actor,
                                rollout_id, phase)
-            self._append([*sync, event])
+            self._file.append([*sync, event])
         return event
 
     def _check_known(self, version: str, state: Mapping[str, Role]) -> None:
@@ -336,30 +266,15 @@ class ModelRegistry:
         if target is Role.CHALLENGER and _holder(state, Role.CHAMPION) is None:
             raise InputError(f"there is no champion to compare challenger {version} with")
 
-    def _read(self) -> list[HistoryEvent]:
-        try:
-            data = self.path.read_bytes() if self.path.exists() else b""
-        except OSError as exc:
-            raise InputError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
-        events: list[HistoryEvent] = []
-        for n, line in enumerate(data.split(b"\n"), 1):
-            try:
-                if line.strip():
-                    events.append(_parse(json.loads(line)))
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                log.warning("%s line %d is not a complete history event (a torn write?); "
-                            "skipped: %s", self.path, n, exc)
-        return events
-
     def _read_synced(self) -> tuple[list[HistoryEvent], int, list[RoleEvent]]:
         """(events + pointer sync events, now, the sync events). ``now`` never goes back."""
-        events = self._read()
+        events = self._file.read()
         now = max([int(self._clock()), *(e.at_ms for e in events[-1:])])
         sync = self._sync(events, now)
         return [*events, *sync], now, sync
 
     def _snapshot(self) -> list[HistoryEvent]:
-        with self._lock(exclusive=False):
+        with self._file.lock(exclusive=False):
             return self._read_synced()[0]
 
     def _sync(self, events: Sequence[HistoryEvent], now: int) -> list[RoleEvent]:
@@ -381,50 +296,3 @@ class ModelRegistry:
         return out + ([RoleEvent(seq + 1, at, old, Role.RETIRED, Role.CHAMPION,
                                  f"replaced by {pointer} ({why})", {}, "migration")]
                       if old is not None else [])
-
-    @contextlib.contextmanager
-    def _lock(self, *, exclusive: bool) -> Iterator[None]:
-        """Writers: an exclusive flock. Readers: shared, when the lock file exists (then
-        they never see a line being written)."""
-        lock = self.models_dir / _LOCK_FILE
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY, 0o644)
-        except FileNotFoundError:
-            if exclusive:
-                raise InputError(f"the models folder {self.models_dir} does not exist") from None
-            fd = -1
-        except OSError as exc:
-            raise InputError(f"cannot lock {lock}: {exc.strerror or exc}") from exc
-        if fd < 0:
-            yield
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)  # releases the flock
-
-    def _append(self, events: Sequence[HistoryEvent]) -> None:
-        """One O_APPEND write of whole lines, then fsync (caller holds the lock)."""
-        payload = "".join(json.dumps(e.to_dict(), allow_nan=False, separators=(",", ":"))
-                          + "\n" for e in events).encode("utf-8")
-        created = not self.path.exists()
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    payload = b"\n" + payload  # after a torn line: start a new one
-                written = os.write(fd, payload)
-                while written < len(payload):  # short write (disk full): we hold the lock
-                    written += os.write(fd, payload[written:])
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise InputError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
-        with contextlib.suppress(OSError):  # make a new file's name durable
-            if created:
-                dfd = os.open(self.models_dir, os.O_RDONLY)
-                os.fsync(dfd)
-                os.close(dfd)
