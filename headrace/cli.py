@@ -31,6 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "headrace.commands.train",
     "headrace.commands.models",
     "headrace.commands.rollout",
+    "headrace.commands.simulate",
     "headrace.commands.serve",
     "headrace.commands.score",
     "headrace.commands.example",

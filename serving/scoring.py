@@ -50,6 +50,7 @@ from headrace.core.errors import HeadraceError
 from headrace.model.booster import lightgbm
 from headrace.rollout.split import assign
 from serving.breaker import CircuitBreaker
+from serving.faults import ChallengerFaults
 from serving.fetch import FallbackReason, Rows, StoreFetch
 from serving.metrics import ServingMetrics
 from serving.model_loader import ModelWatcher, ScoringModel
@@ -146,6 +147,8 @@ class ScoringService:
         predictions: the prediction log (default: none).
         shadow_queue: most shadow predictions waiting (more are dropped, counted).
         counts: the rollout's per-arm counts, flushed by the split watcher (default: none).
+        faults: injected challenger faults (:mod:`serving.faults`, a simulation aid;
+            default: none).
     """
 
     def __init__(
@@ -166,6 +169,7 @@ class ScoringService:
         predictions: PredictionSink | None = None,
         shadow_queue: int = 256,
         counts: CountsAccumulator | None = None,
+        faults: ChallengerFaults | None = None,
     ) -> None:
         self.registry = registry
         self.reader = reader
@@ -178,6 +182,7 @@ class ScoringService:
         self.split: SplitSource = StaticSplit() if split is None else split
         self.predictions = predictions
         self.counts = counts
+        self.faults = faults
         self._clock_ms = clock_ms
         self._timer = timer
         self.features = ScoreFeatures(reader, priors, StoreFetch(
@@ -249,6 +254,10 @@ class ScoringService:
         counts = self.counts if split.state is not None and split.state.challenger else None
         rows, reason = self.features.read(model, inp)
         try:
+            if self.faults is not None and arm is Arm.CHALLENGER:
+                injected = self.faults.before_predict(model.version)
+                if injected is not None:
+                    raise ModelPredictError(injected)
             ranked = self.rank(model, inp, rows, reason)
         except ModelPredictError as exc:
             self.metrics.predict_errors.labels(arm=arm.value).inc()

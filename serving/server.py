@@ -33,6 +33,7 @@ from headrace.core.errors import BackendError, HeadraceError, InvalidArgument
 from headrace.core.online_store import OnlineStore, RedisOnlineStore
 from headrace.core.settings import ServeSettings
 from serving.breaker import CircuitBreaker
+from serving.faults import parse_faults
 from serving.metrics import ServingMetrics
 from serving.model_loader import ModelWatcher, ScoringModel
 from serving.prediction_log import KafkaPredictionLog
@@ -347,6 +348,7 @@ def build_server(
         budget_ms=settings.redis_budget_ms, max_bid_cpm=settings.max_bid_cpm,
         split=split, predictions=prediction_log(settings, m),
         shadow_queue=settings.shadow_queue, counts=None if split is None else split.counts,
+        faults=parse_faults(settings.challenger_faults),
         **kwargs,
     )
     server = grpc.server(

@@ -39,6 +39,7 @@ from headrace.core.errors import InputError, UsageError
 
 if TYPE_CHECKING:
     from headrace.model.registry import ModelRegistry
+    from headrace.rollout.gates import ArmStats
     from headrace.rollout.runner import Runner
     from headrace.rollout.settings import RolloutSettings
     from headrace.rollout.source import StatsSource
@@ -147,6 +148,28 @@ def _stream_source(settings: RolloutSettings, rollout_id: str) -> StatsSource | 
     store = RedisOnlineStore(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
     return ViewStatsSource(registry, OnlineReader(store, settings.redis_prefix),
                            segments=settings.rollout_segments)
+
+
+#: seconds ``rollout start`` retries the first read of the counts (the baseline)
+FIRST_READ_S = 30.0
+
+
+def _first_read(source: StatsSource, champion: str, challenger: str
+                ) -> tuple[ArmStats, ArmStats]:
+    """The counts at the start (the first phase's baseline). A read that is momentarily
+    inconsistent (a click applied before its impression) or unavailable is retried
+    every 0.5 s for :data:`FIRST_READ_S`; then the last reason is the error."""
+    from headrace.rollout.source import StatsUnavailable
+
+    deadline = time.monotonic() + FIRST_READ_S
+    while True:
+        try:
+            return source.read(champion, challenger)
+        except StatsUnavailable as exc:
+            if time.monotonic() >= deadline:
+                raise InputError(f"cannot read the arms' counts to start the rollout: "
+                                 f"{exc}") from exc
+            time.sleep(0.5)
 
 
 def stats_source(settings: RolloutSettings, rollout_id: str, args: argparse.Namespace,
@@ -288,7 +311,7 @@ def _start(args: argparse.Namespace, settings: RolloutSettings) -> int:
                          "finish or abort it first")
     if registry.gate_passed(version) is False:
         raise InputError(f"model {version} failed its offline gates and cannot be rolled out")
-    champ, chall = source.read(champion, version)
+    champ, chall = _first_read(source, champion, version)
     shadow_s = args.shadow_seconds if args.shadow_seconds is not None else (
         settings.rollout_shadow_s if args.shadow else 0.0)
     state, _ = begin(rid, champion, version, time.time_ns() // 1_000_000, policy,

@@ -396,6 +396,10 @@ class ServeSettings(CommonSettings):
         prediction_log_timeout_ms: How long the Kafka client keeps retrying one record
             before it counts as failed, in milliseconds (>= 200: more than the
             client's 100 ms batching delay).
+        challenger_faults: A simulation and chaos aid, off (empty) by default: faults
+            injected into the rollout challenger's predictions (``serving/faults.py``),
+            e.g. ``error_rate=0.01,latency_ms=20,seed=1``. Used by ``headrace simulate
+            rollout``; never set it in production.
     """
 
     port: int = Field(default=50051, ge=0, le=65535)
@@ -415,6 +419,7 @@ class ServeSettings(CommonSettings):
     prediction_log_buffer: int = Field(default=10_000, ge=1)
     prediction_log_queue_kb: int = Field(default=32_768, ge=1)
     prediction_log_timeout_ms: int = Field(default=30_000, ge=200)
+    challenger_faults: str = ""
 
     @field_validator("prediction_log", mode="before")
     @classmethod

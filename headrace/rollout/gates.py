@@ -230,11 +230,17 @@ def guardrails(phase: int, champion: ArmStats, challenger: ArmStats, policy: Pol
                f"{p.error_rate_max:.4%}", error_rate=c.error_rate, errors=c.errors,
                requests=c.requests, threshold=p.error_rate_max,
                champion_error_rate=ch.error_rate)
-    p99 = c.p99_ms()
-    if p99 is not None and c.requests >= p.latency_min_requests and p99 >= p.latency_p99_max_ms:
+    p99, ch_p99 = c.p99_ms(), ch.p99_ms()
+    rel = p.latency_vs_champion_ms
+    if (p99 is not None and c.requests >= p.latency_min_requests
+            and p99 >= p.latency_p99_max_ms
+            and (rel is None or ch_p99 is None or p99 >= ch_p99 + rel)):
+        versus = "" if rel is None or ch_p99 is None else (
+            f" and {p99 - ch_p99:.2f} ms above the champion's {ch_p99:.2f} ms (limit {rel:g})")
         breach("latency_p99", f"challenger p99 latency {p99:.2f} ms is not below "
-               f"{p.latency_p99_max_ms} ms", p99_ms=_num(p99), requests=c.requests,
-               threshold=p.latency_p99_max_ms, champion_p99_ms=ch.p99_ms())
+               f"{p.latency_p99_max_ms} ms{versus}", p99_ms=_num(p99), requests=c.requests,
+               threshold=p.latency_p99_max_ms, champion_p99_ms=ch_p99,
+               vs_champion_ms=rel)
     if c.impressions >= p.click_floor_min_impressions and c.clicks < p.click_floor * c.impressions:
         breach("click_floor", f"challenger has {c.clicks} clicks in {c.impressions} "
                f"impressions, under {p.click_floor:g} per impression", clicks=c.clicks,

@@ -127,6 +127,12 @@ class Policy:
             error in the first hundred requests is not a 1 % error rate).
         latency_p99_max_ms: the challenger's p99 Score latency must stay below this.
         latency_min_requests: the p99 is judged from this many requests on.
+        latency_vs_champion_ms: None (default): the limit above is absolute. A number:
+            the challenger breaches only when its p99 is also this many ms above the
+            champion's p99 in the same phase (a machine slow for both arms is not the
+            challenger's fault; Flagger's users ask for this relative check,
+            fluxcd/flagger#739). The simulation sets it; production keeps the absolute
+            limit of the design.
         click_floor: clicks / impressions must be at least this (1 per 10,000).
         click_floor_min_impressions: ... once the challenger has this many impressions
             (20,000: 2 clicks at the floor, 200 at a 1 % CTR).
@@ -169,6 +175,7 @@ class Policy:
     error_min_errors: int = 5
     latency_p99_max_ms: float = 10.0
     latency_min_requests: int = 100
+    latency_vs_champion_ms: float | None = None
     click_floor: float = 1e-4
     click_floor_min_impressions: int = 20_000
     segment_errors_dimension: str = "publisher"
@@ -291,6 +298,10 @@ class Policy:
                        f"got {self.segment_confidence!r}")
         if not self.latency_p99_max_ms > 0:
             out.append(f"latency_p99_max_ms must be positive, got {self.latency_p99_max_ms!r}")
+        rel = self.latency_vs_champion_ms
+        if rel is not None and not (isinstance(rel, int | float) and 0 <= rel < math.inf):
+            out.append(f"latency_vs_champion_ms must be None or a finite number >= 0, "
+                       f"got {rel!r}")
         for name in ("error_min_errors", "latency_min_requests", "click_floor_min_impressions",
                      "segment_min_requests", "constant_min_impressions", "collapse_min_clicks",
                      "calibration_min_clicks", "bucket_min_impressions", "bucket_min_clicks"):

@@ -25,7 +25,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "offline": ("offline",),
     "serving": ("serving",),
     "roof": ("headrace.cli", "headrace.commands", "headrace.stack", "headrace.demo",
-             "headrace.examples"),
+             "headrace.examples", "headrace.simulate"),
     "package": ("headrace",),  # headrace/__init__.py: the version, nothing else
     "bench": ("bench",),
     "tests": ("tests",),

@@ -57,6 +57,31 @@ def test_latency_boundary(p99: float, fires: bool) -> None:
     assert ("latency_p99" in names(arm(latency_p99_ms=p99))) is fires
 
 
+@pytest.mark.parametrize(("champion_p99", "challenger_p99", "fires"), [
+    (20.0, 29.99, False),  # over the absolute 10 ms, but under champion + 10 ms
+    (20.0, 30.0, True),    # both: fires
+    (2.0, 9.99, False),    # 7.99 ms above the champion, under 10 ms absolute
+    (None, 12.0, True),    # no champion latency known: the absolute limit alone
+])
+def test_latency_relative_to_the_champion(champion_p99: float | None, challenger_p99: float,
+                                          fires: bool) -> None:
+    """latency_vs_champion_ms: the breach needs both the absolute limit and the margin
+    over the champion's p99 in the same phase (a machine slow for both arms)."""
+    pol = replace(POLICY, latency_vs_champion_ms=10.0)
+    got = guardrails(1, arm(latency_p99_ms=champion_p99), arm(latency_p99_ms=challenger_p99),
+                     pol)
+    assert ("latency_p99" in [b.name for b in got]) is fires
+    default = "latency_p99" in names(arm(latency_p99_ms=challenger_p99))
+    assert default is (challenger_p99 >= 10.0)  # the default: the absolute limit alone
+
+
+def test_latency_vs_champion_is_validated() -> None:
+    with pytest.raises(InputError, match="latency_vs_champion_ms"):
+        Policy(latency_vs_champion_ms=-1.0)
+    with pytest.raises(InputError, match="latency_vs_champion_ms"):
+        Policy(latency_vs_champion_ms=math.inf)
+
+
 def test_latency_p99_from_a_histogram() -> None:
     # 1000 requests: 980 ≤ 5 ms, 20 in (5, 20]: rank 990 is half-way into the second
     a = arm(latency_p99_ms=None, latency_bounds_ms=(5.0, 20.0, math.inf),

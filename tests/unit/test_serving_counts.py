@@ -382,3 +382,27 @@ def test_with_the_evaluation_views_the_stream_counts_join_the_servers() -> None:
     assert view.segments == {"publisher": ("p01", "p02")}
     plain = RolloutSettings.from_env({}, redis_prefix="hrx")
     assert isinstance(stats_source(plain, "r-9", argparse.Namespace()), ServingStatsSource)
+
+
+def test_rollout_start_retries_a_momentarily_inconsistent_first_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream's views can show a click before its impression for a moment: the
+    start's baseline read is retried, and only a lasting failure is the error."""
+    import headrace.commands.rollout as cmd
+
+    class Flaky:
+        def __init__(self, fails: int) -> None:
+            self.fails = fails
+
+        def read(self, champion: str, challenger: str) -> tuple[ArmStats, ArmStats]:
+            if self.fails:
+                self.fails -= 1
+                raise StatsUnavailable("buckets (clicks out of range)")
+            return ArmStats(impressions=3), ArmStats(impressions=1)
+
+    monkeypatch.setattr(cmd.time, "sleep", lambda s: None)
+    champ, chall = cmd._first_read(Flaky(3), "v1", "v2")
+    assert (champ.impressions, chall.impressions) == (3, 1)
+    monkeypatch.setattr(cmd, "FIRST_READ_S", 0.0)
+    with pytest.raises(InputError, match="cannot read the arms' counts to start"):
+        cmd._first_read(Flaky(10**6), "v1", "v2")
