@@ -108,8 +108,6 @@ def _wait_ready(env: dict[str, str], messages: int, worker: subprocess.Popen,
     """Wait until the worker has joined, been assigned, and made ``messages`` source
     messages durable on every view (commit records of the source partitions cover them,
     and every repartition topic has one); returns the seconds waited."""
-    import redis
-
     from feature_defs.layout import commit_key, repartition_topic
     from feature_defs.registry import registry_for
     from headrace.core.settings import WorkerSettings
@@ -117,7 +115,7 @@ def _wait_ready(env: dict[str, str], messages: int, worker: subprocess.Popen,
     s = WorkerSettings.from_env(env)
     # the definitions the worker runs: it inherits this process's environment
     topo = registry_for(WorkerSettings.from_env({**os.environ, **env})).topology
-    client = redis.Redis.from_url(s.redis_url)
+    client = s.redis_config().client()
     parts = range(s.partitions)
     sources = [commit_key(s.redis_prefix, s.group_id, s.topic("impressions"), p) for p in parts]
     remote = [[commit_key(s.redis_prefix, s.group_id, s.topic(repartition_topic(e)), p)

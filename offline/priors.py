@@ -311,7 +311,7 @@ def write_priors(settings: CommonSettings, priors: Priors) -> str:
     from headrace.core.online_store import RedisOnlineStore
 
     key = priors_key(settings.redis_prefix)
-    store = RedisOnlineStore(settings.redis_url, timeout_ms=5000.0)
+    store = RedisOnlineStore(settings.redis_config(), timeout_ms=5000.0)
     try:
         store.set(key, priors.to_json().encode())
     except OnlineStoreError as exc:

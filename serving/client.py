@@ -8,25 +8,33 @@
         ranked[0]["ad_id"], ranked[0]["p_ctr"], ranked[0]["ecpm"]
 
 Errors: INVALID_ARGUMENT becomes :class:`~headrace.core.errors.InvalidArgument` (with the
-field the server named); an unreachable server or an expired deadline becomes
-:class:`~headrace.core.errors.BackendError`.
+field the server named); UNAUTHENTICATED (no or a wrong bearer token) becomes
+:class:`Unauthenticated` (exit 2 in the CLI); an unreachable server, an expired deadline or
+a failed TLS handshake becomes :class:`~headrace.core.errors.BackendError`.
+
+A secured server (see README, "Security: the gRPC API")::
+
+    FeatureClient("feat.internal:50051", tls_ca="ca.pem", token=SecretStr("..."))
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
+from pydantic import SecretStr
 
 from headrace.api.v1 import features_pb2 as pb
 from headrace.api.v1 import features_pb2_grpc as pb_grpc
 from headrace.api.v1 import scoring_pb2 as spb
 from headrace.api.v1 import scoring_pb2_grpc as spb_grpc
-from headrace.core.errors import BackendError, InvalidArgument
+from headrace.core.errors import BackendError, HeadraceError, InputError, InvalidArgument
 
-__all__ = ["FeatureClient", "EntityFeatures", "OnlineFeatures", "build_request",
+__all__ = ["FeatureClient", "Unauthenticated", "EntityFeatures", "OnlineFeatures", "build_request",
            "build_score_request", "ranked_candidates", "CONTEXT_FIELDS"]
 
 #: keys of a Score request's context (``ts_ms``: epoch milliseconds)
@@ -121,21 +129,52 @@ def build_request(
     return req
 
 
+class Unauthenticated(HeadraceError):
+    """The server answered UNAUTHENTICATED: no bearer token, or one it does not accept
+    (exit 2: a configuration problem, retrying cannot help)."""
+
+    exit_code = 2
+
+
 class FeatureClient:
-    """Client of ``headrace.v1.FeatureService``.
+    """Client of ``headrace.v1.FeatureService`` and ``headrace.v1.ScoringService``.
 
     Args:
         address: ``host:port``.
         timeout_s: deadline of each call in seconds.
+        tls_ca: PEM file of the CA that signed the server's certificate; given, the
+            channel uses TLS (``HEADRACE_GRPC_TLS_CA`` in the CLI). None: plaintext.
+        token: bearer token sent as ``authorization: Bearer <token>`` with every call
+            (``HEADRACE_GRPC_TOKEN`` in the CLI); None: none sent.
+
+    Raises:
+        InputError: ``tls_ca`` cannot be read, or ``token`` cannot travel in a header
+            (not visible ASCII; the token is not shown).
     """
 
-    def __init__(self, address: str, timeout_s: float = 1.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 1.0, *,
+                 tls_ca: str | None = None, token: SecretStr | str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address)
+        if tls_ca is None:
+            self._channel = grpc.insecure_channel(address)
+        else:
+            try:
+                roots = Path(tls_ca).read_bytes()
+            except OSError as exc:
+                raise InputError(f"--tls-ca: cannot read {tls_ca}: "
+                                 f"{exc.strerror or exc}") from exc
+            self._channel = grpc.secure_channel(
+                address, grpc.ssl_channel_credentials(root_certificates=roots))
         self._stub = pb_grpc.FeatureServiceStub(self._channel)
-        self.call = self._stub.GetOnlineFeatures  # raw: request message -> response message
-        self.score_call = spb_grpc.ScoringServiceStub(self._channel).Score  # raw, likewise
+        call: Any = self._stub.GetOnlineFeatures
+        score_call: Any = spb_grpc.ScoringServiceStub(self._channel).Score
+        metadata = _auth_metadata(token)
+        if metadata is not None:  # bound once: the raw calls carry it too
+            call = functools.partial(call, metadata=metadata)
+            score_call = functools.partial(score_call, metadata=metadata)
+        self.call = call  # raw: request message -> response message
+        self.score_call = score_call  # raw, likewise
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
         """Block until the channel is connected.
@@ -271,9 +310,24 @@ def ranked_candidates(request: spb.ScoreRequest, resp: spb.ScoreResponse
     return out
 
 
+def _auth_metadata(token: SecretStr | str | None) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata carrying ``token``, or None without one."""
+    if token is None:
+        return None
+    text = token.get_secret_value() if isinstance(token, SecretStr) else token
+    if not text or not all("!" <= c <= "~" for c in text):
+        raise InputError("--token / HEADRACE_GRPC_TOKEN must be printable ASCII without "
+                         "spaces (not shown: it is a secret)")
+    return (("authorization", f"Bearer {text}"),)
+
+
 def _translate(exc: grpc.RpcError, address: str) -> Exception:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(f"feature server at {address} answered UNAUTHENTICATED "
+                               f"({details}); give an accepted token with --token or "
+                               "HEADRACE_GRPC_TOKEN")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         field, sep, message = (details or "").partition(": ")
         return InvalidArgument(field, message) if sep else InvalidArgument("request", details)

@@ -31,6 +31,7 @@ headrace_rollout_split_errors_total             counter    reason
 headrace_rollout_counts_flush_failures_total    counter    - (kept, resent next poll)
 headrace_prediction_log_total                   counter    outcome
 headrace_prediction_log_available               gauge      - (1: Kafka delivers)
+headrace_serving_auth_failures_total            counter    reason (missing, malformed, wrong)
 ==============================================  =========  ==========================
 """
 
@@ -135,6 +136,10 @@ class ServingMetrics:
         self.priors_age = Gauge(
             "headrace_serving_priors_age_seconds",
             "age of the in-process priors (since their computation)", registry=r)
+        self.auth_failures = Counter(
+            "headrace_serving_auth_failures_total",
+            "calls refused UNAUTHENTICATED by the bearer-token check, by reason (missing, "
+            "malformed, wrong); never labelled by token", ["reason"], registry=r)
         self.priors_errors = Counter(
             "headrace_serving_priors_refresh_errors_total",
             "failed refreshes of the in-process priors", registry=r)

@@ -9,7 +9,10 @@ sync and ``grpc.aio`` echo round trips are equal within noise here).
 :class:`ErrorInterceptor` is the one translation point from our errors to gRPC
 status codes; it also decodes every unary request itself (gRPC's own decoding failure is
 an INTERNAL "Exception deserializing request!", ours is INVALID_ARGUMENT naming the
-request) and times every unary method for the request latency histogram.
+request) and times every unary method for the request latency histogram. With
+``HEADRACE_GRPC_TOKENS`` set, :class:`~serving.auth.TokenInterceptor` runs before it
+(refused calls are neither decoded nor timed); with ``HEADRACE_GRPC_TLS_CERT``/``_KEY``
+the port listens with TLS (:func:`~serving.auth.server_credentials`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from headrace.api.v1 import scoring_pb2_grpc as spb_grpc
 from headrace.core.errors import BackendError, HeadraceError, InvalidArgument
 from headrace.core.online_store import OnlineStore, RedisOnlineStore
 from headrace.core.settings import ServeSettings
+from serving.auth import TokenInterceptor, server_credentials
 from serving.breaker import CircuitBreaker
 from serving.faults import parse_faults
 from serving.metrics import ServingMetrics
@@ -234,16 +238,14 @@ class FeatureServer:
 
 def split_watcher(settings: ServeSettings, champion: ModelWatcher[ScoringModel],
                   metrics: ServingMetrics) -> SplitWatcher:
-    """The server's split watcher: ``settings.redis_url``, a read timeout of
+    """The server's split watcher: ``settings.redis_config()``, a read timeout of
     ``split_timeout_ms``, polled every ``split_poll_ms``, acknowledged as
     ``settings.server_id`` (default ``{hostname}-{pid}``); challengers load like the
     champion (``champion.load``). Its ``counts`` (a
     :class:`~serving.rollout_counts.CountsAccumulator`) are flushed at every poll."""
-    import redis
-
     timeout = settings.split_timeout_ms / 1000.0
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout,
-                                  socket_connect_timeout=timeout, retry=None)
+    client = settings.redis_config().client(socket_timeout=timeout,
+                                            socket_connect_timeout=timeout, retry=None)
     server_id = settings.server_id or default_server_id()
     counts = CountsAccumulator(settings.redis_prefix, server_id,
                                on_failure=metrics.counts_flush_failures.inc)
@@ -276,7 +278,7 @@ def build_server(
     settings: ServeSettings,
     *,
     port: int | None = None,
-    host: str = "0.0.0.0",
+    host: str = "127.0.0.1",
     registry: Registry | None = None,
     store: OnlineStore | None = None,
     clock_ms: Callable[[], int] | None = None,
@@ -291,7 +293,7 @@ def build_server(
     Args:
         settings: serving settings (Redis, budget, breaker, priors refresh, max ids).
         port: overrides ``settings.port``; 0 picks a free port.
-        host: bind address.
+        host: bind address (loopback only by default; "0.0.0.0" exposes the server).
         registry: feature definitions (default: those ``settings.definitions`` names,
             i.e. ``HEADRACE_DEFINITIONS``).
         store: online store (default: Redis at ``settings.redis_url``).
@@ -312,7 +314,8 @@ def build_server(
         predictions (:func:`prediction_log`).
 
     Raises:
-        InputError: the port cannot be bound.
+        InputError: the port cannot be bound; a TLS file cannot be read or the TLS
+            settings are incomplete; a malformed ``HEADRACE_GRPC_TOKENS``.
     """
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
@@ -320,7 +323,7 @@ def build_server(
     from headrace.core.errors import InputError
 
     registry = registry or registry_for(settings)
-    store = store or RedisOnlineStore(settings.redis_url, timeout_ms=settings.redis_budget_ms)
+    store = store or RedisOnlineStore(settings.redis_config(), timeout_ms=settings.redis_budget_ms)
     m = ServingMetrics(process=True) if metrics is None else metrics
     breaker = CircuitBreaker(
         settings.breaker_failures, settings.breaker_reset_s,
@@ -351,9 +354,15 @@ def build_server(
         faults=parse_faults(settings.challenger_faults),
         **kwargs,
     )
+    credentials = server_credentials(settings)  # before anything binds: InputError early
+    tokens = settings.grpc_token_list()
+    interceptors: list[grpc.ServerInterceptor] = []
+    if tokens:
+        interceptors.append(TokenInterceptor(tokens, m))  # first: refusals go no further
+    interceptors.append(ErrorInterceptor(m))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=(ErrorInterceptor(m),),
+        interceptors=tuple(interceptors),
         options=[("grpc.so_reuseport", 0)],
     )
     pb_grpc.add_FeatureServiceServicer_to_server(FeatureServicer(service), server)
@@ -370,9 +379,14 @@ def build_server(
         server.add_generic_rpc_handlers(tuple(extra_handlers))
     want = settings.port if port is None else port
     try:
-        bound = server.add_insecure_port(f"{host}:{want}")
+        bound = (server.add_insecure_port(f"{host}:{want}") if credentials is None
+                 else server.add_secure_port(f"{host}:{want}", credentials))
     except RuntimeError as exc:
         raise InputError(f"cannot listen on {host}:{want}: {exc}") from exc
     if bound == 0:
         raise InputError(f"cannot listen on {host}:{want} (in use?)")
+    log.info("feature server on %s:%d: %s, %s", host, bound,
+             "plaintext" if credentials is None else "TLS" + (
+                 " (client certificates required)" if settings.grpc_tls_client_ca else ""),
+             f"{len(tokens)} accepted bearer token(s)" if tokens else "no token check")
     return FeatureServer(server, bound, service, priors, store, scoring, metrics=m)

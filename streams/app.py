@@ -42,7 +42,7 @@ def build_engine(
                                   settings.pyarrow_s3(settings.s3_timeout_ms / 1000))
     producer_conf = {**settings.confluent_producer(), "enable.idempotence": True}
     store = RetryingOnlineStore(
-        RedisOnlineStore(settings.redis_url, timeout_ms=settings.redis_timeout_ms),
+        RedisOnlineStore(settings.redis_config(), timeout_ms=settings.redis_timeout_ms),
         outages.redis, backoff)
     return Engine(
         registry=registry,

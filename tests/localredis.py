@@ -10,12 +10,12 @@ from pathlib import Path
 __all__ = ["start_redis"]
 
 
-def start_redis(port: int, data_dir: Path, *, persistent: bool = False
-                ) -> subprocess.Popen[bytes]:
+def start_redis(port: int, data_dir: Path, *, persistent: bool = False,
+                password: str | None = None) -> subprocess.Popen[bytes]:
     """Start ``redis-server`` on 127.0.0.1:``port`` with its files in ``data_dir`` and
     return once it answers PING (AssertionError after ~10 s). ``persistent``: an
     append-only file fsynced at every write (a restart on the same ``data_dir`` keeps
-    the data); else no persistence at all."""
+    the data); else no persistence at all. ``password``: started with ``--requirepass``."""
     import redis
 
     from headrace.stack.services import _redis_binary
@@ -24,8 +24,10 @@ def start_redis(port: int, data_dir: Path, *, persistent: bool = False
             "--dir", str(data_dir)]
     argv += (["--appendonly", "yes", "--appendfsync", "always"] if persistent
              else ["--appendonly", "no"])
+    if password is not None:
+        argv += ["--requirepass", password]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
+    client = redis.Redis(port=port, password=password)
     try:
         for _ in range(500):
             try:

@@ -3,7 +3,8 @@
 Two modes:
 
 * ``--server ADDR``: through the gRPC feature server (cold start, statuses, fallback),
-  with :class:`serving.client.FeatureClient`.
+  with :class:`serving.client.FeatureClient` (``--tls-ca``/``--token`` for a secured
+  server; an UNAUTHENTICATED answer is one sentence and exit 2).
 * no ``--server``: the raw as-of values of the online state straight from Redis, one
   round trip, rolled up with ``ViewState.rollup`` (exactly; no cold start, no rounding).
   ``--json`` prints one object per entity per line::
@@ -26,7 +27,30 @@ if TYPE_CHECKING:
     from feature_defs.registry import Registry
     from headrace.core.online_store import OnlineStore
 
-__all__ = ["register", "raw_lines"]
+__all__ = ["register", "raw_lines", "add_security_args", "client_security"]
+
+
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    """``--tls-ca FILE`` and ``--token TOKEN`` of a command that calls the server."""
+    p.add_argument("--tls-ca", default=None, metavar="FILE",
+                   help="PEM CA of the server's certificate: connect with TLS (default "
+                        "HEADRACE_GRPC_TLS_CA; unset: plaintext)")
+    p.add_argument("--token", default=None, metavar="TOKEN",
+                   help="bearer token sent with every call (default HEADRACE_GRPC_TOKEN, "
+                        "which keeps it out of the process list)")
+
+
+def client_security(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``tls_ca``/``token`` keyword arguments of :class:`serving.client.FeatureClient`:
+    the flags, else ``HEADRACE_GRPC_TLS_CA``/``HEADRACE_GRPC_TOKEN``."""
+    from pydantic import SecretStr
+
+    from headrace.core.settings import ServeSettings
+
+    settings = ServeSettings()
+    token = SecretStr(args.token) if args.token is not None else settings.grpc_token
+    return {"tls_ca": args.tls_ca if args.tls_ca is not None else settings.grpc_tls_ca,
+            "token": token}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,6 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         help="ask the feature server instead of reading Redis",
     )
+    add_security_args(p)
     p.add_argument("--country", default=None, help="request context (with --server)")
     p.add_argument("--device-type", default=None, help="request context (with --server)")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
@@ -160,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         return _via_server(args, asked, as_of)
     from headrace.core.online_store import RedisOnlineStore
 
-    store = RedisOnlineStore(settings.redis_url, timeout_ms=args.timeout * 1000,
+    store = RedisOnlineStore(settings.redis_config(), timeout_ms=args.timeout * 1000,
                              connect_timeout_ms=args.timeout * 1000)
     try:
         lines = raw_lines(registry, store, settings.redis_prefix, args.entity, args.ids, names,
@@ -183,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
 def _via_server(args: argparse.Namespace, names: list[str] | None, as_of: int | None) -> int:
     from serving.client import FeatureClient
 
-    with FeatureClient(args.server, timeout_s=args.timeout) as client:
+    with FeatureClient(args.server, timeout_s=args.timeout, **client_security(args)) as client:
         answer = client.get(args.entity, args.ids, names, as_of_ms=as_of,
                             country=args.country, device_type=args.device_type)
     for line in answer.to_json_lines():

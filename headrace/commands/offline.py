@@ -103,7 +103,7 @@ def _online_store(settings: OfflineSettings) -> OnlineStore:
     """Where the commit records are read (short timeouts: a dead Redis fails fast)."""
     from headrace.core.online_store import RedisOnlineStore
 
-    return RedisOnlineStore(settings.redis_url, timeout_ms=5000.0, connect_timeout_ms=2000.0)
+    return RedisOnlineStore(settings.redis_config(), timeout_ms=5000.0, connect_timeout_ms=2000.0)
 
 
 def _group(args: argparse.Namespace) -> str:

@@ -106,13 +106,11 @@ def handler(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- helpers
 def _store(settings: RolloutSettings) -> RolloutStore:
-    import redis
-
     from headrace.rollout.store import RolloutStore
 
     timeout = settings.redis_timeout_ms / 1000
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout,
-                                  socket_connect_timeout=timeout)
+    client = settings.redis_config().client(socket_timeout=timeout,
+                                            socket_connect_timeout=timeout)
     return RolloutStore(client, settings.redis_prefix)
 
 
@@ -145,7 +143,7 @@ def _stream_source(settings: RolloutSettings, rollout_id: str) -> StatsSource | 
                     "not counted, so the rollout cannot pass phase 1", settings.definitions)
         return None
     # no retries here: a failed read is StatsUnavailable, and the controller skips the tick
-    store = RedisOnlineStore(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
+    store = RedisOnlineStore(settings.redis_config(), timeout_ms=settings.redis_timeout_ms)
     return ViewStatsSource(registry, OnlineReader(store, settings.redis_prefix),
                            segments=settings.rollout_segments)
 

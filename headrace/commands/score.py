@@ -5,8 +5,10 @@
 
 Prints the ranking, best eCPM first (``--json``: one object with the model version,
 source, fallback reason, user tier and the ranked candidates). Exit status 0 on an
-answer; 2 for a malformed option; 1 when the server rejects the request (the message
-names the field) or cannot answer (unreachable, no model: FAILED_PRECONDITION).
+answer; 2 for a malformed option or an UNAUTHENTICATED answer (``--token`` /
+``HEADRACE_GRPC_TOKEN`` missing or not accepted; ``--tls-ca`` for a TLS server); 1 when
+the server rejects the request (the message names the field) or cannot answer
+(unreachable, no model: FAILED_PRECONDITION).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import sys
 from typing import Any
 
+from headrace.commands.get import add_security_args, client_security
 from headrace.core.errors import UsageError
 
 __all__ = ["register", "handler", "parse_ad"]
@@ -28,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "pCTR x bid_cpm x 1000 for one user and request context.")
     p.add_argument("--server", default="127.0.0.1:50051", metavar="HOST:PORT",
                    help="server address (default 127.0.0.1:50051)")
+    add_security_args(p)
     p.add_argument("--user", default="", metavar="USER_ID",
                    help="the viewer (omit for anonymous traffic)")
     p.add_argument("--ad", action="append", required=True, type=parse_ad, dest="ads",
@@ -83,7 +87,7 @@ def handler(args: argparse.Namespace) -> int:
     from serving.client import FeatureClient, build_score_request, ranked_candidates
 
     request = build_score_request(args.user, args.ads, _context(args))
-    with FeatureClient(args.server, timeout_s=args.timeout) as client:
+    with FeatureClient(args.server, timeout_s=args.timeout, **client_security(args)) as client:
         resp = client.score_pb(request)
     ranked = ranked_candidates(request, resp)
     summary = {"model_version": resp.model_version,

@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "ready; SIGTERM/SIGINT stop it gracefully.")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default HEADRACE_PORT; "
                                                           "0 picks a free one)")
-    p.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
+    p.add_argument("--host", default=None,
+                   help="bind address (default HEADRACE_HOST, else 127.0.0.1: local clients "
+                        "only; 0.0.0.0 exposes the server)")
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -93,7 +95,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = registry_for(settings, args.definitions)
-    server = build_server(settings, port=args.port, host=args.host, registry=registry,
+    host = args.host or settings.host
+    server = build_server(settings, port=args.port, host=host, registry=registry,
                           max_workers=args.workers, memo_entries=args.memo_entries)
     metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
     if metrics_port is not None:
@@ -103,7 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     server.start()
     gc.freeze()  # start-up objects leave the collector's generations: shorter GC pauses
-    print(json.dumps({"event": "listening", "host": args.host, "port": server.port,
+    print(json.dumps({"event": "listening", "host": host, "port": server.port,
                       "metrics_port": metrics_port}), flush=True)
     stop.wait()
     server.stop(grace_s=2.0)

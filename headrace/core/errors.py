@@ -17,6 +17,7 @@ __all__ = [
     "StackError",
     "BackendError",
     "OnlineStoreError",
+    "OnlineStoreAuthError",
     "OfflineStoreError",
     "BrokerError",
     "InvalidArgument",
@@ -91,6 +92,20 @@ class BackendError(HeadraceError):
 
 class OnlineStoreError(BackendError):
     """Redis failed or exceeded its budget."""
+
+
+class OnlineStoreAuthError(OnlineStoreError):
+    """Redis refused our credentials (wrong password, NOAUTH, WRONGPASS) or the TLS
+    handshake failed. The message is one sentence naming ``host:port``, never the
+    password.
+
+    Commands exit 2 with it (a configuration error, not an outage). It is not
+    ``transient``; the long-running worker nevertheless keeps retrying it with back-off
+    and an ERROR line (:class:`~headrace.core.online_store.RetryingOnlineStore`), so that
+    fixing the password or the certificate needs no restart and causes no crash loop.
+    """
+
+    exit_code = 2
 
 
 class OfflineStoreError(BackendError):

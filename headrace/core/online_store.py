@@ -18,17 +18,21 @@ against :class:`MemoryOnlineStore` and :class:`RedisOnlineStore` on a real redis
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from headrace.core.errors import OnlineStoreError, missing_extra
+from headrace.core.errors import OnlineStoreAuthError, OnlineStoreError, missing_extra
+from headrace.core.redis_conn import RedisConfig, auth_error
 from headrace.core.resp import PipelineConnections, pack, pack_hmget
 from headrace.core.retry import DEFAULT_BACKOFF, Backoff, Outage, with_retries
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EXPIRE_REFRESH_S",
@@ -141,7 +145,10 @@ class RedisOnlineStore:
     decides (breaker, fallback, the worker's restart).
 
     Args:
-        url: redis-py URL (``redis://host:port/db``).
+        url: where Redis is: a :class:`~headrace.core.redis_conn.RedisConfig`
+            (``settings.redis_config()``: password and TLS settings) or a plain
+            ``redis://[user:password@]host:port/db`` URL. A refused password or TLS
+            handshake raises :class:`~headrace.core.errors.OnlineStoreAuthError`.
         timeout_ms: socket read timeout of the pipelined commands, milliseconds: the
             serving budget, or the worker's 30 s (the default).
         connect_timeout_ms: socket connect timeout of the pipelined commands,
@@ -161,12 +168,12 @@ class RedisOnlineStore:
     # also a class default: the socket-level unit tests build stores without __init__
     _clock: Callable[[], float] = staticmethod(time.monotonic)
     _unavailable: tuple[type[Exception], ...] = (OSError,)
+    _config: RedisConfig | None = None
 
-    def __init__(self, url: str, timeout_ms: float = 30_000.0, *,
+    def __init__(self, url: RedisConfig | str, timeout_ms: float = 30_000.0, *,
                  connect_timeout_ms: float | None = None, max_connections: int = 64,
                  batch: int = 2000, clock: Callable[[], float] = time.monotonic) -> None:
         try:
-            import redis
             from redis.exceptions import ConnectionError as RedisConnectionError
             from redis.exceptions import RedisError
             from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -174,11 +181,12 @@ class RedisOnlineStore:
             raise missing_extra("redis", "serve") from exc
         timeout = timeout_ms / 1000.0
         connect = min(timeout, 5.0) if connect_timeout_ms is None else connect_timeout_ms / 1000.0
-        self._pipelines = PipelineConnections(redis.ConnectionPool.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=connect,
+        self._config = config = RedisConfig.of(url)
+        self._pipelines = PipelineConnections(config.connection_pool(
+            socket_timeout=timeout, socket_connect_timeout=connect,
             max_connections=max_connections, retry=None))
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=max(timeout, 2.0), socket_connect_timeout=max(connect, 2.0),
+        self._client = config.client(
+            socket_timeout=max(timeout, 2.0), socket_connect_timeout=max(connect, 2.0),
             retry=None)
         # OSError: socket failures and timeouts on the raw path
         self._unavailable: tuple[type[Exception], ...] = (
@@ -196,18 +204,23 @@ class RedisOnlineStore:
 
     def _error(self, what: str, exc: BaseException) -> OnlineStoreError:
         """``exc`` as an :class:`OnlineStoreError`, transient when Redis is unreachable,
-        timing out, or answering one of :data:`TRANSIENT_REPLIES`."""
-        transient = isinstance(exc, self._unavailable) or str(exc).startswith(
-            TRANSIENT_REPLIES)
-        return OnlineStoreError(f"{what}: {exc}", transient=transient)
+        timing out, or answering one of :data:`TRANSIENT_REPLIES`; an
+        :class:`OnlineStoreAuthError` (one sentence) for a refused password or TLS
+        handshake. The password never appears in the message."""
+        config = self._config
+        endpoint = config.endpoint if config is not None else "redis"
+        denied = auth_error(exc, endpoint)
+        if denied is not None:
+            return denied
+        text = config.redact(str(exc)) if config is not None else str(exc)
+        transient = isinstance(exc, self._unavailable) or text.startswith(TRANSIENT_REPLIES)
+        return OnlineStoreError(f"{what}: {text}", transient=transient)
 
     def read_hashes(self, keys: Sequence[str], fields: Sequence[str]) -> Rows:
         if not keys:
             return []
         try:
             return self._pipelines.execute(pack_hmget(keys, fields), len(keys))
-        except self._unavailable as exc:
-            raise OnlineStoreError(f"redis unavailable: {exc!r}", transient=True) from exc
         except self._errors as exc:  # the rest of the replies were left unread
             raise self._error("redis error", exc) from exc
 
@@ -228,7 +241,7 @@ class RedisOnlineStore:
             value = self._client.get(key)
         except self._errors as exc:
             raise self._error("redis error", exc) from exc
-        return value  # type: ignore[return-value]  # bytes: decode_responses is off
+        return value  # bytes: decode_responses is off
 
     def set(self, key: str, value: bytes) -> None:
         try:
@@ -443,11 +456,21 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, OnlineStoreError) and exc.transient
 
 
+def _retried(exc: BaseException) -> bool:
+    # A refused password is not transient, but a long-running process waits for the
+    # operator to fix it (an ERROR line, then back-off) rather than crash-loop.
+    return _transient(exc) or isinstance(exc, OnlineStoreAuthError)
+
+
 class RetryingOnlineStore:
     """An :class:`OnlineStore` whose every call waits out a transient outage
     (:func:`~headrace.core.retry.with_retries`: back-off with jitter, one WARNING when
     Redis goes and one when it is back, ``outage`` counting retries and stall time).
-    Errors that are not transient are raised at once.
+    Errors that are not transient are raised at once, except
+    :class:`~headrace.core.errors.OnlineStoreAuthError` (wrong password, failed TLS
+    handshake): that one is logged at ERROR once per streak, in one sentence without the
+    password, and retried with the same back-off, so the process recovers as soon as the
+    credentials are fixed instead of crash-looping.
 
     Every operation is safe to repeat: HSET and EXPIRE are idempotent, and a write
     whose states went through but whose commit records did not is written again whole
@@ -460,9 +483,24 @@ class RetryingOnlineStore:
         self.outage = outage
         self.backoff = backoff
         self._sleep = sleep
+        self._denied = False  # an auth error was logged and has not succeeded since
 
     def _retry(self, what: str, op: Callable[[], _T]) -> _T:
-        return with_retries(op, what=what, outage=self.outage, transient=_transient,
+        def attempt() -> _T:
+            try:
+                result = op()
+            except OnlineStoreAuthError as exc:
+                if not self._denied:
+                    self._denied = True
+                    log.error("%s; check HEADRACE_REDIS_URL and the TLS settings; "
+                              "retrying with back-off", exc)
+                raise
+            if self._denied:
+                self._denied = False
+                log.warning("redis accepted the credentials again")
+            return result
+
+        return with_retries(attempt, what=what, outage=self.outage, transient=_retried,
                             backoff=self.backoff, sleep=self._sleep)
 
     def read_hashes(self, keys: Sequence[str], fields: Sequence[str]) -> Rows:

@@ -24,8 +24,10 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from headrace.core.redis_conn import REDIS_SCHEMES, RedisConfig
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -72,7 +74,14 @@ class CommonSettings(BaseSettings):
     Attributes:
         kafka_bootstrap: Comma-separated ``host:port`` list of Kafka bootstrap servers.
         broker_profile: ``kafka`` (real cluster) or ``embedded`` (local Tansu broker).
-        redis_url: redis-py URL of the online store.
+        redis_url: redis-py URL of the online store, a secret (redacted in ``repr``,
+            dumps and logs): ``redis://[user]:password@host:port/db`` (an ACL user, or
+            the legacy password alone: ``redis://:password@host``), ``rediss://`` for
+            TLS, or ``unix://path``. Read it through :meth:`redis_config`.
+        redis_tls_ca: PEM file of a private CA that signed Redis's certificate
+            (``rediss://`` only); unset: the system's trust store.
+        redis_tls_cert: PEM client certificate for mutual TLS (needs ``redis_tls_key``).
+        redis_tls_key: PEM private key of ``redis_tls_cert``.
         redis_prefix: Prefix of every Redis key Headrace writes.
         s3_endpoint: S3 endpoint URL (MinIO, moto); ``None`` means AWS itself.
         s3_key: S3 access key id.
@@ -96,11 +105,16 @@ class CommonSettings(BaseSettings):
         extra="ignore",
         frozen=True,
         case_sensitive=False,
+        # a validation error must not echo a value that may be a secret
+        hide_input_in_errors=True,
     )
 
     kafka_bootstrap: str = "localhost:9092"
     broker_profile: Literal["kafka", "embedded"] = "kafka"
-    redis_url: str = "redis://localhost:6379/0"
+    redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
+    redis_tls_ca: str | None = None
+    redis_tls_cert: str | None = None
+    redis_tls_key: str | None = None
     redis_prefix: str = "hr"
     s3_endpoint: str | None = None
     s3_key: SecretStr | None = None
@@ -126,7 +140,30 @@ class CommonSettings(BaseSettings):
         # An env var set to "" (common in compose files) means "the shipped set".
         return value.strip() or SHIPPED_DEFINITIONS
 
-    @field_validator("s3_endpoint", "metrics_port", mode="before")
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in REDIS_SCHEMES:  # the message never shows the URL (a secret)
+            raise ValueError(f"the Redis URL must start with redis://, rediss:// or unix://, "
+                             f"not {scheme or 'no scheme'}")
+        return value
+
+    @model_validator(mode="after")
+    def _redis_tls(self) -> Self:
+        problems = []
+        tls_files = self.redis_tls_ca or self.redis_tls_cert or self.redis_tls_key
+        if tls_files and urlsplit(self.redis_url.get_secret_value()).scheme != "rediss":
+            problems.append("HEADRACE_REDIS_TLS_* are set but HEADRACE_REDIS_URL is not "
+                            "rediss://")
+        if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
+            problems.append("HEADRACE_REDIS_TLS_CERT and HEADRACE_REDIS_TLS_KEY go together")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @field_validator("s3_endpoint", "metrics_port", "redis_tls_ca", "redis_tls_cert",
+                     "redis_tls_key", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         # An env var set to "" (common in compose files) means "not set".
@@ -171,6 +208,15 @@ class CommonSettings(BaseSettings):
     def topic(self, name: str) -> str:
         """Return the full topic name: ``topic_prefix + name``."""
         return f"{self.topic_prefix}{name}"
+
+    # -- Redis ----------------------------------------------------------------------------
+
+    def redis_config(self) -> RedisConfig:
+        """Where and how to reach Redis (URL, password, TLS files): pass it to
+        ``RedisOnlineStore`` or build clients with its ``client()`` /
+        ``connection_pool()``, the only places the URL's secret is read."""
+        return RedisConfig(self.redis_url, self.redis_tls_ca, self.redis_tls_cert,
+                           self.redis_tls_key)
 
     # -- Kafka (confluent-kafka / librdkafka) ----------------------------------------------
 
@@ -366,6 +412,8 @@ class ServeSettings(CommonSettings):
     """The gRPC scoring server (``headrace serve``).
 
     Attributes:
+        host: Bind address of the gRPC port; the default answers local clients only,
+            ``0.0.0.0`` exposes it (``headrace serve --host`` wins over it).
         port: gRPC port.
         redis_budget_ms: Time budget of one online read in milliseconds.
         breaker_failures: Consecutive Redis failures that open the circuit breaker.
@@ -400,8 +448,20 @@ class ServeSettings(CommonSettings):
             injected into the rollout challenger's predictions (``serving/faults.py``),
             e.g. ``error_rate=0.01,latency_ms=20,seed=1``. Used by ``headrace simulate
             rollout``; never set it in production.
+        grpc_tls_cert: PEM certificate (chain) file of the server; with
+            ``grpc_tls_key``, ``headrace serve`` listens with TLS. Unset: plaintext.
+        grpc_tls_key: PEM private key file of ``grpc_tls_cert``.
+        grpc_tls_client_ca: PEM CA file; set, every client must present a certificate
+            signed by it (mutual TLS). Needs ``grpc_tls_cert``.
+        grpc_tokens: Comma-separated bearer tokens the server accepts (a secret); set,
+            every RPC but the health service needs ``authorization: Bearer <token>``.
+            Rotate by listing the old and the new token, then dropping the old.
+        grpc_tls_ca: Client side (``headrace get/score --server``): PEM CA file that
+            signed the server's certificate; set, the client connects with TLS.
+        grpc_token: Client side: the bearer token sent with every call (a secret).
     """
 
+    host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
     redis_budget_ms: float = Field(default=10.0, gt=0)
     breaker_failures: int = Field(default=5, ge=1)
@@ -420,12 +480,65 @@ class ServeSettings(CommonSettings):
     prediction_log_queue_kb: int = Field(default=32_768, ge=1)
     prediction_log_timeout_ms: int = Field(default=30_000, ge=200)
     challenger_faults: str = ""
+    grpc_tls_cert: str | None = None
+    grpc_tls_key: str | None = None
+    grpc_tls_client_ca: str | None = None
+    grpc_tokens: SecretStr | None = None
+    grpc_tls_ca: str | None = None
+    grpc_token: SecretStr | None = None
 
-    @field_validator("prediction_log", mode="before")
+    @field_validator("prediction_log", "grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca",
+                     "grpc_tokens", "grpc_tls_ca", "grpc_token", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
-        # HEADRACE_PREDICTION_LOG="" (compose files) means "not set": the default rule
+        # HEADRACE_PREDICTION_LOG="" (compose files) means "not set": the default rule;
+        # likewise an empty TLS path or token list (plaintext, no token check)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         return None if value == "" else value
+
+    def grpc_token_list(self) -> tuple[str, ...]:
+        """The accepted bearer tokens (``grpc_tokens`` split at commas, blanks dropped).
+
+        Checked here rather than by a pydantic validator: a validation error would print
+        the offending input, i.e. the secret.
+
+        Returns:
+            The tokens; empty: no token check.
+
+        Raises:
+            InputError: a token that cannot travel in a header (named by its position,
+                never by its value), or a list without any token.
+        """
+        if self.grpc_tokens is None:
+            return ()
+        return _split_tokens(self.grpc_tokens.get_secret_value())
+
+
+def _token_ok(token: str) -> bool:
+    """Whether ``token`` can travel in an ``authorization`` header: visible ASCII, no
+    comma (the list separator), non-empty."""
+    return bool(token) and all("!" <= c <= "~" and c != "," for c in token)
+
+
+def _split_tokens(text: str) -> tuple[str, ...]:
+    """``a, b,,c`` -> ``("a", "b", "c")``.
+
+    Raises:
+        InputError: a token with a character outside visible ASCII (named by its
+            position, never by its value), or no token at all.
+    """
+    from headrace.core.errors import InputError
+
+    tokens = tuple(t.strip() for t in text.split(",") if t.strip())
+    for i, token in enumerate(tokens):
+        if not _token_ok(token):
+            raise InputError(f"HEADRACE_GRPC_TOKENS: token {i + 1} of the list must be "
+                             "printable ASCII without spaces (not shown: it is a secret)")
+    if not tokens:
+        raise InputError("HEADRACE_GRPC_TOKENS holds no token (leave it unset for no "
+                         "token check)")
+    return tokens
 
 
 class OfflineSettings(CommonSettings):

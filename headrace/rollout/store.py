@@ -78,9 +78,14 @@ class RolloutStore:
     def _redis(self, what: str) -> Iterator[None]:
         from redis.exceptions import RedisError
 
+        from headrace.core.redis_conn import auth_error, client_endpoint
+
         try:
             yield
         except (RedisError, OSError) as exc:
+            denied = auth_error(exc, client_endpoint(self.client))
+            if denied is not None:  # one sentence, exit 2: retrying cannot help
+                raise denied from exc
             raise OnlineStoreError(f"cannot {what} in redis: {exc}", transient=True) from exc
 
     def load(self) -> Stored | None:

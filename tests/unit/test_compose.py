@@ -86,7 +86,7 @@ def test_worker_and_serve_commands(compose: dict[str, Any]) -> None:
     worker, serve = compose["services"]["worker"], compose["services"]["serve"]
     assert worker["command"] == ["headrace", "worker"]
     assert worker["deploy"]["replicas"] == 2
-    assert serve["command"] == ["headrace", "serve", "--port", "50051"]
+    assert serve["command"] == ["headrace", "serve", "--host", "0.0.0.0", "--port", "50051"]
     assert worker["build"] == serve["build"] == "."
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "FROM python:3.11-slim" in dockerfile
