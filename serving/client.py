@@ -146,26 +146,34 @@ class FeatureClient:
             channel uses TLS (``HEADRACE_GRPC_TLS_CA`` in the CLI). None: plaintext.
         token: bearer token sent as ``authorization: Bearer <token>`` with every call
             (``HEADRACE_GRPC_TOKEN`` in the CLI); None: none sent.
+        tls_cert, tls_key: PEM client certificate and its key, presented to a server
+            that requires mutual TLS (``HEADRACE_GRPC_TLS_CLIENT_CERT``/``_KEY`` in the
+            CLI); they need ``tls_ca``.
 
     Raises:
-        InputError: ``tls_ca`` cannot be read, or ``token`` cannot travel in a header
-            (not visible ASCII; the token is not shown).
+        InputError: a TLS file cannot be read, a client certificate without its key or
+            without ``tls_ca``, or a ``token`` that cannot travel in a header (not
+            visible ASCII; the token is not shown).
     """
 
     def __init__(self, address: str, timeout_s: float = 1.0, *,
-                 tls_ca: str | None = None, token: SecretStr | str | None = None) -> None:
+                 tls_ca: str | None = None, token: SecretStr | str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        if bool(tls_cert) != bool(tls_key):
+            raise InputError("--tls-cert and --tls-key go together")
+        if tls_cert and tls_ca is None:
+            raise InputError("--tls-cert needs --tls-ca (a client certificate is sent over "
+                             "TLS only)")
         if tls_ca is None:
             self._channel = grpc.insecure_channel(address)
         else:
-            try:
-                roots = Path(tls_ca).read_bytes()
-            except OSError as exc:
-                raise InputError(f"--tls-ca: cannot read {tls_ca}: "
-                                 f"{exc.strerror or exc}") from exc
-            self._channel = grpc.secure_channel(
-                address, grpc.ssl_channel_credentials(root_certificates=roots))
+            roots = _read_pem("--tls-ca", tls_ca)
+            chain = _read_pem("--tls-cert", tls_cert) if tls_cert else None
+            key = _read_pem("--tls-key", tls_key) if tls_key else None
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(
+                root_certificates=roots, private_key=key, certificate_chain=chain))
         self._stub = pb_grpc.FeatureServiceStub(self._channel)
         call: Any = self._stub.GetOnlineFeatures
         score_call: Any = spb_grpc.ScoringServiceStub(self._channel).Score
@@ -308,6 +316,13 @@ def ranked_candidates(request: spb.ScoreRequest, resp: spb.ScoreResponse
                     "bid_cpm": c.bid_cpm, "p_ctr": p, "ecpm": e, "tier": tier_name(t),
                     "model_version": version, "source": source, "fallback_reason": reason})
     return out
+
+
+def _read_pem(option: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"{option}: cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def _auth_metadata(token: SecretStr | str | None) -> tuple[tuple[str, str], ...] | None:

@@ -38,19 +38,29 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None, metavar="TOKEN",
                    help="bearer token sent with every call (default HEADRACE_GRPC_TOKEN, "
                         "which keeps it out of the process list)")
+    p.add_argument("--tls-cert", default=None, metavar="FILE",
+                   help="PEM client certificate for a server that requires mutual TLS "
+                        "(default HEADRACE_GRPC_TLS_CLIENT_CERT; needs --tls-key)")
+    p.add_argument("--tls-key", default=None, metavar="FILE",
+                   help="PEM key of --tls-cert (default HEADRACE_GRPC_TLS_CLIENT_KEY)")
 
 
 def client_security(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``tls_ca``/``token`` keyword arguments of :class:`serving.client.FeatureClient`:
-    the flags, else ``HEADRACE_GRPC_TLS_CA``/``HEADRACE_GRPC_TOKEN``."""
+    """The ``tls_ca``/``token``/``tls_cert``/``tls_key`` keyword arguments of
+    :class:`serving.client.FeatureClient`: the flags, else ``HEADRACE_GRPC_TLS_CA``,
+    ``HEADRACE_GRPC_TOKEN``, ``HEADRACE_GRPC_TLS_CLIENT_CERT`` and ``_KEY``."""
     from pydantic import SecretStr
 
     from headrace.core.settings import ServeSettings
 
     settings = ServeSettings()
     token = SecretStr(args.token) if args.token is not None else settings.grpc_token
-    return {"tls_ca": args.tls_ca if args.tls_ca is not None else settings.grpc_tls_ca,
-            "token": token}
+    def pick(flag: str | None, setting: str | None) -> str | None:
+        return flag if flag is not None else setting
+
+    return {"tls_ca": pick(args.tls_ca, settings.grpc_tls_ca), "token": token,
+            "tls_cert": pick(args.tls_cert, settings.grpc_tls_client_cert),
+            "tls_key": pick(args.tls_key, settings.grpc_tls_client_key)}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from headrace.core.kafka_security import KafkaSecurity
 from headrace.core.redis_conn import REDIS_SCHEMES, RedisConfig
 
 if TYPE_CHECKING:
@@ -83,9 +84,20 @@ class CommonSettings(BaseSettings):
         redis_tls_cert: PEM client certificate for mutual TLS (needs ``redis_tls_key``).
         redis_tls_key: PEM private key of ``redis_tls_cert``.
         redis_prefix: Prefix of every Redis key Headrace writes.
+        kafka_security_protocol: ``PLAINTEXT`` (default), ``SSL``, ``SASL_PLAINTEXT`` or
+            ``SASL_SSL``, for every Kafka client (:mod:`headrace.core.kafka_security`).
+        kafka_sasl_mechanism: ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``.
+        kafka_sasl_username: The SASL user.
+        kafka_sasl_password: Its password, a secret.
+        kafka_tls_ca: PEM file of the CA of the brokers' certificates (unset: the
+            system's trust store).
+        kafka_tls_cert: PEM client certificate for mutual TLS (needs ``kafka_tls_key``).
+        kafka_tls_key: PEM private key of ``kafka_tls_cert``.
         s3_endpoint: S3 endpoint URL (MinIO, moto); ``None`` means AWS itself.
-        s3_key: S3 access key id.
-        s3_secret: S3 secret access key.
+        s3_key: S3 access key id, a secret.
+        s3_secret: S3 secret access key, a secret.
+        s3_region: The bucket's region (AWS); unset: discovered by the client on AWS,
+            ``us-east-1`` with a custom endpoint.
         offline_uri: Root of the offline store: ``s3://bucket[/prefix]`` or a local path.
         topic_prefix: Prepended to every topic name (tests use it for unique topics).
         partitions: Partition count of topics Headrace creates (>= 1). Tansu cannot add
@@ -116,9 +128,18 @@ class CommonSettings(BaseSettings):
     redis_tls_cert: str | None = None
     redis_tls_key: str | None = None
     redis_prefix: str = "hr"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = \
+        "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_tls_ca: str | None = None
+    kafka_tls_cert: str | None = None
+    kafka_tls_key: str | None = None
     s3_endpoint: str | None = None
     s3_key: SecretStr | None = None
     s3_secret: SecretStr | None = None
+    s3_region: str | None = None
     offline_uri: str = "s3://headrace-offline"
     topic_prefix: str = ""
     partitions: int = Field(default=4, ge=1)
@@ -158,12 +179,15 @@ class CommonSettings(BaseSettings):
                             "rediss://")
         if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
             problems.append("HEADRACE_REDIS_TLS_CERT and HEADRACE_REDIS_TLS_KEY go together")
+        problems.extend(self.kafka_security().problems())
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
     @field_validator("s3_endpoint", "metrics_port", "redis_tls_ca", "redis_tls_cert",
-                     "redis_tls_key", mode="before")
+                     "redis_tls_key", "kafka_sasl_mechanism", "kafka_sasl_username",
+                     "kafka_sasl_password", "kafka_tls_ca", "kafka_tls_cert",
+                     "kafka_tls_key", "s3_key", "s3_secret", "s3_region", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         # An env var set to "" (common in compose files) means "not set".
@@ -225,9 +249,17 @@ class CommonSettings(BaseSettings):
         """True when talking to the local Tansu broker."""
         return self.broker_profile == "embedded"
 
+    def kafka_security(self) -> KafkaSecurity:
+        """Kafka authentication and TLS, mapped to librdkafka and to Faust
+        (:mod:`headrace.core.kafka_security`)."""
+        return KafkaSecurity(self.kafka_security_protocol, self.kafka_sasl_mechanism,
+                             self.kafka_sasl_username, self.kafka_sasl_password,
+                             self.kafka_tls_ca, self.kafka_tls_cert, self.kafka_tls_key)
+
     def confluent_common(self) -> dict[str, Any]:
         """librdkafka settings shared by producers, consumers and admin clients."""
-        conf: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap}
+        conf: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap,
+                                **self.kafka_security().confluent()}
         if self.embedded:
             conf["session.timeout.ms"] = _EMBEDDED_SESSION_TIMEOUT_MS
             conf["heartbeat.interval.ms"] = _EMBEDDED_HEARTBEAT_INTERVAL_MS
@@ -235,7 +267,7 @@ class CommonSettings(BaseSettings):
 
     def confluent_admin(self) -> dict[str, Any]:
         """librdkafka settings for an ``AdminClient`` (no group settings)."""
-        return {"bootstrap.servers": self.kafka_bootstrap}
+        return {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_security().confluent()}
 
     def confluent_consumer(self, group: str) -> dict[str, Any]:
         """Consumer settings: manual commits, and a new group starts at the earliest offset.
@@ -279,6 +311,9 @@ class CommonSettings(BaseSettings):
             "processing_guarantee": "at_least_once",
             "consumer_auto_offset_reset": "earliest",
         }
+        credentials = self.kafka_security().faust_credentials()
+        if credentials is not None:
+            kwargs["broker_credentials"] = credentials
         if self.embedded:
             kwargs["broker_session_timeout"] = _EMBEDDED_SESSION_TIMEOUT_MS / 1000
             kwargs["broker_heartbeat_interval"] = _EMBEDDED_HEARTBEAT_INTERVAL_MS / 1000
@@ -297,17 +332,21 @@ class CommonSettings(BaseSettings):
     def storage_options(self) -> dict[str, Any]:
         """``storage_options`` for fsspec/s3fs (``{}`` for a local offline store).
 
-        No region is passed: with a custom endpoint s3fs then fails to create buckets.
+        No region is passed unless ``s3_region`` is set: with a custom endpoint s3fs
+        then fails to create buckets.
         """
         if not self.offline_is_s3:
             return {}
         opts: dict[str, Any] = {}
+        if self.s3_region:
+            opts["client_kwargs"] = {"region_name": self.s3_region}
         if self.s3_key is not None:
             opts["key"] = self.s3_key.get_secret_value()
         if self.s3_secret is not None:
             opts["secret"] = self.s3_secret.get_secret_value()
         if self.s3_endpoint:
-            opts["client_kwargs"] = {"endpoint_url": self.s3_endpoint}
+            opts["client_kwargs"] = {**opts.get("client_kwargs", {}),
+                                     "endpoint_url": self.s3_endpoint}
         return opts
 
     def pyarrow_s3(self, timeout_s: float | None = None) -> pyarrow.fs.S3FileSystem | None:
@@ -339,6 +378,8 @@ class CommonSettings(BaseSettings):
             kwargs["scheme"] = parts.scheme or "https"
             # A custom endpoint has no region to discover; pyarrow would otherwise ask AWS.
             kwargs["region"] = "us-east-1"
+        if self.s3_region:
+            kwargs["region"] = self.s3_region
         return fs.S3FileSystem(**kwargs)
 
     def offline_path(self) -> str:
@@ -459,6 +500,9 @@ class ServeSettings(CommonSettings):
         grpc_tls_ca: Client side (``headrace get/score --server``): PEM CA file that
             signed the server's certificate; set, the client connects with TLS.
         grpc_token: Client side: the bearer token sent with every call (a secret).
+        grpc_tls_client_cert: Client side: PEM certificate presented to a server that
+            requires mutual TLS (needs ``grpc_tls_client_key`` and ``grpc_tls_ca``).
+        grpc_tls_client_key: Client side: the PEM key of ``grpc_tls_client_cert``.
     """
 
     host: str = "127.0.0.1"
@@ -486,9 +530,12 @@ class ServeSettings(CommonSettings):
     grpc_tokens: SecretStr | None = None
     grpc_tls_ca: str | None = None
     grpc_token: SecretStr | None = None
+    grpc_tls_client_cert: str | None = None
+    grpc_tls_client_key: str | None = None
 
     @field_validator("prediction_log", "grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca",
-                     "grpc_tokens", "grpc_tls_ca", "grpc_token", mode="before")
+                     "grpc_tokens", "grpc_tls_ca", "grpc_token", "grpc_tls_client_cert",
+                     "grpc_tls_client_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # HEADRACE_PREDICTION_LOG="" (compose files) means "not set": the default rule;

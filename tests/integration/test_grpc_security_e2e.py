@@ -7,18 +7,12 @@ answers its defaults, which is enough to tell an answer from a refusal.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 from pydantic import SecretStr
@@ -29,34 +23,13 @@ from headrace.core.online_store import MemoryOnlineStore
 from headrace.core.settings import ServeSettings
 from serving.client import FeatureClient, Unauthenticated
 from serving.server import FeatureServer, build_server
+from tests.certs import self_signed
 
 pytestmark = pytest.mark.integration
 
 OLD, NEW = "old-Tok3n-e2e-4f1a", "new-Tok3n-e2e-9c2b"
 WRONG = "wrong-Tok3n-e2e-77"
 SECRETS = (OLD, NEW, WRONG)
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1/localhost, valid for a day, and its key (PEM)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "headrace-test")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                 x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "server.pem", directory / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 @pytest.fixture
@@ -183,3 +156,10 @@ def test_mutual_tls_requires_a_client_certificate(tmp_path: Path) -> None:
         with FeatureClient(address(srv), timeout_s=2.0, tls_ca=str(server_cert)) as client:
             with pytest.raises(BackendError, match="UNAVAILABLE"):
                 client.get("user", ["u1"])
+        with FeatureClient(address(srv), timeout_s=2.0, tls_ca=str(server_cert),
+                           tls_cert=str(client_cert), tls_key=str(client_key)) as client:
+            assert client.get("user", ["u1"]).entities[0].id == "u1"
+        argv = ["get", "--server", address(srv), "--entity", "user", "--id", "u1",
+                "--tls-ca", str(server_cert)]
+        assert main([*argv, "--tls-cert", str(client_cert), "--tls-key",
+                     str(client_key)]) == 0
