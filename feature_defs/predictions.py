@@ -9,8 +9,12 @@ by ``prediction_id`` (+ ``model_version``); the stream worker joins them per arm
 Wire format (one record per Kafka message)::
 
     byte 0      0x00                     magic (the Confluent wire format's)
-    bytes 1-4   schema id, big-endian    :data:`SCHEMA_ID` (1 = :data:`PREDICTION_SCHEMA`)
+    bytes 1-4   schema id, big-endian    :data:`SCHEMA_ID` (2 = :data:`PREDICTION_SCHEMA`;
+                                         1 = :data:`PREDICTION_SCHEMA_1`, still read)
     bytes 5..   schemaless Avro body     of the schema with that id
+
+Schema ids: 1, the first; 2 adds ``features`` (default ``[]``, so a record of id 1
+reads with no features).
 
 A new schema version gets a new id (added to :data:`SCHEMAS`, never edited) and keeps
 old fields readable: :func:`decode_prediction` resolves an older writer schema against
@@ -22,6 +26,14 @@ ranking, 0 = best eCPM). Columns, not an array of ``{ad_id, campaign_id, p_ctr, 
 records: fastavro encodes a 100-candidate record ~4x faster that way (measured ~0.1 ms
 vs ~0.43 ms here), and the encoding runs in the serving process, beside the RPCs.
 Building a record on the RPC path only stores references; encoding happens off it.
+
+``features`` is the feature row the record's model scored for the candidate it ranked
+first (``ranks`` 0), in the model's feature order (the booster's columns,
+``LoadedModel.features``), NaN for a null value (an Avro double carries NaN): what the
+drift monitor compares with the model's training profile. Empty when there is no such
+row: an error record, or an answer of the cold-start model (the store could not answer,
+so the booster's features were never laid out). On the RPC path it is the one row
+taken from the matrix already scored (an array); it becomes a list only when encoded.
 """
 
 from __future__ import annotations
@@ -36,8 +48,8 @@ from typing import Any, Final
 import fastavro
 import numpy as np
 
-__all__ = ["Arm", "PredictionRecord", "PREDICTION_SCHEMA", "SCHEMA_ID", "SCHEMAS",
-           "PredictionFormatError", "encode_prediction", "decode_prediction"]
+__all__ = ["Arm", "PredictionRecord", "PREDICTION_SCHEMA", "PREDICTION_SCHEMA_1", "SCHEMA_ID",
+           "SCHEMAS", "PredictionFormatError", "encode_prediction", "decode_prediction"]
 
 
 class Arm(StrEnum):
@@ -53,8 +65,8 @@ class PredictionFormatError(ValueError):
 
 _OPT_STR: Final = ["null", "string"]
 
-#: schema id 1 (``headrace.v1.Prediction``)
-PREDICTION_SCHEMA: Final[Mapping[str, Any]] = {
+#: schema id 1 (``headrace.v1.Prediction``), never edited
+PREDICTION_SCHEMA_1: Final[Mapping[str, Any]] = {
     "type": "record", "name": "Prediction", "namespace": "headrace.v1",
     "doc": "One model's prediction for one Score request (feature_defs/predictions.py)",
     "fields": [
@@ -83,11 +95,21 @@ PREDICTION_SCHEMA: Final[Mapping[str, Any]] = {
         {"name": "error", "type": _OPT_STR, "default": None},
     ],
 }
-SCHEMA_ID: Final = 1
+#: schema id 2, the current one: id 1 + ``features`` (see the module docstring)
+PREDICTION_SCHEMA: Final[Mapping[str, Any]] = {
+    **PREDICTION_SCHEMA_1,
+    "fields": [*PREDICTION_SCHEMA_1["fields"],
+               {"name": "features", "type": {"type": "array", "items": "double"},
+                "default": [],
+                "doc": "the feature row (model feature order, NaN = null) of the "
+                       "candidate this model ranked first; empty on error or cold start"}],
+}
+SCHEMA_ID: Final = 2
 _MAGIC: Final = 0
 _HEADER = struct.Struct(">BI")
 #: every schema id ever written (never edit one: add an id)
-SCHEMAS: Final[Mapping[int, Any]] = {1: fastavro.parse_schema(dict(PREDICTION_SCHEMA))}
+SCHEMAS: Final[Mapping[int, Any]] = {1: fastavro.parse_schema(dict(PREDICTION_SCHEMA_1)),
+                                     2: fastavro.parse_schema(dict(PREDICTION_SCHEMA))}
 _CURRENT = SCHEMAS[SCHEMA_ID]
 
 
@@ -109,6 +131,9 @@ class PredictionRecord:
         shadow: a challenger's shadow prediction (not served).
         latency_ms: the prediction's time in the server, milliseconds.
         error: why it failed (``p_ctr`` then empty), or None.
+        features: the model's feature row of its top-ranked candidate (model feature
+            order, NaN = null); empty for an error or a cold-start answer, and for
+            records of schema id 1.
     """
 
     prediction_id: str
@@ -129,6 +154,7 @@ class PredictionRecord:
     shadow: bool
     latency_ms: float
     error: str | None = None
+    features: Sequence[float] | np.ndarray = ()
 
     def to_avro(self) -> dict[str, Any]:
         """The record as the Avro schema's dict.
@@ -144,6 +170,8 @@ class PredictionRecord:
         if len(self.campaign_ids) != n or not scored:
             raise ValueError(f"prediction {self.prediction_id}: candidate columns differ "
                              "in length")
+        f = self.features
+        features = f.tolist() if isinstance(f, np.ndarray) else [float(v) for v in f]
         return {"prediction_id": self.prediction_id, "ts": self.ts, "user_id": self.user_id,
                 "publisher_id": self.publisher_id, "country": self.country,
                 "device_type": self.device_type, "placement": self.placement,
@@ -151,7 +179,7 @@ class PredictionRecord:
                 "campaign_ids": self.campaign_ids, "p_ctr": p, "ranks": r,
                 "chosen_rank": self.chosen_rank, "arm": self.arm.value,
                 "model_version": self.model_version, "shadow": self.shadow,
-                "latency_ms": self.latency_ms, "error": self.error}
+                "latency_ms": self.latency_ms, "error": self.error, "features": features}
 
     @classmethod
     def from_avro(cls, doc: Mapping[str, Any]) -> PredictionRecord:
@@ -160,7 +188,8 @@ class PredictionRecord:
                    doc["country"], doc["device_type"], doc["placement"], doc["creative_type"],
                    tuple(doc["ad_ids"]), tuple(doc["campaign_ids"]), tuple(doc["p_ctr"]),
                    tuple(doc["ranks"]), doc["chosen_rank"], Arm(doc["arm"]),
-                   doc["model_version"], doc["shadow"], doc["latency_ms"], doc["error"])
+                   doc["model_version"], doc["shadow"], doc["latency_ms"], doc["error"],
+                   tuple(doc.get("features", ())))
 
 
 def encode_prediction(record: PredictionRecord) -> bytes:

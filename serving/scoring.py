@@ -13,8 +13,11 @@ a loaded challenger answers iff :func:`~headrace.rollout.split.assign` puts the 
 ``model_version`` say which did. In shadow mode the challenger also scores the
 champion's requests off the response path (:class:`~serving.offpath.OffPath`: a full
 queue drops, ``headrace_scoring_shadow_total{outcome="dropped"}``). Every answer and
-shadow prediction goes to the prediction log (:mod:`serving.prediction_log`), and, in a
-rollout, is counted per arm (:mod:`serving.rollout_counts`; shadows are not).
+shadow prediction goes to the prediction log (:mod:`serving.prediction_log`), with the
+feature row the model scored for its top candidate (one row copied out of the scored
+matrix on the RPC path, converted to a list when encoded off it; empty for an error or a
+cold-start answer), and, in a rollout, is counted per arm
+(:mod:`serving.rollout_counts`; shadows are not).
 
 Failure behaviour: a malformed request raises :class:`~headrace.core.errors.InvalidArgument`
 naming the field (``candidates[3].bid_cpm``, ``request_id``); no servable model raises
@@ -258,7 +261,7 @@ class ScoringService:
                 injected = self.faults.before_predict(model.version)
                 if injected is not None:
                     raise ModelPredictError(injected)
-            ranked = self.rank(model, inp, rows, reason)
+            ranked, x = self._rank(model, inp, rows, reason)
         except ModelPredictError as exc:
             self.metrics.predict_errors.labels(arm=arm.value).inc()
             self._log_error(model, arm, inp, pid, start, exc)
@@ -269,7 +272,7 @@ class ScoringService:
             if not same_layout(champion, model):
                 rows, reason = self.features.read(champion, inp)
             model, arm = champion, Arm.CHAMPION  # the challenger failed: the champion answers
-            ranked = self.rank(model, inp, rows, reason)
+            ranked, x = self._rank(model, inp, rows, reason)
             challenger = None  # and is not asked again as a shadow
         order = ranked.order
         ads = inp.ad_ids
@@ -291,7 +294,8 @@ class ScoringService:
             counts.record(split.rollout_id, model.version, inp.publisher_id,
                           elapsed * 1000.0, ranked.p)
         if self.predictions is not None:
-            self.predictions.log(self._record(pid, inp, model, arm, ranked, elapsed, 0))
+            self.predictions.log(self._record(pid, inp, model, arm, ranked, elapsed, 0,
+                                              row=_top_row(x, ranked)))
         if split.shadow and challenger is not None and arm is Arm.CHAMPION:
             self.shadow.offer(_ShadowJob(challenger, model, inp, rows, reason, pid,
                                          int(order[0])))
@@ -312,7 +316,15 @@ class ScoringService:
         Raises:
             ModelPredictError: the model raised.
         """
+        return self._rank(model, inp, rows, reason, count=count)[0]
+
+    def _rank(self, model: ScoringModel, inp: ScoreInput, rows: list[Rows] | None,
+              reason: FallbackReason, *, count: bool = True
+              ) -> tuple[Ranked, np.ndarray | None]:
+        """:meth:`rank`'s answer and the matrix the booster scored (None: the cold-start
+        model answered from the context)."""
         n = len(inp.ad_ids)
+        x: np.ndarray | None = None
         user_tier = 0
         if rows is None and model.coldstart is not None:
             try:
@@ -337,7 +349,7 @@ class ScoringService:
                         self.metrics.corrupt_states.labels(view=vid).inc()
         ecpm = p * inp.bids * 1000.0
         return Ranked(p, ecpm, np.argsort(-ecpm, kind="stable"), tiers, user_tier, source,
-                      reason)
+                      reason), x
 
     def feature_matrix(self, request: spb.ScoreRequest) -> tuple[ScoringModel, np.ndarray]:
         """The champion and the rows it would score for ``request``. For benchmarks and tests.
@@ -372,7 +384,7 @@ class ScoringService:
         if not same_layout(job.served, job.challenger):
             rows, reason = self.features.read(job.challenger, job.inp)
         try:
-            ranked = self.rank(job.challenger, job.inp, rows, reason, count=False)
+            ranked, x = self._rank(job.challenger, job.inp, rows, reason, count=False)
         except ModelPredictError as exc:
             self.metrics.shadow.labels(outcome="error").inc()
             self.metrics.predict_errors.labels(arm=Arm.CHALLENGER.value).inc()
@@ -382,15 +394,17 @@ class ScoringService:
         self.metrics.shadow.labels(outcome="scored").inc()
         if self.predictions is not None:
             record = self._record(job.prediction_id, job.inp, job.challenger, Arm.CHALLENGER,
-                                  ranked, self._timer() - start, None, shadow=True, top=job.top)
+                                  ranked, self._timer() - start, None, shadow=True, top=job.top,
+                                  row=_top_row(x, ranked))
             self.predictions.log(record)
 
     def _record(self, pid: str, inp: ScoreInput, model: ScoringModel, arm: Arm,
                 ranked: Ranked | None, elapsed_s: float, chosen: int | None, *,
-                shadow: bool = False, top: int = 0, error: str | None = None
-                ) -> PredictionRecord:
+                shadow: bool = False, top: int = 0, error: str | None = None,
+                row: np.ndarray | tuple[()] = ()) -> PredictionRecord:
         """The log record of one prediction (``ranked`` None: it failed with ``error``;
-        ``chosen`` None: this model's rank of the request's candidate ``top``)."""
+        ``chosen`` None: this model's rank of the request's candidate ``top``; ``row``:
+        the model's feature row of its first-ranked candidate, see :func:`_top_row`)."""
         ranks: np.ndarray | tuple[()] = ()
         if ranked is not None:
             n = len(inp.ad_ids)
@@ -403,7 +417,7 @@ class ScoringService:
             pid, inp.as_of_ms, inp.user_id, inp.publisher_id, ctx["country"],
             ctx["device_type"], ctx["placement"], ctx["creative_type"], inp.ad_ids,
             inp.campaign_ids, () if ranked is None else ranked.p, ranks, chosen, arm,
-            model.version, shadow, elapsed_s * 1000.0, error)
+            model.version, shadow, elapsed_s * 1000.0, error, row)
 
     def _log_error(self, model: ScoringModel, arm: Arm, inp: ScoreInput, pid: str,
                    start: float, exc: ModelPredictError, *, shadow: bool = False) -> None:
@@ -411,3 +425,18 @@ class ScoringService:
             self.predictions.log(self._record(pid, inp, model, arm, None,
                                               self._timer() - start, None, shadow=shadow,
                                               error=str(exc)))
+
+
+def _top_row(x: np.ndarray | None, ranked: Ranked) -> np.ndarray | tuple[()]:
+    """The row of ``x`` of the candidate ``ranked`` put first, as its own small array;
+    empty when the cold-start model answered (no matrix).
+
+    A copy of one row (``len(features)`` doubles, well under a microsecond), not a view:
+    a view would keep the request's whole ``candidates x features`` matrix alive while
+    the record waits in the log's buffer (10,000 records x 100 candidates x 50 features
+    would hold ~400 MB when Kafka is away). The list conversion happens off the RPC
+    path, when the record is encoded.
+    """
+    if x is None or not len(ranked.order):
+        return ()
+    return x[int(ranked.order[0])].copy()

@@ -21,6 +21,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "defs": ("feature_defs",),
     "model": ("headrace.model",),
     "rollout": ("headrace.rollout",),
+    "monitor": ("headrace.monitor",),
+    "pipeline": ("headrace.pipeline",),
     "streams": ("streams",),
     "offline": ("offline",),
     "serving": ("serving",),
@@ -41,13 +43,18 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     # the rollout's shared formats and pure decisions: serving and the roof use them
     "rollout": frozenset({"core", "model"}),
     "streams": frozenset({"core", "defs"}),
-    "offline": frozenset({"core", "defs", "model"}),
+    # drift statistics and the model's reference profile: training writes it, the monitor
+    # and the roof read it; serving must not import it
+    "monitor": frozenset({"core", "defs", "model", "rollout"}),
+    "offline": frozenset({"core", "defs", "model", "monitor"}),
     "serving": frozenset({"core", "api", "defs", "model", "rollout"}),
+    # the end-to-end pipeline: offline training and the monitor, run from the roof
+    "pipeline": frozenset({"core", "defs", "model", "rollout", "offline", "monitor"}),
     "roof": frozenset({"core", "api", "defs", "model", "rollout", "streams", "offline",
-                       "serving", "package"}),
+                       "serving", "monitor", "pipeline", "package"}),
     # benchmarks run the product on a local stack; nothing imports them
     "bench": frozenset({"core", "api", "defs", "model", "rollout", "streams", "offline",
-                        "serving", "roof", "package"}),
+                        "serving", "monitor", "pipeline", "roof", "package"}),
 }
 
 #: the one deliberate dynamic import of a higher layer: ``headrace bench NAME`` loads the
@@ -152,6 +159,11 @@ def test_every_module_is_in_a_layer() -> None:
          "offline imports bench"),
         ("headrace/model/x.py", "from ..stack import local\n", "model imports headrace.stack"),
         ("bench/x.py", "from tests.oracle import oracle\n", "bench imports tests"),
+        ("serving/x.py", "from headrace.monitor.stats import psi\n",
+         "serving imports headrace.monitor"),
+        ("headrace/monitor/x.py", "from offline.train import train\n", "monitor imports offline"),
+        ("headrace/monitor/x.py", "import serving.scoring\n", "monitor imports serving"),
+        ("headrace/pipeline/x.py", "from headrace.commands import get\n", "pipeline imports"),
     ],
 )
 def test_the_checker_catches(path: str, source: str, expected: str) -> None:
@@ -162,5 +174,9 @@ def test_the_checker_catches(path: str, source: str, expected: str) -> None:
 def test_the_checker_allows_downward_imports() -> None:
     assert violations(ROOT / "serving/x.py", "from headrace.model.artifact import load_model\n"
                       "from headrace.api.v1 import features_pb2\nfrom . import reader\n") == []
+    assert violations(ROOT / "offline/x.py",
+                      "from headrace.monitor.profile import save_profile\n") == []
+    assert violations(ROOT / "headrace/pipeline/x.py", "from headrace.monitor import stats\n"
+                      "from offline import train\n") == []
     assert violations(ROOT / "headrace/commands/bench.py",
                       "import importlib\nimportlib.import_module('bench.lookup')\n") == []

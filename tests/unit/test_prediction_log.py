@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import math
 import struct
 import threading
 from typing import Any
@@ -15,6 +18,7 @@ import pytest
 from feature_defs.layout import TOPIC_PREDICTIONS
 from feature_defs.predictions import (
     PREDICTION_SCHEMA,
+    PREDICTION_SCHEMA_1,
     SCHEMA_ID,
     SCHEMAS,
     Arm,
@@ -26,6 +30,9 @@ from feature_defs.predictions import (
 from serving.metrics import ServingMetrics
 from serving.offpath import OffPath
 from serving.prediction_log import KafkaPredictionLog, MemoryPredictionLog
+
+#: sha256 of ``json.dumps(PREDICTION_SCHEMA_1, sort_keys=True)``, as committed at fa55974
+SCHEMA_1_SHA256 = "98b98a7a0afc836e417e863a3ef2bff6db9eef1d902d709444acebbd6e55abcc"
 
 
 def record(pid: str = "p-1", n: int = 4, **kw: Any) -> PredictionRecord:
@@ -43,7 +50,7 @@ def record(pid: str = "p-1", n: int = 4, **kw: Any) -> PredictionRecord:
 def test_round_trip() -> None:
     rec = record()
     value = encode_prediction(rec)
-    assert value[0] == 0 and struct.unpack(">I", value[1:5])[0] == SCHEMA_ID == 1
+    assert value[0] == 0 and struct.unpack(">I", value[1:5])[0] == SCHEMA_ID == 2
     back = decode_prediction(value)
     assert back.p_ctr == tuple(rec.p_ctr.tolist())  # type: ignore[union-attr]
     assert back.ranks == (3, 2, 1, 0) and back.ad_ids == ("a0", "a1", "a2", "a3")
@@ -67,6 +74,40 @@ def test_round_trip_of_anonymous_shadow_and_error_records() -> None:
     back = decode_prediction(encode_prediction(err))
     assert back.error == err.error and back.p_ctr == () and back.chosen_rank is None
     assert len(back.ad_ids) == 4  # what was asked stays known
+
+
+def test_round_trip_of_the_feature_row_with_nan() -> None:
+    row = np.array([0.5, np.nan, -3.25, 1e300, 0.0])
+    back = decode_prediction(encode_prediction(record(features=row)))
+    assert len(back.features) == 5 and isinstance(back.features, tuple)
+    assert back.features[0] == 0.5 and math.isnan(back.features[1])
+    assert back.features[2:] == (-3.25, 1e300, 0.0)
+    # a plain sequence works too, and no features is an empty tuple
+    assert decode_prediction(encode_prediction(record(features=[1, 2.5]))).features == (1.0,
+                                                                                        2.5)
+    assert decode_prediction(encode_prediction(record())).features == ()
+
+
+def test_a_schema_1_record_decodes_with_no_features() -> None:
+    """Records written before schema id 2 (by the previous server) still read."""
+    doc = record().to_avro()
+    del doc["features"]
+    buf = io.BytesIO()
+    buf.write(struct.pack(">BI", 0, 1))
+    fastavro.schemaless_writer(buf, SCHEMAS[1], doc)
+    back = decode_prediction(buf.getvalue())
+    assert back.features == ()
+    assert back.ad_ids == ("a0", "a1", "a2", "a3") and back.model_version == "2026-01-01-00"
+    assert back.ranks == (3, 2, 1, 0) and back.latency_ms == 1.25
+
+
+def test_schema_1_is_never_edited() -> None:
+    """The id-1 schema as committed before id 2 existed (a hash of its sorted JSON)."""
+    text = json.dumps(PREDICTION_SCHEMA_1, sort_keys=True)
+    assert hashlib.sha256(text.encode()).hexdigest() == SCHEMA_1_SHA256
+    assert [f["name"] for f in PREDICTION_SCHEMA["fields"]] == [
+        *(f["name"] for f in PREDICTION_SCHEMA_1["fields"]), "features"]
+    assert set(SCHEMAS) == {1, 2}
 
 
 def test_mismatched_columns_are_refused() -> None:
@@ -99,7 +140,7 @@ def test_an_older_schema_is_resolved_to_the_current_one(monkeypatch: pytest.Monk
     old["fields"] = [f for f in PREDICTION_SCHEMA["fields"] if f["name"] not in
                      ("shadow", "error")]
     parsed = fastavro.parse_schema(old)
-    monkeypatch.setitem(SCHEMAS, 0, parsed)  # type: ignore[index]
+    monkeypatch.setitem(SCHEMAS, 0, parsed)
     doc = record().to_avro()
     del doc["shadow"], doc["error"]
     buf = io.BytesIO()
@@ -155,7 +196,10 @@ def test_offpath_works_items_off_and_survives_a_failing_one() -> None:
 
 def test_offpath_stop_with_a_full_queue_drops_the_rest() -> None:
     gate = threading.Event()
-    q: OffPath[int] = OffPath("t", lambda _i: gate.wait(5) and None, maxsize=2)
+    def work(_i: int) -> None:
+        gate.wait(5)
+
+    q: OffPath[int] = OffPath("t", work, maxsize=2)
     q.start()
     for i in range(5):
         q.offer(i)
