@@ -31,6 +31,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "headrace.commands.train",
     "headrace.commands.models",
     "headrace.commands.rollout",
+    "headrace.commands.drift",
+    "headrace.commands.monitor",
     "headrace.commands.simulate",
     "headrace.commands.serve",
     "headrace.commands.score",
