@@ -19,8 +19,16 @@ from headrace.core.errors import InputError
 from headrace.core.online_store import MemoryOnlineStore
 from headrace.core.timeparse import parse_duration, parse_time
 from offline.coverage import METADATA_KEY
-from offline.labels import LABEL_SCHEMA, build_labels
+from offline.ivt import RULES, IvtRules
+from offline.labels import (
+    IVT_METADATA_KEY,
+    LABEL_SCHEMA,
+    build_labels,
+    ivt_report_of,
+    label_chunks,
+)
 from offline.store import OfflineStore
+from tests.unit.test_ivt import oracle as ivt_bruteforce
 
 MIN = 60_000
 MIDNIGHT = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -37,7 +45,7 @@ def _date(ms: int) -> str:
 def make_events(seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Impressions around [T1, T2) and clicks with edge-case delays."""
     rng = np.random.default_rng(seed)
-    imps = []
+    imps: list[dict[str, Any]] = []
     for i in range(400):
         ts = T1 - 20 * MIN + int(rng.integers(0, 200 * MIN))
         if i == 0:
@@ -365,3 +373,132 @@ def test_training_set_in_time_buckets_records_the_coverage(
     assert ("impressions", 0, 0, 400, "no part") in {
         (g["topic"], g["partition"], g["start"], g["end"], g["reason"]) for g in report["gaps"]}
     assert pq.read_table(out).num_rows == pq.read_table(labels).num_rows
+
+
+def ivt_oracle(imps: list[dict[str, Any]], clicks: list[dict[str, Any]], start: int, end: int,
+               attr: int, rules: IvtRules) -> tuple[dict[str, int], dict[str, int]]:
+    """Labels with IVT, by brute force: per UTC day, the day's impressions and the clicks
+    that can label them plus the day's orphan clicks, through the IVT oracle."""
+    labels: dict[str, int] = {}
+    counts = dict.fromkeys(RULES, 0)
+    seen: set[tuple[int, int, int]] = set()
+    unique = []  # the store drops a row repeating an earlier row's coordinates
+    for c in clicks:
+        if (key := (c["_partition"], c["_offset"], c["_index"])) not in seen:
+            seen.add(key)
+            unique.append(c)
+    clicks = unique
+    day = 86_400_000
+    lo = start
+    while lo < end:
+        hi = min(end, (lo // day + 1) * day)
+        day_imps = [i for i in imps if lo <= i["ts"] < hi]
+        ids = {i["event_id"] for i in day_imps}
+        near = {i["event_id"] for i in imps if lo - attr <= i["ts"] < hi + attr} - ids
+        day_clicks = [c for c in clicks if lo <= c["ts"] < hi + attr and (
+            c["impression_id"] in ids or (c["impression_id"] not in near and c["ts"] < hi))]
+        kept_i, kept_c, day_counts = ivt_bruteforce(day_imps, day_clicks, rules)
+        for rule, n in day_counts.items():
+            counts[rule] += n
+        labels.update(oracle([day_imps[k] for k in kept_i], [day_clicks[k] for k in kept_c],
+                             lo, hi, attr))
+        lo = hi
+    return labels, counts
+
+
+IVT_CASES = [IvtRules(),  # users have fewer than 50 impressions a day: no CTR rule
+             IvtRules(max_user_clicks_per_minute=1, impossible_ctr_min_impressions=20,
+                      impossible_ctr=0.88),
+             IvtRules(min_click_delay_ms=0, max_user_clicks_per_minute=2,
+                      impossible_ctr_min_impressions=400)]
+
+
+def extra_clicks(root: Path, imps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Clicks on partition 1 for the IVT rules: orphans (one per day, one in the next
+    day's attribution tail), a repeated click id, a burst of one user."""
+    base = {"user_id": "u1", "ad_id": "a0", "campaign_id": "c", "publisher_id": "p",
+            "_partition": 1, "_index": 0}
+    rows = [{**base, "event_id": "o1", "ts": T1 + 5 * MIN, "impression_id": "gone"},
+            {**base, "event_id": "o2", "ts": MIDNIGHT + 5 * MIN, "impression_id": "gone"},
+            {**base, "event_id": "o3", "ts": T2 + 5 * MIN, "impression_id": "gone"},
+            {**base, "event_id": "c3", "ts": imps[3]["ts"] + 2 * MIN,
+             "impression_id": imps[3]["event_id"]}]
+    target = imps[20]
+    rows += [{**base, "event_id": f"b{k}", "ts": target["ts"] + 2000 + k,
+              "user_id": target["user_id"], "impression_id": target["event_id"]}
+             for k in range(12)]
+    for offset, row in enumerate(rows):
+        row["_offset"] = offset
+    for date in sorted({_date(r["ts"]) for r in rows}):
+        part = [r for r in rows if _date(r["ts"]) == date]
+        cols: dict[str, Any] = {k: [r[k] for r in part] for k in part[0] if k != "ts"}
+        cols["ts"] = pa.array([r["ts"] for r in part]).cast(pa.timestamp("ms", tz="UTC"))
+        for k, typ in (("_partition", pa.int32()), ("_index", pa.int32())):
+            cols[k] = pa.array(cols[k], typ)
+        folder = root / "events" / "click" / f"date={date}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(cols), folder / "clicks-p001-000000000000.parquet")
+    return rows
+
+
+@pytest.mark.parametrize("rules", IVT_CASES)
+def test_labels_with_ivt_match_bruteforce(store: Any, rules: IvtRules) -> None:
+    st, imps, clicks = store
+    clicks = clicks + extra_clicks(Path(st.root), imps)
+    table = build_labels(st, T1, T2, ATTR, ivt=rules)
+    want, counts = ivt_oracle(imps, clicks, T1, T2, ATTR, rules)
+    got = dict(zip(table.column("impression_id").to_pylist(),
+                   table.column("label").to_pylist(), strict=True))
+    assert got == want
+    report = ivt_report_of(table.schema)
+    assert report is not None and dict(report.counts) == counts
+    assert report.impressions_out == len(got)
+    chunks = list(label_chunks(st, T1, T2, ATTR, ivt=rules))
+    assert len(chunks) == 2 and all(ivt_report_of(c.schema) is not None for c in chunks)
+
+
+def test_ivt_cases_are_not_trivial(store: Any) -> None:
+    """Every rule but the ip one fires in some case, and each case keeps labelled rows."""
+    st, imps, clicks = store
+    clicks = clicks + extra_clicks(Path(st.root), imps)
+    outcomes = [ivt_oracle(imps, clicks, T1, T2, ATTR, r) for r in IVT_CASES]
+    full = oracle(imps, clicks, T1, T2, ATTR)
+    for rule in set(RULES) - {"ip_burst"}:
+        assert any(c[rule] for _, c in outcomes), rule
+    # o1 and o2, once each; o3 lies after the range (the next run judges it)
+    assert outcomes[0][1]["click_without_impression"] == 2
+    assert outcomes[0][1]["duplicate_click_id"] == 1
+    for kept, _ in outcomes:
+        assert 0 < sum(kept.values()) <= sum(full.values()) and len(kept) <= len(full)
+    assert sum(outcomes[0][0].values()) < sum(full.values())  # too-fast clicks label nothing
+    assert len(outcomes[1][0]) < len(full)  # bursts and CTR drop impressions
+
+
+def test_labels_without_ivt_have_no_report(store: Any) -> None:
+    st, _, _ = store
+    assert ivt_report_of(build_labels(st, T1, T2, ATTR).schema) is None
+
+
+def test_cli_labels_ivt_flag(store: Any, commits: MemoryOnlineStore, tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    st, imps, clicks = store
+    monkeypatch.setenv("HEADRACE_OFFLINE_URI", st.uri)
+    out = tmp_path / "l.parquet"
+    code, stdout, err = _cli(["labels", "--from", str(T1), "--to", str(T2), "--out", str(out),
+                              "--ivt"], capsys)
+    assert code == 0, err
+    want, counts = ivt_oracle(imps, clicks, T1, T2, ATTR, IvtRules())
+    schema = pq.read_schema(out)
+    report = ivt_report_of(schema)
+    assert report is not None and dict(report.counts) == counts
+    assert pq.read_table(out).num_rows == len(want)
+    assert json.loads(schema.metadata[IVT_METADATA_KEY.encode()])["rules"] == \
+        IvtRules().to_dict()
+    assert _coverage(out)["checked"]  # the coverage report survives the metadata rewrite
+    dropped = report.impressions_in - report.impressions_out
+    assert f"IVT dropped {dropped} of {report.impressions_in} impressions" in stdout
+    code, stdout, err = _cli(["labels", "--from", str(T1), "--to", str(T2), "--out", str(out),
+                              "--no-ivt"], capsys)
+    assert code == 0 and "IVT" not in stdout
+    assert ivt_report_of(pq.read_schema(out)) is None
