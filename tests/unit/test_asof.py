@@ -296,6 +296,20 @@ def test_chunks_and_external_merge_keep_order(store: Any, tmp_path: Path) -> Non
     assert os.listdir(tmp_path / "out") == ["ts.parquet"]
 
 
+@pytest.mark.parametrize("chunk_rows", [7, 10_000])
+def test_the_labels_ivt_counts_reach_the_training_set(store: Any, tmp_path: Path,
+                                                       chunk_rows: int) -> None:
+    settings, events = store
+    labels, _times = make_labels(events, 4)
+    report = '{"counts": {"click_too_fast": 3}}'
+    labels = labels.replace_schema_metadata({b"headrace.ivt": report.encode()})
+    pq.write_table(labels, tmp_path / "labels.parquet", row_group_size=50)
+    out = tmp_path / "ts.parquet"
+    write_training_set(str(tmp_path / "labels.parquet"), str(out), "all", settings,
+                       registry=REGISTRY, chunk_rows=chunk_rows, tmp_dir=str(tmp_path))
+    assert (pq.read_schema(out).metadata or {}).get(b"headrace.ivt") == report.encode()
+
+
 def test_entity_without_data_and_empty_store(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     settings = OfflineSettings.from_env({"HEADRACE_OFFLINE_URI": str(tmp_path / "empty"),
