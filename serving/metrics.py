@@ -32,6 +32,7 @@ headrace_rollout_counts_flush_failures_total    counter    - (kept, resent next 
 headrace_prediction_log_total                   counter    outcome
 headrace_prediction_log_available               gauge      - (1: Kafka delivers)
 headrace_serving_auth_failures_total            counter    reason (missing, malformed, wrong)
+headrace_serving_errors_total                   counter    method, code (a non-OK gRPC status)
 ==============================================  =========  ==========================
 """
 
@@ -140,6 +141,11 @@ class ServingMetrics:
             "headrace_serving_auth_failures_total",
             "calls refused UNAUTHENTICATED by the bearer-token check, by reason (missing, "
             "malformed, wrong); never labelled by token", ["reason"], registry=r)
+        self.errors = Counter(
+            "headrace_serving_errors_total",
+            "calls answered with a non-OK gRPC status by the service (bad requests, "
+            "unavailable stores...), by method and status code", ["method", "code"],
+            registry=r)
         self.priors_errors = Counter(
             "headrace_serving_priors_refresh_errors_total",
             "failed refreshes of the in-process priors", registry=r)

@@ -84,13 +84,15 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     decoding time now counts in ``request_seconds``.
 
     Args:
-        metrics: the server's metrics (``request_seconds``; default: a new
+        metrics: the server's metrics (``request_seconds``, ``errors``; default: a new
             :class:`ServingMetrics` of its own).
     """
 
     def __init__(self, metrics: ServingMetrics | None = None) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-        self._hist = (ServingMetrics() if metrics is None else metrics).request_seconds
+        m = ServingMetrics() if metrics is None else metrics
+        self._hist = m.request_seconds
+        self._errors = m.errors
 
     def intercept_service(
         self,
@@ -120,6 +122,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         decode: Callable[[bytes], Any] | None,
     ) -> Any:
         observe = self._hist.labels(method=name).observe
+        errors = self._errors
         clock = time.perf_counter
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
@@ -132,7 +135,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                         raise _undecodable(exc) from exc
                 return behavior(request, context)
             except HeadraceError as exc:
-                context.abort(status_of(exc), str(exc))
+                code = status_of(exc)
+                errors.labels(method=name, code=code.name).inc()
+                context.abort(code, str(exc))
             finally:
                 observe(clock() - start)
 

@@ -50,9 +50,11 @@ def test_interceptor_maps_invalid_argument_and_caches_the_wrapper() -> None:
     assert ctx.code is grpc.StatusCode.INVALID_ARGUMENT
     assert ctx.details == "ids[3]: contains a brace, whitespace or a control character"
     assert interceptor.intercept_service(lambda d: None, Details()) is wrapped
-    # a failed call is timed too
+    # a failed call is timed too, and counted by its status code
     assert metrics.value("headrace_serving_request_seconds_count",
                          method="GetOnlineFeatures") == 1
+    assert metrics.value("headrace_serving_errors_total", method="GetOnlineFeatures",
+                         code="INVALID_ARGUMENT") == 1
 
 
 def test_interceptor_passes_answers_and_streams_through() -> None:
