@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,8 @@ __all__ = [
     "fit_booster",
     "baseline_raw",
     "RAW_PARAMS",
+    "plot_calibration",
+    "plot_importance",
 ]
 
 CALIBRATION_BINS = 10
@@ -277,3 +280,54 @@ def baseline_raw(train_rows: pa.Table, test_rows: pa.Table, *, seed: int = 0,
     return {"auc_raw": auc(y_test, p), "logloss_raw": log_loss(y_test, p),
             "rows_train": int(y.size), "rows_test": int(y_test.size),
             "best_iteration": int(booster.best_iteration), "features": features}
+
+
+def plot_calibration(bins: Sequence[CalibrationBin], policy: Any, path: Path) -> None:
+    """The calibration plot (PNG at ``path``); ``policy``: an :class:`offline.models.GatePolicy`
+    (its tolerance band and which bins are checked)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    pred = [b.pred_mean for b in bins]
+    hi = max([*pred, *(b.actual_rate for b in bins), 1e-6]) * 1.1
+    grid = np.linspace(0, hi, 50)
+    ax.plot(grid, grid, color="grey", lw=1, label="perfect")
+    tol = policy.calibration_tolerance
+    ax.fill_between(grid, grid * (1 - tol), grid * (1 + tol), color="grey", alpha=0.15,
+                    label=f"±{tol:.0%}")
+    ax.plot(pred, [b.actual_rate for b in bins], "-", color="C0")
+    checked = [b.count >= policy.min_bin_rows and b.positives >= policy.min_bin_positives
+               for b in bins]
+    for flag, label, face in ((True, "deciles (checked)", "C0"),
+                              (False, "deciles (too few positives)", "white")):
+        sel = [b for b, c in zip(bins, checked, strict=True) if c == flag]
+        if sel:
+            ax.plot([b.pred_mean for b in sel], [b.actual_rate for b in sel], "o", color="C0",
+                    markerfacecolor=face, label=label)
+    for b in bins:
+        ax.annotate(f"{b.count}/{b.positives}", (b.pred_mean, b.actual_rate), fontsize=6,
+                    xytext=(3, -8), textcoords="offset points")
+    ax.set(xlim=(0, hi), ylim=(0, hi), xlabel="mean predicted probability",
+           ylabel="observed click rate", title="Calibration (validation; rows/positives)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_importance(importance: Mapping[str, float], path: Path) -> None:
+    """Horizontal bars of total gain per feature (PNG at ``path``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(importance)[::-1]
+    fig = Figure(figsize=(6, 0.3 * len(names) + 1.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.barh(names, [importance[n] for n in names])
+    ax.set(xlabel="total gain", title="Feature importance (gain)")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

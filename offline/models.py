@@ -2,7 +2,10 @@
 
 The artifact folders and the champion pointer are :mod:`headrace.model.artifact`.
 
-Gates (:func:`decide`): a model becomes champion only when
+Gates (:func:`decide`) judge the metrics of the model AS SHIPPED — the booster followed
+by its calibration map when it has one (:mod:`offline.calibration`) — on the evaluation
+rows that :func:`offline.train.train` describes (the later half of the validation rows by
+time). A model becomes champion only when
 
 1. its validation AUC >= ``auc_floor`` (default 0.6);
 2. every *checked* calibration bin (>= ``min_bin_rows`` rows and >= ``min_bin_positives``
@@ -12,7 +15,11 @@ Gates (:func:`decide`): a model becomes champion only when
    with fewer positives a perfectly calibrated model would fail by chance alone, so such
    bins are reported but not judged (a model with no checkable bin passes this gate);
 3. there is no champion, the champion's AUC is below the floor, or the new AUC is at
-   least the champion's + ``min_auc_gain`` (default 0.005).
+   least the champion's + ``min_auc_gain`` (default 0.005);
+4. its log loss is no worse than the champion's (+ ``max_logloss_increase``, default 0)
+   when the champion was re-scored on the same evaluation rows. A champion known only
+   by its stored metadata is not compared on log loss: a log loss depends on the base
+   rate of the rows it was measured on, so two different periods do not compare.
 
 A rejected model keeps its folder (with the decision in ``metadata.json``) but never
 becomes champion.
@@ -20,6 +27,7 @@ becomes champion.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -45,6 +53,7 @@ class GatePolicy:
     calibration_tolerance: float = 0.10
     min_bin_rows: int = 100
     min_bin_positives: int = 400
+    max_logloss_increase: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class ChampionRef:
     version: str
     auc: float
     auc_source: str
+    logloss: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -125,4 +135,15 @@ def decide(metrics: Metrics, champion: ChampionRef | None,
         ok = ok and metrics.auc >= need_auc
         reasons.append(f"AUC {metrics.auc:.4f} {verdict} champion {champion.version} AUC "
                        f"{champion.auc:.4f} ({champion.auc_source}) + {policy.min_auc_gain}")
+        if math.isnan(champion.logloss):
+            reasons.append(f"log loss not compared with champion {champion.version} "
+                           f"({champion.auc_source}: not measured on these rows)")
+        else:
+            limit = champion.logloss + policy.max_logloss_increase
+            worse = not metrics.logloss <= limit
+            ok = ok and not worse
+            reasons.append(f"log loss {metrics.logloss:.5f} {'>' if worse else '<='} champion "
+                           f"{champion.version} log loss {champion.logloss:.5f}"
+                           + (f" + {policy.max_logloss_increase}"
+                              if policy.max_logloss_increase else ""))
     return GateDecision(ok, tuple(reasons), champion, policy)

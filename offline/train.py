@@ -7,16 +7,27 @@ The pipeline, each step a small function:
    are never inputs. Nulls (ratios without impressions) become NaN, which LightGBM
    routes as missing — the same as a null served value.
 2. :func:`~offline.evaluation.time_split` — the last 20 % of rows by ``ts`` validate.
-3. :func:`search` — LightGBM (CPU, ``num_threads`` = 1 by default) over :data:`SEARCH_GRID` (8
-   combinations of learning rate, leaves, min rows per leaf), each early-stopped on
-   validation log loss; the lowest validation log loss wins (a proper scoring rule, so
-   calibration counts, not only ranking). The winner is *kept*, not refitted on all rows:
-   its stored metrics and calibration then describe exactly the shipped model. (The
-   metrics are slightly optimistic: the same rows chose the iteration count and the
-   combination.)
-4. The cold-start model (:mod:`offline.coldstart_model`) on the same split.
-5. Under the registry lock: compare with the champion (re-scored on the *same*
-   validation rows when it can be, see :func:`champion_ref`), apply the gates
+3. :func:`offline.search.run_search` — LightGBM (CPU, ``num_threads`` = 1 by default)
+   over ``search_candidates`` (default 50) combinations (:func:`offline.search.candidates`:
+   the 8 of :data:`SEARCH_GRID` first, then seeded random draws), each early-stopped on
+   validation log loss, within an optional wall-clock budget; the lowest validation log
+   loss wins (a proper scoring rule, so calibration counts, not only ranking). The
+   winner is *kept*, not refitted on all rows.
+4. :func:`offline.calibration.choose_calibration` — the validation rows are halved by
+   time; a Platt and an isotonic map are fitted on the EARLIER half and the one with
+   the lower log loss on the LATER half is shipped (``calibration.json``) when it beats
+   no map. The later half — the *evaluation rows* — is what ``metrics`` describe: the
+   shipped (calibrated) model's AUC, log loss and calibration bins, which the gates
+   judge; ``metrics_uncalibrated`` holds the booster's own on the same rows. (Still
+   slightly optimistic: the whole validation split chose the iteration count and the
+   combination.) When the halves cannot be made (one timestamp, or a half without
+   both classes) no map is fitted and the evaluation rows are the whole split.
+5. Baselines on the same evaluation rows: the historical-CTR lookup table
+   (:mod:`offline.lookup_table`, fitted on the training rows of the 30 days before the
+   cut-off), in ``metadata["baselines"]``; the cold-start model
+   (:mod:`offline.coldstart_model`) on the split.
+6. Under the registry lock: compare with the champion (re-scored on the *same*
+   evaluation rows when it can be, see :func:`champion_ref`), apply the gates
    (:func:`offline.models.decide`), write ``MODELS_DIR/<version>/`` and record it in
    the history (:mod:`headrace.model.registry`): ``failed`` when a gate fails, else
    ``champion`` — or ``candidate`` (for a rollout, or while another version is in one).
@@ -45,21 +56,33 @@ from headrace.model.artifact import (
     champion_version,
     load_model,
     registry_lock,
+    save_calibration,
     write_artifact,
 )
 from headrace.model.booster import lightgbm
 from headrace.model.coldstart import ColdStartModel, save_coldstart
 from headrace.model.registry import ModelRegistry, Role
+from headrace.monitor.profile import build_profile, save_profile
+from offline.calibration import eval_rows
 from offline.coldstart_model import train_coldstart
 from offline.evaluation import (
-    CalibrationBin,
     Metrics,
     TimeSplit,
     evaluate,
-    fit_booster,
+    plot_calibration,
+    plot_importance,
     time_split,
 )
+from offline.lookup_table import evaluate_lookup_table
 from offline.models import DEFAULT_POLICY, ChampionRef, GateDecision, GatePolicy, decide
+from offline.search import (
+    BASE_PARAMS,
+    DEFAULT_CANDIDATES,
+    LEGACY_GRID,
+    MAX_CANDIDATES,
+    candidates,
+    run_search,
+)
 from offline.training_set import label_times
 
 if TYPE_CHECKING:
@@ -68,11 +91,12 @@ if TYPE_CHECKING:
 __all__ = ["SEARCH_GRID", "BASE_PARAMS", "TrainResult", "served_features", "feature_matrix",
            "label_vector", "search", "champion_ref", "train", "read_training_set"]
 
-SEARCH_GRID: tuple[Mapping[str, Any], ...] = tuple(
-    {"learning_rate": lr, "num_leaves": leaves, "min_data_in_leaf": min_rows}
-    for lr in (0.05, 0.1) for leaves in (15, 63) for min_rows in (20, 200)
-)
-BASE_PARAMS: Mapping[str, Any] = {"feature_fraction": 0.9, "lambda_l2": 1.0}
+#: the 8 combinations of the old fixed search: the first candidates of every search
+SEARCH_GRID: tuple[Mapping[str, Any], ...] = LEGACY_GRID
+
+
+#: the string context columns whose frequencies the reference profile keeps
+PROFILE_CONTEXT = ("country", "device_type", "placement", "creative_type", "publisher_id")
 
 
 def _utcnow() -> datetime:
@@ -93,15 +117,25 @@ class TrainResult:
     role: Role
 
     def summary(self) -> dict[str, Any]:
-        """The ``--json`` output of ``headrace train``."""
+        """The ``--json`` output of ``headrace train`` (``auc``/``logloss``: the shipped
+        model on the evaluation rows; the lookup table on the same rows)."""
+        meta = self.metadata
+        lookup = meta["baselines"]["lookup_table"]
+        raw = meta["metrics_uncalibrated"]
         return {"version": self.version, "path": str(self.path),
                 "promoted": self.role is Role.CHAMPION, "role": self.role.value,
                 "reasons": list(self.decision.reasons), "auc": self.metrics.auc,
                 "logloss": self.metrics.logloss,
+                "auc_uncalibrated": raw["auc"], "logloss_uncalibrated": raw["logloss"],
+                "calibration": meta["calibration_map"]["chosen"],
+                "auc_lookup_table": lookup.get("auc"),
+                "logloss_lookup_table": lookup.get("logloss"),
+                "eval_rows": self.metrics.rows,
                 "coldstart_auc": self.coldstart.auc if self.coldstart else None,
-                "features": len(self.metadata["features"]),
-                "rows": self.metadata["data"]["rows"],
-                "best_params": self.metadata["search"]["best"],
+                "features": len(meta["features"]), "rows": meta["data"]["rows"],
+                "best_params": meta["search"]["best"],
+                "candidates_ran": meta["search"]["ran"],
+                "search_stopped": meta["search"]["stopped"],
                 "seconds": round(self.seconds, 3)}
 
 
@@ -156,33 +190,22 @@ def label_vector(table: pa.Table) -> np.ndarray:
 def search(x: np.ndarray, y: np.ndarray, split: TimeSplit, features: Sequence[str], *,
            grid: Sequence[Mapping[str, Any]] = SEARCH_GRID, seed: int = 0,
            num_threads: int = 1) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
-    """Fit every combination of ``grid``; return (best booster, its params, all results)."""
-    best: tuple[float, Any, dict[str, Any]] | None = None
-    results = []
-    for combo in grid:
-        params = {**BASE_PARAMS, **combo, "seed": seed, "num_threads": num_threads,
-                  "deterministic": True}
-        started = time.monotonic()
-        booster = fit_booster(x[split.train], y[split.train], x[split.valid], y[split.valid],
-                              params, feature_names=features)
-        p = booster.predict(x[split.valid], num_iteration=booster.best_iteration)
-        m = evaluate(y[split.valid], p)
-        results.append({**combo, "best_iteration": int(booster.best_iteration),
-                        "valid_auc": m.auc, "valid_logloss": m.logloss,
-                        "seconds": round(time.monotonic() - started, 3)})
-        if best is None or m.logloss < best[0]:
-            best = (m.logloss, booster, params)
-    if best is None:
-        raise ValueError("the search grid is empty")
-    return best[1], best[2], results
+    """Fit every combination of ``grid`` (over :data:`BASE_PARAMS`), no budget; return
+    (best booster, its params, all results). :func:`offline.search.run_search` is the
+    full form."""
+    out = run_search(x, y, split, features, grid=[{**BASE_PARAMS, **c} for c in grid],
+                     seed=seed, num_threads=num_threads)
+    return out.booster, out.params, out.results
 
 
 def champion_ref(models_dir: Path, table: pa.Table, y: np.ndarray, split: TimeSplit
                  ) -> ChampionRef | None:
-    """The champion's AUC, on the candidate's validation rows when that is fair.
+    """The champion's AUC (and log loss), on the candidate's evaluation rows
+    (``split.valid``) when fair.
 
-    Re-scoring is used when the champion's features are all columns of ``table`` and its
-    training rows all precede ``split.cutoff_ms`` (it never saw these validation rows);
+    Re-scoring (with the champion's calibration map, as served) is used when the
+    champion's features are all columns of ``table`` and its training rows all precede
+    ``split.cutoff_ms`` (it never trained on these rows);
     otherwise its stored validation AUC. An unreadable champion counts as below the floor
     (NaN AUC), so a good model can replace it.
     """
@@ -198,7 +221,8 @@ def champion_ref(models_dir: Path, table: pa.Table, y: np.ndarray, split: TimeSp
             and train_max < split.cutoff_ms):
         rows = table.take(pa.array(split.valid))
         p = champ.predict(feature_matrix(rows, champ.features))
-        return ChampionRef(version, evaluate(y[split.valid], p).auc, "same validation rows")
+        m = evaluate(y[split.valid], p)
+        return ChampionRef(version, m.auc, "same validation rows", m.logloss)
     stored = champ.metadata.get("metrics", {}).get("auc")
     return ChampionRef(version, math.nan if stored is None else float(stored), "stored metadata")
 
@@ -212,80 +236,47 @@ def _span(ts: np.ndarray, y: np.ndarray) -> dict[str, Any]:
             "min_ts": iso(lo), "max_ts": iso(hi)}
 
 
-def _plot_calibration(bins: Sequence[CalibrationBin], policy: GatePolicy, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    pred = [b.pred_mean for b in bins]
-    hi = max([*pred, *(b.actual_rate for b in bins), 1e-6]) * 1.1
-    grid = np.linspace(0, hi, 50)
-    ax.plot(grid, grid, color="grey", lw=1, label="perfect")
-    tol = policy.calibration_tolerance
-    ax.fill_between(grid, grid * (1 - tol), grid * (1 + tol), color="grey", alpha=0.15,
-                    label=f"±{tol:.0%}")
-    ax.plot(pred, [b.actual_rate for b in bins], "-", color="C0")
-    checked = [b.count >= policy.min_bin_rows and b.positives >= policy.min_bin_positives
-               for b in bins]
-    for flag, label, face in ((True, "deciles (checked)", "C0"),
-                              (False, "deciles (too few positives)", "white")):
-        sel = [b for b, c in zip(bins, checked, strict=True) if c == flag]
-        if sel:
-            ax.plot([b.pred_mean for b in sel], [b.actual_rate for b in sel], "o", color="C0",
-                    markerfacecolor=face, label=label)
-    for b in bins:
-        ax.annotate(f"{b.count}/{b.positives}", (b.pred_mean, b.actual_rate), fontsize=6,
-                    xytext=(3, -8), textcoords="offset points")
-    ax.set(xlim=(0, hi), ylim=(0, hi), xlabel="mean predicted probability",
-           ylabel="observed click rate", title="Calibration (validation; rows/positives)")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def _plot_importance(importance: Mapping[str, float], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    names = list(importance)[::-1]
-    fig = Figure(figsize=(6, 0.3 * len(names) + 1.2))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.barh(names, [importance[n] for n in names])
-    ax.set(xlabel="total gain", title="Feature importance (gain)")
-    ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def train(table: pa.Table, out_dir: Path | str, *, policy: GatePolicy = DEFAULT_POLICY,
           seed: int = 0, clock: Callable[[], datetime] = _utcnow,
-          grid: Sequence[Mapping[str, Any]] = SEARCH_GRID, num_threads: int = 1,
+          grid: Sequence[Mapping[str, Any]] | None = None, num_threads: int = 1,
           valid_fraction: float = 0.2, registry: Registry,
-          source: str | None = None, candidate: bool = False) -> TrainResult:
+          source: str | None = None, candidate: bool = False,
+          search_candidates: int = DEFAULT_CANDIDATES, search_budget_s: float | None = None,
+          progress: Callable[[str], None] | None = None) -> TrainResult:
     """Train, evaluate, gate and save a model from a training-set table.
 
     Args:
         table: training-set rows (``ts``, ``label``, served feature columns, context).
         out_dir: the models folder (created if needed).
-        policy: gate thresholds. seed: LightGBM seed. clock: UTC time of the version name.
-        grid: hyperparameter combinations. num_threads: LightGBM threads.
+        policy: gate thresholds. seed: LightGBM seed and the search's draws.
+        clock: UTC time of the version name.
+        grid: explicit hyperparameter combinations (each over :data:`BASE_PARAMS`): exactly
+            these are searched and ``search_candidates`` is ignored; None: the search of
+            :func:`offline.search.candidates`.
+        num_threads: LightGBM threads.
         valid_fraction: share of the latest rows held out. source: recorded in metadata.
         candidate: a model that passes the gates stays ``candidate`` (for a rollout).
         registry: the definitions served (the model's inputs are their feature names);
             the command passes ``registry_for(settings, --definitions)``.
+        search_candidates: how many candidates to search (1–200) when ``grid`` is None.
+        search_budget_s: wall-clock seconds after which no new candidate starts (the
+            first always runs); None: no budget.
+        progress: called with one human-readable line per candidate (stderr in the CLI).
 
     Returns:
         The version written (promoted or not) with its decision and metrics.
 
     Raises:
         InputError: bad columns or labels, a split without both classes, a folder that
-            cannot be written.
+            cannot be written, a search size or budget out of range.
     """
     started = time.monotonic()
     out = Path(out_dir)
+    if grid is None and not 1 <= search_candidates <= MAX_CANDIDATES:
+        raise InputError(f"the search needs 1 to {MAX_CANDIDATES} candidates, "
+                         f"not {search_candidates}")
+    if search_budget_s is not None and not search_budget_s >= 0:
+        raise InputError("the search budget must be >= 0 seconds")
     features = served_features(table.column_names, registry)
     y = label_vector(table)
     if "ts" not in table.column_names:
@@ -299,15 +290,29 @@ def train(table: pa.Table, out_dir: Path | str, *, policy: GatePolicy = DEFAULT_
         if pos == 0 or pos == idx.size:
             raise InputError(f"the {part} part has only {'negative' if pos == 0 else 'positive'}"
                              f" labels ({idx.size} rows); AUC and training need both")
-    booster, params, results = search(x, y, split, features, grid=grid, seed=seed,
-                                      num_threads=num_threads)
-    metrics = evaluate(y[split.valid], booster.predict(x[split.valid],
-                                                       num_iteration=booster.best_iteration))
-    fit = evaluate(y[split.train], booster.predict(x[split.train],
-                                                   num_iteration=booster.best_iteration))
+    combos = (candidates(search_candidates, seed) if grid is None
+              else [{**BASE_PARAMS, **c} for c in grid])
+    found = run_search(x, y, split, features, grid=combos, seed=seed, num_threads=num_threads,
+                       budget_s=search_budget_s, progress=progress)
+    booster, params = found.booster, found.params
+    p_valid = booster.predict(x[split.valid], num_iteration=booster.best_iteration)
+    rows = eval_rows(p_valid, y, ts, split)
+    cal = rows.choice.map if rows.choice is not None else None
+    p_eval = booster.predict(x[rows.eval], num_iteration=booster.best_iteration)
+    raw_metrics = evaluate(y[rows.eval], p_eval)
+    metrics = raw_metrics if cal is None else evaluate(y[rows.eval], cal.apply(p_eval))
+    valid_raw = evaluate(y[split.valid], p_valid)
+    p_train = booster.predict(x[split.train], num_iteration=booster.best_iteration)
+    fit = evaluate(y[split.train], p_train)
+    # the drift monitor's reference: the training rows and the scores served for them
+    profile_context = {c: table.column(c).take(pa.array(split.train)).to_pylist()
+                       for c in PROFILE_CONTEXT if c in table.column_names
+                       and (pa.types.is_string(table.column(c).type)
+                            or pa.types.is_large_string(table.column(c).type))}
     gains = booster.feature_importance(importance_type="gain", iteration=booster.best_iteration)
     importance = dict(sorted(zip(features, map(float, gains), strict=True),
                              key=lambda kv: -kv[1]))
+    lookup = _lookup_baseline(table, split, rows.eval)
     cold: ColdStartModel | None = None
     cold_metrics, cold_error = None, None
     try:
@@ -316,8 +321,9 @@ def train(table: pa.Table, out_dir: Path | str, *, policy: GatePolicy = DEFAULT_
     except InputError as exc:
         cold_error = str(exc)
     train_seconds = time.monotonic() - started
+    eval_split = TimeSplit(split.train, rows.eval, split.cutoff_ms)
     with registry_lock(out):
-        decision = decide(metrics, champion_ref(out, table, y, split), policy)
+        decision = decide(metrics, champion_ref(out, table, y, eval_split), policy)
         metadata: dict[str, Any] = {}
 
         def fill(folder: Path, version: str) -> None:
@@ -325,35 +331,59 @@ def train(table: pa.Table, out_dir: Path | str, *, policy: GatePolicy = DEFAULT_
                 "version": version, "created_at": clock().astimezone(UTC).isoformat(),
                 "model": "lightgbm-binary", "lightgbm_version": lightgbm().__version__,
                 "features": features, "label": "label",
-                "metrics": metrics.to_dict(), "train_metrics": {"auc": fit.auc,
-                                                                "logloss": fit.logloss},
+                "metrics": metrics.to_dict(),
+                "metrics_rows": {"rows": rows.note, **_span(ts[rows.eval], y[rows.eval])},
+                "metrics_uncalibrated": raw_metrics.to_dict(),
+                "metrics_valid_uncalibrated": {"rows": "all validation rows",
+                                               "auc": valid_raw.auc,
+                                               "logloss": valid_raw.logloss},
+                "calibration_map": (rows.choice.to_dict() if rows.choice is not None else
+                                    {"chosen": "none", "map": None, "reason": rows.note}),
+                "baselines": {"lookup_table": lookup},
+                "train_metrics": {"auc": fit.auc, "logloss": fit.logloss},
                 "importance_gain": importance,
                 "data": {"source": source, "rows": int(y.size), "valid_fraction": valid_fraction,
                          "cutoff_ms": split.cutoff_ms, "train": _span(ts[split.train],
                                                                       y[split.train]),
                          "valid": _span(ts[split.valid], y[split.valid])},
                 "params": params, "best_iteration": int(booster.best_iteration),
-                "search": {"selection": "lowest validation log loss", "best": params,
-                           "results": results},
+                "search": found.to_dict(),
                 "gate": decision.to_dict(),
                 "coldstart": {"trained": cold is not None, "error": cold_error,
                               "metrics": cold_metrics.to_dict() if cold_metrics else None},
-                "calibration_bins": "predicted-probability deciles (equal row counts)",
+                "calibration_bins": "predicted-probability deciles (equal row counts) of "
+                                    "the shipped model on the evaluation rows",
                 "training_seconds": round(train_seconds, 3),
             }))
             booster.save_model(str(folder / "model.txt"), num_iteration=booster.best_iteration)
+            if cal is not None:
+                save_calibration(cal, folder)
             (folder / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n",
                                                   encoding="utf-8")
-            _plot_calibration(metrics.calibration, policy, folder / "calibration.png")
-            _plot_importance(importance, folder / "importance.png")
+            plot_calibration(metrics.calibration, policy, folder / "calibration.png")
+            plot_importance(importance, folder / "importance.png")
             if cold is not None:
                 save_coldstart(cold, folder / "coldstart")
+            save_profile(build_profile(version, x[split.train], features,
+                                       p_train if cal is None else cal.apply(p_train),
+                                       profile_context), folder)
 
         version, path = write_artifact(out, clock(), fill)
         role = _record(ModelRegistry(out, clock=lambda: int(clock().timestamp() * 1000)),
                        version, decision, metrics, candidate)
     return TrainResult(version, path, decision, metrics, cold_metrics, metadata,
                        time.monotonic() - started, role)
+
+
+def _lookup_baseline(table: pa.Table, split: TimeSplit, eval_idx: np.ndarray
+                     ) -> dict[str, Any]:
+    """The lookup table fitted on the training rows of the 30 days before the cut-off,
+    scored on the evaluation rows; ``{"error": ...}`` when it cannot be fitted."""
+    try:
+        return evaluate_lookup_table(table.take(pa.array(split.train)),
+                                     table.take(pa.array(eval_idx)), cutoff_ms=split.cutoff_ms)
+    except InputError as exc:
+        return {"error": str(exc)}
 
 
 def _record(models: ModelRegistry, version: str, decision: GateDecision, metrics: Metrics,

@@ -11,7 +11,10 @@ refused at load time (the previous one keeps serving).
 :class:`ModelWatcher` polls ``MODELS_DIR/CHAMPION`` (one small file read) every
 ``poll_s`` seconds in a daemon thread. When it names a new version, the version is
 loaded *fully* (booster, cold-start model, compilation, one warm-up prediction) while
-requests keep using the current one; then one attribute is rebound. A request reads
+requests keep using the current one; then one attribute is rebound. A version with a
+``calibration.json`` (:class:`~headrace.model.artifact.CalibrationMap`) has it applied to
+every booster prediction in :meth:`ScoringModel.predict` (one vectorised expression); a
+version without one predicts the booster's probability unchanged. A request reads
 :attr:`ModelWatcher.current` once and keeps that object to the end, so a swap never
 splits a request between two models and never drops one. A version that fails to load
 is logged, reported through ``on_error`` and not retried (versions are immutable); a
@@ -32,7 +35,13 @@ import numpy as np
 
 from feature_defs.registry import Registry
 from headrace.core.errors import InputError
-from headrace.model.artifact import LoadedModel, ModelLoadError, champion_version, load_model
+from headrace.model.artifact import (
+    CalibrationMap,
+    LoadedModel,
+    ModelLoadError,
+    champion_version,
+    load_model,
+)
 from headrace.model.booster import lightgbm
 from headrace.model.coldstart import CONTEXT_CATEGORICAL, ColdStartModel
 from serving.reader import ReadPlan, compile_read_plan
@@ -97,6 +106,7 @@ class ScoringModel:
     categorical: tuple[tuple[int, str, Mapping[str, int]], ...]  # (column, context, codes)
     coldstart: ColdStartModel | None
     metadata: Mapping[str, Any]
+    calibration: CalibrationMap | None = None  # applied to the booster's probability
 
     @classmethod
     def compile(cls, model: LoadedModel, registry: Registry) -> ScoringModel:
@@ -135,7 +145,7 @@ class ScoringModel:
             coldstart = dataclasses.replace(coldstart, booster=OneThread(coldstart.booster))
         compiled = cls(model.version, OneThread(model.booster), model.features, parts, fields,
                        (time_cols[0], time_cols[1]), bid_col, tuple(cats), coldstart,
-                       model.metadata)
+                       model.metadata, model.calibration)
         compiled.warm_up()
         return compiled
 
@@ -150,8 +160,10 @@ class ScoringModel:
             raise ModelLoadError(f"model {self.version} cannot predict: {exc}") from exc
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Click probabilities of a ``(rows, len(features))`` matrix: ONE LightGBM call."""
-        return self.booster.predict(x)
+        """Click probabilities of a ``(rows, len(features))`` matrix: ONE LightGBM call,
+        then the version's calibration map when it has one."""
+        p = self.booster.predict(x)
+        return p if self.calibration is None else self.calibration.apply(p)
 
 
 def _parts(registry: Registry, by_entity: Mapping[str, list[tuple[int, str]]],

@@ -5,8 +5,9 @@
 ``talkingdata`` (:mod:`headrace.examples.talkingdata`) replays the TalkingData sample
 through the stream worker, builds labels and a point-in-time training set, and compares
 LightGBM on the windowed features (with and without the raw columns) against LightGBM on
-the raw columns alone, on the last 24 hours. Progress goes to stderr; the summary to
-stdout (``--json``: one object).
+the raw columns alone, on the last 24 hours — plus the windowed model calibrated, the
+same inputs through the ``--candidates`` search (and calibrated), and the historical-CTR
+lookup table. Progress goes to stderr; the summary to stdout (``--json``: one object).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "attributed_time,is_attributed)")
     t.add_argument("--rows", type=int, default=None, metavar="N",
                    help="use only the first N data rows (default: the whole file)")
+    t.add_argument("--candidates", type=int, default=50, metavar="N",
+                   help="hyperparameter candidates of the searched windowed model, 1-200 "
+                        "(default 50)")
+    t.add_argument("--search-budget", default=None, metavar="DURATION",
+                   help="wall-clock budget of that search, e.g. 5m (default: none)")
     t.add_argument("--seed", type=int, default=0, help="LightGBM seed (default 0)")
     t.add_argument("--threads", type=int, default=1, help="LightGBM threads (default 1)")
     t.add_argument("--json", action="store_true", help="print one JSON object")
@@ -51,8 +57,17 @@ def handler(args: argparse.Namespace) -> int:
         raise UsageError("--rows must be at least 100")
     if args.threads < 1:
         raise UsageError("--threads must be >= 1")
+    if not 1 <= args.candidates <= 200:
+        raise UsageError(f"--candidates must be between 1 and 200, not {args.candidates}")
+    budget_s = None
+    if args.search_budget is not None:
+        from headrace.core.timeparse import parse_duration
+
+        budget_s = parse_duration(args.search_budget) / 1000.0
     summary: dict[str, Any] = run_example(args.csv, rows=args.rows, seed=args.seed,
-                                          threads=args.threads)
+                                          threads=args.threads,
+                                          search_candidates=args.candidates,
+                                          search_budget_s=budget_s)
     if args.json:
         print(json.dumps(summary))
         return 0

@@ -9,6 +9,10 @@ version's ``metadata.json`` and recorded in ``MODELS_DIR/HISTORY.jsonl``
 (:mod:`headrace.model.registry`; a rejected model is ``failed``). A rejected model is a
 normal outcome (exit 0; the ``--json`` summary says ``"promoted": false``); bad input
 exits 2 with one sentence.
+
+``--candidates N`` (1–200, default 50) sets the size of the hyperparameter search and
+``--search-budget 10m`` a wall-clock budget after which no new candidate starts; a human
+run prints one line per candidate on stderr (``--json`` prints only the summary).
 """
 
 from __future__ import annotations
@@ -51,7 +55,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--candidate", action="store_true",
                    help="register a model that passes the gates as a candidate (for "
                         "headrace rollout) instead of promoting it to champion")
-    p.add_argument("--seed", type=int, default=0, help="LightGBM seed (default 0)")
+    p.add_argument("--candidates", type=int, default=50, metavar="N",
+                   help="hyperparameter candidates to search, 1-200 (default 50; the first "
+                        "8 are the old fixed grid)")
+    p.add_argument("--search-budget", default=None, metavar="DURATION",
+                   help="wall-clock budget of the search, e.g. 10m or 90s: no new candidate "
+                        "starts once it is spent (default: none)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="LightGBM seed and the search's draws (default 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="LightGBM threads (default 1; more can be slower on a busy machine)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -79,6 +90,13 @@ def handler(
     if args.min_auc_gain < 0 or args.min_bin_positives < 1 or args.threads < 1 or args.seed < 0:
         raise UsageError("--min-auc-gain and --seed must be >= 0, --min-bin-positives and "
                          "--threads >= 1")
+    if not 1 <= args.candidates <= 200:
+        raise UsageError(f"--candidates must be between 1 and 200, not {args.candidates}")
+    budget_s = None
+    if args.search_budget is not None:
+        from headrace.core.timeparse import parse_duration
+
+        budget_s = parse_duration(args.search_budget) / 1000.0
     from feature_defs.registry import registry_for
     from offline.models import GatePolicy
     from offline.train import read_training_set, train
@@ -92,9 +110,11 @@ def handler(
     policy = GatePolicy(auc_floor=args.auc_floor, min_auc_gain=args.min_auc_gain,
                         min_bin_positives=args.min_bin_positives)
     kwargs: dict[str, Any] = {} if clock is None else {"clock": clock}
+    if not args.json:
+        kwargs["progress"] = _progress
     result = train(table, args.out, policy=policy, seed=args.seed, num_threads=args.threads,
                    registry=registry, source=args.training_set, candidate=args.candidate,
-                   **kwargs)
+                   search_candidates=args.candidates, search_budget_s=budget_s, **kwargs)
     if args.json:
         print(json.dumps(result.summary()))
         return 0
@@ -106,6 +126,15 @@ def handler(
           f"{result.metrics.logloss:.4f}{cold} ({result.metadata['data']['rows']:,} rows, "
           f"{len(result.metadata['features'])} features, {result.seconds:.1f} s)",
           file=sys.stdout)
+    search = result.metadata["search"]
+    lookup = result.metadata["baselines"]["lookup_table"]
+    cal = result.metadata["calibration_map"]
+    print(f"search: {search['ran']} of {search['planned']} candidates ran (stopped: "
+          f"{search['stopped']}); calibration: {cal['chosen']}; metrics on "
+          f"{result.metrics.rows:,} evaluation rows", file=sys.stdout)
+    if "auc" in lookup:
+        print(f"lookup-table baseline: AUC {lookup['auc']:.4f}, log loss "
+              f"{lookup['logloss']:.4f} ({lookup['cells']:,} cells)", file=sys.stdout)
     print(f"{verdict}:", file=sys.stdout)
     for reason in result.decision.reasons:
         print(f"  - {reason}", file=sys.stdout)
@@ -114,3 +143,7 @@ def handler(
               file=sys.stdout)
     print(f"artifact: {result.path}", file=sys.stdout)
     return 0
+
+
+def _progress(line: str) -> None:
+    print(f"[train] {line}", file=sys.stderr, flush=True)

@@ -23,6 +23,17 @@ rows by time, one thread) are scored once on the test rows:
 * ``windowed_only``: the windowed features alone;
 * ``raw``: :func:`~offline.evaluation.baseline_raw`, the raw columns alone.
 
+Beside them, on the same test rows:
+
+* ``windowed_calibrated``: the ``windowed`` model with the calibration map of
+  :func:`offline.calibration.choose_calibration` (fitted on the earlier half of its
+  early-stopping rows by time, chosen on the later half);
+* ``windowed_searched`` (and ``_calibrated``): the windowed + raw inputs through the
+  hyperparameter search of :mod:`offline.search` (``candidates``, default 50, within an
+  optional budget), then calibrated the same way — what ``headrace train`` ships;
+* ``lookup_table``: the historical-CTR lookup table (:mod:`offline.lookup_table`) fitted on
+  the training rows of the 30 days before the test cut-off.
+
 The label is an app download (0.23 % of rows), not a click: published CTR figures do not
 apply, and with ~50 positives in the test day the AUCs carry a standard error of a few
 hundredths.
@@ -44,7 +55,10 @@ import pyarrow.parquet as pq
 
 from headrace.core.errors import InputError
 from headrace.model.booster import CategoryCodes
-from offline.evaluation import RAW_PARAMS, auc, baseline_raw, fit_booster, log_loss, time_split
+from offline.calibration import eval_rows
+from offline.evaluation import RAW_PARAMS, auc, baseline_raw, log_loss, time_split
+from offline.lookup_table import evaluate_lookup_table
+from offline.search import candidates, run_search
 
 __all__ = ["ATTRIBUTION", "TEST_HOURS", "run_example", "subset_csv", "fit_and_score"]
 
@@ -62,11 +76,22 @@ def subset_csv(source: Path, dest: Path, rows: int) -> Path:
 
 
 def fit_and_score(train: pa.Table, test: pa.Table, numeric: list[str], categorical: list[str],
-                  *, seed: int = 0, threads: int = 1) -> dict[str, float]:
+                  *, seed: int = 0, threads: int = 1, search: int | None = None,
+                  budget_s: float | None = None,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fit on ``train`` (early stopping on its last 20 % by time), score ``test`` once.
 
     ``numeric`` columns are used as numbers (null → missing); ``categorical`` ones through
-    :class:`~headrace.model.booster.CategoryCodes` fitted on ``train``.
+    :class:`~headrace.model.booster.CategoryCodes` fitted on ``train``. ``search``: None
+    fits :data:`~offline.evaluation.RAW_PARAMS`; N searches N candidates
+    (:func:`offline.search.candidates`) within ``budget_s`` seconds. The calibration map
+    is fitted on the early-stopping rows (:func:`offline.calibration.eval_rows`).
+    ``progress``: called with one line per search candidate.
+
+    Returns:
+        ``auc``, ``logloss`` (uncalibrated), ``auc_calibrated``, ``logloss_calibrated``,
+        ``calibration`` (the map's kind or ``none``), ``best_iteration`` and ``search``
+        (candidates planned/ran, why it stopped, seconds, the best parameters).
     """
     from offline.train import feature_matrix
 
@@ -78,13 +103,26 @@ def fit_and_score(train: pa.Table, test: pa.Table, numeric: list[str], categoric
     x, x_test = matrix(train), matrix(test)
     y = np.asarray(train.column("label").to_numpy(), dtype=np.float64)
     y_test = np.asarray(test.column("label").to_numpy(), dtype=np.float64)
-    split = time_split(_ms(train))
-    params = {**RAW_PARAMS, "seed": seed, "num_threads": threads, "deterministic": True}
-    booster = fit_booster(x[split.train], y[split.train], x[split.valid], y[split.valid],
-                          params, feature_names=numeric + categorical, categorical=categorical)
+    ts = _ms(train)
+    split = time_split(ts)
+    grid = [dict(RAW_PARAMS)] if search is None else candidates(search, seed)
+    found = run_search(x, y, split, numeric + categorical, grid=grid, seed=seed,
+                       num_threads=threads, budget_s=budget_s, categorical=categorical,
+                       progress=progress)
+    booster = found.booster
     p = booster.predict(x_test, num_iteration=booster.best_iteration)
+    rows = eval_rows(booster.predict(x[split.valid], num_iteration=booster.best_iteration),
+                     y, ts, split)
+    cal = rows.choice.map if rows.choice is not None else None
+    p_cal = p if cal is None else cal.apply(p)
     return {"auc": auc(y_test, p), "logloss": log_loss(y_test, p),
-            "best_iteration": int(booster.best_iteration)}
+            "auc_calibrated": auc(y_test, p_cal), "logloss_calibrated": log_loss(y_test, p_cal),
+            "calibration": rows.choice.chosen if rows.choice is not None else "none",
+            "best_iteration": int(booster.best_iteration),
+            "search": {"planned": found.planned, "ran": len(found.results),
+                       "stopped": found.stopped, "seconds": round(found.seconds, 1),
+                       "best": {k: v for k, v in found.params.items()
+                                if k not in ("seed", "num_threads", "deterministic")}}}
 
 
 def _ms(table: pa.Table) -> np.ndarray:
@@ -96,6 +134,10 @@ def _ms(table: pa.Table) -> np.ndarray:
 
 def _say(line: str) -> None:
     print(f"[example] {line}", file=sys.stderr, flush=True)
+
+
+def _candidate_line(line: str) -> None:
+    _say(f"  {line}")
 
 
 def _pipeline(run: Any, csv: Path, begin_ms: int, end_ms: int,
@@ -124,7 +166,8 @@ def _pipeline(run: Any, csv: Path, begin_ms: int, end_ms: int,
 
 
 def run_example(csv: Path | str, *, rows: int | None = None, seed: int = 0,
-                threads: int = 1, progress: bool = True) -> dict[str, Any]:
+                threads: int = 1, progress: bool = True, search_candidates: int = 50,
+                search_budget_s: float | None = None) -> dict[str, Any]:
     """Run the example (see the module docstring); returns the summary.
 
     Args:
@@ -132,6 +175,8 @@ def run_example(csv: Path | str, *, rows: int | None = None, seed: int = 0,
         rows: use only the first ``rows`` data rows (default: the whole file).
         seed, threads: LightGBM seed and threads.
         progress: progress lines on stderr.
+        search_candidates: candidates of the ``windowed_searched`` model (1–200).
+        search_budget_s: wall-clock budget of that search in seconds (None: none).
 
     Raises:
         InputError: unreadable CSV, or rows that cannot be split or trained on.
@@ -174,15 +219,19 @@ def run_example(csv: Path | str, *, rows: int | None = None, seed: int = 0,
                    "HEADRACE_PROGRESS": "false", **definitions_env(spec, os.getcwd())}
             training = _pipeline(_Runner(env, tmp), source, begin, end, step, summary)
             table = pq.read_table(training)
-        step("evaluate", f"fitting three models, scoring the last {TEST_HOURS} hours")
-        summary.update(_evaluate(table, raw, registry.feature_names(), seed, threads))
+        step("evaluate", f"fitting the models and the lookup table, scoring the last "
+                         f"{TEST_HOURS} hours ({search_candidates} search candidates)")
+        summary.update(_evaluate(table, raw, registry.feature_names(), seed, threads,
+                                 search_candidates, search_budget_s,
+                                 _candidate_line if progress else None))
     step("done")
     return {**summary, "timings": timings, "seconds": round(time.monotonic() - started, 1)}
 
 
 def _evaluate(table: pa.Table, raw: pa.Table, served: list[str], seed: int,
-              threads: int) -> dict[str, Any]:
-    """Join raw columns by impression id, check labels, split in time, fit the three."""
+              threads: int, search: int = 50, budget_s: float | None = None,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Join raw columns by impression id, check labels, split in time, fit and score."""
     raw_cols = [c for c in raw.column_names if c not in ("impression_id", "ts", "label")]
     if table.num_rows != raw.num_rows:
         raise InputError(f"{raw.num_rows} CSV rows but {table.num_rows} labelled impressions: "
@@ -201,6 +250,9 @@ def _evaluate(table: pa.Table, raw: pa.Table, served: list[str], seed: int,
     only = fit_and_score(train, test, features, [], seed=seed, threads=threads)
     base = baseline_raw(train.select(["ts", "label", *raw_cols]),
                         test.select(["ts", "label", *raw_cols]), seed=seed, num_threads=threads)
+    searched = fit_and_score(train, test, features, raw_cols, seed=seed, threads=threads,
+                             search=search, budget_s=budget_s, progress=progress)
+    lookup = evaluate_lookup_table(train, test, cutoff_ms=cutoff)
     y_test = test.column("label").to_numpy()
     return {
         "rows": joined.num_rows, "positives": int(joined.column("label").to_numpy().sum()),
@@ -211,7 +263,19 @@ def _evaluate(table: pa.Table, raw: pa.Table, served: list[str], seed: int,
         "auc_windowed": windowed["auc"], "logloss_windowed": windowed["logloss"],
         "auc_windowed_only": only["auc"], "logloss_windowed_only": only["logloss"],
         "auc_raw": base["auc_raw"], "logloss_raw": base["logloss_raw"],
+        "auc_windowed_calibrated": windowed["auc_calibrated"],
+        "logloss_windowed_calibrated": windowed["logloss_calibrated"],
+        "auc_windowed_searched": searched["auc"], "logloss_windowed_searched": searched["logloss"],
+        "auc_windowed_searched_calibrated": searched["auc_calibrated"],
+        "logloss_windowed_searched_calibrated": searched["logloss_calibrated"],
+        "auc_lookup_table": lookup["auc"], "logloss_lookup_table": lookup["logloss"],
+        "lookup_table": {k: lookup[k] for k in ("cells", "keys", "m", "window_days",
+                                                "rows_fit")},
+        "calibration": {"windowed": windowed["calibration"],
+                        "windowed_searched": searched["calibration"]},
+        "search": searched["search"],
         "best_iterations": {"windowed": windowed["best_iteration"],
                             "windowed_only": only["best_iteration"],
-                            "raw": base["best_iteration"]},
+                            "raw": base["best_iteration"],
+                            "windowed_searched": searched["best_iteration"]},
     }

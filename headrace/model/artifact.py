@@ -7,6 +7,7 @@ Layout of ``MODELS_DIR`` (a local folder; the server reads it)::
       CHAMPION                  the champion's version + newline (replaced atomically)
       2024-05-01-13/            one folder per trained model, never modified afterwards
         model.txt  metadata.json  calibration.png  importance.png
+        calibration.json        optional: the map applied to the booster's probability
         coldstart/model.txt  coldstart/metadata.json
       2024-05-01-13-2/          a second model trained in the same UTC hour
 
@@ -15,12 +16,18 @@ A version is the UTC hour of training (``YYYY-MM-DD-HH``, from an injected clock
 (atomic) and filled through a temporary sibling folder renamed onto the claim, so a
 reader never sees a half-written version. Promotion gates live with training
 (:mod:`offline.models`).
+
+``calibration.json`` (:class:`CalibrationMap`, fitted by :mod:`offline.calibration`) maps
+the booster's probability ``p`` to the shipped probability; training and serving apply it
+through :meth:`CalibrationMap.apply` only, so they cannot drift. A version without the
+file predicts the booster's probability unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -28,6 +35,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +47,12 @@ from headrace.model.coldstart import ColdStartModel, load_coldstart
 
 __all__ = [
     "CHAMPION_FILE",
+    "CALIBRATION_FILE",
     "VERSION_FORMAT",
+    "CalibrationKind",
+    "CalibrationMap",
+    "save_calibration",
+    "load_calibration",
     "ModelLoadError",
     "LoadedModel",
     "version_key",
@@ -53,6 +66,7 @@ __all__ = [
 ]
 
 CHAMPION_FILE = "CHAMPION"
+CALIBRATION_FILE = "calibration.json"
 VERSION_FORMAT = "%Y-%m-%d-%H"
 _VERSION = re.compile(r"^(\d{4}-\d{2}-\d{2}-\d{2})(?:-(\d+))?$")
 
@@ -169,15 +183,105 @@ def registry_lock(models_dir: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+class CalibrationKind(StrEnum):
+    """How :class:`CalibrationMap` turns a probability into a calibrated one."""
+
+    PLATT = "platt"
+    ISOTONIC = "isotonic"
+
+
+#: probabilities are clipped to ``[eps, 1 - eps]`` before the logit of Platt scaling
+_LOGIT_EPS = 1e-15
+
+
+@dataclass(frozen=True)
+class CalibrationMap:
+    """A monotone map from the booster's click probability to the shipped one.
+
+    * ``platt``: ``sigmoid(a * logit(p) + b)``, ``p`` clipped to ``[1e-15, 1 - 1e-15]``
+      first (``a`` > 0 keeps the order of the predictions).
+    * ``isotonic``: linear interpolation through the points ``(x[i], y[i])`` (``x``
+      non-decreasing, ``y`` non-decreasing, both in ``[0, 1]``), constant ``y[0]`` below
+      ``x[0]`` and ``y[-1]`` above ``x[-1]`` — exactly :func:`numpy.interp`.
+    """
+
+    kind: CalibrationKind
+    a: float = 1.0
+    b: float = 0.0
+    x: tuple[float, ...] = ()
+    y: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", CalibrationKind(self.kind))
+        if self.kind is CalibrationKind.ISOTONIC:
+            xs, ys = np.asarray(self.x, dtype=np.float64), np.asarray(self.y, dtype=np.float64)
+            if xs.size == 0 or xs.shape != ys.shape:
+                raise ValueError("an isotonic map needs as many x as y points, at least one")
+            if (np.diff(xs) < 0).any() or (np.diff(ys) < 0).any():
+                raise ValueError("an isotonic map's x and y points must be non-decreasing")
+            if not (((ys >= 0) & (ys <= 1)).all() and np.isfinite(xs).all()):
+                raise ValueError("an isotonic map's y points must be probabilities")
+        elif not (math.isfinite(self.a) and math.isfinite(self.b)):
+            raise ValueError("a Platt map needs finite a and b")
+
+    def apply(self, p: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of booster probabilities ``p`` (any shape; one
+        vectorised expression)."""
+        p = np.asarray(p, dtype=np.float64)
+        if self.kind is CalibrationKind.ISOTONIC:
+            return np.interp(p, self.x, self.y)
+        q = np.clip(p, _LOGIT_EPS, 1.0 - _LOGIT_EPS)
+        return 1.0 / (1.0 + np.exp(-(self.a * np.log(q / (1.0 - q)) + self.b)))
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``calibration.json`` object (``kind`` plus its parameters)."""
+        if self.kind is CalibrationKind.ISOTONIC:
+            return {"kind": self.kind.value, "x": list(self.x), "y": list(self.y),
+                    "interpolation": "linear between points, constant outside (numpy.interp)"}
+        return {"kind": self.kind.value, "a": self.a, "b": self.b,
+                "formula": "sigmoid(a * logit(clip(p, 1e-15, 1 - 1e-15)) + b)"}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> CalibrationMap:
+        """Parse :meth:`to_json` output. Raises ValueError/KeyError/TypeError when malformed."""
+        kind = CalibrationKind(d["kind"])
+        if kind is CalibrationKind.ISOTONIC:
+            return cls(kind, x=tuple(map(float, d["x"])), y=tuple(map(float, d["y"])))
+        return cls(kind, a=float(d["a"]), b=float(d["b"]))
+
+
+def save_calibration(cal: CalibrationMap, folder: Path) -> None:
+    """Write ``folder/calibration.json``."""
+    (folder / CALIBRATION_FILE).write_text(json.dumps(cal.to_json(), indent=2) + "\n",
+                                           encoding="utf-8")
+
+
+def load_calibration(folder: Path) -> CalibrationMap | None:
+    """The map of ``folder/calibration.json``, or None when the file does not exist.
+
+    Raises:
+        ModelLoadError: the file is unreadable or malformed.
+    """
+    path = folder / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return CalibrationMap.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"cannot read the calibration map {path}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready to score: ``features`` in the booster's column order."""
+    """A model ready to score: ``features`` in the booster's column order;
+    ``calibration``: the map applied to the booster's probability (None: none)."""
 
     version: str
     booster: Any
     features: tuple[str, ...]
     metadata: Mapping[str, Any]
     coldstart: ColdStartModel | None = None
+    calibration: CalibrationMap | None = None
 
     def matrix(self, rows: Sequence[Mapping[str, float | int | None]]) -> np.ndarray:
         """Feature rows (name → value; absent or None → NaN) as a float64 matrix."""
@@ -190,12 +294,15 @@ class LoadedModel:
         return x
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Click probabilities for a ``(rows, len(features))`` float matrix."""
-        return np.asarray(self.booster.predict(x), dtype=np.float64)
+        """Click probabilities for a ``(rows, len(features))`` float matrix (calibrated
+        when the version has a map)."""
+        p = np.asarray(self.booster.predict(x), dtype=np.float64)
+        return p if self.calibration is None else self.calibration.apply(p)
 
 
 def load_model(models_dir: Path | str, version: str) -> LoadedModel:
-    """Load one version (main booster, metadata and, when present, the cold-start model).
+    """Load one version (main booster, metadata and, when present, the calibration map
+    and the cold-start model).
 
     Raises:
         ModelLoadError: missing or unreadable files, or a booster whose feature names
@@ -211,13 +318,14 @@ def load_model(models_dir: Path | str, version: str) -> LoadedModel:
         raise ModelLoadError(f"cannot load model {version} from {folder}: {exc}") from exc
     if tuple(booster.feature_name()) != features:
         raise ModelLoadError(f"model {version}: model.txt features differ from metadata.json")
+    calibration = load_calibration(folder)
     coldstart = None
     if (folder / "coldstart" / "model.txt").is_file():
         try:
             coldstart = load_coldstart(folder / "coldstart")
         except InputError as exc:
             raise ModelLoadError(str(exc)) from exc
-    return LoadedModel(version, booster, features, metadata, coldstart)
+    return LoadedModel(version, booster, features, metadata, coldstart, calibration)
 
 
 def load_champion(models_dir: Path | str) -> LoadedModel | None:

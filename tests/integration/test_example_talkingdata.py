@@ -108,9 +108,9 @@ def test_avazu_sample_replays_through_the_worker(ns: Namespace, tmp_path: Path) 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_talkingdata_example_end_to_end(tmp_path: Path) -> None:
-    """The whole file on the example's own throwaway stack (about 30 s here)."""
+    """The whole file on the example's own throwaway stack (about 40 s here)."""
     proc = subprocess.run([*CLI, "example", "talkingdata", "--csv", str(require(TALKINGDATA)),
-                           "--json"],
+                           "--json", "--candidates", "3"],
                           capture_output=True, text=True, timeout=580, check=False,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -121,8 +121,17 @@ def test_talkingdata_example_end_to_end(tmp_path: Path) -> None:
     assert out["train_rows"] + out["test_rows"] == 100_000 and out["test_positives"] > 20
     base = out["test_positives"] / out["test_rows"]
     constant = -(base * math.log(base) + (1 - base) * math.log1p(-base))
-    for name in ("windowed", "windowed_only", "raw"):
-        assert 0.6 < out[f"auc_{name}"] <= 1.0
-        assert out[f"logloss_{name}"] < constant  # better than predicting the base rate
+    for name in ("windowed", "windowed_only", "raw", "windowed_calibrated",
+                 "windowed_searched", "windowed_searched_calibrated", "lookup_table"):
+        assert 0.6 < out[f"auc_{name}"] <= 1.0, name
+        assert out[f"logloss_{name}"] < constant, name  # better than the base rate
+    # the search's first candidates are fixed: 3 of 3 ran; a map only when it helped
+    assert (out["search"]["planned"], out["search"]["ran"], out["search"]["stopped"]) == (
+        3, 3, "all")
+    for name, kind in out["calibration"].items():
+        assert kind in ("none", "platt", "isotonic"), name
+    if out["calibration"]["windowed"] == "none":
+        assert out["logloss_windowed_calibrated"] == out["logloss_windowed"]
+    assert out["lookup_table"]["rows_fit"] == out["train_rows"]  # 4 days < 30 days
     assert set(out["timings"]) >= {"produce_s", "worker_s", "labels_s", "training_set_s",
                                    "evaluate_s"}

@@ -138,8 +138,22 @@ def test_score_ranks_with_the_trained_model(trained: dict[str, Any], server: Ser
         anonymous = _anonymous(trained["ns"])
         x = np.array([[_value(rows, anonymous, name, user, context, r)
                        for name in model.features] for r in ranked])
-        expected = model.booster.predict(x, num_threads=1)
+        expected = _calibrated(trained["models"] / model.version,
+                               model.booster.predict(x, num_threads=1))
         assert [r["p_ctr"] for r in ranked] == pytest.approx(list(expected), rel=1e-9)
+
+
+def _calibrated(folder: Path, p: np.ndarray) -> np.ndarray:
+    """The version's calibration map applied to booster probabilities, from its
+    calibration.json as documented (none: unchanged)."""
+    path = folder / "calibration.json"
+    if not path.is_file():
+        return p
+    cal = json.loads(path.read_text())
+    if cal["kind"] == "isotonic":  # linear between points, constant outside
+        return np.interp(p, cal["x"], cal["y"])
+    q = np.clip(p, 1e-15, 1 - 1e-15)
+    return 1 / (1 + np.exp(-(cal["a"] * np.log(q / (1 - q)) + cal["b"])))
 
 
 def _value(rows: dict[str, dict[str, Any]], anonymous: dict[str, Any], name: str,

@@ -62,13 +62,15 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def synthetic_set(n: int = 60_000, seed: int = 0, *, days: int = 10, intercept: float = -1.3,
-                  late_factor: float = 1.0, with_ad: bool = True) -> pa.Table:
+                  late_factor: float = 1.0, late_share: float = 0.2,
+                  with_ad: bool = True) -> pa.Table:
     """A training set like the builder's: label-row columns, features, masks.
 
     The click probability is ``sigmoid(intercept + user + ad + device + hour)``; the
     served features are noisy per-row estimates of the user's and the ad's own rates
     (``user__ctr_24h`` null when the user had no impressions). ``late_factor`` multiplies
-    the probability of the last 20 % of rows (drift the model cannot know). ``days`` is a
+    the probability of the last ``late_share`` of rows (drift: with 0.1, only the later
+    half of the validation rows, which neither the model nor its calibration map saw). ``days`` is a
     multiple of 5 so the held-out last 20 % covers whole days (the hour effect averages out).
     """
     rng = np.random.default_rng(seed)
@@ -79,7 +81,7 @@ def synthetic_set(n: int = 60_000, seed: int = 0, *, days: int = 10, intercept: 
     d_eff = np.select([device == "ios", device == "android"], [0.5, 0.0], -0.6)
     hour = (ts // 3_600_000) % 24
     p = sigmoid(intercept + u_eff + a_eff + d_eff + 0.3 * np.sin(hour / 24 * 2 * np.pi))
-    late = np.arange(n) >= int(0.8 * n)
+    late = np.arange(n) >= int((1.0 - late_share) * n)
     p = np.clip(np.where(late, p * late_factor, p), 0.0, 1.0)
     y = (rng.random(n) < p).astype(np.int8)
     imps = rng.poisson(15, n)
@@ -233,6 +235,23 @@ def test_gate_champion_rules() -> None:
     assert not decide(metrics(0.72), champ, GatePolicy(min_auc_gain=0.05)).promote
 
 
+def test_gate_log_loss_no_worse_than_the_champion_on_the_same_rows() -> None:
+    # metrics() has log loss 0.3; AUC 0.72 clears the champion's 0.70 + 0.005
+    worse = decide(metrics(0.72), ChampionRef("v1", 0.70, "same validation rows", 0.29))
+    assert not worse.promote
+    assert "log loss 0.30000 > champion v1 log loss 0.29000" in worse.reasons
+    better = decide(metrics(0.72), ChampionRef("v1", 0.70, "same validation rows", 0.31))
+    assert better.promote
+    assert "log loss 0.30000 <= champion v1 log loss 0.31000" in better.reasons
+    assert decide(metrics(0.72), ChampionRef("v1", 0.70, "same validation rows", 0.3)).promote
+    tolerant = GatePolicy(max_logloss_increase=0.02)
+    assert decide(metrics(0.72), ChampionRef("v1", 0.70, "same validation rows", 0.29),
+                  tolerant).promote
+    stored = decide(metrics(0.72), ChampionRef("v1", 0.70, "stored metadata"))
+    assert stored.promote
+    assert any(r.startswith("log loss not compared with champion v1") for r in stored.reasons)
+
+
 def test_gate_only_judges_bins_with_enough_positives() -> None:
     few = [(0.02, 0.01, 5000, 50), (0.5, 0.5, 300, 150)]  # 100 % off, but only 50 positives
     d = decide(metrics(0.7, few), None)
@@ -329,8 +348,25 @@ def test_train_writes_a_promoted_versioned_artifact(trained: tuple[Path, Any, pa
     assert meta["data"]["train"]["max_ts_ms"] < meta["data"]["valid"]["min_ts_ms"]
     assert meta["data"]["valid"]["rows"] == 12_000
     assert 0.65 < meta["metrics"]["auc"] == pytest.approx(result.metrics.auc)
+    # The metrics describe the later half of the validation rows by time (the earlier half
+    # fitted the calibration map): the rows at or after the evaluation cut-off.
+    ts = table.column("ts").cast(pa.int64()).to_numpy()
+    eval_from = meta["metrics_rows"]["min_ts_ms"]
+    assert ts[47_999] < meta["data"]["valid"]["min_ts_ms"] <= ts[48_000]
+    n_eval = int((ts >= eval_from).sum())
+    assert n_eval == 6000 and ts[54_000] == eval_from > ts[53_999]  # no tie at the cut
     assert len(meta["metrics"]["calibration"]) == 10
-    assert sum(b["count"] for b in meta["metrics"]["calibration"]) == 12_000
+    assert sum(b["count"] for b in meta["metrics"]["calibration"]) == n_eval
+    assert meta["metrics"]["rows"] == meta["metrics_uncalibrated"]["rows"] == n_eval
+    cal = meta["calibration_map"]
+    assert cal["chosen"] in ("none", "platt", "isotonic")
+    assert (folder / "calibration.json").is_file() == (cal["chosen"] != "none")
+    assert cal["logloss_after"] <= cal["logloss_before"] == pytest.approx(
+        meta["metrics_uncalibrated"]["logloss"])
+    assert meta["metrics"]["logloss"] == pytest.approx(cal["logloss_after"])
+    lookup = meta["baselines"]["lookup_table"]
+    assert lookup["rows"] == n_eval and lookup["rows_fit"] == 48_000  # 10 days < 30 days
+    assert 0.5 < lookup["auc"] < meta["metrics"]["auc"]
     assert next(iter(meta["importance_gain"])) == "user__ctr_24h"
     assert len(meta["search"]["results"]) == len(SMALL_GRID)
     assert meta["gate"]["promote"] and meta["gate"]["reasons"] == list(result.decision.reasons)
@@ -338,10 +374,40 @@ def test_train_writes_a_promoted_versioned_artifact(trained: tuple[Path, Any, pa
     # The stored AUC is what an independent recomputation from the saved model gives.
     loaded = load_champion(out)
     assert loaded is not None and loaded.features == tuple(meta["features"])
-    valid = table.slice(48_000)
+    valid = table.filter(pa.array(ts >= eval_from))
     x = loaded.matrix(valid.select(list(loaded.features)).to_pylist())
     y = valid.column("label").to_numpy()
-    assert pairwise_auc_fast(y, loaded.predict(x)) == pytest.approx(meta["metrics"]["auc"])
+    p = loaded.predict(x)  # calibrated when the version has a map
+    assert pairwise_auc_fast(y, p) == pytest.approx(meta["metrics"]["auc"])
+    direct = -np.mean(np.where(y == 1, np.log(p), np.log1p(-p)))
+    assert direct == pytest.approx(meta["metrics"]["logloss"], rel=1e-9)
+    # The drift monitor's reference profile: the training rows (before the validation
+    # cut-off), counted by hand on the stored edges, and the scores the model serves.
+    profile = json.loads((folder / "reference_profile.json").read_text())
+    assert profile["version"] == result.version and profile["rows"] == 48_000
+    train_rows = table.filter(pa.array(ts < meta["data"]["valid"]["min_ts_ms"]))
+    by_name = {f["name"]: f for f in profile["features"]}
+    assert list(by_name) == meta["features"]
+    for name in meta["features"]:
+        stored = by_name[name]
+        values = train_rows.column(name).cast(pa.float64()).to_pylist()
+        edges = stored["edges"]
+        want = [0] * (len(edges) + 2)
+        for v in values:
+            if v is None or v != v:
+                want[-1] += 1
+            else:
+                want[sum(1 for e in edges if v >= e)] += 1
+        assert stored["counts"] == want, name
+    served = loaded.predict(loaded.matrix(train_rows.select(list(loaded.features)).to_pylist()))
+    assert sum(profile["prediction"]["counts"]) == 48_000
+    assert profile["prediction"]["edges"] == pytest.approx(
+        list(np.unique(np.quantile(served, np.arange(1, 10) / 10))), rel=1e-9)
+    context = {c["name"]: c["counts"] for c in profile["context"]}
+    assert set(context) == {"country", "device_type", "placement", "creative_type",
+                            "publisher_id"} & set(table.column_names)
+    devices = train_rows.column("device_type").to_pylist()
+    assert context["device_type"]["ios"] == devices.count("ios")
 
 
 def pairwise_auc_fast(y: np.ndarray, p: np.ndarray) -> float:
@@ -393,7 +459,7 @@ def test_same_model_again_is_rejected_and_a_better_one_promoted(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_drifted_validation_fails_calibration_and_is_never_champion(tmp_path: Path) -> None:
-    drifted = synthetic_set(60_000, seed=2, late_factor=1.5)
+    drifted = synthetic_set(60_000, seed=2, late_factor=1.5, late_share=0.1)
     result = train(drifted, tmp_path, clock=clock_at("2024-03-01T08:00:00+00:00"),
                    grid=SMALL_GRID[:1], registry=REG)
     assert result.metrics.auc > 0.6
@@ -437,13 +503,33 @@ def test_train_command_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     path = tmp_path / "ts.parquet"
     pq.write_table(synthetic_set(20_000, seed=3), path)
     out = tmp_path / "models"
-    assert cli.main(["train", "--training-set", str(path), "--out", str(out), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    assert cli.main(["train", "--training-set", str(path), "--out", str(out), "--json",
+                     "--candidates", "8"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert "candidate 1/" not in captured.err  # no progress lines in --json mode
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-\d{2}", summary["version"])
     assert summary["rows"] == 20_000 and summary["features"] == 4
     assert summary["promoted"] == (champion_version(out) == summary["version"])
     assert len(json.loads((out / summary["version"] / "metadata.json").read_text())
                ["search"]["results"]) == 8
+    assert summary["candidates_ran"] == 8 and summary["search_stopped"] == "all"
+    for key in ("auc_lookup_table", "logloss_lookup_table", "auc_uncalibrated"):
+        assert 0 < summary[key] < 1, key
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("with_train_command")
+def test_train_command_budget_and_progress(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "ts.parquet"
+    pq.write_table(synthetic_set(5000, seed=3), path)
+    argv = ["train", "--training-set", str(path), "--out", str(tmp_path / "models"),
+            "--candidates", "3", "--search-budget", "0s"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "search: 1 of 3 candidates ran (stopped: budget)" in captured.out
+    assert captured.err.count("[train] candidate ") == 1
 
 
 @pytest.mark.usefixtures("with_train_command")
@@ -452,6 +538,11 @@ def test_train_command_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     (["--training-set", "{tmp}/notparquet.parquet"], "cannot read the training set"),
     (["--training-set", "{tmp}/nofeatures.parquet"], "none of the 20 served feature columns"),
     (["--training-set", "{tmp}/nofeatures.parquet", "--auc-floor", "1.5"], "--auc-floor"),
+    (["--training-set", "{tmp}/nofeatures.parquet", "--candidates", "0"],
+     "--candidates must be between 1 and 200, not 0"),
+    (["--training-set", "{tmp}/nofeatures.parquet", "--candidates", "201"], "--candidates"),
+    (["--training-set", "{tmp}/nofeatures.parquet", "--search-budget", "ten"],
+     "cannot read 'ten' as a duration"),
 ])
 def test_train_command_bad_input_exits_2_in_one_sentence(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
