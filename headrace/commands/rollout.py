@@ -154,20 +154,11 @@ FIRST_READ_S = 30.0
 
 def _first_read(source: StatsSource, champion: str, challenger: str
                 ) -> tuple[ArmStats, ArmStats]:
-    """The counts at the start (the first phase's baseline). A read that is momentarily
-    inconsistent (a click applied before its impression) or unavailable is retried
-    every 0.5 s for :data:`FIRST_READ_S`; then the last reason is the error."""
-    from headrace.rollout.source import StatsUnavailable
+    """The counts at the start (:func:`headrace.pipeline.launch.first_read`, for
+    :data:`FIRST_READ_S` seconds)."""
+    from headrace.pipeline.launch import first_read
 
-    deadline = time.monotonic() + FIRST_READ_S
-    while True:
-        try:
-            return source.read(champion, challenger)
-        except StatsUnavailable as exc:
-            if time.monotonic() >= deadline:
-                raise InputError(f"cannot read the arms' counts to start the rollout: "
-                                 f"{exc}") from exc
-            time.sleep(0.5)
+    return first_read(source, champion, challenger, within_s=FIRST_READ_S)
 
 
 def stats_source(settings: RolloutSettings, rollout_id: str, args: argparse.Namespace,
@@ -218,31 +209,32 @@ def _printer(as_json: bool) -> Any:
 
 
 def _runner(args: argparse.Namespace, settings: RolloutSettings, store: RolloutStore,
-            registry: ModelRegistry, source: StatsSource, stored: Stored) -> Runner:
+            registry: ModelRegistry, source: StatsSource, stored: Stored, *,
+            foreground: bool = True) -> Runner:
+    """The controller runner; ``foreground`` False (the pipeline's start, which only
+    commits the first state): no metrics endpoint and no printed events."""
     from headrace.rollout.alerts import RolloutMetrics, WebhookAlerter
     from headrace.rollout.runner import Runner
 
     metrics = RolloutMetrics()
-    if settings.metrics_port_or_none is not None:
+    if settings.metrics_port_or_none is not None and foreground:
         metrics.serve(settings.metrics_port_or_none)
     return Runner(store, registry, source, stored, tick_ms=settings.rollout_tick_ms,
                   lock_ttl_ms=settings.rollout_lock_ttl_ms,
                   ack_timeout_ms=int(settings.rollout_ack_timeout_s * 1000),
                   ack_poll_ms=settings.rollout_ack_poll_ms,
                   alerter=WebhookAlerter(settings.webhook_url), metrics=metrics,
-                  on_event=_printer(getattr(args, "json", False)))
+                  on_event=_printer(getattr(args, "json", False)) if foreground else None)
 
 
 def _interrupt(*_: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _drive(runner: Runner, args: argparse.Namespace, first: Any = None) -> int:
+def _drive(runner: Runner, args: argparse.Namespace) -> int:
     """Run the controller in the foreground (lock held), release the lock at the end."""
     signal.signal(signal.SIGTERM, _interrupt)  # state is persisted: `rollout run` resumes
     try:
-        if first is not None:
-            runner.commit(first)
         final = runner.run()
     finally:
         runner.release()
@@ -254,79 +246,31 @@ def _drive(runner: Runner, args: argparse.Namespace, first: Any = None) -> int:
 
 
 def _running(stored: Stored | None) -> bool:
-    from headrace.rollout.controller import Status
+    from headrace.pipeline.launch import running
 
-    return stored is not None and (stored.state.status is Status.RUNNING or stored.state.busy)
-
-
-def _policy(path: str | None, time_scale: float) -> Any:
-    from headrace.rollout.policy import Policy
-
-    if not (time_scale > 0 and time_scale < float("inf")):
-        raise UsageError(f"--time-scale must be positive, got {time_scale}")
-    if path is None:
-        return Policy(time_scale=time_scale)
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the policy {path}: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise InputError(f"the policy {path} must be a JSON object")
-    return Policy.from_dict({**doc, "time_scale": time_scale})
+    return running(stored)
 
 
 # ---------------------------------------------------------------------- commands
 def _start(args: argparse.Namespace, settings: RolloutSettings) -> int:
-    from headrace.model.registry import Role
-    from headrace.rollout.controller import begin
-    from headrace.rollout.store import Stored
+    from headrace.pipeline.launch import load_policy, start_rollout
 
     version = args.challenger
     time_scale = args.time_scale if args.time_scale is not None else settings.rollout_time_scale
-    policy = _policy(args.policy or settings.rollout_policy_file, time_scale)
+    policy = load_policy(args.policy or settings.rollout_policy_file, time_scale)
     stats_file = args.stats_file or settings.rollout_stats_file
     rid = args.rollout_id or f"r-{secrets.token_hex(4)}"
     source = stats_source(settings, rid, args, stats_file=stats_file)
     registry = _registry(args, settings)
     store = _store(settings)
-    current = store.load()
-    if _running(current):
-        assert current is not None
-        s = current.state
-        raise InputError(f"rollout {s.rollout_id} of {s.challenger} is already running (phase "
-                         f"{s.phase}); resume it with headrace rollout run or stop it with "
-                         "headrace rollout abort")
-    registry.history(version)  # an unknown version: InputError naming the known ones
-    role, champion = registry.roles()[version], registry.champion()
-    if role is Role.FAILED:
-        raise InputError(f"model {version} failed and can never be rolled out again")
-    if champion is None or champion == version:
-        raise InputError(f"model {version} is already the champion" if champion else
-                         f"there is no champion in {registry.models_dir} to compare "
-                         f"{version} with")
-    if (other := registry.challenger()) not in (None, version):
-        raise InputError(f"model {other} is already the challenger of another rollout; "
-                         "finish or abort it first")
-    if registry.gate_passed(version) is False:
-        raise InputError(f"model {version} failed its offline gates and cannot be rolled out")
-    champ, chall = _first_read(source, champion, version)
     shadow_s = args.shadow_seconds if args.shadow_seconds is not None else (
         settings.rollout_shadow_s if args.shadow else 0.0)
-    state, _ = begin(rid, champion, version, time.time_ns() // 1_000_000, policy,
-                     shadow_ms=round(shadow_s * 1000 * time_scale),
-                     champion_stats=champ, challenger_stats=chall)
-    runner = _runner(args, settings, store, registry, source, Stored(state, policy, stats_file))
-    runner.acquire()  # a second controller: ControllerLocked, exit 2, nothing changed
-    try:
-        if registry.challenger() != version:  # already: an interrupted start, resumed
-            registry.transition(version, Role.CHALLENGER, f"rollout {rid} started",
-                                {"policy": policy.to_dict(), "shadow_s": shadow_s},
-                                actor="rollout", rollout_id=rid, phase=state.phase)
-        store.clear_abort()
-    except BaseException:
-        runner.release()
-        raise
-    return _drive(runner, args, first=state)
+    runner, _ = start_rollout(
+        store, registry, source,
+        lambda stored: _runner(args, settings, store, registry, source, stored),
+        version=version, rollout_id=rid, policy=policy, shadow_s=shadow_s,
+        stats_file=stats_file, within_s=FIRST_READ_S)
+    return _drive(runner, args)
 
 
 def _run(args: argparse.Namespace, settings: RolloutSettings) -> int:
