@@ -100,6 +100,11 @@ class AdServer:
         self.requests = 0
         self.errors = 0
         self.last_error: str | None = None
+        #: keep what was shown (the first candidate's bid, the context, its pCTR)
+        self.record_shown = False
+        #: a click's delay after its impression, ms (uniform between the bounds)
+        self.click_delay_ms: tuple[int, int] = (1, 1)
+        self.shown: list[dict[str, Any]] = []
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -152,7 +157,7 @@ class AdServer:
         ad = req["index"][top]
         cand = req["candidates"][top]
         ctx = req["context"]
-        p_true = self.world.true_p(ad, ctx["device_type"])
+        p_true = self.world.true_p(ad, ctx["device_type"], ctx["country"])
         p_ctr = float(resp.p_ctr[0])
         now = time.time_ns() // 1_000_000
         imp = {"type": "impression", "event_id": f"si{self.seed}-{tag}", "ts": now,
@@ -165,8 +170,10 @@ class AdServer:
         self.pump.events.put(imp)
         clicked = bool(rng.random() < p_true)
         if clicked:
+            lo, hi = self.click_delay_ms
+            delay = lo if lo == hi else int(rng.integers(lo, hi + 1))
             self.pump.events.put({
-                "type": "click", "event_id": f"sk{self.seed}-{tag}", "ts": now + 1,
+                "type": "click", "event_id": f"sk{self.seed}-{tag}", "ts": now + delay,
                 "impression_id": imp["event_id"], "user_id": imp["user_id"],
                 "ad_id": imp["ad_id"], "campaign_id": imp["campaign_id"],
                 "publisher_id": imp["publisher_id"], "prediction_id": imp["prediction_id"],
@@ -181,3 +188,7 @@ class AdServer:
             tally.sum_true_p += p_true
             tally.sum_pctr += p_ctr
             tally.latencies_ms.append(ms)
+            if self.record_shown:
+                self.shown.append({"bid_cpm": cand["bid_cpm"], "p_ctr": p_ctr,
+                                   "device_type": ctx["device_type"],
+                                   "country": ctx["country"]})
