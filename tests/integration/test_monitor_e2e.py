@@ -254,3 +254,81 @@ def test_monitor_gauges_drift_command_and_alert(ns: Namespace, tmp_path: Path,
                                          ("window", "1h")))] == g(
         "headrace_drift_psi", model_version=VERSION, feature="f1", window="1h")
     assert redis_client.xlen(key) == len(entries)
+
+
+def test_performance_alerts_for_a_miscalibrated_model_that_ranks_at_random(
+        ns: Namespace, tmp_path: Path, redis_client: Any) -> None:
+    """Two closed hours of the champion's impressions whose logged pCTRs (0.1-0.3) are
+    about four times the real click rate (5 %, independent of the pCTR): the calibration
+    alert fires for each hour, the AUC alert (validation 0.9 - 0.02) once, on the second
+    consecutive hour; each lands in the Redis stream once."""
+    models = tmp_path / "models"
+    _models(models)
+    settings = ns.settings(MonitorSettings, models_dir=str(models), monitor_min_rows=200,
+                           monitor_attribution_s=ATTR_S)
+    topics = [settings.topic(t) for t in (TOPIC_PREDICTIONS, TOPIC_IMPRESSIONS,
+                                          TOPIC_CLICKS)]
+    admin = AdminClient(settings.confluent_admin())
+    for fut in admin.create_topics([NewTopic(t, 2, 1) for t in topics]).values():
+        fut.result(timeout=10)
+    now_ms = time.time_ns() // 1_000_000
+    start = now_ms - now_ms % H
+    clock_s = (start + 40 * 60_000) / 1000
+    rng = np.random.default_rng(7)
+    producer = Producer(settings.confluent_producer())
+    hours: dict[int, tuple[list[float], list[int]]] = {}
+    for hour in (start - 2 * H, start - H):
+        scores, labels = [], []
+        for i in range(300):
+            ts = hour + int(rng.integers(0, H - ATTR_S * 1000))
+            p, clicked = float(rng.uniform(0.1, 0.3)), int(rng.random() < 0.05)
+            scores.append(p)
+            labels.append(clicked)
+            eid = f"i{hour}-{i}"
+            producer.produce(topics[1], json.dumps({
+                "event_id": eid, "ts": ts, "user_id": f"u{i}", "ad_id": "a1",
+                "campaign_id": "c1", "publisher_id": "pub", "placement": "feed",
+                "creative_type": "banner", "device_type": "mobile", "country": "us",
+                "bid_cpm": 1.0, "prediction_id": f"q{eid}", "model_version": VERSION,
+                "p_ctr": p}).encode(), partition=i % 2)
+            if clicked:
+                producer.produce(topics[2], json.dumps({
+                    "event_id": f"k{eid}", "ts": ts + 2000, "impression_id": eid,
+                    "user_id": f"u{i}", "ad_id": "a1", "campaign_id": "c1",
+                    "publisher_id": "pub"}).encode(), partition=i % 2)
+        hours[hour] = (scores, labels)
+    for part in (0, 1):  # the event time passes both hours + attribution everywhere
+        producer.produce(topics[1], json.dumps({
+            "event_id": f"s{part}", "ts": start + 5 * 60_000, "user_id": "u", "ad_id": "a1",
+            "campaign_id": "c1", "publisher_id": "pub", "placement": "feed",
+            "creative_type": "banner", "device_type": "mobile", "country": "us",
+            "bid_cpm": 1.0}).encode(), partition=part)
+        producer.produce(topics[2], json.dumps({
+            "event_id": f"z{part}", "ts": start + 5 * 60_000, "impression_id": "none",
+            "user_id": "u", "ad_id": "a1", "campaign_id": "c1",
+            "publisher_id": "pub"}).encode(), partition=part)
+    producer.flush(10)
+    service = MonitorService(settings, lambda k, m, n: decode_events(k, m, n, 3_600_000),
+                             metrics=MonitorMetrics(), redis=redis_client,
+                             clock=lambda: clock_s)
+    key = f"{ns.redis_prefix}:monitor:alerts"
+
+    def hourly() -> list[dict[str, Any]]:
+        return [e for e in (json.loads(f[b"alert"]) for _, f in redis_client.xrange(key))
+                if e["signal"] == "performance" and e["window"] == "1h"]
+
+    _run(service, lambda: service.caught_up and len(hourly()) >= 3 and service.ticks >= 6, 60)
+    got = {(e["feature"], e["window_start_ms"]): e for e in hourly()}
+    assert set(got) == {("calibration", start - 2 * H), ("calibration", start - H),
+                        ("auc", start - H)}
+    for hour, (scores, labels) in hours.items():
+        ratio = sum(scores) / sum(labels)  # the oracle: predicted / observed
+        assert ratio > 1.15
+        assert got[("calibration", hour)]["value"] == pytest.approx(ratio, rel=1e-12)
+        assert got[("calibration", hour)]["threshold"] == 1.15
+    second_auc = _pairs_auc(*hours[start - H])
+    assert second_auc < 0.88
+    assert got[("auc", start - H)]["value"] == pytest.approx(second_auc, abs=1e-12)
+    assert got[("auc", start - H)]["threshold"] == pytest.approx(0.88)
+    assert _scrape(service.metrics)[("headrace_monitor_alerts_total",
+                                     (("signal", "performance"),))] >= 3
