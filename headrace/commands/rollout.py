@@ -38,8 +38,12 @@ from typing import TYPE_CHECKING, Any
 from headrace.core.errors import InputError, UsageError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from headrace.model.registry import ModelRegistry
+    from headrace.rollout.controller import RolloutState
     from headrace.rollout.gates import ArmStats
+    from headrace.rollout.ope_gate import OpeEstimate
     from headrace.rollout.runner import Runner
     from headrace.rollout.settings import RolloutSettings
     from headrace.rollout.source import StatsSource
@@ -224,7 +228,37 @@ def _runner(args: argparse.Namespace, settings: RolloutSettings, store: RolloutS
                   ack_timeout_ms=int(settings.rollout_ack_timeout_s * 1000),
                   ack_poll_ms=settings.rollout_ack_poll_ms,
                   alerter=WebhookAlerter(settings.webhook_url), metrics=metrics,
-                  on_event=_printer(getattr(args, "json", False)) if foreground else None)
+                  on_event=_printer(getattr(args, "json", False)) if foreground else None,
+                  ope=ope_evaluator(settings, stored.policy.ope_attribution_ms))
+
+
+def ope_evaluator(settings: RolloutSettings, attribution_ms: int
+                  ) -> Callable[[RolloutState], OpeEstimate]:
+    """The off-policy gate's evaluator (:mod:`headrace.rollout.ope_gate`): the doubly
+    robust estimate of the challenger's greedy policy on the served decisions of the
+    shadow phase, ``[phase start, now)``, from the prediction log and the clicks
+    (:func:`headrace.commands.evaluate_policy.evaluate_range`). Clicks are read up to
+    now: the last decisions' clicks may not have come yet, which lowers the estimate
+    and the logged CTR alike (both are computed from the same decisions and clicks)."""
+    from headrace.rollout.ope_gate import OpeEstimate
+
+    def evaluate(state: RolloutState) -> OpeEstimate:
+        from headrace.commands.evaluate_policy import evaluate_range
+
+        now = time.time_ns() // 1_000_000
+        ns = argparse.Namespace(log=f"{state.phase_started_ms}..{now}",
+                                model=state.challenger, policy="greedy",
+                                attribution=str(attribution_ms), grace="0", timeout=30.0,
+                                min_ess=None, min_support=None, clip=None)
+        try:
+            rep = evaluate_range(ns, settings)
+        except InputError as exc:
+            return OpeEstimate(problem=str(exc))
+        dr = rep["dr"]
+        return OpeEstimate(dr["value"], dr["ci_low"], dr["ci_high"], rep["logged_ctr"],
+                           rep["decisions"], rep["ess"])
+
+    return evaluate
 
 
 def _interrupt(*_: Any) -> None:
@@ -265,6 +299,9 @@ def _start(args: argparse.Namespace, settings: RolloutSettings) -> int:
     store = _store(settings)
     shadow_s = args.shadow_seconds if args.shadow_seconds is not None else (
         settings.rollout_shadow_s if args.shadow else 0.0)
+    if policy.ope_max_drop is not None and not shadow_s > 0:
+        raise InputError("the policy's off-policy gate (ope_max_drop) judges the "
+                         "challenger's shadow predictions: start with --shadow")
     runner, _ = start_rollout(
         store, registry, source,
         lambda stored: _runner(args, settings, store, registry, source, stored),

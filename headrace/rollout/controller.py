@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 from headrace.core.errors import InputError
 from headrace.rollout.gates import Action, ArmStats, Breach, Decision, guardrails, phase_end
+from headrace.rollout.ope_gate import OpeEstimate, ope_breach
 from headrace.rollout.policy import Policy
 from headrace.rollout.source import arm_stats_from_dict, arm_stats_to_dict, subtract
 
@@ -327,7 +328,8 @@ def _breach(breaches: list[Breach], phase: int) -> Breach:
 
 
 def step(state: RolloutState, now_ms: int, champion_stats: ArmStats,
-         challenger_stats: ArmStats, policy: Policy, *, abort: str | None = None
+         challenger_stats: ArmStats, policy: Policy, *, abort: str | None = None,
+         ope: OpeEstimate | None = None
          ) -> tuple[RolloutState, tuple[ControllerAction, ...]]:
     """One evaluation of a running rollout.
 
@@ -338,6 +340,9 @@ def step(state: RolloutState, now_ms: int, champion_stats: ArmStats,
             rollout started (the step subtracts the phase's baseline).
         policy: the thresholds and durations (``time_scale`` applied).
         abort: an operator's abort request (its reason): roll back now.
+        ope: the off-policy estimate judged at the end of the shadow phase when
+            ``policy.ope_max_drop`` is set (:mod:`headrace.rollout.ope_gate`); None
+            there: no estimate, the gate fails.
 
     Returns:
         The new state and the actions to carry out, in order (also in
@@ -362,9 +367,17 @@ def step(state: RolloutState, now_ms: int, champion_stats: ArmStats,
     if breaches:
         return _rollback(state, now_ms, _breach(breaches, state.phase), Status.ROLLED_BACK)
     if state.phase == 0:
-        if elapsed >= state.shadow_ms:
+        if elapsed < state.shadow_ms:
+            return state, ()
+        if policy.ope_max_drop is None:
             return _advance(state, now_ms, policy, champion_stats, challenger_stats, None)
-        return state, ()
+        blocked = ope_breach(ope, policy.ope_max_drop)
+        if blocked is not None:
+            return _rollback(state, now_ms, blocked, Status.ROLLED_BACK)
+        assert ope is not None
+        return _advance(state, now_ms, policy, champion_stats, challenger_stats,
+                        {"gate": "ope", "ope": ope.to_dict(),
+                         "max_drop": policy.ope_max_drop})
     final = elapsed >= _ms(policy.max_duration(state.phase))
     due = (state.looks == 0 and elapsed >= _ms(policy.min_duration(state.phase))) or (
         state.looks == 1 and final)

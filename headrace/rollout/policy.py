@@ -165,6 +165,15 @@ class Policy:
         segment_confidence: None: the issue's rule, the segment's point estimate of
             the lift below −``segment_max_degradation``; a probability: degraded when
             P(segment lift < −``segment_max_degradation``) exceeds it.
+
+    Before phase 1 (:mod:`headrace.rollout.ope_gate`):
+
+    Attributes:
+        ope_max_drop: None (default): no off-policy gate. A number in [0, 1): at the end
+            of the shadow phase the challenger's off-policy CTR estimate on the logged
+            decisions must be at least the logged CTR × (1 − this); needs the shadow
+            phase (``rollout start --shadow``).
+        ope_attribution_ms: the click attribution window of that estimate.
     """
 
     phases: tuple[Phase, ...] = DEFAULT_PHASES
@@ -196,6 +205,8 @@ class Policy:
     segment_max_degradation: float = 0.05
     major_segment_min_share: float = 0.05
     segment_confidence: float | None = 0.9
+    ope_max_drop: float | None = None
+    ope_attribution_ms: int = 1_800_000
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -298,6 +309,12 @@ class Policy:
                        f"got {self.segment_confidence!r}")
         if not self.latency_p99_max_ms > 0:
             out.append(f"latency_p99_max_ms must be positive, got {self.latency_p99_max_ms!r}")
+        drop = self.ope_max_drop
+        if drop is not None and not (isinstance(drop, int | float) and 0.0 <= drop < 1.0):
+            out.append(f"ope_max_drop must be None or in [0, 1), got {drop!r}")
+        if not isinstance(self.ope_attribution_ms, int) or self.ope_attribution_ms < 0:
+            out.append(f"ope_attribution_ms must be a non-negative integer, "
+                       f"got {self.ope_attribution_ms!r}")
         rel = self.latency_vs_champion_ms
         if rel is not None and not (isinstance(rel, int | float) and 0 <= rel < math.inf):
             out.append(f"latency_vs_champion_ms must be None or a finite number >= 0, "

@@ -37,6 +37,7 @@ from headrace.rollout.controller import (
     WriteSplit,
     step,
 )
+from headrace.rollout.ope_gate import OpeEstimate
 from headrace.rollout.source import StatsSource, StatsUnavailable
 from headrace.rollout.split import SplitState
 from headrace.rollout.store import RolloutStore, Stored, new_token
@@ -81,8 +82,10 @@ class Runner:
                  alerter: WebhookAlerter | None = None, metrics: RolloutMetrics | None = None,
                  on_event: Callable[[dict[str, Any]], None] | None = None,
                  clock_ms: Callable[[], int] = _wall_ms,
-                 sleep: Callable[[float], None] = time.sleep, token: str | None = None) -> None:
+                 sleep: Callable[[float], None] = time.sleep, token: str | None = None,
+                 ope: Callable[[RolloutState], OpeEstimate] | None = None) -> None:
         self.store, self.registry, self.source = store, registry, source
+        self.ope = ope
         self.stored = stored
         self.tick_ms, self.lock_ttl_ms = tick_ms, lock_ttl_ms
         self.ack_timeout_ms, self.ack_poll_ms = ack_timeout_ms, ack_poll_ms
@@ -156,7 +159,7 @@ class Runner:
         try:
             champ, chall = self.source.read(state.champion, state.challenger)
             new, actions = step(state, self.clock_ms(), champ, chall, self.stored.policy,
-                                abort=abort)
+                                abort=abort, ope=self._ope_due(state))
         except (StatsUnavailable, InputError) as exc:
             if abort is None:
                 self._warn_once(f"rollout {state.rollout_id}: no evaluation this tick: {exc}")
@@ -171,6 +174,16 @@ class Runner:
         if new != state:
             self._save(new)
         return new
+
+    def _ope_due(self, state: RolloutState) -> OpeEstimate | None:
+        """The off-policy estimate when the shadow phase ends under an off-policy gate
+        (asked once per decision: the step then advances or rolls back), else None."""
+        if (state.phase != 0 or self.stored.policy.ope_max_drop is None
+                or self.clock_ms() - state.phase_started_ms < state.shadow_ms):
+            return None
+        if self.ope is None:
+            return OpeEstimate(problem="this controller has no off-policy evaluator")
+        return self.ope(state)
 
     def run(self) -> RolloutState:
         """Tick every ``tick_ms`` until the rollout ends and its actions are done.
