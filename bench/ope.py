@@ -25,8 +25,14 @@ same-run reference beside the logger's value. ``clipped`` repeats the three with
 clipped at ``clip`` (bias against variance). Targets: coverage >= 0.9 for IPS and DR,
 DR RMSE below IPS RMSE.
 
-The JSON is the :data:`figures` dict :func:`run` builds: add another run (e.g. an
-exploring ``Score`` log) as a key of it.
+``exploring`` (``exploring_seconds`` > 0): the exploring ``Score`` decisions of
+:func:`bench.score.run_exploring_score` (the product's eligibility, shared budget,
+draws and propensities on a synthetic ad world, no stack) for greedy, ε-greedy and
+Thompson: ``explore_share`` against ``explore_budget``, impressions per new ad and the
+seconds until every new ad had 1,000 impressions (``None``: not within the run), the
+CTR each policy paid; and the estimators on the ε-greedy log itself, evaluating the
+greedy policy, whose value on the logged requests is known (the mean true CTR of the
+greedy choices): the log's own off-policy check.
 """
 
 from __future__ import annotations
@@ -95,7 +101,7 @@ def run(seeds: int = 500, decisions: int = 4000, contexts: int = 6, actions: int
         epsilon: float = 0.3, target_epsilon: float = 0.05, logger_noise: float = 0.6,
         target_noise: float = 0.15, dm_noise: float = 0.3, ctr_low: float = 0.02,
         ctr_high: float = 0.3, clip: float = 10.0, world_seed: int = 0, seed: int = 1,
-        ) -> dict[str, Any]:
+        exploring_seconds: float = 600.0) -> dict[str, Any]:
     """Simulate ``seeds`` logs of ``decisions`` each and score the estimators (module
     docstring); returns the figures (JSON-able).
 
@@ -154,5 +160,38 @@ def run(seeds: int = 500, decisions: int = 4000, contexts: int = 6, actions: int
                    "ctr_low": ctr_low, "ctr_high": ctr_high, "world_seed": world_seed,
                    "seed": seed},
     }
+    if exploring_seconds > 0:
+        figures["exploring"] = exploring(exploring_seconds, seed)
     figures["elapsed_s"] = round(time.perf_counter() - t0, 3)
     return figures
+
+
+def exploring(seconds: float, seed: int) -> dict[str, Any]:
+    """The exploring-``Score`` figures (module docstring)."""
+    from bench.score import run_exploring_score
+    from offline.ope import OpeLog, evaluate
+
+    out: dict[str, Any] = {}
+    eps_log: dict[str, Any] = {}
+    for policy in ("off", "eps-greedy", "thompson"):
+        res = run_exploring_score(policy, seconds=seconds, seed=seed)
+        log = res.pop("log")
+        if policy == "eps-greedy":
+            eps_log = log
+        out[res["policy"]] = {**res, "explore_budget": res["budget"]}
+    rows = np.arange(len(eps_log["shown"]))
+    shown, greedy, p_ctr = eps_log["shown"], eps_log["greedy"], eps_log["p_ctr"]
+    truth = float(eps_log["true_ctr"][rows, greedy].mean())
+    rep = evaluate(OpeLog(eps_log["click"], eps_log["propensity"],
+                          (shown == greedy).astype(np.float64), p_ctr[rows, greedy],
+                          p_ctr[rows, shown], eps_log["propensity"] < 1.0), min_ess=0.0)
+
+    def est(e: Any) -> dict[str, Any]:
+        return {"value": e.value, "ci_low": e.ci_low, "ci_high": e.ci_high,
+                "covers_truth": bool(e.ci_low <= truth <= e.ci_high)}
+
+    out["ope_on_the_eps_greedy_log"] = {
+        "target": "greedy", "true_value": truth, "logged_ctr": rep.logged_ctr,
+        "decisions": rep.decisions, "ess": rep.ess, "ips": est(rep.ips),
+        "snips": est(rep.snips), "dr": est(rep.dr)}
+    return out

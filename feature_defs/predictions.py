@@ -9,12 +9,15 @@ by ``prediction_id`` (+ ``model_version``); the stream worker joins them per arm
 Wire format (one record per Kafka message)::
 
     byte 0      0x00                     magic (the Confluent wire format's)
-    bytes 1-4   schema id, big-endian    :data:`SCHEMA_ID` (2 = :data:`PREDICTION_SCHEMA`;
-                                         1 = :data:`PREDICTION_SCHEMA_1`, still read)
+    bytes 1-4   schema id, big-endian    :data:`SCHEMA_ID` (3 = :data:`PREDICTION_SCHEMA`;
+                                         1 = :data:`PREDICTION_SCHEMA_1` and
+                                         2 = :data:`PREDICTION_SCHEMA_2`, still read)
     bytes 5..   schemaless Avro body     of the schema with that id
 
 Schema ids: 1, the first; 2 adds ``features`` (default ``[]``, so a record of id 1
-reads with no features).
+reads with no features); 3 adds the exploration fields ``propensity`` (default null),
+``explored`` (default false) and ``policy`` (default null), so a record of id 1 or 2
+reads as "not logged" (null propensity and policy, not explored).
 
 A new schema version gets a new id (added to :data:`SCHEMAS`, never edited) and keeps
 old fields readable: :func:`decode_prediction` resolves an older writer schema against
@@ -34,6 +37,17 @@ drift monitor compares with the model's training profile. Empty when there is no
 row: an error record, or an answer of the cold-start model (the store could not answer,
 so the booster's features were never laid out). On the RPC path it is the one row
 taken from the matrix already scored (an array); it becomes a list only when encoded.
+
+Exploration (:mod:`serving.exploration`): ``propensity`` is the probability, under the
+serving policy, that the candidate the record's answer put first (rank 0 of the served
+answer; for a shadow record the challenger's greedy choice) would have been put first
+given this request and the model's scores, in (0, 1]; ``explored`` says the served
+answer differs from the greedy one because of exploration; ``policy`` names the policy
+version (``greedy``, ``eps-greedy:0.05``, ``thompson:v1``). Greedy answers (exploration
+off) and shadow records log propensity 1.0 and policy ``greedy``; error records null.
+``ranks`` stay the model's (greedy) ranking, so an explored served record's
+``chosen_rank`` is the greedy rank of the candidate it showed first, not 0: the shown
+candidate is ``ranks.index(chosen_rank)``.
 """
 
 from __future__ import annotations
@@ -48,8 +62,9 @@ from typing import Any, Final
 import fastavro
 import numpy as np
 
-__all__ = ["Arm", "PredictionRecord", "PREDICTION_SCHEMA", "PREDICTION_SCHEMA_1", "SCHEMA_ID",
-           "SCHEMAS", "PredictionFormatError", "encode_prediction", "decode_prediction"]
+__all__ = ["Arm", "PredictionRecord", "PREDICTION_SCHEMA", "PREDICTION_SCHEMA_1",
+           "PREDICTION_SCHEMA_2", "SCHEMA_ID", "SCHEMAS", "PredictionFormatError",
+           "encode_prediction", "decode_prediction"]
 
 
 class Arm(StrEnum):
@@ -95,8 +110,8 @@ PREDICTION_SCHEMA_1: Final[Mapping[str, Any]] = {
         {"name": "error", "type": _OPT_STR, "default": None},
     ],
 }
-#: schema id 2, the current one: id 1 + ``features`` (see the module docstring)
-PREDICTION_SCHEMA: Final[Mapping[str, Any]] = {
+#: schema id 2: id 1 + ``features`` (see the module docstring), never edited
+PREDICTION_SCHEMA_2: Final[Mapping[str, Any]] = {
     **PREDICTION_SCHEMA_1,
     "fields": [*PREDICTION_SCHEMA_1["fields"],
                {"name": "features", "type": {"type": "array", "items": "double"},
@@ -104,12 +119,28 @@ PREDICTION_SCHEMA: Final[Mapping[str, Any]] = {
                 "doc": "the feature row (model feature order, NaN = null) of the "
                        "candidate this model ranked first; empty on error or cold start"}],
 }
-SCHEMA_ID: Final = 2
+#: schema id 3, the current one: id 2 + ``propensity``, ``explored``, ``policy``
+PREDICTION_SCHEMA: Final[Mapping[str, Any]] = {
+    **PREDICTION_SCHEMA_2,
+    "fields": [*PREDICTION_SCHEMA_2["fields"],
+               {"name": "propensity", "type": ["null", "double"], "default": None,
+                "doc": "probability, under the serving policy, that the candidate the "
+                       "answer put first would be put first for this request and these "
+                       "scores, in (0, 1]; 1.0 when greedy; null on error or before id 3"},
+               {"name": "explored", "type": "boolean", "default": False,
+                "doc": "the served answer differs from the greedy one because of "
+                       "exploration"},
+               {"name": "policy", "type": _OPT_STR, "default": None,
+                "doc": "the serving policy's version: greedy, eps-greedy:0.05, "
+                       "thompson:v1; null on error or before id 3"}],
+}
+SCHEMA_ID: Final = 3
 _MAGIC: Final = 0
 _HEADER = struct.Struct(">BI")
 #: every schema id ever written (never edit one: add an id)
 SCHEMAS: Final[Mapping[int, Any]] = {1: fastavro.parse_schema(dict(PREDICTION_SCHEMA_1)),
-                                     2: fastavro.parse_schema(dict(PREDICTION_SCHEMA))}
+                                     2: fastavro.parse_schema(dict(PREDICTION_SCHEMA_2)),
+                                     3: fastavro.parse_schema(dict(PREDICTION_SCHEMA))}
 _CURRENT = SCHEMAS[SCHEMA_ID]
 
 
@@ -125,7 +156,7 @@ class PredictionRecord:
             unknown).
         ad_ids, campaign_ids, p_ctr, ranks: per candidate, request order.
         chosen_rank: this model's rank of the candidate the served answer put first (0
-            for the served record); None on error.
+            for a greedy served record; an explored one's greedy rank); None on error.
         arm: the split arm of this prediction's model.
         model_version: the model that produced ``p_ctr``.
         shadow: a challenger's shadow prediction (not served).
@@ -134,6 +165,12 @@ class PredictionRecord:
         features: the model's feature row of its top-ranked candidate (model feature
             order, NaN = null); empty for an error or a cold-start answer, and for
             records of schema id 1.
+        propensity: the serving policy's probability of putting this answer's first
+            candidate first (see the module docstring); None on error and for records
+            of schema ids 1 and 2.
+        explored: the answer differs from the greedy one because of exploration.
+        policy: the policy version (``greedy``, ``eps-greedy:0.05``, ``thompson:v1``);
+            None on error and for records of schema ids 1 and 2.
     """
 
     prediction_id: str
@@ -155,6 +192,9 @@ class PredictionRecord:
     latency_ms: float
     error: str | None = None
     features: Sequence[float] | np.ndarray = ()
+    propensity: float | None = None
+    explored: bool = False
+    policy: str | None = None
 
     def to_avro(self) -> dict[str, Any]:
         """The record as the Avro schema's dict.
@@ -179,7 +219,9 @@ class PredictionRecord:
                 "campaign_ids": self.campaign_ids, "p_ctr": p, "ranks": r,
                 "chosen_rank": self.chosen_rank, "arm": self.arm.value,
                 "model_version": self.model_version, "shadow": self.shadow,
-                "latency_ms": self.latency_ms, "error": self.error, "features": features}
+                "latency_ms": self.latency_ms, "error": self.error, "features": features,
+                "propensity": None if self.propensity is None else float(self.propensity),
+                "explored": bool(self.explored), "policy": self.policy}
 
     @classmethod
     def from_avro(cls, doc: Mapping[str, Any]) -> PredictionRecord:
@@ -189,7 +231,8 @@ class PredictionRecord:
                    tuple(doc["ad_ids"]), tuple(doc["campaign_ids"]), tuple(doc["p_ctr"]),
                    tuple(doc["ranks"]), doc["chosen_rank"], Arm(doc["arm"]),
                    doc["model_version"], doc["shadow"], doc["latency_ms"], doc["error"],
-                   tuple(doc.get("features", ())))
+                   tuple(doc.get("features", ())), doc.get("propensity"),
+                   bool(doc.get("explored", False)), doc.get("policy"))
 
 
 def encode_prediction(record: PredictionRecord) -> bytes:

@@ -24,6 +24,11 @@ headrace_scoring_model_reloads_total            counter    outcome (ok, error)
 headrace_scoring_arm_total                      counter    arm (CHAMPION, CHALLENGER)
 headrace_scoring_predict_errors_total           counter    arm
 headrace_scoring_shadow_total                   counter    outcome (scored, dropped, error)
+headrace_scoring_explore_total                  counter    policy, outcome (explored, greedy,
+                                                           budget_exhausted, ineligible)
+headrace_scoring_explore_share                  gauge      - (explored share of answers, 60 s,
+                                                           all servers, as this one knows it)
+headrace_scoring_explore_flush_failures_total   counter    - (budget counts kept, resent)
 headrace_rollout_split_share                    gauge      - (challenger share served)
 headrace_rollout_split_seq                      gauge      - (seq applied; -1: none)
 headrace_rollout_split_redis_available          gauge      - (1 up, 0: 100 % champion)
@@ -92,6 +97,12 @@ class ServingMetrics:
         predict_errors: model predictions that raised, by arm (a challenger's is
             answered by the champion).
         shadow: shadow predictions by outcome (``dropped``: the shadow queue was full).
+        explore: ``Score`` answers of an exploring deployment by policy label and
+            outcome (:mod:`serving.exploration`).
+        explore_share: the explored share of answers over the budget's window, summed
+            over every server (as of this server's last flush, plus its own since).
+        explore_flush_failures: flushes of the exploration budget's counts that Redis
+            did not confirm (kept and resent).
         split_share: the challenger share this server serves (0: 100 % champion).
         split_seq: the ``seq`` of the split applied (-1: none in Redis).
         split_redis_available: 1 while the split is readable, 0 during an outage.
@@ -172,6 +183,17 @@ class ServingMetrics:
         self.shadow = Counter(
             "headrace_scoring_shadow_total", "shadow predictions by outcome (scored, dropped, "
             "error)", ["outcome"], registry=r)
+        self.explore = Counter(
+            "headrace_scoring_explore_total", "Score answers of an exploring deployment by "
+            "policy and outcome (explored, greedy, budget_exhausted, ineligible)",
+            ["policy", "outcome"], registry=r)
+        self.explore_share = Gauge(
+            "headrace_scoring_explore_share", "explored share of Score answers over the "
+            "budget's window, all servers", registry=r)
+        self.explore_flush_failures = Counter(
+            "headrace_scoring_explore_flush_failures_total",
+            "flushes of the exploration budget Redis did not confirm (kept and resent)",
+            registry=r)
         self.split_share = Gauge(
             "headrace_rollout_split_share", "challenger share of traffic served", registry=r)
         self.split_seq = Gauge(

@@ -31,6 +31,17 @@ one, by the model on the in-process priors (source MODEL). An entity whose store
 cannot be decoded gets its fallback values (priors) in the rows, and the response says
 so: source MODEL, ``fallback_reason`` CORRUPT_STATE (counted in
 ``headrace_serving_corrupt_states_total{view}``), never a silent cold start.
+
+Exploration (:mod:`serving.exploration`, ``HEADRACE_EXPLORE``; off by default): the
+served arm's ranking is computed as above, then the policy may give the first slot to
+another candidate (the rest keep the greedy order). The candidate ads' impressions and
+clicks come in the same round trip (:meth:`~serving.score_features.ScoreFeatures.
+read_counted`). Every served record carries ``propensity`` (of the candidate shown
+first), ``explored`` and ``policy``; its ``ranks`` stay the model's ranking, so
+``chosen_rank`` is the greedy rank of the candidate shown first (not 0 when explored)
+and ``features`` the model's top-ranked row. Exploration off: propensity 1.0, policy
+``greedy`` and the answer of a greedy server. Shadow records: the challenger's greedy
+ranking, propensity 1.0, policy ``greedy``. Error records: null.
 """
 
 from __future__ import annotations
@@ -53,6 +64,17 @@ from headrace.core.errors import HeadraceError
 from headrace.model.booster import lightgbm
 from headrace.rollout.split import assign
 from serving.breaker import CircuitBreaker
+from serving.exploration import (
+    GREEDY,
+    OUTCOMES,
+    PRIOR_CTR_FEATURE,
+    Decision,
+    Exploration,
+    decide,
+    is_eligible,
+    request_rng,
+    served_order,
+)
 from serving.faults import ChallengerFaults
 from serving.fetch import FallbackReason, Rows, StoreFetch
 from serving.metrics import ServingMetrics
@@ -60,9 +82,16 @@ from serving.model_loader import ModelWatcher, ScoringModel
 from serving.offpath import OffPath
 from serving.prediction_log import PredictionSink
 from serving.priors import PriorsCache
-from serving.reader import OnlineReader
+from serving.reader import EntityRow, OnlineReader
 from serving.rollout_counts import CountsAccumulator
-from serving.score_features import Ranked, ScoreFeatures, same_layout
+from serving.score_features import (
+    CountsLayout,
+    Ranked,
+    ScoreFeatures,
+    counts_layout,
+    counts_plan,
+    same_layout,
+)
 from serving.score_request import MAX_BID_CPM, MAX_CANDIDATES, ScoreInput, parse_score_request
 from serving.split import SplitSource, StaticSplit
 
@@ -152,6 +181,13 @@ class ScoringService:
         counts: the rollout's per-arm counts, flushed by the split watcher (default: none).
         faults: injected challenger faults (:mod:`serving.faults`, a simulation aid;
             default: none).
+        explore: the deployment's exploration (:func:`serving.exploration.exploration`;
+            default: none, greedy). Its budget is flushed by a thread started and
+            stopped with the service.
+
+    Raises:
+        InputError: ``explore`` is set but the feature definitions have no ad
+            impressions and clicks (``ad__impressions_24h``, ``ad__clicks_24h``).
     """
 
     def __init__(
@@ -173,6 +209,7 @@ class ScoringService:
         shadow_queue: int = 256,
         counts: CountsAccumulator | None = None,
         faults: ChallengerFaults | None = None,
+        explore: Exploration | None = None,
     ) -> None:
         self.registry = registry
         self.reader = reader
@@ -197,6 +234,12 @@ class ScoringService:
         self.shadow: OffPath[_ShadowJob] = OffPath(
             "shadow-score", self._shadow_score, maxsize=shadow_queue,
             on_drop=m.shadow.labels(outcome="dropped").inc)
+        self.explore = explore
+        self._layouts: dict[str, CountsLayout] = {}  # per model version (immutable)
+        if explore is not None:
+            self._counts_plan = counts_plan(registry)  # InputError without ad counts
+            self._label = label = explore.config.label
+            self._outcomes = {o: m.explore.labels(policy=label, outcome=o) for o in OUTCOMES}
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -207,10 +250,14 @@ class ScoringService:
         if self.predictions is not None:
             self.predictions.start()
         self.shadow.start()
+        if self.explore is not None:
+            self.explore.budget.start()
 
     def stop(self) -> None:
         """Stop polling, finish (briefly) the shadow queue and the log, stop the watcher."""
         self.split.stop()
+        if self.explore is not None:
+            self.explore.budget.stop()
         self.shadow.stop(1.0)
         if self.predictions is not None:
             self.predictions.stop()
@@ -255,13 +302,19 @@ class ScoringService:
                 split.rollout_id, inp.user_id or pid, split.share):
             model, arm = challenger, Arm.CHALLENGER
         counts = self.counts if split.state is not None and split.state.challenger else None
-        rows, reason = self.features.read(model, inp)
+        ad_rows: Rows | None = None
+        rolled: dict[int, list[EntityRow]] | None = None
+        if self.explore is None:
+            rows, reason = self.features.read(model, inp)
+        else:  # the ads' impressions and clicks in the same round trip
+            rows, reason, ad_rows = self.features.read_counted(model, inp, self._layout(model))
+            rolled = {}  # the model's roll-ups, whose ad counts exploration reuses
         try:
             if self.faults is not None and arm is Arm.CHALLENGER:
                 injected = self.faults.before_predict(model.version)
                 if injected is not None:
                     raise ModelPredictError(injected)
-            ranked, x = self._rank(model, inp, rows, reason)
+            ranked, x = self._rank(model, inp, rows, reason, rolled=rolled)
         except ModelPredictError as exc:
             self.metrics.predict_errors.labels(arm=arm.value).inc()
             self._log_error(model, arm, inp, pid, start, exc)
@@ -272,9 +325,14 @@ class ScoringService:
             if not same_layout(champion, model):
                 rows, reason = self.features.read(champion, inp)
             model, arm = champion, Arm.CHAMPION  # the challenger failed: the champion answers
-            ranked, x = self._rank(model, inp, rows, reason)
+            if rolled is not None:
+                rolled = {}
+            ranked, x = self._rank(model, inp, rows, reason, rolled=rolled)
             challenger = None  # and is not asked again as a shadow
-        order = ranked.order
+        decision = None if self.explore is None else self._explore(
+            model, inp, ranked, ad_rows, rolled, pid)
+        order = ranked.order if decision is None else served_order(ranked.order,
+                                                                   decision.first)
         ads = inp.ad_ids
         resp = spb.ScoreResponse(
             order=order.tolist(), ad_ids=[ads[i] for i in order.tolist()],
@@ -294,8 +352,15 @@ class ScoringService:
             counts.record(split.rollout_id, model.version, inp.publisher_id,
                           elapsed * 1000.0, ranked.p)
         if self.predictions is not None:
-            self.predictions.log(self._record(pid, inp, model, arm, ranked, elapsed, 0,
-                                              row=_top_row(x, ranked)))
+            if decision is None:
+                record = self._record(pid, inp, model, arm, ranked, elapsed, 0,
+                                      row=_top_row(x, ranked), propensity=1.0, policy=GREEDY)
+            else:
+                record = self._record(pid, inp, model, arm, ranked, elapsed, None,
+                                      top=decision.first, row=_top_row(x, ranked),
+                                      propensity=decision.propensity,
+                                      explored=decision.explored, policy=self._label)
+            self.predictions.log(record)
         if split.shadow and challenger is not None and arm is Arm.CHAMPION:
             self.shadow.offer(_ShadowJob(challenger, model, inp, rows, reason, pid,
                                          int(order[0])))
@@ -319,10 +384,12 @@ class ScoringService:
         return self._rank(model, inp, rows, reason, count=count)[0]
 
     def _rank(self, model: ScoringModel, inp: ScoreInput, rows: list[Rows] | None,
-              reason: FallbackReason, *, count: bool = True
+              reason: FallbackReason, *, count: bool = True,
+              rolled: dict[int, list[EntityRow]] | None = None
               ) -> tuple[Ranked, np.ndarray | None]:
         """:meth:`rank`'s answer and the matrix the booster scored (None: the cold-start
-        model answered from the context)."""
+        model answered from the context); ``rolled`` receives the roll-ups (see
+        :meth:`ScoreFeatures.matrix`)."""
         n = len(inp.ad_ids)
         x: np.ndarray | None = None
         user_tier = 0
@@ -336,7 +403,7 @@ class ScoringService:
             tiers = np.full(n, _GLOBAL, dtype=np.int64)
             user_tier, source = _GLOBAL, spb.COLDSTART_MODEL
         else:
-            x, tiers, user_tier, corrupt = self.features.matrix(model, inp, rows)
+            x, tiers, user_tier, corrupt = self.features.matrix(model, inp, rows, rolled)
             try:
                 p = model.predict(x)
             except self._predict_errors as exc:
@@ -370,6 +437,40 @@ class ScoringService:
         inp = self.parse(request)
         return model, self.features.matrix(model, inp, self.features.read(model, inp)[0])[0]
 
+    def _layout(self, model: ScoringModel) -> CountsLayout:
+        layout = self._layouts.get(model.version)
+        if layout is None:  # once per version; a race computes the same value twice
+            layout = self._layouts[model.version] = counts_layout(self._counts_plan, model)
+        return layout
+
+    def _explore(self, model: ScoringModel, inp: ScoreInput, ranked: Ranked,
+                 ad_rows: list[list[bytes | None]] | None,
+                 rolled: dict[int, list[EntityRow]] | None, pid: str) -> Decision:
+        """Who takes the first slot of ``ranked`` (see :mod:`serving.exploration`):
+        ineligible, over budget, or the policy's draw; counted in the budget and the
+        metrics."""
+        assert self.explore is not None
+        cfg, budget = self.explore.config, self.explore.budget
+        greedy = int(ranked.order[0])
+        imps = clicks = None
+        if ad_rows is not None and ranked.source == spb.MODEL:
+            imps, clicks = self.features.ad_counts(self._layout(model), ad_rows, inp, rolled)
+        if imps is None or clicks is None or not is_eligible(imps, ranked.user_tier,
+                                                             cfg.new_ad_impressions):
+            budget.count(False)
+            decision = Decision(greedy, 1.0, False, "ineligible")
+        elif not budget.try_reserve():
+            decision = Decision(greedy, 1.0, False, "budget_exhausted")
+        else:
+            prior = self.priors.priors.prior(PRIOR_CTR_FEATURE)
+            prior_ctr = ranked.p if prior is None else np.full(len(ranked.p), prior)
+            decision = decide(cfg, request_rng(cfg.seed, pid), greedy, ranked.p, inp.bids,
+                              imps, clicks, prior_ctr)
+            budget.settle(decision.explored)
+        self._outcomes[decision.outcome].inc()
+        self.metrics.explore_share.set(budget.share)
+        return decision
+
     def _model(self) -> ScoringModel:
         model = self.models.current  # read ONCE per request: a swap later is not seen
         if model is None:
@@ -395,16 +496,19 @@ class ScoringService:
         if self.predictions is not None:
             record = self._record(job.prediction_id, job.inp, job.challenger, Arm.CHALLENGER,
                                   ranked, self._timer() - start, None, shadow=True, top=job.top,
-                                  row=_top_row(x, ranked))
+                                  row=_top_row(x, ranked), propensity=1.0, policy=GREEDY)
             self.predictions.log(record)
 
     def _record(self, pid: str, inp: ScoreInput, model: ScoringModel, arm: Arm,
                 ranked: Ranked | None, elapsed_s: float, chosen: int | None, *,
                 shadow: bool = False, top: int = 0, error: str | None = None,
-                row: np.ndarray | tuple[()] = ()) -> PredictionRecord:
+                row: np.ndarray | tuple[()] = (), propensity: float | None = None,
+                explored: bool = False, policy: str | None = None) -> PredictionRecord:
         """The log record of one prediction (``ranked`` None: it failed with ``error``;
         ``chosen`` None: this model's rank of the request's candidate ``top``; ``row``:
-        the model's feature row of its first-ranked candidate, see :func:`_top_row`)."""
+        the model's feature row of its first-ranked candidate, see :func:`_top_row`;
+        ``propensity``, ``explored``, ``policy``: the exploration's, see the module
+        docstring)."""
         ranks: np.ndarray | tuple[()] = ()
         if ranked is not None:
             n = len(inp.ad_ids)
@@ -417,7 +521,8 @@ class ScoringService:
             pid, inp.as_of_ms, inp.user_id, inp.publisher_id, ctx["country"],
             ctx["device_type"], ctx["placement"], ctx["creative_type"], inp.ad_ids,
             inp.campaign_ids, () if ranked is None else ranked.p, ranks, chosen, arm,
-            model.version, shadow, elapsed_s * 1000.0, error, row)
+            model.version, shadow, elapsed_s * 1000.0, error, row, propensity, explored,
+            policy)
 
     def _log_error(self, model: ScoringModel, arm: Arm, inp: ScoreInput, pid: str,
                    start: float, exc: ModelPredictError, *, shadow: bool = False) -> None:

@@ -37,6 +37,7 @@ from headrace.core.online_store import OnlineStore, RedisOnlineStore
 from headrace.core.settings import ServeSettings
 from serving.auth import TokenInterceptor, server_credentials
 from serving.breaker import CircuitBreaker
+from serving.exploration import exploration
 from serving.faults import parse_faults
 from serving.metrics import ServingMetrics
 from serving.model_loader import ModelWatcher, ScoringModel
@@ -351,12 +352,14 @@ def build_server(
     )
     champion = model_watcher(settings.models_dir, registry, model_poll_s, metrics=m)
     split = split_watcher(settings, champion, m) if settings.split_enabled else None
+    explore = exploration(settings, settings.server_id or default_server_id(),
+                          on_failure=m.explore_flush_failures.inc)
     scoring = ScoringService(
         registry, reader, priors, breaker, champion,
         budget_ms=settings.redis_budget_ms, max_bid_cpm=settings.max_bid_cpm,
         split=split, predictions=prediction_log(settings, m),
         shadow_queue=settings.shadow_queue, counts=None if split is None else split.counts,
-        faults=parse_faults(settings.challenger_faults),
+        faults=parse_faults(settings.challenger_faults), explore=explore,
         **kwargs,
     )
     credentials = server_credentials(settings)  # before anything binds: InputError early

@@ -114,7 +114,6 @@ def read_range(conf: dict[str, Any], topic: str, from_ms: int, to_ms: int,
 
 def handler(args: argparse.Namespace) -> int:
     """Run ``headrace drift`` (module docstring)."""
-    from pydantic import ValidationError
 
     from feature_defs.layout import TOPIC_PREDICTIONS
     from feature_defs.predictions import PredictionFormatError, decode_prediction
@@ -124,13 +123,7 @@ def handler(args: argparse.Namespace) -> int:
     from headrace.monitor.settings import MonitorSettings
     from headrace.monitor.windows import WINDOWS, DriftAggregator
 
-    try:
-        settings = MonitorSettings()
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(x) for x in problem.get("loc", ())) or "settings"
-        raise InputError(f"invalid setting HEADRACE_{where.upper()}: {problem['msg']}"
-                         ) from exc
+    settings = MonitorSettings.load()
     t1, t2 = parse_time(args.from_), parse_time(args.to)
     if t2 <= t1:
         raise InputError(f"--to ({args.to}) must be after --from ({args.from_})")

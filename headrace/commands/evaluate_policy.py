@@ -206,18 +206,11 @@ def evaluate_range(args: argparse.Namespace, settings: Any) -> dict[str, Any]:
 
 def handler(args: argparse.Namespace) -> int:
     """Run ``headrace evaluate-policy`` (module docstring)."""
-    from pydantic import ValidationError
 
     from headrace.core.jsonsafe import json_safe
     from headrace.core.settings import CommonSettings
 
-    try:
-        settings = CommonSettings()
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(x) for x in problem.get("loc", ())) or "settings"
-        raise InputError(f"invalid setting HEADRACE_{where.upper()}: {problem['msg']}"
-                         ) from exc
+    settings = CommonSettings.load()
     report = evaluate_range(args, settings)
     if args.json:
         print(json.dumps(json_safe(report), allow_nan=False, sort_keys=True))

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from headrace.core.errors import InputError, UsageError
+from headrace.core.errors import UsageError
 
 __all__ = ["register", "handler", "decode_events"]
 
@@ -60,19 +60,12 @@ def decode_events(kind: str, messages: Sequence[Any], now_ms: int, max_future_ms
 
 def handler(args: argparse.Namespace) -> int:
     """Run the monitor until a signal or ``--seconds``."""
-    from pydantic import ValidationError
 
     from headrace.monitor.metrics import MonitorMetrics
     from headrace.monitor.service import MonitorService
     from headrace.monitor.settings import MonitorSettings
 
-    try:
-        settings = MonitorSettings()
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(x) for x in problem.get("loc", ())) or "settings"
-        raise InputError(f"invalid setting HEADRACE_{where.upper()}: {problem['msg']}"
-                         ) from exc
+    settings = MonitorSettings.load()
     if problems := settings.check():
         raise UsageError("; ".join(problems))
     if args.seconds is not None and args.seconds <= 0:

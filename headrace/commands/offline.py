@@ -97,17 +97,10 @@ def _coverage_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _settings() -> OfflineSettings:
-    from pydantic import ValidationError
 
-    from headrace.core.errors import InputError
     from headrace.core.settings import OfflineSettings
 
-    try:
-        return OfflineSettings()
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(x) for x in problem.get("loc", ())) or "settings"
-        raise InputError(f"invalid setting HEADRACE_{where.upper()}: {problem['msg']}") from exc
+    return OfflineSettings.load()
 
 
 def _online_store(settings: OfflineSettings) -> OnlineStore:
@@ -118,19 +111,12 @@ def _online_store(settings: OfflineSettings) -> OnlineStore:
 
 
 def _group(args: argparse.Namespace) -> str:
-    from pydantic import ValidationError
 
-    from headrace.core.errors import InputError
     from headrace.core.settings import WorkerSettings
 
     if args.group:
         return str(args.group)
-    try:  # the worker's settings class owns HEADRACE_GROUP_ID
-        return WorkerSettings().group_id
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(x) for x in problem.get("loc", ())) or "settings"
-        raise InputError(f"invalid setting HEADRACE_{where.upper()}: {problem['msg']}") from exc
+    return WorkerSettings.load().group_id  # the worker's settings own HEADRACE_GROUP_ID
 
 
 def _coverage(args: argparse.Namespace, settings: OfflineSettings, topology: Topology,

@@ -70,16 +70,10 @@ def register(subparsers: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> PipelineSettings:
-    from pydantic import ValidationError
 
     from headrace.pipeline.settings import PipelineSettings
 
-    try:
-        settings = PipelineSettings()
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(x) for x in problem.get("loc", ())) or "settings"
-        raise InputError(f"invalid setting HEADRACE_{where.upper()}: {problem['msg']}") from exc
+    settings = PipelineSettings.load()
     if args.models_dir is not None:
         settings = settings.model_copy(update={"models_dir": str(args.models_dir)})
     if problems := settings.check():

@@ -207,6 +207,26 @@ class CommonSettings(BaseSettings):
         return (init_settings, env_settings, dotenv_settings, file_secret_settings)
 
     @classmethod
+    def load(cls) -> Self:
+        """Build the settings from the process environment, as a command does.
+
+        Raises:
+            InputError: a variable does not validate: one sentence naming it (never
+                its value, which may be a secret).
+        """
+        from pydantic import ValidationError
+
+        from headrace.core.errors import InputError
+
+        try:
+            return cls()
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            where = ".".join(str(x) for x in problem.get("loc", ())) or "settings"
+            raise InputError(f"invalid setting HEADRACE_{where.upper()}: {problem['msg']}"
+                             ) from exc
+
+    @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Self:
         """Build settings from ``env`` only, ignoring the process environment.
 
@@ -503,6 +523,21 @@ class ServeSettings(CommonSettings):
         grpc_tls_client_cert: Client side: PEM certificate presented to a server that
             requires mutual TLS (needs ``grpc_tls_client_key`` and ``grpc_tls_ca``).
         grpc_tls_client_key: Client side: the PEM key of ``grpc_tls_client_cert``.
+        explore: Exploration of ``Score`` (``serving/exploration.py``): ``off`` (the
+            default: greedy, every answer logs propensity 1.0), ``eps-greedy`` or
+            ``thompson``. Only requests with a new candidate ad or a new user explore.
+        explore_epsilon: ε-greedy: probability, in (0, 1], that an eligible request's
+            first slot goes to a candidate drawn uniformly among all of them.
+        explore_budget: Most share, in (0, 1), of all answers that may be explored,
+            over a sliding 60 s window summed over every server through Redis (0.02:
+            at most 2 %).
+        explore_seed: Seed of the exploration draws (each request's draws derive from
+            it and the prediction id: reproducible); unset, a random one per process.
+        explore_new_ad_impressions: An ad with fewer impressions than this (its
+            ``ad__impressions_24h``) is new (>= 1).
+        explore_draws: Thompson: Monte Carlo draws estimating the propensity (16..8192).
+        explore_prior_strength: Thompson: pseudo-impressions of a new ad's Beta prior
+            around the ads' prior CTR (> 0).
     """
 
     host: str = "127.0.0.1"
@@ -532,10 +567,17 @@ class ServeSettings(CommonSettings):
     grpc_token: SecretStr | None = None
     grpc_tls_client_cert: str | None = None
     grpc_tls_client_key: str | None = None
+    explore: Literal["off", "eps-greedy", "thompson"] = "off"
+    explore_epsilon: float = Field(default=0.05, gt=0, le=1, allow_inf_nan=False)
+    explore_budget: float = Field(default=0.02, gt=0, lt=1, allow_inf_nan=False)
+    explore_seed: int | None = None
+    explore_new_ad_impressions: int = Field(default=1000, ge=1)
+    explore_draws: int = Field(default=256, ge=16, le=8192)
+    explore_prior_strength: float = Field(default=100.0, gt=0, allow_inf_nan=False)
 
     @field_validator("prediction_log", "grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca",
                      "grpc_tokens", "grpc_tls_ca", "grpc_token", "grpc_tls_client_cert",
-                     "grpc_tls_client_key", mode="before")
+                     "grpc_tls_client_key", "explore_seed", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # HEADRACE_PREDICTION_LOG="" (compose files) means "not set": the default rule;

@@ -31,7 +31,7 @@ def test_world_values_and_distributions_by_brute_force() -> None:
 
 
 def test_small_run_is_unbiased_and_meets_the_targets() -> None:
-    fig = run(seeds=400, decisions=2000)
+    fig = run(seeds=400, decisions=2000, exploring_seconds=0)
     assert fig["seeds"] == 400 and 0 < fig["logging_value"] < fig["true_value"] < 1
     # IPS and DR are unbiased: the mean over 400 seeds is within 4 standard errors
     for k in ("ips", "dr"):
@@ -41,3 +41,19 @@ def test_small_run_is_unbiased_and_meets_the_targets() -> None:
     assert all(fig["targets"].values())
     with pytest.raises(TypeError):
         run(seeds=0)
+
+
+def test_the_exploring_score_part_keeps_the_budget_and_evaluates_its_log() -> None:
+    from bench.ope import exploring
+
+    fig = exploring(150.0, seed=3)  # the first new ad arrives at 60 s
+    assert fig["greedy"]["explore_share"] == 0.0
+    for label in ("eps-greedy:0.05", "thompson:v1"):
+        assert 0.0 < fig[label]["explore_share"] <= fig[label]["explore_budget"] + 0.002
+        assert fig[label]["explore_share_max_60s"] <= fig[label]["explore_budget"] + 0.002
+    ope = fig["ope_on_the_eps_greedy_log"]
+    assert ope["target"] == "greedy" and ope["decisions"] == fig["eps-greedy:0.05"]["answers"]
+    for name in ("ips", "snips", "dr"):  # an interval around an estimate near the truth
+        e = ope[name]
+        assert e["ci_low"] < e["value"] < e["ci_high"]
+        assert abs(e["value"] - ope["true_value"]) < 4 * (e["ci_high"] - e["ci_low"])

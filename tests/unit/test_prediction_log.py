@@ -19,6 +19,7 @@ from feature_defs.layout import TOPIC_PREDICTIONS
 from feature_defs.predictions import (
     PREDICTION_SCHEMA,
     PREDICTION_SCHEMA_1,
+    PREDICTION_SCHEMA_2,
     SCHEMA_ID,
     SCHEMAS,
     Arm,
@@ -33,6 +34,9 @@ from serving.prediction_log import KafkaPredictionLog, MemoryPredictionLog
 
 #: sha256 of ``json.dumps(PREDICTION_SCHEMA_1, sort_keys=True)``, as committed at fa55974
 SCHEMA_1_SHA256 = "98b98a7a0afc836e417e863a3ef2bff6db9eef1d902d709444acebbd6e55abcc"
+#: sha256 of ``json.dumps(PREDICTION_SCHEMA_2, sort_keys=True)``, the id-2 schema as it was
+#: the current one (before id 3 existed)
+SCHEMA_2_SHA256 = "ac1784681d9e9ceaed6336e823edd6966c0018cf83b69076156d885fe490f58f"
 
 
 def record(pid: str = "p-1", n: int = 4, **kw: Any) -> PredictionRecord:
@@ -50,14 +54,14 @@ def record(pid: str = "p-1", n: int = 4, **kw: Any) -> PredictionRecord:
 def test_round_trip() -> None:
     rec = record()
     value = encode_prediction(rec)
-    assert value[0] == 0 and struct.unpack(">I", value[1:5])[0] == SCHEMA_ID == 2
+    assert value[0] == 0 and struct.unpack(">I", value[1:5])[0] == SCHEMA_ID == 3
     back = decode_prediction(value)
     assert back.p_ctr == tuple(rec.p_ctr.tolist())  # type: ignore[union-attr]
     assert back.ranks == (3, 2, 1, 0) and back.ad_ids == ("a0", "a1", "a2", "a3")
     assert back.campaign_ids == ("c0", "c1", "c0", "c1")
     for name in ("prediction_id", "ts", "user_id", "publisher_id", "country", "device_type",
                  "placement", "creative_type", "chosen_rank", "arm", "model_version",
-                 "shadow", "latency_ms", "error"):
+                 "shadow", "latency_ms", "error", "propensity", "explored", "policy"):
         assert getattr(back, name) == getattr(rec, name), name
     assert isinstance(back.arm, Arm)
 
@@ -91,7 +95,7 @@ def test_round_trip_of_the_feature_row_with_nan() -> None:
 def test_a_schema_1_record_decodes_with_no_features() -> None:
     """Records written before schema id 2 (by the previous server) still read."""
     doc = record().to_avro()
-    del doc["features"]
+    del doc["features"], doc["propensity"], doc["explored"], doc["policy"]
     buf = io.BytesIO()
     buf.write(struct.pack(">BI", 0, 1))
     fastavro.schemaless_writer(buf, SCHEMAS[1], doc)
@@ -99,15 +103,50 @@ def test_a_schema_1_record_decodes_with_no_features() -> None:
     assert back.features == ()
     assert back.ad_ids == ("a0", "a1", "a2", "a3") and back.model_version == "2026-01-01-00"
     assert back.ranks == (3, 2, 1, 0) and back.latency_ms == 1.25
+    assert back.propensity is None and back.explored is False and back.policy is None
 
 
-def test_schema_1_is_never_edited() -> None:
-    """The id-1 schema as committed before id 2 existed (a hash of its sorted JSON)."""
+def test_round_trip_of_the_exploration_fields() -> None:
+    """Schema id 3: propensity, explored and policy survive the wire exactly."""
+    rec = record(propensity=0.0125, explored=True, policy="eps-greedy:0.05")
+    back = decode_prediction(encode_prediction(rec))
+    assert back.propensity == 0.0125 and back.explored is True
+    assert back.policy == "eps-greedy:0.05"
+    greedy = decode_prediction(encode_prediction(record(propensity=1.0, policy="greedy")))
+    assert (greedy.propensity, greedy.explored, greedy.policy) == (1.0, False, "greedy")
+    # the defaults (an old caller, an error record): null, false, null
+    plain = decode_prediction(encode_prediction(record()))
+    assert (plain.propensity, plain.explored, plain.policy) == (None, False, None)
+    # a numpy scalar is written as a double
+    assert decode_prediction(encode_prediction(record(
+        propensity=np.float64(0.5)))).propensity == 0.5
+
+
+def test_a_schema_2_record_decodes_with_no_propensity() -> None:
+    """Records written by the previous server (id 2, with features) still read: the
+    exploration fields take their defaults."""
+    doc = record(features=[1.5, 2.0]).to_avro()
+    del doc["propensity"], doc["explored"], doc["policy"]
+    buf = io.BytesIO()
+    buf.write(struct.pack(">BI", 0, 2))
+    fastavro.schemaless_writer(buf, SCHEMAS[2], doc)
+    back = decode_prediction(buf.getvalue())
+    assert back.features == (1.5, 2.0) and back.arm is Arm.CHALLENGER
+    assert back.propensity is None and back.explored is False and back.policy is None
+    assert back.ranks == (3, 2, 1, 0) and back.model_version == "2026-01-01-00"
+
+
+def test_schema_1_and_2_are_never_edited() -> None:
+    """The id-1 and id-2 schemas as committed before the next id existed (hashes of
+    their sorted JSON); id 3 only appends fields."""
     text = json.dumps(PREDICTION_SCHEMA_1, sort_keys=True)
     assert hashlib.sha256(text.encode()).hexdigest() == SCHEMA_1_SHA256
+    text = json.dumps(PREDICTION_SCHEMA_2, sort_keys=True)
+    assert hashlib.sha256(text.encode()).hexdigest() == SCHEMA_2_SHA256
     assert [f["name"] for f in PREDICTION_SCHEMA["fields"]] == [
-        *(f["name"] for f in PREDICTION_SCHEMA_1["fields"]), "features"]
-    assert set(SCHEMAS) == {1, 2}
+        *(f["name"] for f in PREDICTION_SCHEMA_1["fields"]), "features", "propensity",
+        "explored", "policy"]
+    assert set(SCHEMAS) == {1, 2, 3}
 
 
 def test_mismatched_columns_are_refused() -> None:
