@@ -30,9 +30,9 @@ DR RMSE below IPS RMSE.
 draws and propensities on a synthetic ad world, no stack) for greedy, ε-greedy and
 Thompson: ``explore_share`` against ``explore_budget``, impressions per new ad and the
 seconds until every new ad had 1,000 impressions (``None``: not within the run), the
-CTR each policy paid; and the estimators on the ε-greedy log itself, evaluating the
-greedy policy, whose value on the logged requests is known (the mean true CTR of the
-greedy choices): the log's own off-policy check.
+CTR each policy paid; and the estimators on ``ope_seeds`` ε-greedy logs of their own,
+evaluating the greedy policy, whose value on each log's requests is known (the mean true
+CTR of its greedy choices): coverage of the 95 % intervals and RMSE over the logs.
 """
 
 from __future__ import annotations
@@ -166,32 +166,34 @@ def run(seeds: int = 500, decisions: int = 4000, contexts: int = 6, actions: int
     return figures
 
 
-def exploring(seconds: float, seed: int) -> dict[str, Any]:
-    """The exploring-``Score`` figures (module docstring)."""
+def exploring(seconds: float, seed: int, ope_seeds: int = 10, ope_seconds: float = 300.0
+              ) -> dict[str, Any]:
+    """The exploring-``Score`` figures (module docstring): the three policies over
+    ``seconds``, then the estimators on ``ope_seeds`` ε-greedy logs of ``ope_seconds``
+    each (per log, the target's true value is the mean true CTR of its greedy choices)."""
     from bench.score import run_exploring_score
     from offline.ope import OpeLog, evaluate
 
     out: dict[str, Any] = {}
-    eps_log: dict[str, Any] = {}
     for policy in ("off", "eps-greedy", "thompson"):
         res = run_exploring_score(policy, seconds=seconds, seed=seed)
-        log = res.pop("log")
-        if policy == "eps-greedy":
-            eps_log = log
+        res.pop("log")
         out[res["policy"]] = {**res, "explore_budget": res["budget"]}
-    rows = np.arange(len(eps_log["shown"]))
-    shown, greedy, p_ctr = eps_log["shown"], eps_log["greedy"], eps_log["p_ctr"]
-    truth = float(eps_log["true_ctr"][rows, greedy].mean())
-    rep = evaluate(OpeLog(eps_log["click"], eps_log["propensity"],
-                          (shown == greedy).astype(np.float64), p_ctr[rows, greedy],
-                          p_ctr[rows, shown], eps_log["propensity"] < 1.0), min_ess=0.0)
-
-    def est(e: Any) -> dict[str, Any]:
-        return {"value": e.value, "ci_low": e.ci_low, "ci_high": e.ci_high,
-                "covers_truth": bool(e.ci_low <= truth <= e.ci_high)}
-
-    out["ope_on_the_eps_greedy_log"] = {
-        "target": "greedy", "true_value": truth, "logged_ctr": rep.logged_ctr,
-        "decisions": rep.decisions, "ess": rep.ess, "ips": est(rep.ips),
-        "snips": est(rep.snips), "dr": est(rep.dr)}
+    hits = {"ips": 0, "snips": 0, "dr": 0}
+    errors: dict[str, list[float]] = {k: [] for k in hits}
+    for k in range(ope_seeds):
+        log = run_exploring_score("eps-greedy", seconds=ope_seconds, seed=seed + 1 + k)["log"]
+        rows = np.arange(len(log["shown"]))
+        shown, greedy, p_ctr = log["shown"], log["greedy"], log["p_ctr"]
+        truth = float(log["true_ctr"][rows, greedy].mean())
+        rep = evaluate(OpeLog(log["click"], log["propensity"],
+                              (shown == greedy).astype(np.float64), p_ctr[rows, greedy],
+                              p_ctr[rows, shown], log["propensity"] < 1.0), min_ess=0.0)
+        for name, e in (("ips", rep.ips), ("snips", rep.snips), ("dr", rep.dr)):
+            hits[name] += int(e.ci_low <= truth <= e.ci_high)
+            errors[name].append(e.value - truth)
+    out["ope_on_eps_greedy_logs"] = {
+        "target": "greedy", "logs": ope_seeds, "seconds_each": ope_seconds,
+        **{f"{k}_ci_coverage": hits[k] / ope_seeds for k in hits},
+        **{f"{k}_rmse": float(np.sqrt(np.mean(np.square(errors[k])))) for k in hits}}
     return out

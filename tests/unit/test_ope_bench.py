@@ -46,14 +46,13 @@ def test_small_run_is_unbiased_and_meets_the_targets() -> None:
 def test_the_exploring_score_part_keeps_the_budget_and_evaluates_its_log() -> None:
     from bench.ope import exploring
 
-    fig = exploring(150.0, seed=3)  # the first new ad arrives at 60 s
+    fig = exploring(150.0, seed=3, ope_seeds=2, ope_seconds=60.0)  # a new ad at 60 s
     assert fig["greedy"]["explore_share"] == 0.0
     for label in ("eps-greedy:0.05", "thompson:v1"):
         assert 0.0 < fig[label]["explore_share"] <= fig[label]["explore_budget"] + 0.002
         assert fig[label]["explore_share_max_60s"] <= fig[label]["explore_budget"] + 0.002
-    ope = fig["ope_on_the_eps_greedy_log"]
-    assert ope["target"] == "greedy" and ope["decisions"] == fig["eps-greedy:0.05"]["answers"]
-    for name in ("ips", "snips", "dr"):  # an interval around an estimate near the truth
-        e = ope[name]
-        assert e["ci_low"] < e["value"] < e["ci_high"]
-        assert abs(e["value"] - ope["true_value"]) < 4 * (e["ci_high"] - e["ci_low"])
+    ope = fig["ope_on_eps_greedy_logs"]
+    assert ope["target"] == "greedy" and ope["logs"] == 2
+    for name in ("ips", "snips", "dr"):
+        assert ope[f"{name}_ci_coverage"] in (0.0, 0.5, 1.0)
+        assert ope[f"{name}_rmse"] < 0.01  # CTRs of ~7 %: within a few points of a percent
