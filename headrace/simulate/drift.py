@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from headrace.core.errors import HeadraceError
+from headrace.simulate.procs import CLI, Children
 from headrace.simulate.traffic import AdServer, EventPump
 from headrace.simulate.world import COUNTRIES, DEVICES, DRIFT_FEATURES, World, train_version
 
@@ -53,7 +54,6 @@ __all__ = ["TARGETS", "run_drift_simulation", "served_rows"]
 #: from the shift to the alert
 TARGETS: Mapping[str, float] = {"shifted_feature_psi_min": 0.25,
                                 "stable_feature_psi_max": 0.1, "alert_seconds_max": 120.0}
-_CLI = [sys.executable, "-m", "headrace.cli"]
 _SHIFTED = "country"
 _STABLE = ("bid_cpm", "device_type")
 #: clicks come 1.2-4 s after their impression: the pipeline's invalid-traffic filter
@@ -66,11 +66,6 @@ _FINAL = ("succeeded", "rejected", "invalid", "abandoned", "failed")
 
 def _say(line: str) -> None:
     print(f"[simulate] {line}", file=sys.stderr, flush=True)
-
-
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    fh = open(log, "ab")  # noqa: SIM115 - the child keeps it; closed with the process
-    return subprocess.Popen([*_CLI, *args], env=env, cwd=os.getcwd(), stdout=fh, stderr=fh)
 
 
 def served_rows(shown: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +105,7 @@ def _alerts(redis: Any, key: str) -> list[dict[str, Any]]:
 
 
 def _pipeline_runs(env: Mapping[str, str]) -> list[dict[str, Any]]:
-    proc = subprocess.run([*_CLI, "pipeline", "status", "--json"], env=dict(env),
+    proc = subprocess.run([*CLI, "pipeline", "status", "--json"], env=dict(env),
                           capture_output=True, text=True, timeout=60, check=False)
     if proc.returncode != 0:
         return []
@@ -152,35 +147,22 @@ def run_drift_simulation(seed: int = 0, *, rate: float = 150.0, baseline_s: floa
         env = {**os.environ, **info.env, "HEADRACE_LOG_LEVEL": "WARNING",
                "HEADRACE_MODELS_DIR": str(models), "HEADRACE_REDIS_PREFIX": f"sim{tag}",
                "HEADRACE_TOPIC_PREFIX": f"sim{tag}.", "HEADRACE_GROUP_ID": f"sim{tag}"}
-        procs: list[subprocess.Popen[bytes]] = []
-
-        def _stop_all() -> None:
-            for p in reversed(procs):
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
-
-        stack.callback(_stop_all)
+        children = Children()
+        stack.callback(children.stop)
         pump = EventPump(env)
         rng = np.random.default_rng(seed)
         now = time.time_ns() // 1_000_000
         history = world.history(history_per_ad, now - 1_200_000, now - 5_000, rng,
                                 click_delay_ms=_CLICK_DELAY_MS)
         pump.send_now(history)
-        procs.append(_spawn(["worker"], {
+        children.spawn(["worker"], {
             **env, "HEADRACE_DATA_DIR": str(work / "worker"),
             "HEADRACE_FLUSH_INTERVAL_MS": "200", "HEADRACE_OFFLINE_FLUSH_INTERVAL_MS": "5000"},
-            work / "worker.log"))
+            work / "worker.log")
         port = free_port()
-        procs.append(_spawn(["serve", "--port", str(port), "--host", "127.0.0.1",
-                             "--workers", "4"], {**env, "HEADRACE_SERVER_ID": "sim-s1",
-                                                 "HEADRACE_PREDICTION_LOG": "true"},
-                            work / "serve.log"))
+        children.spawn(["serve", "--port", str(port), "--host", "127.0.0.1", "--workers",
+                        "4"], {**env, "HEADRACE_SERVER_ID": "sim-s1",
+                               "HEADRACE_PREDICTION_LOG": "true"}, work / "serve.log")
         address = f"127.0.0.1:{port}"
         client = FeatureClient(address)
         client.wait_ready(timeout_s=90)
@@ -201,16 +183,16 @@ def run_drift_simulation(seed: int = 0, *, rate: float = 150.0, baseline_s: floa
         _say(f"reference profile of {len(baseline)} served rows; starting the monitor and "
              "the pipeline scheduler")
         metrics_port = free_port()
-        procs.append(_spawn(["monitor"], {
+        children.spawn(["monitor"], {
             **env, "HEADRACE_METRICS_PORT": str(metrics_port), "HEADRACE_MONITOR_TICK_S": "2",
             "HEADRACE_MONITOR_MIN_ROWS": "500", "HEADRACE_MONITOR_CONSECUTIVE": "3",
-            "HEADRACE_MONITOR_ATTRIBUTION_S": "10"}, work / "monitor.log"))
-        procs.append(_spawn(["pipeline", "schedule"], {
+            "HEADRACE_MONITOR_ATTRIBUTION_S": "10"}, work / "monitor.log")
+        children.spawn(["pipeline", "schedule"], {
             **env, "HEADRACE_PIPELINE_POLL_S": "2", "HEADRACE_PIPELINE_EVERY": "3650d",
             "HEADRACE_PIPELINE_CANDIDATES": "8", "HEADRACE_PIPELINE_SEARCH_BUDGET_S": "60",
             # the run's labels: every simulated impression but the last attribution window
             "HEADRACE_PIPELINE_LOOKBACK": "1h", "HEADRACE_PIPELINE_ATTRIBUTION": "10s",
-            "HEADRACE_DATA_DIR": str(work / "pipeline")}, work / "pipeline.log"))
+            "HEADRACE_DATA_DIR": str(work / "pipeline")}, work / "pipeline.log")
         time.sleep(5.0)
         shift_ms = time.time_ns() // 1_000_000
         t_shift = time.monotonic()

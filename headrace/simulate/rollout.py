@@ -34,6 +34,7 @@ import numpy as np
 
 from headrace.core.errors import HeadraceError
 from headrace.rollout.policy import Policy
+from headrace.simulate.procs import Children
 from headrace.simulate.traffic import AdServer, EventPump, p99
 from headrace.simulate.world import PUBLISHERS, World, train_version
 
@@ -55,7 +56,6 @@ EXPECTED: dict[str, tuple[str, tuple[str | None, ...]]] = {
     "errors": ("rolled_back", ("error_rate",)),
     "slow": ("rolled_back", ("latency_p99",)),
 }
-_CLI = [sys.executable, "-m", "headrace.cli"]
 _DEFS = "feature_defs.evaluation"
 _SHADOW_S = 3.0
 
@@ -119,13 +119,6 @@ class _Controller(threading.Thread):
         return next((e for e in self.events if e.get("event") == "finished"), None)
 
 
-def _spawn(args: list[str], env: dict[str, str], log: Path,
-           stdout: int | None = None) -> subprocess.Popen[str]:
-    fh = open(log, "ab")  # noqa: SIM115 - the child keeps it; closed with the process
-    return subprocess.Popen([*_CLI, *args], env=env, text=True, cwd=os.getcwd(),
-                            stdout=fh if stdout is None else stdout, stderr=fh)
-
-
 def _wait_history(address: str, world: World, want: int, deadline_s: float) -> int:
     """Wait until the worker has counted ``want`` past impressions of the ads."""
     from serving.client import FeatureClient
@@ -185,29 +178,17 @@ def run_simulation(scenario: str, phase_seconds: float = 25.0, seed: int = 0, *,
                "HEADRACE_LOG_LEVEL": "WARNING", "HEADRACE_MODELS_DIR": str(models),
                "HEADRACE_REDIS_PREFIX": f"sim{tag}", "HEADRACE_TOPIC_PREFIX": f"sim{tag}.",
                "HEADRACE_GROUP_ID": f"sim{tag}"}
-        procs: list[subprocess.Popen[str]] = []
-
-        def _stop_all() -> None:
-            for p in reversed(procs):
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
-
-        stack.callback(_stop_all)
+        children = Children()
+        stack.callback(children.stop)
         pump = EventPump(env)
         rng = np.random.default_rng(seed)
         now = time.time_ns() // 1_000_000
         history = world.history(history_per_ad, now - 1_200_000, now - 5_000, rng)
         pump.send_now(history)
         want = sum(1 for e in history if e["type"] == "impression")
-        procs.append(_spawn(["worker", "--definitions", _DEFS], {
+        children.spawn(["worker", "--definitions", _DEFS], {
             **env, "HEADRACE_DATA_DIR": str(work / "worker"), "HEADRACE_FLUSH_INTERVAL_MS":
-            "200", "HEADRACE_OFFLINE_FLUSH_INTERVAL_MS": "5000"}, work / "worker.log"))
+            "200", "HEADRACE_OFFLINE_FLUSH_INTERVAL_MS": "5000"}, work / "worker.log")
         addresses = []
         for k in range(servers):
             port = free_port()
@@ -215,8 +196,8 @@ def run_simulation(scenario: str, phase_seconds: float = 25.0, seed: int = 0, *,
                          "HEADRACE_PREDICTION_LOG": "false", "HEADRACE_REDIS_BUDGET_MS": "50",
                          "HEADRACE_CHALLENGER_FAULTS": (f"{faults},seed={seed + k}"
                                                         if faults else "")}
-            procs.append(_spawn(["serve", "--port", str(port), "--host", "127.0.0.1",
-                                 "--workers", "4"], serve_env, work / f"serve{k + 1}.log"))
+            children.spawn(["serve", "--port", str(port), "--host", "127.0.0.1",
+                            "--workers", "4"], serve_env, work / f"serve{k + 1}.log")
             addresses.append(f"127.0.0.1:{port}")
         for address in addresses:
             c = FeatureClient(address)
@@ -238,10 +219,9 @@ def run_simulation(scenario: str, phase_seconds: float = 25.0, seed: int = 0, *,
                    "HEADRACE_ROLLOUT_SEGMENTS": json.dumps({"publisher": list(PUBLISHERS)})}
         # a 3 s shadow phase first: the challenger scores the champion's requests off
         # the response path, so its first served requests do not pay its cold caches
-        ctl = _spawn(["rollout", "start", "--challenger", challenger, "--policy",
+        ctl = children.spawn(["rollout", "start", "--challenger", challenger, "--policy",
                       str(policy_file), "--json", "--shadow-seconds", str(_SHADOW_S)],
                      ctl_env, work / "controller.log", stdout=subprocess.PIPE)
-        procs.append(ctl)
         reader = _Controller(ctl, t0)
         reader.start()
         left = timeout_s - (time.monotonic() - started)
