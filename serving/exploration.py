@@ -30,8 +30,12 @@ model (champion or challenger) the same way:
 Eligible requests: at least one candidate ad with fewer than
 ``HEADRACE_EXPLORE_NEW_AD_IMPRESSIONS`` (1000) impressions in 24 h, or a new user (a
 cold-start tier of the user other than PERSONALIZED: BLENDED, SEGMENT, GLOBAL —
-anonymous included). Thompson explores new ads only: a request whose only novelty is
-the user is answered greedily (outcome ``greedy``). A request answered by the
+anonymous included). Thompson draws the new ads when the request has any (the known
+ads keep the model's pCTR); a request whose only novelty is the user draws EVERY
+candidate's CTR from ``Beta(u·p, u·(1 - p))`` around the model's pCTR ``p`` (what the
+user's cold-start tier serves), ``u`` = ``HEADRACE_EXPLORE_USER_STRENGTH`` (50)
+pseudo-impressions: the less the model knows of the user, the more a draw can reorder
+its candidates. A request answered by the
 cold-start model (the store could not answer, no counts) is ineligible.
 
 Outcomes (``headrace_scoring_explore_total{policy,outcome}``): ``explored`` (the first
@@ -108,7 +112,9 @@ class ExploreConfig:
         seed: seed of the draws; None: a random one (set by the caller).
         new_ad_impressions: an ad below this many 24 h impressions is new, >= 1.
         draws: Thompson's Monte Carlo draws M, 16..8192.
-        prior_strength: Thompson's prior pseudo-impressions s, > 0.
+        prior_strength: Thompson's prior pseudo-impressions s of a new ad, > 0.
+        user_strength: Thompson's pseudo-impressions behind each candidate's pCTR for a
+            new user (a cold-start tier: the model's pCTR is a prior there), > 0.
 
     Raises:
         InputError: a value out of its bounds (one sentence naming it).
@@ -121,6 +127,7 @@ class ExploreConfig:
     new_ad_impressions: int = 1000
     draws: int = 256
     prior_strength: float = 100.0
+    user_strength: float = 50.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -138,6 +145,9 @@ class ExploreConfig:
         if not self.prior_strength > 0.0:
             raise InputError("HEADRACE_EXPLORE_PRIOR_STRENGTH must be positive, not "
                              f"{self.prior_strength}")
+        if not self.user_strength > 0.0:
+            raise InputError("HEADRACE_EXPLORE_USER_STRENGTH must be positive, not "
+                             f"{self.user_strength}")
 
     @property
     def on(self) -> bool:
@@ -278,7 +288,7 @@ _NEW_USER: Final = frozenset({int(Tier.BLENDED), int(Tier.SEGMENT), int(Tier.GLO
 
 def decide(config: ExploreConfig, rng: np.random.Generator, greedy: int, p: np.ndarray,
            bids: np.ndarray, impressions: np.ndarray, clicks: np.ndarray,
-           prior_ctr: np.ndarray) -> Decision:
+           prior_ctr: np.ndarray, user_tier: int | None = None) -> Decision:
     """The policy's draw for one eligible request whose budget allows exploring.
 
     Args:
@@ -286,6 +296,8 @@ def decide(config: ExploreConfig, rng: np.random.Generator, greedy: int, p: np.n
         rng: the request's generator (:func:`request_rng`).
         greedy: request index of the greedy first candidate.
         p, bids, impressions, clicks, prior_ctr: per candidate, request order.
+        user_tier: the user's cold-start tier (Thompson explores for a new user when no
+            candidate ad is new); None: unknown, treated as known.
 
     Returns:
         The decision (outcome ``explored`` or ``greedy``).
@@ -295,10 +307,17 @@ def decide(config: ExploreConfig, rng: np.random.Generator, greedy: int, p: np.n
         first, prop = eps_greedy(rng, greedy, k, config.epsilon)
     else:
         new = impressions < config.new_ad_impressions
-        if not new.any():  # a new user only: Thompson has nothing to draw
+        if new.any():
+            first, prop = thompson(rng, p, bids, new, prior_ctr, impressions, clicks,
+                                   strength=config.prior_strength, draws=config.draws)
+        elif user_tier in _NEW_USER:
+            # a new user: every candidate's CTR for this user is uncertain, around the
+            # model's pCTR (what the cold-start tier serves) with user_strength behind it
+            everyone, none = np.ones(k, dtype=bool), np.zeros(k)
+            first, prop = thompson(rng, p, bids, everyone, p, none, none,
+                                   strength=config.user_strength, draws=config.draws)
+        else:
             return Decision(greedy, 1.0, False, "greedy")
-        first, prop = thompson(rng, p, bids, new, prior_ctr, impressions, clicks,
-                               strength=config.prior_strength, draws=config.draws)
     explored = first != greedy
     return Decision(first, prop, explored, "explored" if explored else "greedy")
 
@@ -335,7 +354,7 @@ def exploration(settings: ServeSettings, server_id: str, *,
     config = ExploreConfig(settings.explore, settings.explore_epsilon, settings.explore_budget,
                            secrets.randbits(63) if seed is None else seed,
                            settings.explore_new_ad_impressions, settings.explore_draws,
-                           settings.explore_prior_strength)
+                           settings.explore_prior_strength, settings.explore_user_strength)
     client = settings.redis_config().client(socket_timeout=0.5, socket_connect_timeout=0.5,
                                             retry=None)
     budget = ExploreBudget(config.budget, RedisBudgetCounter(client, settings.redis_prefix),

@@ -465,7 +465,7 @@ class ScoringService:
             prior = self.priors.priors.prior(PRIOR_CTR_FEATURE)
             prior_ctr = ranked.p if prior is None else np.full(len(ranked.p), prior)
             decision = decide(cfg, request_rng(cfg.seed, pid), greedy, ranked.p, inp.bids,
-                              imps, clicks, prior_ctr)
+                              imps, clicks, prior_ctr, ranked.user_tier)
             budget.settle(decision.explored)
         self._outcomes[decision.outcome].inc()
         self.metrics.explore_share.set(budget.share)

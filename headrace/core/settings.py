@@ -538,6 +538,8 @@ class ServeSettings(CommonSettings):
         explore_draws: Thompson: Monte Carlo draws estimating the propensity (16..8192).
         explore_prior_strength: Thompson: pseudo-impressions of a new ad's Beta prior
             around the ads' prior CTR (> 0).
+        explore_user_strength: Thompson: pseudo-impressions behind each candidate's pCTR
+            for a new user (a cold-start tier), when no candidate ad is new (> 0).
     """
 
     host: str = "127.0.0.1"
@@ -574,6 +576,7 @@ class ServeSettings(CommonSettings):
     explore_new_ad_impressions: int = Field(default=1000, ge=1)
     explore_draws: int = Field(default=256, ge=16, le=8192)
     explore_prior_strength: float = Field(default=100.0, gt=0, allow_inf_nan=False)
+    explore_user_strength: float = Field(default=50.0, gt=0, allow_inf_nan=False)
 
     @field_validator("prediction_log", "grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca",
                      "grpc_tokens", "grpc_tls_ca", "grpc_token", "grpc_tls_client_cert",

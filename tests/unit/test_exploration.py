@@ -244,3 +244,34 @@ def test_eps_greedy_decision_labels_its_outcome() -> None:
 def test_bad_settings_are_one_sentence(kw: dict[str, object], why: str) -> None:
     with pytest.raises(InputError, match=why):
         ExploreConfig(**kw)  # type: ignore[arg-type]
+
+
+def test_thompson_for_a_new_user_draws_every_candidate_around_its_pctr() -> None:
+    """No new ad, a new user (tier SEGMENT): both candidates' CTRs are drawn from
+    Beta(u·p, u·(1 - p)); the propensity of the shown one matches the exact
+    P(X_shown > X_other), integrated here, within the Monte Carlo error."""
+    from scipy import integrate, stats
+
+    from feature_defs.coldstart import Tier
+
+    u = 50.0
+    cfg = ExploreConfig("thompson", seed=5, draws=8192, user_strength=u)
+    p, bids = np.array([0.05, 0.04]), np.ones(2)
+    known = np.full(2, 5000.0)  # no new ad
+    a = [stats.beta(u * q, u * (1 - q)) for q in p]
+    second_wins = integrate.quad(lambda x: a[1].pdf(x) * a[0].cdf(x), 0, 1)[0]
+    firsts = []
+    for i in range(30):
+        d = decide(cfg, request_rng(5, f"n{i}"), 0, p, bids, known, np.zeros(2), p,
+                   int(Tier.SEGMENT))
+        exact = second_wins if d.first == 1 else 1 - second_wins
+        assert d.propensity == pytest.approx(exact, abs=0.02)  # SE <= 0.0055 at M = 8192
+        assert d.explored == (d.first == 1)
+        firsts.append(d.first)
+    assert 0 < firsts.count(1) < 30  # it does try the second candidate
+    # a known user, or no tier given: greedy, as before
+    for tier in (int(Tier.PERSONALIZED), None):
+        d = decide(cfg, request_rng(5, "k"), 0, p, bids, known, np.zeros(2), p, tier)
+        assert (d.first, d.propensity, d.outcome) == (0, 1.0, "greedy")
+    with pytest.raises(InputError, match="HEADRACE_EXPLORE_USER_STRENGTH"):
+        ExploreConfig("thompson", user_strength=0.0)
