@@ -75,7 +75,11 @@ class Server:
     def __init__(self, env: dict[str, str], models: Path) -> None:
         self.proc = subprocess.Popen(
             [*CLI, "serve", "--port", "0", "--host", "127.0.0.1"],
-            env={**env, "HEADRACE_MODELS_DIR": str(models)}, stdout=subprocess.PIPE,
+            # exactness, not latency: a loaded CI machine must not push the feature
+            # reads the test compares with past the 10 ms Redis budget (an answer then
+            # comes from the priors, BUDGET_EXCEEDED, and differs from Score's)
+            env={**env, "HEADRACE_MODELS_DIR": str(models), "HEADRACE_REDIS_BUDGET_MS": "5000"},
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -134,6 +138,7 @@ def test_score_ranks_with_the_trained_model(trained: dict[str, Any], server: Ser
             if ids:
                 answer = client.get(entity, ids, as_of_ms=as_of, country="US",
                                     device_type="mobile")
+                assert answer.fallback_reason == "NONE", (entity, answer.fallback_reason)
                 rows.update({f"{entity}:{e.id}": e.values for e in answer.entities})
         anonymous = _anonymous(trained["ns"])
         x = np.array([[_value(rows, anonymous, name, user, context, r)
