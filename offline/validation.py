@@ -55,6 +55,8 @@ import pyarrow.compute as pc
 
 from feature_defs.contract import PROBABILITY_FIELDS
 from feature_defs.model import AggOp
+from headrace.monitor import stats
+from headrace.monitor.profile import numeric_profile
 
 if TYPE_CHECKING:
     from feature_defs.registry import Registry
@@ -66,8 +68,8 @@ __all__ = ["ValidationReport", "validate_training_set", "validate_labels", "psi"
 OUTLIER_MADS = 20.0
 #: quantile bins of the previous training set (plus one bin for nulls)
 PSI_BINS = 10
-#: floor on every bin share, so an empty bin gives a finite PSI
-PSI_FLOOR = 1e-4
+#: floor on every bin share, so an empty bin gives a finite PSI (the monitor's)
+PSI_FLOOR = stats.PSI_EPSILON
 _NON_NEGATIVE = frozenset({AggOp.COUNT, AggOp.APPROX_DISTINCT})
 _BOUNDED_OF_FIELD = frozenset({AggOp.MEAN, AggOp.MIN, AggOp.MAX, AggOp.LAST})
 _TS_RULES = ("schema", "min_rows", "label_values", "label_rate", "all_null", "null_share",
@@ -233,23 +235,15 @@ def _check_feature(f: _Findings, name: str, col: pa.ChunkedArray, max_null_share
     return rule is not None or name in registry.by_feature
 
 
-def psi(previous: np.ndarray, current: np.ndarray, bins: int = PSI_BINS,
-        floor: float = PSI_FLOOR) -> float:
+def psi(previous: np.ndarray, current: np.ndarray, bins: int = PSI_BINS) -> float:
     """Population stability index of ``current`` against ``previous`` (float arrays, NaN
-    = null): ``bins`` quantile bins of ``previous``'s non-null values (tied edges merge)
-    plus a null bin, shares floored at ``floor``. 0 for identical distributions; ≥ 0."""
-    prev_ok, cur_ok = previous[~np.isnan(previous)], current[~np.isnan(current)]
-    edges = np.unique(np.quantile(prev_ok, np.arange(1, bins) / bins)) if prev_ok.size \
-        else np.empty(0)
-
-    def shares(all_: np.ndarray, ok: np.ndarray) -> np.ndarray:
-        counts = np.bincount(np.searchsorted(edges, ok, side="right"),
-                             minlength=edges.size + 1).astype(np.float64)
-        counts = np.append(counts, all_.size - ok.size)
-        return np.maximum(counts / max(all_.size, 1), floor)
-
-    p, c = shares(previous, prev_ok), shares(current, cur_ok)
-    return float(np.sum((c - p) * np.log(c / p)))
+    = null), binned and floored exactly as the drift monitor does
+    (:func:`headrace.monitor.profile.numeric_profile`: ``bins`` quantile bins of
+    ``previous``'s values, tied edges merged, plus a null bin;
+    :func:`headrace.monitor.stats.psi`: shares floored at :data:`PSI_FLOOR`). 0 for
+    identical distributions; NaN when either side has no rows."""
+    ref = numeric_profile("previous", previous, bins)
+    return stats.psi(ref.counts, ref.histogram(current))
 
 
 def validate_training_set(table: pa.Table, features: Sequence[str], *,

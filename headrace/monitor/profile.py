@@ -42,7 +42,7 @@ import numpy as np
 
 from headrace.core.errors import InputError
 
-__all__ = ["PROFILE_FILE", "MAX_CATEGORIES", "OTHER", "NULL", "NumericProfile",
+__all__ = ["PROFILE_FILE", "MAX_CATEGORIES", "OTHER", "NULL", "NumericProfile", "numeric_profile",
            "CategoricalProfile", "ReferenceProfile", "build_profile", "save_profile",
            "load_profile"]
 
@@ -216,7 +216,10 @@ def _count(value: Any) -> int:
     return value
 
 
-def _numeric(name: str, values: np.ndarray, bins: int) -> NumericProfile:
+def numeric_profile(name: str, values: np.ndarray, bins: int = 10) -> NumericProfile:
+    """The profile of one numeric column by the module docstring's binning rule: the
+    ``bins``-quantile edges of its finite values (ties merged), its counts in them and
+    its nulls (NaN)."""
     finite = values[np.isfinite(values)]
     edges: tuple[float, ...] = ()
     if finite.size:
@@ -272,8 +275,8 @@ def build_profile(version: str, x: np.ndarray, features: Sequence[str],
             raise InputError(f"context column {name!r} has {len(values)} values for "
                              f"{rows} training rows")
     return ReferenceProfile(
-        version, {f: _numeric(f, x[:, j], bins) for j, f in enumerate(features)},
-        _numeric("prediction", p, bins),
+        version, {f: numeric_profile(f, x[:, j], bins) for j, f in enumerate(features)},
+        numeric_profile("prediction", p, bins),
         {name: _categorical(name, values) for name, values in cols.items()}, rows)
 
 
