@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from headrace.core.errors import InputError
 from headrace.model.booster import CategoryCodes, lightgbm
+from headrace.monitor import stats
 
 __all__ = [
     "CALIBRATION_BINS",
@@ -65,31 +66,13 @@ def _check(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return y, p
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x``; tied values share the mean of the ranks they span."""
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    new = np.r_[True, xs[1:] != xs[:-1]]
-    starts = np.flatnonzero(new)
-    ends = np.r_[starts[1:], xs.size]
-    ranks = np.empty(x.size, dtype=np.float64)
-    ranks[order] = ((starts + ends + 1) / 2.0)[np.cumsum(new) - 1]
-    return ranks
-
-
 def auc(y: np.ndarray, p: np.ndarray) -> float:
     """ROC AUC of scores ``p`` for 0/1 labels ``y`` (ties count 1/2).
 
     Returns NaN when ``y`` holds only one class (AUC is undefined then).
     """
     y, p = _check(y, p)
-    pos = y > 0.5
-    n_pos = int(pos.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    rank_sum = float(_average_ranks(p)[pos].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return stats.auc(p, y > 0.5)
 
 
 def log_loss(y: np.ndarray, p: np.ndarray, eps: float = LOGLOSS_EPS) -> float:

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
-from scipy.stats import rankdata
 
+from headrace.monitor import stats
 from headrace.monitor.windows import WINDOWS
 
 __all__ = ["DEFAULT_ATTRIBUTION_MS", "auc_exact", "calibration_ratio", "ClosedWindow",
@@ -53,13 +53,7 @@ def auc_exact(scores: np.ndarray | Iterable[float], labels: np.ndarray | Iterabl
     s = np.asarray(list(scores) if not isinstance(scores, np.ndarray) else scores,
                    dtype=np.float64)
     y = np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels) > 0
-    n1 = int(y.sum())
-    n0 = len(y) - n1
-    if n1 == 0 or n0 == 0:
-        return math.nan
-    ranks = rankdata(s, method="average")
-    u = float(ranks[y].sum()) - n1 * (n1 + 1) / 2
-    return u / (n1 * n0)
+    return stats.auc(s, y)
 
 
 def calibration_ratio(sum_pctr: float, clicks: int) -> float:

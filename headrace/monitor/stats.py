@@ -38,7 +38,8 @@ import numpy as np
 
 from headrace.core.errors import InputError, missing_extra
 
-__all__ = ["PSI_WARN", "PSI_ALERT", "PSI_EPSILON", "psi", "ks_binned"]
+__all__ = ["PSI_WARN", "PSI_ALERT", "PSI_EPSILON", "psi", "ks_binned", "average_ranks",
+           "auc"]
 
 #: PSI at or above which a feature has shifted moderately (a warning)
 PSI_WARN: Final = 0.1
@@ -127,3 +128,31 @@ def ks_binned(expected: Sequence[int] | np.ndarray, actual: Sequence[int] | np.n
     n_eff = n * m / (n + m)
     p = float(_kstwobign().sf(math.sqrt(n_eff) * d))
     return d, min(max(p, 0.0), 1.0)
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x``; tied values share the mean of the ranks they span."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    new = np.r_[True, xs[1:] != xs[:-1]]
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], xs.size]
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = ((starts + ends + 1) / 2.0)[np.cumsum(new) - 1]
+    return ranks
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC of ``scores`` (float64) for the boolean mask ``positive``, ties counted
+    half (Mann-Whitney U over average ranks): one implementation for training's metrics
+    (:func:`offline.evaluation.auc`) and the monitor's rolling AUC.
+
+    Returns:
+        In [0, 1]; NaN when there is no positive or no negative.
+    """
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    rank_sum = float(average_ranks(scores)[positive].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
