@@ -28,6 +28,7 @@ rewritten as format 3 at its next update (:meth:`ViewState.encode` writes only 3
 from __future__ import annotations
 
 import marshal
+import struct
 import sys
 from array import array
 from bisect import bisect_left
@@ -36,7 +37,7 @@ from typing import Any
 
 from feature_defs.measures import MERGERS, finalize_state, init_state
 from feature_defs.plan import RingPlan, ViewPlan
-from feature_defs.state_codec import FORMAT, MAGIC, codec_for
+from feature_defs.state_codec import _CODECS, FORMAT, MAGIC, codec_for
 from headrace.core.errors import StateFormatError
 
 __all__ = ["NO_TS", "Ring", "ViewState", "StateFields", "RingFields", "RingsFields",
@@ -47,10 +48,10 @@ NO_TS = -(2**62)
 _V1, _V2 = 1, 2
 _INDEX_BITS = 20
 _LITTLE = sys.byteorder == "little"
-_ZERO = (0,)
+_ZERO_SUM = array("q", (0,))  # copied (sliced), never changed: a new prefix sum
 #: what unmarshalling foreign bytes, or using what came out, can raise
 _LEGACY_ERRORS = (ValueError, EOFError, TypeError, IndexError, KeyError, AttributeError,
-                  OverflowError)
+                  OverflowError, struct.error)  # (struct: a time or count beyond int64)
 
 #: one ring as the read path sees it: (off, n, cols): the ring's ``n`` tiles are at
 #: ``ints[off:off + n]``, then per COUNT slot ``k`` its ``n + 1`` prefix sums at
@@ -92,13 +93,16 @@ class Ring:
     ``n + 1`` prefix sums, ``cums[k][i]`` = the base plus the counts of the tiles before
     tile ``i``; ``vals[j]`` (for ``plan.others[j]``) one state per tile (None: none).
     Encoded, the arrays are laid end to end (:func:`decode_fields`).
+
+    ``cums`` is a tuple (of int64 arrays, changed in place): a state holds many rings, and
+    a tuple of arrays is a container the cyclic GC stops tracking, a list is not.
     """
 
     __slots__ = ("tiles", "cums", "vals")
 
     def __init__(self, plan: RingPlan) -> None:
         self.tiles = array("q")
-        self.cums = [array("q", _ZERO) for _ in plan.counts]
+        self.cums: tuple[array[int], ...] = tuple([_ZERO_SUM[:] for _ in plan.counts])
         self.vals: list[list[Any]] = [[] for _ in plan.others]
 
     def index(self, tile: int) -> int:
@@ -166,10 +170,10 @@ class Ring:
 
     def normalize(self) -> None:
         """Rebase the prefix sums to start at 0."""
-        for k, c in enumerate(self.cums):
+        for c in self.cums:
             if c[0]:
                 base = c[0]
-                self.cums[k] = array("q", [x - base for x in c])
+                c[:] = array("q", [x - base for x in c])
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Ring):
@@ -189,11 +193,14 @@ class ViewState:
     __slots__ = ("plan", "max_ts", "prev_ts", "pending", "rings", "fences")
 
     def __init__(self, plan: ViewPlan) -> None:
+        codec = _CODECS.get(id(plan))  # (codec_for(plan), inlined: a new entity's hot path)
+        if codec is None or codec.plan is not plan:
+            codec = codec_for(plan)
         self.plan = plan
         self.max_ts = NO_TS
         self.prev_ts = NO_TS  # the largest applied ts strictly below max_ts
         self.pending: list[Any] = [None] * len(plan.measures)
-        self.rings: list[Ring] = [Ring(rp) for rp in plan.rings]
+        self.rings: list[Ring] = codec.new_rings_fn(Ring)  # as Ring(rp) per ring
         self.fences: dict[int, int] = {}
 
     # ------------------------------------------------------------------ updates
@@ -370,9 +377,19 @@ class ViewState:
             StateFormatError: malformed bytes, or another view's layout (format 3: see
                 :meth:`~feature_defs.state_codec.StateCodec.materialize`).
         """
-        st = cls.__new__(cls)
+        head = data[:1]
+        if head != _V1_BYTE and head != _V2_BYTE:  # format 3 (else refused as unknown)
+            codec = _CODECS.get(id(plan))  # (codec_for(plan), inlined)
+            if codec is None or codec.plan is not plan:
+                codec = codec_for(plan)
+            st = _new(cls)
+            st.plan = plan
+            st.max_ts, st.prev_ts, st.pending, st.rings, st.fences = \
+                codec.materialize_fn(data, Ring)  # .materialize(data, Ring), generated
+            return st
+        st = _new(cls)
         st.plan = plan
-        if data[:1] == _V1_BYTE:
+        if head == _V1_BYTE:
             try:
                 st.max_ts, st.prev_ts, st.pending, old, st.fences = _loads_v1(plan, data)
                 st.rings = [_ring_from_v1(rp, plan, cells)
@@ -384,15 +401,10 @@ class ViewState:
             except _LEGACY_ERRORS as exc:
                 raise StateFormatError(f"malformed view state (format 1): {exc}") from exc
             return st
-        if data[:1] == _V2_BYTE:
-            return _v2_state(plan, data)
-        st.max_ts, st.prev_ts, st.pending, rings, st.fences = codec_for(plan).materialize(data)
-        st.rings = []
-        for tiles, cums, vals in rings:
-            ring = Ring.__new__(Ring)
-            ring.tiles, ring.cums, ring.vals = tiles, cums, vals
-            st.rings.append(ring)
-        return st
+        return _v2_state(plan, data)
+
+
+_new = object.__new__
 
 
 def decode_fields(plan: ViewPlan, data: bytes) -> StateFields:
@@ -449,10 +461,11 @@ def _v2_state(plan: ViewPlan, data: bytes) -> ViewState:
             ring = Ring.__new__(Ring)
             ring.tiles = ints[off: off + n]
             off += n
-            ring.cums = []
+            cums = []
             for _ in rp.counts:
-                ring.cums.append(ints[off: off + n + 1])
+                cums.append(ints[off: off + n + 1])
                 off += n + 1
+            ring.cums = tuple(cums)
             ring.vals = [list(col) for col in v]
             st.rings.append(ring)
         if off != len(ints):

@@ -67,7 +67,6 @@ import struct
 import sys
 from array import array
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from itertools import accumulate, chain
 from operator import lt, sub
 from typing import Any
@@ -114,96 +113,17 @@ def _swap(data: Any) -> bytes:
     return a.tobytes()
 
 
-@lru_cache(maxsize=64)
+#: n -> the offsets ``0 .. n`` of a column with one entry in every tile (``n`` up to
+#: 1024, filled as met: a ring holds at most its ``keep`` tiles)
+_IOTA: dict[int, bytes] = {}
+
+
 def _iota(n: int) -> bytes:
     """The offsets ``0 .. n`` of a column with one entry in every tile."""
-    return array("q", range(n + 1)).tobytes()
-
-
-# ------------------------------------------------------------------ encoders
-def _column_encoder(kind: int) -> Callable[[list[Any]], list[Any]]:
-    """``col`` (one state or None per tile) → [offsets, entry columns...] buffers."""
-    if kind == _DISTINCT:
-        def distinct(col: list[Any]) -> list[Any]:
-            if None in col:
-                col = [t or () for t in col]
-            # (lists first: array() converts a list in one C loop, an iterator per item)
-            return [array("q", list(accumulate(map(len, col), initial=0))),
-                    array("Q", list(chain.from_iterable(col)))]
-        return distinct
-
-    def present(col: list[Any]) -> tuple[Any, list[Any]]:
-        if None not in col:
-            return _iota(len(col)), col
-        return (array("q", list(accumulate((x is not None for x in col), initial=0))),
-                [x for x in col if x is not None])
-
-    if kind == _SCALAR:
-        def scalar(col: list[Any]) -> list[Any]:
-            offs, got = present(col)
-            return [offs, array("d", got)]
-        return scalar
-    if kind == _MEAN:
-        def mean(col: list[Any]) -> list[Any]:
-            offs, got = present(col)
-            return [offs, array("d", [t[0] for t in got]), array("q", [t[1] for t in got])]
-        return mean
-
-    def last(col: list[Any]) -> list[Any]:
-        offs, got = present(col)
-        return [offs, array("q", [t[0] for t in got]), array("q", [t[1] for t in got]),
-                array("d", [t[2] for t in got])]
-    return last
-
-
-# ------------------------------------------------------------------ decoders
-def _column_decoder(kind: int) -> Callable[[Any, Any, Any, int, int, int], list[Any]]:
-    """(q, d, u, offsets word, entries word, n) → one state or None per tile, checking
-    the offsets (non-decreasing, at most the kind's entries per tile)."""
-    most = _PER_TILE[kind]
-
-    def offsets(q: Any, oa: int, n: int) -> tuple[list[int], int]:
-        o = q[oa: oa + n + 1].tolist()
-        if n:
-            steps = list(map(sub, o[1:], o))
-            if min(steps) < 0 or max(steps) > most:
-                raise _bad("column offsets out of order")
-        return o, o[-1]
-
-    def spread(o: list[int], got: list[Any], n: int) -> list[Any]:
-        if len(got) == n:
-            return got
-        col: list[Any] = [None] * n
-        for i in range(n):
-            if o[i + 1] != o[i]:
-                col[i] = got[o[i]]
-        return col
-
-    if kind == _DISTINCT:
-        def distinct(q: Any, d: Any, u: Any, oa: int, da: int, n: int) -> list[Any]:
-            o, e = offsets(q, oa, n)
-            hs = u[da: da + e].tolist()
-            return [tuple(hs[a:b]) if b > a else None for a, b in zip(o, o[1:], strict=False)]
-        return distinct
-    if kind == _SCALAR:
-        def scalar(q: Any, d: Any, u: Any, oa: int, da: int, n: int) -> list[Any]:
-            o, e = offsets(q, oa, n)
-            return spread(o, d[da: da + e].tolist(), n)
-        return scalar
-    if kind == _MEAN:
-        def mean(q: Any, d: Any, u: Any, oa: int, da: int, n: int) -> list[Any]:
-            o, e = offsets(q, oa, n)
-            got = list(zip(d[da: da + e].tolist(), q[da + e: da + 2 * e].tolist(),
-                           strict=True))
-            return spread(o, got, n)
-        return mean
-
-    def last(q: Any, d: Any, u: Any, oa: int, da: int, n: int) -> list[Any]:
-        o, e = offsets(q, oa, n)
-        got = list(zip(q[da: da + e].tolist(), q[da + e: da + 2 * e].tolist(),
-                       d[da + 2 * e: da + 3 * e].tolist(), strict=True))
-        return spread(o, got, n)
-    return last
+    offs = array("q", range(n + 1)).tobytes()
+    if n <= 1024:
+        _IOTA[n] = offs
+    return offs
 
 
 class StateCodec:
@@ -212,8 +132,10 @@ class StateCodec:
     Built once per plan (:func:`codec_for`); immutable, thread-safe.
     """
 
-    __slots__ = ("plan", "schema", "_schema_stop", "_after", "_min_size", "_pending_kinds",
-                 "_rings", "_columns", "_floats", "_hashes", "_lifetime")
+    __slots__ = ("plan", "schema", "ring_shapes", "_schema_stop", "_after", "_min_size",
+                 "_pending_kinds", "_rings", "_columns", "_floats", "_hashes", "_lifetime",
+                 "_n_rings", "_n_counts", "_col_specs", "_col_kinds", "materialize_fn",
+                 "new_rings_fn", "encode_fn")
 
     def __init__(self, plan: ViewPlan) -> None:
         self.plan = plan
@@ -229,15 +151,26 @@ class StateCodec:
         self._pending_kinds = tuple(_KIND[op] for op in ops)
         self._rings = tuple(len(rp.counts) for rp in plan.rings)
         self._lifetime = tuple(r for r, rp in enumerate(plan.rings) if not rp.tile_ms)
-        # every other-slot column, in stored order: (ring, j, kind, encoder, decoder)
+        # every other-slot column, in stored order: (ring, j, kind)
         self._columns = tuple(
-            (r, j, _KIND[ops[slot]], _column_encoder(_KIND[ops[slot]]),
-             _column_decoder(_KIND[ops[slot]]))
+            (r, j, _KIND[ops[slot]])
             for r, rp in enumerate(plan.rings) for j, slot in enumerate(rp.others)
         )
+        #: per ring (COUNT slots, other slots): the shape of a new state's ring
+        self.ring_shapes = tuple((len(rp.counts), len(rp.others)) for rp in plan.rings)
+        self._n_rings = n_rings
+        self._n_counts = sum(self._rings)  # + 1 prefix sum per COUNT slot
+        #: per column (ring, most entries per tile, words per entry), and its kind
+        self._col_specs = tuple((r, _PER_TILE[kind], _WIDTH[kind])
+                                for r, _j, kind in self._columns)
+        self._col_kinds = tuple(kind for _r, _j, kind in self._columns)
         kinds = set(self._pending_kinds)
         self._floats = bool(kinds & {_SCALAR, _MEAN, _LAST})
         self._hashes = _DISTINCT in kinds
+        #: generated for the view: :meth:`encode`, :meth:`materialize`, :meth:`new_rings`
+        self.encode_fn = _encoder(self)
+        self.materialize_fn = _materializer(self)
+        self.new_rings_fn = _new_rings_fn(self)
 
     # -------------------------------------------------------------- encode
     def encode(
@@ -248,7 +181,8 @@ class StateCodec:
         rings: Sequence[Any],
         fences: dict[int, int],
     ) -> bytes:
-        """The format-3 bytes of a state's fields.
+        """The format-3 bytes of a state's fields (straight-line code generated for the
+        view: :func:`_encoder`).
 
         Args:
             rings: per ring an object with ``tiles`` (int64 array), ``cums`` (int64
@@ -256,34 +190,7 @@ class StateCodec:
                 :class:`~feature_defs.state.Ring`.
             fences: fence key → position, keys ascending (``set_fence`` keeps them so).
         """
-        counts = [len(fences)]
-        for r in rings:
-            counts.append(len(r.tiles))
-        parts: list[Any] = [MAGIC, _QQ(max_ts, prev_ts), self.schema, array("q", counts)]
-        add = parts.append
-        for kind, v in zip(self._pending_kinds, pending, strict=True):
-            if v is None:
-                add(_NULL)
-            elif kind == _COUNT:
-                add(_ONE_COUNT(1, v))
-            elif kind == _DISTINCT:
-                add(_Q(len(v)) + array("Q", v).tobytes() if v else _NULL)
-            elif kind == _SCALAR:
-                add(_ONE_SCALAR(1, v))
-            elif kind == _MEAN:
-                add(_ONE_MEAN(1, v[0], v[1]))
-            else:
-                add(_ONE_LAST(1, v[0], v[1], v[2]))
-        for r in rings:
-            add(r.tiles)
-            parts += r.cums
-        for ri, j, _kind, enc, _dec in self._columns:
-            parts += enc(rings[ri].vals[j])
-        if fences:
-            add(array("q", chain.from_iterable(fences.items())))
-        if _LITTLE:
-            return b"".join(parts)
-        return MAGIC + _swap(b"".join(parts)[8:])
+        return self.encode_fn(max_ts, prev_ts, pending, rings, fences)  # generated
 
     # -------------------------------------------------------------- parse
     def parse(self, data: bytes) -> tuple[int, int, list[Any], tuple[Any, Any, Any, Any],
@@ -352,7 +259,7 @@ class StateCodec:
                     raise _bad(f"lifetime ring {r} has {ns[r]} tiles")
             if self._columns:
                 cols: dict[int, list[tuple[int, int]]] = {}
-                for r, _j, kind, _enc, _dec in self._columns:
+                for r, _j, kind in self._columns:
                     n = ns[r]
                     e = q[w + n]
                     if q[w] or not 0 <= e <= n * _PER_TILE[kind]:
@@ -371,38 +278,247 @@ class StateCodec:
         fences = dict(zip(q[w::2], q[w + 1::2], strict=True)) if nf else {}
         return q[1], q[2], pending, (q, d, u, layout), fences
 
-    def materialize(self, data: bytes) -> tuple[int, int, list[Any], list[Any], dict[int, int]]:
+    def materialize(self, data: bytes, ring_type: type | None = None,
+                    ) -> tuple[int, int, list[Any], list[Any], dict[int, int]]:
         """:meth:`parse`, then the rings as (tiles, prefix sums, per-tile states) Python
         objects for a mutable state, checking the orders the parse leaves alone.
+
+        The same checks as :meth:`parse`, in the same order (so the same errors), then
+        the orders; the words are read once into an int64 array (and float64 / uint64
+        ones when the view has such entries) whose slices are the tiles and prefix sums.
+        The code is generated for the view (:func:`_materializer`): no loop over rings,
+        slots or columns at run time.
+
+        Args:
+            ring_type: when given, each ring comes back as an instance of it (made
+                without calling ``__init__``) with ``tiles``, ``cums`` and ``vals`` set,
+                as :class:`~feature_defs.state.Ring`; otherwise as a (tiles, cums, vals)
+                tuple. ``cums`` is a tuple of int64 arrays, ``vals`` a list of lists.
 
         Raises:
             StateFormatError: as :meth:`parse`; tiles not strictly ascending, column
                 offsets decreasing or over the operator's bound, fence keys out of order.
         """
-        max_ts, prev_ts, pending, (q, d, u, layout), fences = self.parse(data)
-        raw = memoryview(data if _LITTLE else MAGIC + _swap(data[8:]))
-        rings: list[Any] = []
-        for r, (off, n, _cols) in enumerate(layout):
-            tiles = array("q")
-            tiles.frombytes(raw[8 * off: 8 * (off + n)])
-            if n > 1 and not all(map(lt, tiles, tiles[1:])):
-                raise _bad(f"ring {r}: tiles not ascending")
-            cums = []
-            at = off + n
-            for _ in range(self._rings[r]):
-                c = array("q")
-                c.frombytes(raw[8 * at: 8 * (at + n + 1)])
-                cums.append(c)
-                at += n + 1
-            rings.append((tiles, cums, []))
-        for r, _j, _kind, _enc, dec in self._columns:
-            _off, n, cols = layout[r]
-            oa, da = cols[len(rings[r][2])]
-            rings[r][2].append(dec(q, d, u, oa, da, n))
-        keys = list(fences)
-        if len(keys) > 1 and not all(map(lt, keys, keys[1:])):
-            raise _bad("fence keys not ascending")
-        return max_ts, prev_ts, pending, rings, fences
+        return self.materialize_fn(data, ring_type)
+
+    def new_rings(self, ring_type: type) -> list[Any]:
+        """The empty rings of a new state, instances of ``ring_type`` (made without
+        calling ``__init__``): empty ``tiles``, a ``[0]`` prefix sum per COUNT slot, an
+        empty list per other slot (straight-line code generated for the view)."""
+        return self.new_rings_fn(ring_type)
+
+
+# ------------------------------------------------------------------ generated code
+def _compile(src: str, name: str, **env: Any) -> Any:
+    ns: dict[str, Any] = {"MAGIC": MAGIC, "_LITTLE": _LITTLE, "_swap": _swap, "_bad": _bad,
+                          "array": array, "lt": lt, "sub": sub, "new": object.__new__,
+                          "IndexError": IndexError, **env}
+    exec(compile(src, f"<state_codec {name}>", "exec"), ns)  # noqa: S102 (our own source)
+    return ns[name]
+
+
+def _new_rings_fn(c: StateCodec) -> Callable[[type], list[Any]]:
+    """``new_rings(ring_type)`` for ``c``'s view: per ring ``new(ring_type)`` and three
+    attribute sets, fresh arrays copied from the empty and the ``[0]`` templates."""
+    lines = ["def new_rings(ring_type):"]
+    for r, (nc, no) in enumerate(c.ring_shapes):
+        cums = "".join("z(), " for _ in range(nc))
+        vals = ", ".join("[]" for _ in range(no))
+        lines += [f"    r{r} = new(ring_type)", f"    r{r}.tiles = e()",
+                  f"    r{r}.cums = ({cums})", f"    r{r}.vals = [{vals}]"]
+    names = ", ".join(f"r{r}" for r in range(len(c.ring_shapes)))
+    lines.append(f"    return [{names}]")
+    return _compile("\n".join(lines) + "\n", "new_rings", e=array("q").__copy__,
+                    z=array("q", (0,)).__copy__)
+
+
+def _encoder(c: StateCodec) -> Callable[..., bytes]:
+    """``encode(max_ts, prev_ts, pending, rings, fences)`` for ``c``'s view, written out:
+    the parts of the documented layout joined once (per kind the same packing calls as
+    ever: identical bytes)."""
+    R, S = c._n_rings, len(c._pending_kinds)
+    rs = "".join(f"r{r}, " for r in range(R))
+    ps = "".join(f"p{s}, " for s in range(S))
+    L = ["def encode(max_ts, prev_ts, pending, rings, fences):",
+         f"    ({rs}) = rings", f"    ({ps}) = pending"]
+    L += [f"    t{r} = r{r}.tiles" for r in range(R)]
+    counts = "".join(f"len(t{r}), " for r in range(R))
+    L.append(f"    parts = [MAGIC, QQ(max_ts, prev_ts), SCHEMA, "
+             f"array('q', (len(fences), {counts}))]")
+    for s, kind in enumerate(c._pending_kinds):
+        v = f"p{s}"
+        L.append("    parts.append(" + {
+            _COUNT: f"NULL if {v} is None else ONE_COUNT(1, {v})",
+            _DISTINCT: f"Q(len({v})) + array('Q', {v}).tobytes() if {v} else NULL",
+            _SCALAR: f"NULL if {v} is None else ONE_SCALAR(1, {v})",
+            _MEAN: f"NULL if {v} is None else ONE_MEAN(1, {v}[0], {v}[1])",
+            _LAST: f"NULL if {v} is None else ONE_LAST(1, {v}[0], {v}[1], {v}[2])"}[kind] + ")")
+    for r in range(R):
+        L += [f"    parts.append(t{r})", f"    parts += r{r}.cums"]
+    for ri, j, kind in c._columns:
+        L.append(f"    col = r{ri}.vals[{j}]")
+        if kind == _DISTINCT:
+            L += ["    if len(col) == 1 and col[0]:",
+                  "        parts.append(QQ(0, len(col[0])))",
+                  "        parts.append(array('Q', col[0]))",
+                  "    else:",
+                  "        if None in col:",
+                  "            col = [t or () for t in col]",
+                  "        parts.append(array('q', list(accumulate(map(len, col), initial=0))))",
+                  "        parts.append(array('Q', list(chain.from_iterable(col))))"]
+            continue
+        L += ["    if None not in col:",
+              "        parts.append(IOTA.get(len(col)) or iota(len(col)))",
+              "    else:",
+              "        parts.append(array('q', list(accumulate((x is not None for x in col),"
+              " initial=0))))",
+              "        col = [x for x in col if x is not None]"]
+        L += {_SCALAR: ["    parts.append(array('d', col))"],
+              _MEAN: ["    parts.append(array('d', [t[0] for t in col]))",
+                      "    parts.append(array('q', [t[1] for t in col]))"],
+              _LAST: ["    parts.append(array('q', [t[0] for t in col]))",
+                      "    parts.append(array('q', [t[1] for t in col]))",
+                      "    parts.append(array('d', [t[2] for t in col]))"]}[kind]
+    L += ["    if len(fences) == 1:",
+          "        parts.append(array('q', [*fences.items()][0]))",
+          "    elif fences:",
+          "        parts.append(array('q', chain.from_iterable(fences.items())))",
+          "    if _LITTLE:",
+          "        return b''.join(parts)",
+          "    return MAGIC + _swap(b''.join(parts)[8:])"]
+    return _compile("\n".join(L) + "\n", "encode", SCHEMA=c.schema, QQ=_QQ, Q=_Q,
+                    NULL=_NULL, ONE_COUNT=_ONE_COUNT, ONE_SCALAR=_ONE_SCALAR,
+                    ONE_MEAN=_ONE_MEAN, ONE_LAST=_ONE_LAST, IOTA=_IOTA, iota=_iota,
+                    accumulate=accumulate, chain=chain)
+
+
+def _materializer(c: StateCodec) -> Callable[[Any, type | None], Any]:
+    """``materialize(data, ring_type)`` for ``c``'s view, written out: the checks of
+    :meth:`StateCodec.parse` in its order, with the view's constants (slot kinds, ring
+    shapes, column kinds) folded in, then the rings and the order checks."""
+    R = c._n_rings
+    a = c._after
+    L = ["def materialize(data, ring_type):",
+         "    size = len(data)",
+         "    if data[:8] != MAGIC:",
+         "        raise _bad(f'unknown format or magic {bytes(data[:8])!r}')",
+         "    if size & 7:",
+         "        raise _bad(f'{size} bytes is not a whole number of 8-byte words')",
+         f"    if size < {c._min_size}:",
+         "        raise _bad(f'truncated ({size} bytes)')",
+         "    if not _LITTLE:",
+         "        data = MAGIC + _swap(data[8:])",
+         f"    if data[24:{c._schema_stop}] != SCHEMA:",
+         "        raise _bad(LAYOUT)",
+         "    q = array('q')",
+         "    q.frombytes(data)"]
+    if c._floats:
+        L += ["    d = array('d')", "    d.frombytes(data)"]
+    if c._hashes:
+        L += ["    u = array('Q')", "    u.frombytes(data)"]
+    L += ["    total = size >> 3", f"    nf = q[{a}]"]
+    L += [f"    n{r} = q[{a + 1 + r}]" for r in range(R)]
+    L += [f"    w = {a + 1 + R}", "    try:"]
+    for s, kind in enumerate(c._pending_kinds):
+        L += ["        m = q[w]", "        if not m:", f"            p{s} = None",
+              "            w += 1"]
+        if kind == _DISTINCT:
+            L += [f"        elif not 0 < m <= {KMV_K}:",
+                  "            raise _bad(f'{m} pending distinct hashes')",
+                  "        else:", f"            p{s} = tuple(u[w + 1: w + 1 + m])",
+                  "            w += 1 + m"]
+            continue
+        L += ["        elif m != 1:",
+              "            raise _bad(f'{m} pending entries of a single-valued operator')",
+              "        else:"]
+        L += {_COUNT: [f"            p{s} = q[w + 1]", "            w += 2"],
+              _SCALAR: [f"            p{s} = d[w + 1]", "            w += 2"],
+              _MEAN: [f"            p{s} = (d[w + 1], q[w + 2])", "            w += 3"],
+              _LAST: [f"            p{s} = (q[w + 1], q[w + 2], d[w + 3])",
+                      "            w += 4"]}[kind]
+    for r in range(R):
+        L += [f"        if n{r} < 0:", f"            raise _bad(f'ring {r} has {{n{r}}} tiles')"]
+    for r in c._lifetime:
+        L += [f"        if n{r} > 1:",
+              f"            raise _bad(f'lifetime ring {r} has {{n{r}}} tiles')"]
+    L.append("        ints = w")
+    if R:
+        words = " + ".join(f"n{r}" if nc == 0 else f"{1 + nc} * n{r}"
+                           for r, nc in enumerate(c._rings))
+        L.append(f"        w += {words} + {c._n_counts}")
+    for i, (r, most, width) in enumerate(c._col_specs):
+        L += [f"        e = q[w + n{r}]",
+              f"        if q[w] or not 0 <= e <= n{r} * {most}:",
+              f"            raise _bad(f'ring {r}: column offsets {{q[w]}}..{{e}} for "
+              f"{{n{r}}} tiles')",
+              f"        o{i} = w",
+              f"        w += n{r} + 1 + {width} * e"]
+    L += ["    except IndexError:",
+          "        raise _bad(f'truncated ({size} bytes)') from None",
+          "    end = w + 2 * nf",
+          "    if nf < 0 or end > total:",
+          "        raise _bad(f'truncated ({size} bytes, {8 * end} needed)')",
+          "    if end < total:",
+          "        raise _bad(f'{8 * (total - end)} trailing bytes')",
+          "    fw = w",
+          "    w = ints"]
+    for r, nc in enumerate(c._rings):
+        L.append(f"    t{r} = q[w: w + n{r}]")
+        if r not in c._lifetime:  # (a lifetime ring has at most 1 tile: checked above)
+            L += [f"    if n{r} > 1 and not all(map(lt, t{r}, t{r}[1:])):",
+                  f"        raise _bad('ring {r}: tiles not ascending')"]
+        L.append(f"    w += n{r}")
+        if nc:
+            L.append(f"    z = n{r} + 1")
+            at = ["w", "w + z", *(f"w + {k} * z" for k in range(2, nc + 1))]
+            sums = "".join(f"q[{at[k]}: {at[k + 1]}], " for k in range(nc))
+            L.append(f"    c{r} = ({sums})")
+            L.append(f"    w += {nc} * z")
+        else:
+            L.append(f"    c{r} = ()")
+    for i, ((r, most, _w), kind) in enumerate(zip(c._col_specs, c._col_kinds, strict=True)):
+        L += [f"    n = n{r}", f"    da = o{i} + n + 1", "    e = q[da - 1]",
+              "    if n > 1:", f"        o = q[o{i}: da].tolist()",
+              "        s = list(map(sub, o[1:], o))",
+              f"        if min(s) < 0 or max(s) > {most}:",
+              "            raise _bad('column offsets out of order')"]
+        if kind == _DISTINCT:
+            L += ["        hs = u[da: da + e].tolist()",
+                  f"        v{i} = [tuple(hs[x:y]) if y > x else None"
+                  " for x, y in zip(o, o[1:])]",
+                  "    elif n:", f"        v{i} = [tuple(u[da: da + e])] if e else [None]",
+                  "    else:", f"        v{i} = []"]
+            continue
+        L.append({_SCALAR: f"    v{i} = d[da: da + e].tolist()",
+                  _MEAN: f"    v{i} = list(zip(d[da: da + e].tolist(),"
+                         " q[da + e: da + 2 * e].tolist()))",
+                  _LAST: f"    v{i} = list(zip(q[da: da + e].tolist(),"
+                         " q[da + e: da + 2 * e].tolist(),"
+                         " d[da + 2 * e: da + 3 * e].tolist()))"}[kind])
+        L += ["    if e != n:  # some tiles hold none",
+              "        if n > 1:", f"            g = iter(v{i})",
+              f"            v{i} = [next(g) if y > x else None for x, y in zip(o, o[1:])]",
+              "        else:", f"            v{i} = [None]"]
+    L += ["    if nf == 1:", "        fences = {q[fw]: q[fw + 1]}",
+          "    elif nf:", "        fences = dict(zip(q[fw: end: 2], q[fw + 1: end: 2]))",
+          "        keys = list(fences)",
+          "        if len(keys) > 1 and not all(map(lt, keys, keys[1:])):",
+          "            raise _bad('fence keys not ascending')",
+          "    else:", "        fences = {}"]
+    cols: dict[int, list[str]] = {r: [] for r in range(R)}
+    for i, (r, _j, _k) in enumerate(c._columns):
+        cols[r].append(f"v{i}")
+    vals = [", ".join(cols[r]) for r in range(R)]
+    as_tuples = ", ".join(f"(t{r}, c{r}, [{vals[r]}])" for r in range(R))
+    L += ["    if ring_type is None:", f"        rings = [{as_tuples}]", "    else:"]
+    for r in range(R):
+        L += [f"        r{r} = new(ring_type)", f"        r{r}.tiles = t{r}",
+              f"        r{r}.cums = c{r}", f"        r{r}.vals = [{vals[r]}]"]
+    names = ", ".join(f"r{r}" for r in range(R))
+    pend = "".join(f"p{s}, " for s in range(len(c._pending_kinds)))
+    L += [f"        rings = [{names}]", f"    return q[1], q[2], [{pend}], rings, fences"]
+    return _compile("\n".join(L) + "\n", "materialize", SCHEMA=c.schema,
+                    LAYOUT=f"not the measure and ring layout of view {c.plan.view.id}")
 
 
 _CODECS: dict[int, StateCodec] = {}

@@ -475,3 +475,75 @@ def test_codec_is_cached_per_plan() -> None:
     assert codec_for(plan) is codec_for(plan)
     other = compile_view(plan.view)  # an equal plan, another object
     assert codec_for(other).schema == codec_for(plan).schema
+
+
+# ---------------------------------------------------------------------- fast paths
+def _user_plans() -> list[ViewPlan]:
+    from tests.user_views import VIEWS
+    return [compile_view(v) for v in VIEWS]
+
+
+@pytest.mark.parametrize("view_id", ["all_ops", "tiny", *sorted(REG.plans), "user_views"])
+def test_randomized_states_of_every_operator_keep_their_bytes(view_id: str) -> None:
+    """encode → decode → encode gives identical bytes (seeded random states of every
+    operator, for the shipped, the user-defined and the all-operators views), and the
+    generated decoder's tuple form equals its Ring form."""
+    plans = {"all_ops": [ALL_OPS], "tiny": [TINY], "user_views": _user_plans()}.get(
+        view_id) or [REG.plans[view_id]]
+    rng = random.Random(f"bytes-{view_id}")
+    for plan in plans:
+        codec = codec_for(plan)
+        for trial in range(40):
+            base = rng.choice([T0, -T0, -7, None]) if trial % 4 == 0 else None
+            st = _random_state(plan, rng, base)
+            data = st.encode()
+            again = ViewState.decode(plan, data)
+            assert again.encode() == data
+            assert ViewState.decode(plan, again.encode()).encode() == data
+            max_ts, prev_ts, pending, rings, fences = codec.materialize(data)
+            assert (max_ts, prev_ts, pending, fences) == (again.max_ts, again.prev_ts,
+                                                          again.pending, again.fences)
+            assert rings == [(r.tiles, r.cums, r.vals) for r in again.rings]
+            for ring in again.rings:
+                assert isinstance(ring.cums, tuple) and isinstance(ring.vals, list)
+                assert all(isinstance(v, list) for v in ring.vals)
+
+
+@pytest.mark.parametrize("view_id", ["all_ops", "tiny", *sorted(REG.plans), "user_views"])
+def test_new_and_decoded_states_share_no_mutable_parts(view_id: str) -> None:
+    """A new state equals one built ring by ring with ``Ring(ring_plan)``; new states
+    (copied from per-view templates) and states decoded from the same bytes share no
+    array or list: updating one leaves the others as they were."""
+    plans = {"all_ops": [ALL_OPS], "tiny": [TINY], "user_views": _user_plans()}.get(
+        view_id) or [REG.plans[view_id]]
+    for plan in plans:
+        a, b = ViewState(plan), ViewState(plan)
+        assert a.rings == [Ring(rp) for rp in plan.rings]
+        assert [type(r.cums) for r in a.rings] == [tuple] * len(plan.rings)
+        empty = b.encode()
+        for ts in (T0, T0 + 5, T0 - 3_600_000, T0 + 10):
+            a.apply(next(iter(plan.feeds)), ts, {"ad_id": "a1", "bid_cpm": 2.0})
+        assert b.encode() == empty == ViewState(plan).encode()
+        data = a.encode()
+        c, d = ViewState.decode(plan, data), ViewState.decode(plan, data)
+        for ts in (T0 + 20, T0 - 60_000, T0 + 30):
+            c.apply(next(iter(plan.feeds)), ts, {"ad_id": "a2", "bid_cpm": 1.0})
+        for ring in c.rings:
+            ring.evict_below(2**62)
+        assert d.encode() == data == a.encode()
+        parts = [id(x) for st in (a, b, c, d) for r in st.rings
+                 for x in (r.tiles, r.vals, *r.cums, *r.vals)]
+        assert len(parts) == len(set(parts))
+
+
+def test_out_of_range_legacy_fields_are_refused_with_the_typed_error() -> None:
+    """A format-2 (or 1) state whose times do not fit format 3's int64 words."""
+    plan = REG.plans["user_activity@1"]
+    st = ViewState(plan)
+    st.apply("impressions", T0, {"ad_id": "a1"})
+    fields = _v2_fields(st)
+    for i, bad_value in ((0, 2**63), (1, -2**64)):
+        bad = b"\x02" + marshal.dumps(tuple(fields[:i] + [bad_value] + fields[i + 1:]))
+        _reject(plan, bad, "format 2")
+    _reject(plan, b"\x01" + marshal.dumps((2**63, NO_TS, [None] * 3, [{}] * 4, {})),
+            "format 1")
