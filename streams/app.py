@@ -1,5 +1,6 @@
 """:func:`run_worker` is the entry point of ``headrace worker``: it tunes the process
-(:func:`~streams.memory.limit_malloc_arenas`, :func:`relax_gc`, :func:`warm_up`), serves
+(:func:`~streams.memory.limit_malloc_arenas`, :func:`~streams.memory.use_system_arrow_pool`,
+:func:`relax_gc`, :func:`warm_up`), serves
 metrics, builds the engine on the real Redis, offline store and Kafka side outputs
 (:func:`build_engine`), creates the topics it reads and writes (:func:`ensure_topics`),
 then runs a :class:`~streams.worker.Worker` (the Faust app and its run loop) and writes
@@ -17,7 +18,7 @@ from headrace.core.retry import Backoff
 from headrace.core.settings import WorkerSettings
 from streams.engine import Engine
 from streams.faust_adapter import require_faust
-from streams.memory import limit_malloc_arenas
+from streams.memory import limit_malloc_arenas, use_system_arrow_pool
 from streams.metrics import StreamMetrics
 from streams.offline_writer import OfflineWriter, resolve_filesystem
 from streams.outages import Outages
@@ -142,6 +143,7 @@ def run_worker(
     """
     require_faust()
     limit_malloc_arenas()  # before the threads: each would keep an arena of its own
+    use_system_arrow_pool()  # glibc's, which malloc_trim empties (see streams.memory)
     relax_gc()  # process-wide: a worker process holds millions of long-lived tile cells
     warm_up()
     metrics = StreamMetrics()

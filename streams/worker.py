@@ -33,7 +33,7 @@ from typing import Any
 from headrace.core.settings import WorkerSettings
 from streams import faust_adapter as fa
 from streams.engine import Engine
-from streams.memory import RELEASE_AFTER_EVICTIONS, RELEASE_EVERY_S, release_memory
+from streams.memory import RELEASE_AFTER_EVICTIONS, RELEASE_EVERY_S, GcFreezer, release_memory
 from streams.metrics import StreamMetrics
 from streams.pacing import FlushPacer, OfflineSchedule, catching_up
 from streams.progress_guard import CHECK_EVERY_S
@@ -136,6 +136,7 @@ class Worker:
         #: a hand-back is running
         self._released, self._releasing = time.monotonic(), False
         self._evicted = 0  # the state cache's evictions at the last hand-back
+        self.gc = GcFreezer()  # keeps the cyclic GC off the cached states
         self._offsets_client: Any = None  # asks the log directly (_log_client)
         self._offline_paused = False  # no offline part starts (a rebuild is waiting)
         engine.use_log_probe(self.first_offset_at)
@@ -465,6 +466,7 @@ class Worker:
                 self.metrics.watermark.labels(t, str(p)).set(watermark)
 
     async def _tick(self) -> None:
+        self.gc.tick()
         self.export_lag()
         if self.engine.stalled():
             # waiting for a store is not idleness: --until-idle counts from its end

@@ -70,3 +70,61 @@ def test_slices_shrink_for_batches_that_load_many_states_and_grow_back() -> None
     for _ in range(20):
         w._fit_slices(w._slice_bytes, 0)
     assert w._slice_bytes == GATHER_BYTES
+
+
+# ---------------------------------------------------------------- GcFreezer
+class _Cycle:
+    """A reference cycle: only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_gc_freezer_freezes_once_a_second_and_collects_cycles_when_due() -> None:
+    import gc
+    import weakref
+
+    from streams.memory import GcFreezer
+
+    now = [100.0]
+    freezer = GcFreezer(freeze_every_s=1.0, collect_every_s=60.0, clock=lambda: now[0])
+    try:
+        gc.unfreeze()
+        cycle = _Cycle()
+        alive = weakref.ref(cycle)
+        freezer.tick()  # not due yet
+        assert (freezer.freezes, gc.get_freeze_count()) == (0, 0)
+        now[0] += 1.0
+        freezer.tick()
+        assert freezer.freezes == 1 and gc.get_freeze_count() > 0
+        del cycle
+        gc.collect()
+        assert alive() is not None  # frozen: the collector does not see it
+        now[0] += 59.0  # the collection is due 60 s after start
+        freezer.tick()
+        assert freezer.collections == 1 and freezer.collected >= 1
+        assert alive() is None  # unfrozen and collected
+        assert gc.get_freeze_count() > 0  # frozen again afterwards
+    finally:
+        gc.unfreeze()
+
+
+def test_gc_freezer_frees_frozen_objects_by_reference_count() -> None:
+    import gc
+    import weakref
+
+    from streams.memory import GcFreezer
+
+    now = [0.0]
+    freezer = GcFreezer(freeze_every_s=1.0, collect_every_s=3600.0, clock=lambda: now[0])
+    try:
+        state = _Cycle()
+        state.me = None  # no cycle: reference counting frees it
+        alive = weakref.ref(state)
+        now[0] = 1.0
+        freezer.tick()
+        assert freezer.freezes == 1
+        del state
+        assert alive() is None  # an evicted state goes at once, frozen or not
+    finally:
+        gc.unfreeze()
