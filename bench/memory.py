@@ -1,12 +1,20 @@
 """``headrace bench memory``: one worker's memory at production cardinality.
 
-A synthetic stream (:mod:`streams.synthetic`: its ads, campaigns, publishers, times and
-clicks) whose user ids are spread over a pool of ``users`` ids (a fixed hash of each
-impression's serial; its clicks keep its user), so that ``events`` events touch about
-``users * (1 - exp(-impressions / users))`` distinct users, a few events each, with no
-locality: the cache's worst case. It is produced beforehand as Arrow envelopes on the
-embedded stack, then consumed by one ``headrace worker`` process (decoded → applied →
-Redis → Parquet → progress) whose RSS is sampled every second (psutil).
+A synthetic stream over millions of distinct users, produced beforehand as Arrow
+envelopes on the embedded stack, then consumed by one ``headrace worker`` process
+(decoded → applied → Redis → Parquet → progress) whose RSS is sampled every second
+(psutil). Two kinds of stream (``activity``):
+
+* ``zipf`` (the default): :class:`streams.synthetic.SyntheticWorld`'s own stream over a
+  pool of ``users`` users, each with its Zipf-like activity weight (exponent 0.9: a few
+  heavy users, a long tail), as real ad traffic is: 10M events over a 5M pool touch
+  about 2.3M distinct users, most of them once or twice, while the heavy users' states
+  stay cached;
+* ``uniform``: the same stream with its user ids re-spread uniformly over the pool (a
+  fixed hash of each impression's serial; its clicks keep its user), so that
+  ``events`` events touch about ``users * (1 - exp(-impressions / users))`` distinct
+  users, a few events each, with no locality at all: the cache's worst case, where
+  almost every event is a miss (a Redis read and a decode).
 
 Figures:
 
@@ -40,7 +48,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["run"]
+__all__ = ["run", "ACTIVITIES"]
+
+#: the kinds of stream (see the module docstring)
+ACTIVITIES = ("zipf", "uniform")
 
 _MASK = (1 << 64) - 1
 
@@ -58,11 +69,15 @@ def _spread(serial: int, seed: int, pool: int) -> int:
 
 
 class _Stream:
-    """The synthetic events with their users spread over ``pool`` ids; counts what it
+    """The synthetic events (``activity``: see the module docstring); counts what it
     yields (distinct users in a bitmap, the other entities in sets)."""
 
-    def __init__(self, pool: int, events: int, seed: int, start_ms: int, days: float) -> None:
-        self.pool, self.events, self.seed = pool, events, seed
+    def __init__(self, pool: int, events: int, seed: int, start_ms: int, days: float,
+                 activity: str = "zipf") -> None:
+        if activity not in ACTIVITIES:
+            raise ValueError(f"activity must be one of {', '.join(ACTIVITIES)}, "
+                             f"got {activity!r}")
+        self.pool, self.events, self.seed, self.activity = pool, events, seed, activity
         self.start_ms, self.days = start_ms, days
         self.seen = np.zeros(pool, dtype=bool)
         self.others: dict[str, set[str]] = {"ad_id": set(), "campaign_id": set(),
@@ -72,15 +87,21 @@ class _Stream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from streams.synthetic import SyntheticWorld
 
-        # the world's own users only drive the click probabilities: a small pool is enough
-        world = SyntheticWorld(10_000, self.seed)
+        uniform = self.activity == "uniform"
+        # uniform: the world's own users only drive the click probabilities (a small
+        # pool is enough); zipf: the world's users are the stream's
+        world = SyntheticWorld(10_000 if uniform else self.pool, self.seed)
         seen, pool, seed = self.seen, self.pool, self.seed
         ads, cmps, pubs = (self.others[k] for k in ("ad_id", "campaign_id", "publisher_id"))
         for ev in world.iter_events(self.events, self.start_ms, self.days):
-            if ev.get("user_id") is not None:
-                u = _spread(int(ev["event_id"][-10:]), seed, pool)  # a click: its impression's
+            uid = ev.get("user_id")
+            if uid is not None:
+                if uniform:
+                    u = _spread(int(ev["event_id"][-10:]), seed, pool)  # a click: its impression's
+                    ev["user_id"] = f"m{u:09d}"
+                else:
+                    u = int(uid[1:])  # SyntheticWorld's ids: "u" + the user's index
                 seen[u] = True
-                ev["user_id"] = f"m{u:09d}"
             ads.add(ev["ad_id"])
             cmps.add(ev["campaign_id"])
             pubs.add(ev["publisher_id"])
@@ -171,15 +192,25 @@ def _figures(stats: dict[str, Any], samples: list[tuple[float, int]]) -> dict[st
     }
 
 
-def run(users: int = 2_400_000, events: int = 5_000_000, reference_users: int = 200_000,
-        reference_events: int = 400_000, state_cache_mb: int | None = None, days: float = 7.0,
-        seed: int = 0, timeout_s: float = 1800.0) -> dict[str, Any]:
+#: per activity: the default (user pool, events) of the measured stream, both over 2M
+#: distinct users
+DEFAULT_SIZES = {"zipf": (5_000_000, 10_000_000), "uniform": (2_400_000, 5_000_000)}
+
+
+def run(users: int | None = None, events: int | None = None, activity: str = "zipf",
+        reference_users: int = 200_000, reference_events: int = 400_000,
+        state_cache_mb: int | None = None, days: float = 7.0, seed: int = 0,
+        timeout_s: float = 2400.0) -> dict[str, Any]:
     """Run the benchmark on a fresh local stack and return its figures.
 
     Args:
-        users: The pool the user ids are spread over (distinct users ≈
-            ``users * (1 - exp(-impressions / users))``).
-        events: Events (impressions and clicks) of the measured stream.
+        users: The user pool (None: :data:`DEFAULT_SIZES`). ``zipf``: the world's users,
+            drawn by activity weight; ``uniform``: the ids the users are spread over
+            (distinct users ≈ ``users * (1 - exp(-impressions / users))``).
+        events: Events (impressions and clicks) of the measured stream (None:
+            :data:`DEFAULT_SIZES`).
+        activity: ``zipf`` or ``uniform`` (see the module docstring); the reference
+            stream is of the same kind.
         reference_users, reference_events: The smaller stream of the unbounded reference
             run (``reference_events=0`` skips it).
         state_cache_mb: ``HEADRACE_STATE_CACHE_MB`` of the measured worker; None: the
@@ -189,6 +220,11 @@ def run(users: int = 2_400_000, events: int = 5_000_000, reference_users: int = 
     """
     from headrace.core.settings import WorkerSettings
     from headrace.stack.local import local_stack
+
+    if activity not in DEFAULT_SIZES:
+        raise ValueError(f"activity must be one of {', '.join(ACTIVITIES)}, got {activity!r}")
+    users = DEFAULT_SIZES[activity][0] if users is None else users
+    events = DEFAULT_SIZES[activity][1] if events is None else events
 
     with tempfile.TemporaryDirectory(prefix="headrace-bench-") as tmp, \
             local_stack(os.path.join(tmp, "stack")) as info:
@@ -207,7 +243,8 @@ def run(users: int = 2_400_000, events: int = 5_000_000, reference_users: int = 
         reference: dict[str, Any] | None = None
         if reference_events:
             env_r = ns("reference", 0)
-            small = _Stream(reference_users, reference_events, seed + 1, start_ms, days)
+            small = _Stream(reference_users, reference_events, seed + 1, start_ms, days,
+                            activity)
             _progress(f"reference: producing {reference_events} events over "
                       f"{reference_users} user ids")
             _produce(env_r, small)
@@ -229,8 +266,9 @@ def run(users: int = 2_400_000, events: int = 5_000_000, reference_users: int = 
             }
 
         env_m = ns("measured", state_cache_mb)
-        stream = _Stream(users, events, seed, start_ms, days)
-        _progress(f"producing {events} events over {users} user ids (Arrow envelopes)")
+        stream = _Stream(users, events, seed, start_ms, days, activity)
+        _progress(f"producing {events} events over a pool of {users} users ({activity}; Arrow "
+                  "envelopes)")
         produce_s = _produce(env_m, stream)
         _progress(f"worker: {stream.distinct_users} distinct users")
         stats, samples = _worker(env_m, f"{tmp}/measured.json", timeout_s)
@@ -241,6 +279,8 @@ def run(users: int = 2_400_000, events: int = 5_000_000, reference_users: int = 
         hits = stats["state_cache_hits"]
         later = hits + stats["state_cache_misses"] - first_touches
         return {
+            "activity": activity,
+            "user_pool": users,
             "distinct_users": stream.distinct_users,
             "distinct_entities": stream.distinct_entities,
             "events": stats["events_in"],
