@@ -8,7 +8,7 @@ envelopes on the embedded stack, then consumed by one ``headrace worker`` proces
 * ``zipf`` (the default): :class:`streams.synthetic.SyntheticWorld`'s own stream over a
   pool of ``users`` users, each with its Zipf-like activity weight (exponent 0.9: a few
   heavy users, a long tail), as real ad traffic is: 10M events over a 5M pool touch
-  about 2.3M distinct users, most of them once or twice, while the heavy users' states
+  about 2.2M distinct users, most of them once or twice, while the heavy users' states
   stay cached;
 * ``uniform``: the same stream with its user ids re-spread uniformly over the pool (a
   fixed hash of each impression's serial; its clicks keep its user), so that
