@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from headrace.core.errors import InputError, OnlineStoreError
+from serving.periodic import Periodic
 
 __all__ = ["BudgetCounter", "MemoryBudgetCounter", "RedisBudgetCounter", "ExploreBudget",
            "BUDGET_SCRIPT"]
@@ -176,8 +177,8 @@ class ExploreBudget:
         self._servers = 1
         self._open = 0  # reservations granted and not settled
         self._failing = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic("explore-budget", flush_s, self.flush,
+                              "exploration budget flush failed unexpectedly")
 
     # -------------------------------------------------------------- request path
     def count(self, explored: bool = False) -> None:
@@ -267,25 +268,11 @@ class ExploreBudget:
 
     def start(self) -> None:
         """Flush every ``flush_s`` seconds from a daemon thread."""
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="explore-budget",
-                                            daemon=True)
-            self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         """Stop the thread and flush once more."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._loop.stop()
         self.flush()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.flush_s):
-            try:
-                self.flush()
-            except Exception:  # noqa: BLE001 - a supervisor, not a fallback: keep flushing
-                log.exception("exploration budget flush failed unexpectedly")
 
 

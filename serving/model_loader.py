@@ -44,6 +44,7 @@ from headrace.model.artifact import (
 )
 from headrace.model.booster import lightgbm
 from headrace.model.coldstart import CONTEXT_CATEGORICAL, ColdStartModel
+from serving.periodic import Periodic
 from serving.reader import ReadPlan, compile_read_plan
 
 __all__ = ["TIME_FEATURES", "BID_FEATURE", "PER_CANDIDATE_KEYS", "EntityPart", "ScoringModel",
@@ -225,8 +226,8 @@ class ModelWatcher(Generic[T]):
         self._failed: str | None = None
         self.problem: str | None = "not started"
         self._lock = threading.Lock()  # one refresh at a time (poller vs. explicit calls)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic("model-reload", poll_s, self.refresh,
+                              "model reload failed unexpectedly; retrying at the next poll")
 
     @property
     def current(self) -> T | None:
@@ -284,20 +285,7 @@ class ModelWatcher(Generic[T]):
     def start(self) -> None:
         """Load once now, then poll every ``poll_s`` seconds in a daemon thread."""
         self.refresh()
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="model-reload", daemon=True)
-            self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            try:
-                self.refresh()
-            except Exception:  # noqa: BLE001 - a supervisor, not a fallback: keep polling
-                log.exception("model reload failed unexpectedly; retrying at the next poll")
+        self._loop.stop()

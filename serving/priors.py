@@ -10,7 +10,6 @@ priors are empty and every cold-start value is its definition's default.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
@@ -19,6 +18,7 @@ from feature_defs.layout import priors_key
 from headrace.core.errors import OnlineStoreError
 from headrace.core.online_store import OnlineStore
 from serving.metrics import ServingMetrics
+from serving.periodic import Periodic
 
 __all__ = ["PriorsCache"]
 
@@ -52,11 +52,10 @@ class PriorsCache:
         self.metrics = ServingMetrics() if metrics is None else metrics
         self._store = store
         self._key = priors_key(prefix)
-        self._refresh_s = refresh_s
         self._clock_ms = clock_ms
         self._raw: bytes | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic("priors-refresh", refresh_s, self.refresh,
+                              "priors refresh failed unexpectedly; retrying at the next one")
         self.listeners: list[Callable[[Priors], None]] = []
 
     def refresh(self) -> bool:
@@ -95,17 +94,8 @@ class PriorsCache:
     def start(self) -> None:
         """Load once, then refresh every ``refresh_s`` in a daemon thread."""
         self.refresh()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="priors-refresh", daemon=True)
-            self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         """Stop the refresh thread (waits up to 5 s for it)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._refresh_s):
-            self.refresh()
+        self._loop.stop()

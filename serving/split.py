@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from headrace.core.errors import InputError, OnlineStoreError
 from headrace.rollout.split import Ack, SplitState, SplitStateError, read_split, write_ack
 from serving.metrics import ServingMetrics
 from serving.model_loader import ScoringModel
+from serving.periodic import Periodic
 from serving.rollout_counts import CountsAccumulator
 
 __all__ = ["AppliedSplit", "CHAMPION_ONLY", "SplitSource", "StaticSplit", "SplitWatcher",
@@ -143,8 +143,8 @@ class SplitWatcher:
         self._failed: dict[str, float] = {}  # version -> when its load failed
         self._invalid: str | None = None  # the last invalid document's problems (logged)
         self._down_since: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic("split-watch", poll_s, self.poll,
+                              "split poll failed unexpectedly; retrying at the next poll")
 
     # ------------------------------------------------------------------ one poll
     def poll(self) -> AppliedSplit:
@@ -260,26 +260,13 @@ class SplitWatcher:
         """Poll once now (the server starts with the split applied), then every
         ``poll_s`` seconds in a daemon thread."""
         self.poll()
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="split-watch", daemon=True)
-            self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         """Stop polling (the acknowledgement then expires by itself) and flush the
         serving counts one last time (a failure there loses what it held)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._loop.stop()
         if self.counts is not None:
             for _ in range(2):  # the batch in flight, then what is still in memory
                 if not self.counts.flush(self.client):
                     break
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            try:
-                self.poll()
-            except Exception:  # noqa: BLE001 - a supervisor, not a fallback: keep polling
-                log.exception("split poll failed unexpectedly; retrying at the next poll")
