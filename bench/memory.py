@@ -48,10 +48,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["run", "ACTIVITIES"]
+__all__ = ["run", "ACTIVITIES", "DEFAULT_SIZES"]
 
-#: the kinds of stream (see the module docstring)
-ACTIVITIES = ("zipf", "uniform")
+#: per kind of stream (see the module docstring): the default (user pool, events) of the
+#: measured stream, both over 2M distinct users
+DEFAULT_SIZES = {"zipf": (5_000_000, 10_000_000), "uniform": (2_400_000, 5_000_000)}
+ACTIVITIES = tuple(DEFAULT_SIZES)
+
+
 
 _MASK = (1 << 64) - 1
 
@@ -74,9 +78,6 @@ class _Stream:
 
     def __init__(self, pool: int, events: int, seed: int, start_ms: int, days: float,
                  activity: str = "zipf") -> None:
-        if activity not in ACTIVITIES:
-            raise ValueError(f"activity must be one of {', '.join(ACTIVITIES)}, "
-                             f"got {activity!r}")
         self.pool, self.events, self.seed, self.activity = pool, events, seed, activity
         self.start_ms, self.days = start_ms, days
         self.seen = np.zeros(pool, dtype=bool)
@@ -192,9 +193,6 @@ def _figures(stats: dict[str, Any], samples: list[tuple[float, int]]) -> dict[st
     }
 
 
-#: per activity: the default (user pool, events) of the measured stream, both over 2M
-#: distinct users
-DEFAULT_SIZES = {"zipf": (5_000_000, 10_000_000), "uniform": (2_400_000, 5_000_000)}
 
 
 def run(users: int | None = None, events: int | None = None, activity: str = "zipf",
@@ -221,7 +219,7 @@ def run(users: int | None = None, events: int | None = None, activity: str = "zi
     from headrace.core.settings import WorkerSettings
     from headrace.stack.local import local_stack
 
-    if activity not in DEFAULT_SIZES:
+    if activity not in ACTIVITIES:
         raise ValueError(f"activity must be one of {', '.join(ACTIVITIES)}, got {activity!r}")
     users = DEFAULT_SIZES[activity][0] if users is None else users
     events = DEFAULT_SIZES[activity][1] if events is None else events
