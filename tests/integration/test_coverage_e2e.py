@@ -1,5 +1,5 @@
-"""Coverage checks on the real local stack: a worker writes a small stream (several parts
-per partition), then one part is deleted from the S3 store.
+"""Coverage checks on the real local stack: a worker writes a small stream in three
+rounds (several parts per partition), then one part is deleted from the S3 store.
 
 Checks: on the complete store ``labels`` and ``training-set`` pass with an empty coverage
 report; after the loss both exit 2 with one sentence naming the lost offsets and leave
@@ -49,17 +49,21 @@ def test_a_lost_part_stops_labels_and_training_sets(ns: Namespace, tmp_path: Pat
                         HEADRACE_OFFLINE_PART_ROWS="50")
     start = (time.time_ns() // 1_000_000 // HOUR - 24) * HOUR
     end = start + 12 * HOUR
-    iso = datetime.fromtimestamp(start / 1000, UTC).isoformat()
-    proc = _run(env, "produce", "--synthetic", "--users", "60", "--events", "3000", "--seed",
-                "7", "--days", "0.5", "--start", iso, "--encoding", "json",
-                "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    worker = sk.Worker(env, tmp_path / "worker.log", until_idle=3)
-    try:
-        rc = worker.wait(180)
-    finally:
-        worker.kill()
-    assert rc == 0, worker.log_tail()
+    # three rounds of 4 hours, each consumed by a worker run to idle: every partition
+    # gets at least one part per round (a worker that finds the whole stream waiting
+    # may take it in two batches, so two parts)
+    for k in range(3):
+        iso = datetime.fromtimestamp((start + 4 * k * HOUR) / 1000, UTC).isoformat()
+        proc = _run(env, "produce", "--synthetic", "--users", "60", "--events", "1000",
+                    "--seed", str(7 + k), "--days", str(4 / 24), "--start", iso,
+                    "--encoding", "json", "--no-progress")
+        assert proc.returncode == 0, proc.stderr
+        worker = sk.Worker(env, tmp_path / f"worker-{k}.log", until_idle=3)
+        try:
+            rc = worker.wait(180)
+        finally:
+            worker.kill()
+        assert rc == 0, worker.log_tail()
 
     labels, ts = tmp_path / "labels.parquet", tmp_path / "ts.parquet"
     window = ["--from", str(start), "--to", str(end), "--attribution", "30m"]
