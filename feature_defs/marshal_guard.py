@@ -46,16 +46,16 @@ def _bad(fmt: int, why: str) -> StateFormatError:
     return StateFormatError(f"malformed view state (format {fmt}): {why}")
 
 
-def check_marshal(data: bytes, start: int, fmt: int) -> None:
-    """Check the marshal stream of ``data`` from byte ``start`` (one object; trailing
+def check_marshal(data: bytes) -> None:
+    """Check a format-1 or 2 state: its format byte, then one marshal object (trailing
     bytes are ignored, as ``marshal.loads`` does).
 
     Raises:
         StateFormatError: a count beyond the bytes left, a truncated object, nesting
             deeper than :data:`MAX_DEPTH`, or a type code a view state never holds
-            (``fmt``, the state's format, is named in the message).
+            (the message names the state's format).
     """
-    end, p = len(data), start
+    fmt, end, p = data[0], len(data), 1
     open_items: list[int] = []  # per open container: items still to read
     while True:
         if p >= end:

@@ -440,7 +440,7 @@ def _v2_state(plan: ViewPlan, data: bytes) -> ViewState:
         StateFormatError: bytes that are not such a state of ``plan``.
     """
     try:
-        check_marshal(data, 1, 2)  # bounded allocations (see feature_defs.marshal_guard)
+        check_marshal(data)  # bounded allocations (see feature_defs.marshal_guard)
         max_ts, prev_ts, pending, ns, ints_b, vals, fences = marshal.loads(data[1:])
         layout = plan.rings
         if (len(ns) != len(layout) or len(vals) != len(layout) or len(ints_b) % 8
@@ -481,7 +481,7 @@ def _v2_state(plan: ViewPlan, data: bytes) -> ViewState:
 
 
 def _loads_v1(plan: ViewPlan, data: bytes) -> tuple[Any, ...]:
-    check_marshal(data, 1, 1)  # bounded allocations (see feature_defs.marshal_guard)
+    check_marshal(data)  # bounded allocations (see feature_defs.marshal_guard)
     fields = marshal.loads(data[1:])
     if len(fields) != 5 or len(fields[3]) != len(plan.rings) \
             or len(fields[2]) != len(plan.measures):
