@@ -57,8 +57,6 @@ __all__ = ["run", "rss_around", "ACTIVITIES", "DEFAULT_SIZES", "RSS_WINDOW_S"]
 DEFAULT_SIZES = {"zipf": (5_000_000, 10_000_000), "uniform": (2_400_000, 5_000_000)}
 ACTIVITIES = tuple(DEFAULT_SIZES)
 
-
-
 _MASK = (1 << 64) - 1
 
 
@@ -170,7 +168,7 @@ def _end(stats: dict[str, Any]) -> float:
     return float(max(t for t in (stats["last_online_commit"], stats["last_offline_commit"]) if t))
 
 
-def _rss_at(samples: list[tuple[float, int]], t: float) -> int:
+def _rss_at(samples: Sequence[tuple[float, int]], t: float) -> int:
     return min(samples, key=lambda s: abs(s[0] - t))[1]
 
 
@@ -193,7 +191,7 @@ def rss_around(samples: Sequence[tuple[float, int]], t: float, start: float, end
     lo = min(max(start, t - window_s / 2), max(start, end - window_s))
     hi = lo + window_s
     inside = [rss for at, rss in samples if lo <= at <= hi]
-    return max(inside) if inside else _rss_at(list(samples), t)
+    return max(inside) if inside else _rss_at(samples, t)
 
 
 def _figures(stats: dict[str, Any], samples: list[tuple[float, int]]) -> dict[str, Any]:
@@ -217,8 +215,6 @@ def _figures(stats: dict[str, Any], samples: list[tuple[float, int]]) -> dict[st
         "cache_end_mb": round(stats["state_cache_bytes"] / 2**20, 1),
         "states_cached_end": stats["states_cached"],
     }
-
-
 
 
 def run(users: int | None = None, events: int | None = None, activity: str = "zipf",
