@@ -30,6 +30,11 @@ Figures:
   (hits ÷ lookups, one lookup per distinct state and batch) and
   ``cache_hit_ratio_after_first_touch`` (first touches, which no cache can hit, left
   out), evictions, the cache's estimated bytes at the end;
+* ``cpu`` (:func:`cpu_figures`, sampled with the RSS): the worker's and the stack's
+  (broker, Redis, S3 endpoint) CPU microseconds per event, the cores each kept busy,
+  and the events per second the worker's own CPU time per event allows: where a
+  throughput short of its target goes (the worker's loop, or a machine too small for
+  worker and stack together);
 * ``reference``: the same worker with the cache unbounded (``HEADRACE_STATE_CACHE_MB=0``,
   the previous behaviour) on a smaller stream of the same kind (``reference_users``,
   ``reference_events``), measured in the same run: its events/s, peak RSS and RSS per
@@ -50,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["run", "rss_around", "ACTIVITIES", "DEFAULT_SIZES", "RSS_WINDOW_S"]
+__all__ = ["run", "rss_around", "cpu_figures", "ACTIVITIES", "DEFAULT_SIZES", "RSS_WINDOW_S"]
 
 #: per kind of stream (see the module docstring): the default (user pool, events) of the
 #: measured stream, both over 2M distinct users
@@ -129,11 +134,40 @@ def _produce(env: dict[str, str], stream: _Stream) -> float:
     return time.perf_counter() - started
 
 
-def _worker(env: dict[str, str], stats_path: str, timeout: float) -> tuple[dict[str, Any],
-                                                                          list[tuple[float, int]]]:
-    """Run one worker until idle, sampling its RSS every second: (stats, [(epoch s, rss)])."""
+#: (epoch s, the worker's CPU seconds, the stack's CPU seconds): one CPU sample
+CpuSample = tuple[float, float, float]
+
+
+def _cpu_s(procs: Sequence[Any]) -> float:
+    """User + system CPU seconds of ``procs`` (psutil processes) and their children so
+    far (a process gone meanwhile counts 0)."""
     import psutil
 
+    total = 0.0
+    for p in procs:
+        try:
+            for q in (p, *p.children(recursive=True)):
+                t = q.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def _worker(env: dict[str, str], stats_path: str, timeout: float,
+            stack_pids: Sequence[int] = ()
+            ) -> tuple[dict[str, Any], list[tuple[float, int]], list[CpuSample]]:
+    """Run one worker until idle, sampling its RSS every second, and the CPU time of the
+    worker and of the stack's processes (``stack_pids``: the broker, Redis, the S3
+    endpoint): (stats, [(epoch s, rss)], [cpu sample])."""
+    import psutil
+
+    stack = []
+    for pid in stack_pids:
+        try:
+            stack.append(psutil.Process(pid))
+        except psutil.Error:
+            continue
     # a batch at this cardinality can keep the loop busy for seconds (every state
     # loaded, decoded, encoded and written): a short idle limit would stop it early
     cmd = [sys.executable, "-m", "headrace.cli", "worker", "--until-idle", "15",
@@ -143,15 +177,18 @@ def _worker(env: dict[str, str], stats_path: str, timeout: float) -> tuple[dict[
                                 stderr=err, text=True)
         ps = psutil.Process(proc.pid)
         samples: list[tuple[float, int]] = []
+        cpu: list[CpuSample] = []
         deadline = time.monotonic() + timeout
         try:
             while proc.poll() is None:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"worker still running after {timeout:.0f}s")
                 try:
-                    samples.append((time.time(), ps.memory_info().rss))
+                    now, rss, times = time.time(), ps.memory_info().rss, ps.cpu_times()
                 except psutil.NoSuchProcess:
                     break
+                samples.append((now, rss))
+                cpu.append((now, times.user + times.system, _cpu_s(stack)))
                 time.sleep(1.0)
         finally:
             if proc.poll() is None:
@@ -161,7 +198,7 @@ def _worker(env: dict[str, str], stats_path: str, timeout: float) -> tuple[dict[
         tail = err.read()[-2000:]
     from bench.stream import read_worker_stats
 
-    return read_worker_stats(stats_path, proc.returncode, tail), samples
+    return read_worker_stats(stats_path, proc.returncode, tail), samples, cpu
 
 
 def _end(stats: dict[str, Any]) -> float:
@@ -194,7 +231,35 @@ def rss_around(samples: Sequence[tuple[float, int]], t: float, start: float, end
     return max(inside) if inside else _rss_at(samples, t)
 
 
-def _figures(stats: dict[str, Any], samples: list[tuple[float, int]]) -> dict[str, Any]:
+def cpu_figures(cpu: Sequence[CpuSample], start: float, end: float, events: int,
+                cores: int) -> dict[str, Any]:
+    """Where the CPU went while ``events`` events were processed (``start .. end``,
+    epoch s), from the samples nearest those times: per event, the worker's and the
+    stack's (broker, Redis, S3 endpoint) CPU microseconds; their use of the machine
+    (cores busy on average); and ``worker_cpu_bound_events_per_s``, the events per
+    second the worker's own CPU time per event allows (its loop never waiting). A
+    worker that is short of CPU shows ``worker_cores_busy`` near 1 (one loop thread) or
+    ``worker + stack`` near ``cores``.
+    """
+    if not cpu:
+        return {}
+    first = min(cpu, key=lambda c: abs(c[0] - start))
+    last = min(cpu, key=lambda c: abs(c[0] - end))
+    wall = max(1e-9, last[0] - first[0])
+    worker_s, stack_s = last[1] - first[1], last[2] - first[2]
+    per = 1e6 / max(1, events)
+    return {
+        "cores": cores,
+        "worker_cpu_us_per_event": round(worker_s * per, 2),
+        "stack_cpu_us_per_event": round(stack_s * per, 2),
+        "worker_cores_busy": round(worker_s / wall, 3),
+        "stack_cores_busy": round(stack_s / wall, 3),
+        "worker_cpu_bound_events_per_s": round(events / worker_s) if worker_s > 0 else None,
+    }
+
+
+def _figures(stats: dict[str, Any], samples: list[tuple[float, int]],
+             cpu: Sequence[CpuSample] = ()) -> dict[str, Any]:
     start, end = float(stats["first_input"]), _end(stats)
     half = rss_around(samples, (start + end) / 2, start, end)
     last = rss_around(samples, end, start, end)
@@ -214,7 +279,15 @@ def _figures(stats: dict[str, Any], samples: list[tuple[float, int]]) -> dict[st
         "cache_evictions": stats["state_cache_evictions"],
         "cache_end_mb": round(stats["state_cache_bytes"] / 2**20, 1),
         "states_cached_end": stats["states_cached"],
+        "cpu": cpu_figures(cpu, start, end, stats["events_in"], _cores()),
     }
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def run(users: int | None = None, events: int | None = None, activity: str = "zipf",
@@ -249,6 +322,7 @@ def run(users: int | None = None, events: int | None = None, activity: str = "zi
     with tempfile.TemporaryDirectory(prefix="headrace-bench-") as tmp, \
             local_stack(os.path.join(tmp, "stack")) as info:
         base = dict(info.env)
+        stack_pids = list(info.pids.values())
 
         def ns(name: str, cache_mb: int | None) -> dict[str, str]:
             env = {**base, "HEADRACE_TOPIC_PREFIX": f"{name}.", "HEADRACE_REDIS_PREFIX": name,
@@ -269,8 +343,9 @@ def run(users: int | None = None, events: int | None = None, activity: str = "zi
                       f"{reference_users} user ids")
             _produce(env_r, small)
             _progress("reference: worker, cache unbounded")
-            stats_r, samples_r = _worker(env_r, f"{tmp}/reference.json", timeout_s)
-            fig = _figures(stats_r, samples_r)
+            stats_r, samples_r, cpu_r = _worker(env_r, f"{tmp}/reference.json", timeout_s,
+                                                stack_pids)
+            fig = _figures(stats_r, samples_r, cpu_r)
             reference = {
                 "state_cache_mb": 0,
                 "events": stats_r["events_in"],
@@ -283,6 +358,7 @@ def run(users: int | None = None, events: int | None = None, activity: str = "zi
                     (fig["rss_end_mb"] - fig["rss_start_mb"]) * 1024
                     / max(1, small.distinct_entities), 2),
                 "cache_hit_ratio": fig["cache_hit_ratio"],
+                "cpu": fig["cpu"],
             }
 
         env_m = ns("measured", state_cache_mb)
@@ -291,8 +367,8 @@ def run(users: int | None = None, events: int | None = None, activity: str = "zi
                   "envelopes)")
         produce_s = _produce(env_m, stream)
         _progress(f"worker: {stream.distinct_users} distinct users")
-        stats, samples = _worker(env_m, f"{tmp}/measured.json", timeout_s)
-        fig = _figures(stats, samples)
+        stats, samples, cpu = _worker(env_m, f"{tmp}/measured.json", timeout_s, stack_pids)
+        fig = _figures(stats, samples, cpu)
         budget = WorkerSettings.from_env({**os.environ, **env_m}).state_cache_mb
         # first touches can hit no cache: one per distinct (view, entity) state
         first_touches = stream.distinct_users + sum(len(s) for s in stream.others.values())
