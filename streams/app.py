@@ -146,7 +146,7 @@ def run_worker(
     use_system_arrow_pool()  # glibc's, which malloc_trim empties (see streams.memory)
     relax_gc()  # process-wide: a worker process holds millions of long-lived tile cells
     warm_up()
-    metrics = StreamMetrics()
+    metrics = StreamMetrics(process=True)  # exported: with the process's RSS and CPU
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     engine = build_engine(settings, registry, metrics)

@@ -21,6 +21,7 @@ panel title and the expression.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -242,3 +243,20 @@ def test_owned_prefixes_are_not_exported_by_the_others(exported: Exported) -> No
     carries a monitor or pipeline prefix (else a skip could hide one of their names)."""
     stray = {n for names in exported.names.values() for n in names if _owner(n)}
     assert not stray
+
+
+#: scrape job (deploy/prometheus.yml) -> the process of this test exporting it
+JOB_PROCESS = {"headrace-worker": "worker", "headrace-serve": "serve"}
+_JOB_SELECTOR = re.compile(r'([A-Za-z_:][A-Za-z0-9_:]*)\{[^}]*\bjob\s*=\s*"([^"]+)"')
+
+
+def test_names_selected_by_job_are_exported_by_that_job(exported: Exported) -> None:
+    """A name queried with ``{job="headrace-worker"}`` (say, the worker's RSS and CPU)
+    comes from the worker's own scrape, not merely from some process: the server
+    exporting ``process_*`` would not draw the worker's memory."""
+    selected = [(where, name, job) for where, expr in dashboard_queries(load_dashboard())
+                for name, job in _JOB_SELECTOR.findall(expr) if job in JOB_PROCESS]
+    assert {job for _, _, job in selected} >= {"headrace-worker"}
+    missing = [f"{where!r}: {name} (job {job})" for where, name, job in selected
+               if name not in exported.names[JOB_PROCESS[job]]]
+    assert not missing, "not exported by the job the query selects:\n" + "\n".join(missing)
