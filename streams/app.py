@@ -152,7 +152,7 @@ def run_worker(
     engine = build_engine(settings, registry, metrics)
     ensure_topics(settings, engine.input_topics() + engine.side_topics())
     code = Worker(settings, engine, metrics, until_idle=until_idle,
-                  rebuild_online=rebuild_online).run()
+                  rebuild_online=rebuild_online, own_process=True).run()
     if stats_path:
         engine.run_stats().write_json(stats_path)
     return code

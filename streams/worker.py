@@ -121,10 +121,15 @@ class Worker:
         metrics: The engine's metrics (lag and watermark gauges are set here).
         until_idle: Stop (after flushing everything) once no input arrived for this
             many seconds after the first assignment; None runs until stopped.
+        rebuild_online: Rebuild the online state from the log once assigned.
+        own_process: The process is this worker's own (``headrace worker``): process-wide
+            tuning may apply (the automatic cyclic GC is off while catching up on a
+            backlog, :meth:`~streams.memory.GcFreezer.backlog`).
     """
 
     def __init__(self, settings: WorkerSettings, engine: Engine, metrics: StreamMetrics,
-                 *, until_idle: float | None = None, rebuild_online: bool = False) -> None:
+                 *, until_idle: float | None = None, rebuild_online: bool = False,
+                 own_process: bool = False) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
@@ -136,7 +141,9 @@ class Worker:
         #: a hand-back is running
         self._released, self._releasing = time.monotonic(), False
         self._evicted = 0  # the state cache's evictions at the last hand-back
-        self.gc = GcFreezer()  # keeps the cyclic GC off the cached states
+        #: keeps the cyclic GC off the cached states (and, in a process of its own, off
+        #: while catching up: :meth:`GcFreezer.backlog`)
+        self.gc = GcFreezer(pause_in_backlog=own_process)
         self._offsets_client: Any = None  # asks the log directly (_log_client)
         self._offline_paused = False  # no offline part starts (a rebuild is waiting)
         engine.use_log_probe(self.first_offset_at)
@@ -202,6 +209,7 @@ class Worker:
         except SystemExit as exc:
             code = int(exc.code or 0)
         finally:
+            self.gc.resume()
             self._offline_pool.shutdown(wait=True)
             self.engine.close()
             if self._offsets_client is not None:
@@ -237,8 +245,10 @@ class Worker:
             # GATHER_BYTES), so the per-batch costs stay small per event. Faust acks (and
             # may commit) gathered messages early: harmless, a restart resumes at durable
             # progress.
+            behind = catching_up(msgs, time.time() * 1000)
+            self.gc.backlog(behind)  # no automatic collections while catching up
             if (
-                catching_up(msgs, time.time() * 1000)
+                behind
                 and len(backlog.msgs) < TAKE
                 and backlog.bytes < GATHER_BYTES
                 and time.monotonic() - backlog.since < self.flush_s

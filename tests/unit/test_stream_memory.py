@@ -128,3 +128,51 @@ def test_gc_freezer_frees_frozen_objects_by_reference_count() -> None:
         assert alive() is None  # an evicted state goes at once, frozen or not
     finally:
         gc.unfreeze()
+
+
+def test_backlog_turns_automatic_collection_off_and_live_input_back_on() -> None:
+    import gc
+    import weakref
+
+    from streams.memory import GcFreezer
+
+    was = gc.isenabled()
+    now = [0.0]
+    try:
+        gc.enable()
+        freezer = GcFreezer(freeze_every_s=1.0, collect_every_s=10.0, clock=lambda: now[0],
+                            pause_in_backlog=True)
+        freezer.backlog(True)
+        assert freezer.paused and not gc.isenabled()
+        cycle = _Cycle()
+        alive = weakref.ref(cycle)
+        del cycle
+        junk = [[[]] for _ in range(100_000)]  # would trigger many young collections
+        del junk
+        assert alive() is not None  # no automatic collection ran
+        now[0] = 10.0
+        freezer.tick()
+        assert freezer.collections == 1 and freezer.collected >= 1
+        assert alive() is None  # the scheduled collection freed it
+        freezer.backlog(True)  # still behind: no change
+        assert not gc.isenabled()
+        freezer.backlog(False)  # live input: on again
+        assert gc.isenabled() and not freezer.paused
+        freezer.backlog(True)
+        freezer.resume()  # the worker stops
+        assert gc.isenabled() and not freezer.paused
+    finally:
+        gc.unfreeze()
+        if was:
+            gc.enable()
+
+
+def test_backlog_leaves_the_collector_alone_unless_the_process_is_the_workers() -> None:
+    import gc
+
+    from streams.memory import GcFreezer
+
+    assert gc.isenabled()
+    freezer = GcFreezer()  # a worker inside a test process: process-wide tuning is off
+    freezer.backlog(True)
+    assert gc.isenabled() and not freezer.paused
