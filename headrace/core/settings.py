@@ -441,7 +441,7 @@ class WorkerSettings(CommonSettings):
             memory of the decoded states): beyond it, states whose changes are durable
             in Redis are evicted, least recently used first, and reloaded on their next
             event. The default suits a 2 GB worker: the process itself, Kafka buffers
-            and batches take ~500 MB more (``headrace bench memory``: 969 MB peak over
+            and batches take ~500 MB more (``headrace bench memory``: 946-969 MB peak over
             2.2M users), and a larger cache bought no throughput there, as most misses
             are first touches; 0: unbounded (memory then grows
             with every entity the worker has seen since its assignment).
