@@ -47,12 +47,11 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    GCCollector,
     Histogram,
-    PlatformCollector,
-    ProcessCollector,
     start_http_server,
 )
+
+from headrace.core.process_metrics import register_process_collectors
 
 __all__ = ["ServingMetrics"]
 
@@ -121,9 +120,7 @@ class ServingMetrics:
         r = CollectorRegistry() if registry is None else registry
         self.registry = r
         if process:
-            ProcessCollector(registry=r)
-            PlatformCollector(registry=r)
-            GCCollector(registry=r)
+            register_process_collectors(r)
         self.request_seconds = Histogram(
             "headrace_serving_request_seconds", "gRPC request latency by method",
             ["method"], buckets=_SERVING_BUCKETS, registry=r)

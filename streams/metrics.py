@@ -13,15 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    GCCollector,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from headrace.core.process_metrics import register_process_collectors
 
 __all__ = ["StreamMetrics"]
 
@@ -44,9 +38,7 @@ class StreamMetrics:
     def __post_init__(self) -> None:
         r = self.registry
         if self.process:
-            ProcessCollector(registry=r)
-            PlatformCollector(registry=r)
-            GCCollector(registry=r)
+            register_process_collectors(r)
         self.events_in = Counter(
             "headrace_events_in_total", "events decoded from input", ["topic"], registry=r
         )
