@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -205,8 +205,16 @@ def _end(stats: dict[str, Any]) -> float:
     return float(max(t for t in (stats["last_online_commit"], stats["last_offline_commit"]) if t))
 
 
+_Sample = TypeVar("_Sample", bound=tuple[Any, ...])
+
+
+def _nearest(samples: Sequence[_Sample], t: float) -> _Sample:
+    """The sample (its epoch seconds first) taken nearest ``t``."""
+    return min(samples, key=lambda s: abs(s[0] - t))
+
+
 def _rss_at(samples: Sequence[tuple[float, int]], t: float) -> int:
-    return min(samples, key=lambda s: abs(s[0] - t))[1]
+    return _nearest(samples, t)[1]
 
 
 #: seconds of samples that "the RSS at" a time of the run is taken over (their peak)
@@ -243,8 +251,7 @@ def cpu_figures(cpu: Sequence[CpuSample], start: float, end: float, events: int,
     """
     if not cpu:
         return {}
-    first = min(cpu, key=lambda c: abs(c[0] - start))
-    last = min(cpu, key=lambda c: abs(c[0] - end))
+    first, last = _nearest(cpu, start), _nearest(cpu, end)
     wall = max(1e-9, last[0] - first[0])
     worker_s, stack_s = last[1] - first[1], last[2] - first[2]
     per = 1e6 / max(1, events)
